@@ -1,0 +1,135 @@
+"""A supervised child process (a vLLM engine or LMCache's server).
+
+The child writes its output to a log file; when it dies, the last lines of that
+file explain why. It is started with PR_SET_PDEATHSIG so that it does not
+outlive a daemon killed with SIGKILL (its port would block the restart), and it
+stays in the daemon's process group, so supervisord's ``killasgroup`` and
+systemd's ``KillMode=control-group`` reach it too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import logging
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except OSError:
+        pass
+
+
+class ChildExited(RuntimeError):
+    """The child process exited while we waited for it."""
+
+
+class ChildProcess:
+    def __init__(self, name: str, argv: Sequence[str], *, log_path: Path, env: dict[str, str] | None = None) -> None:
+        self.name = name
+        self.argv = list(argv)
+        self.log_path = Path(log_path)
+        self.env = env
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.started_at = 0.0
+
+    def start(self) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("ab") as out:
+            out.write(f"\n=== {time.strftime('%Y-%m-%dT%H:%M:%S')} starting: {' '.join(self.argv)}\n".encode())
+            out.flush()
+            self.proc = subprocess.Popen(
+                self.argv,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=self.env,
+                preexec_fn=_die_with_parent,
+                close_fds=True,
+            )
+        self.started_at = time.monotonic()
+        log.info("%s started (pid %d), output in %s", self.name, self.proc.pid, self.log_path)
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    def returncode(self) -> int | None:
+        return self.proc.poll() if self.proc else None
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def tail(self, lines: int = 15) -> str:
+        try:
+            with self.log_path.open("rb") as fh:
+                fh.seek(0, os.SEEK_END)
+                fh.seek(max(0, fh.tell() - 16384))
+                text = fh.read().decode(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.strip().splitlines()[-lines:])
+
+    def exit_reason(self) -> str:
+        code = self.returncode()
+        if code is None:
+            how = "is running" if self.proc else "was never started"
+        elif code >= 0:
+            how = f"exited with status {code}"
+        else:
+            how = f"killed by signal {-code}"
+        last = [line for line in self.tail(40).splitlines() if "Error" in line or "error" in line]
+        hint = f": {last[-1].strip()[:300]}" if last else ""
+        return f"{self.name} {how}{hint} (see {self.log_path})"
+
+    async def wait_healthy(
+        self,
+        probe: Callable[[], Awaitable[bool]],
+        timeout_s: float,
+        *,
+        should_stop: Callable[[], bool] = lambda: False,
+        on_tick: Callable[[float], None] | None = None,
+    ) -> bool:
+        """Poll ``probe`` until it says yes; False if stopped; raises on exit or timeout."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if not self.alive():
+                raise ChildExited(self.exit_reason())
+            if should_stop():
+                return False
+            if await probe():
+                log.info("%s healthy after %.1fs", self.name, time.monotonic() - self.started_at)
+                return True
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{self.name} not healthy after {timeout_s:.0f}s (see {self.log_path})")
+            if on_tick:
+                on_tick(time.monotonic() - self.started_at)
+            await asyncio.sleep(1.0)
+
+    async def stop(self, grace_s: float = 20.0) -> None:
+        """SIGTERM, wait up to ``grace_s``, then SIGKILL."""
+        if not self.alive():
+            return
+        assert self.proc is not None
+        log.info("stopping %s (pid %d)", self.name, self.proc.pid)
+        self.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        while self.proc.poll() is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        if self.proc.poll() is None:
+            log.warning("%s did not exit in %.0fs; killing it", self.name, grace_s)
+            self.proc.kill()
+            self.proc.wait()
+        log.info("%s exited (%s)", self.name, self.proc.returncode)

@@ -1,0 +1,249 @@
+"""The one YAML config that all three daemons read, validated as a whole.
+
+A bad config is an operator error, not a crash: :func:`load_config` raises
+:class:`ConfigError` with one line per problem, each naming the key, and the
+daemons exit with :data:`EX_CONFIG` (78) so systemd and supervisord do not
+restart-loop on it.
+
+Relative paths in the file resolve against the directory that holds the file.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+EX_CONFIG = 78
+DEFAULT_CONFIG = "etc/disagg.yaml"
+CONFIG_ENV = "DISAGG_CONFIG"
+
+Port = Annotated[int, Field(ge=1, le=65535)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+_DEVICE_RE = re.compile(r"^(cpu|cuda:\d+)$")
+
+
+class ConfigError(Exception):
+    """The config file is missing, unreadable or invalid; the message names the key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(_Section):
+    path: Path = Field(description="Local directory with config.json, weights and tokenizer.")
+    served_name: str = Field(default="", description="Name clients use; defaults to the directory name.")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    max_model_len: Annotated[int, Field(gt=0)] = 8192
+    enforce_eager: bool = True
+    load_format: Literal["auto", "safetensors", "dummy"] = "auto"
+
+    @property
+    def name(self) -> str:
+        return self.served_name or self.path.name
+
+
+class LMCacheConfig(_Section):
+    backend: Literal["mp"] = Field(default="mp", description="LMCache multi-process server.")
+    host: str = "127.0.0.1"
+    port: Port = 5555
+    http_port: Port = 8080
+    chunk_size: Annotated[int, Field(gt=0)] = 256
+    l1_size_gb: PositiveFloat = 1.0
+    eviction_policy: Literal["LRU"] = "LRU"
+    startup_timeout_s: PositiveFloat = 120.0
+
+    @field_validator("host")
+    @classmethod
+    def _loopback_only(cls, host: str) -> str:
+        # LMCache's HTTP API has destructive endpoints and no auth: keep it off the network.
+        if host == "localhost":
+            return host
+        try:
+            loopback = ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            raise ValueError(f"not an IP address: {host!r}") from None
+        if not loopback:
+            raise ValueError("must be a loopback address (LMCache's HTTP API has no auth)")
+        return host
+
+
+class DaemonConfig(_Section):
+    metrics_host: str = "127.0.0.1"
+    metrics_port: Port
+
+
+class LMCacheServerConfig(DaemonConfig):
+    metrics_port: Port = 9100
+
+
+class WorkerConfig(DaemonConfig):
+    host: str = "127.0.0.1"
+    port: Port
+    engine_port: Port
+    device: str = "cpu"
+    kv_cache_memory_bytes: Annotated[int, Field(gt=0)] | None = None
+    gpu_memory_utilization: Annotated[float, Field(gt=0, le=1)] | None = None
+    max_num_seqs: Annotated[int, Field(gt=0)] | None = None
+    engine_startup_timeout_s: PositiveFloat = 900.0
+    extra_engine_args: list[str] = Field(default_factory=list)
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, device: str) -> str:
+        if not _DEVICE_RE.match(device):
+            raise ValueError(f"must be 'cpu' or 'cuda:N', got {device!r}")
+        return device
+
+    @model_validator(mode="after")
+    def _memory(self) -> "WorkerConfig":
+        if self.device == "cpu" and self.kv_cache_memory_bytes is None:
+            raise ValueError(
+                "kv_cache_memory_bytes is required when device is 'cpu' "
+                "(vLLM's CPU engine refuses to start without it; e.g. 268435456)"
+            )
+        return self
+
+
+class PrefillWorkerConfig(WorkerConfig):
+    port: Port = 8100
+    engine_port: Port = 8101
+    metrics_port: Port = 9101
+
+
+class DecodeWorkerConfig(WorkerConfig):
+    port: Port = 8000
+    engine_port: Port = 8001
+    metrics_port: Port = 9102
+    prefill_timeout_s: PositiveFloat = Field(
+        default=30.0, description="Longer than this and the decode engine recomputes the prompt."
+    )
+    prefill_wait_s: float = Field(
+        default=300.0, ge=0,
+        description="At start, how long to wait for prefill-worker before serving degraded.",
+    )
+
+
+class ReadinessConfig(_Section):
+    heartbeat_interval_s: PositiveFloat = 2.0
+    heartbeat_timeout_s: PositiveFloat = 15.0
+    dependency_timeout_s: PositiveFloat = 900.0
+    drain_timeout_s: PositiveFloat = 30.0
+    watchdog: bool = True
+
+    @model_validator(mode="after")
+    def _timeout_exceeds_interval(self) -> "ReadinessConfig":
+        if self.heartbeat_timeout_s <= 2 * self.heartbeat_interval_s:
+            raise ValueError("heartbeat_timeout_s must exceed twice heartbeat_interval_s")
+        return self
+
+
+class Config(_Section):
+    runtime_dir: Path
+    log_dir: Path
+    model: ModelConfig
+    lmcache: LMCacheConfig = LMCacheConfig()
+    lmcache_server: LMCacheServerConfig = LMCacheServerConfig()
+    prefill_worker: PrefillWorkerConfig = PrefillWorkerConfig(device="cpu", kv_cache_memory_bytes=268435456)
+    decode_worker: DecodeWorkerConfig = DecodeWorkerConfig(device="cpu", kv_cache_memory_bytes=268435456)
+    readiness: ReadinessConfig = ReadinessConfig()
+    source: Path | None = Field(default=None, exclude=True)
+
+    @model_validator(mode="after")
+    def _no_port_clash(self) -> "Config":
+        owners: dict[int, str] = {}
+        for key, port in self.listening_ports().items():
+            if port in owners:
+                raise ValueError(f"port {port} is used by both {owners[port]} and {key}")
+            owners[port] = key
+        return self
+
+    def listening_ports(self) -> dict[str, int]:
+        """Every port some daemon listens on, by its config key."""
+        return {
+            "lmcache.port": self.lmcache.port,
+            "lmcache.http_port": self.lmcache.http_port,
+            "lmcache_server.metrics_port": self.lmcache_server.metrics_port,
+            "prefill_worker.port": self.prefill_worker.port,
+            "prefill_worker.engine_port": self.prefill_worker.engine_port,
+            "prefill_worker.metrics_port": self.prefill_worker.metrics_port,
+            "decode_worker.port": self.decode_worker.port,
+            "decode_worker.engine_port": self.decode_worker.engine_port,
+            "decode_worker.metrics_port": self.decode_worker.metrics_port,
+        }
+
+
+def _format_errors(path: Path, exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "<top level>"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif err["type"] == "missing":
+            msg = "required key is missing"
+        msg = msg.removeprefix("Value error, ")
+        lines.append(f"{path}: {key}: {msg}")
+    return "\n".join(lines)
+
+
+def _resolve_paths(raw: dict[str, Any], base: Path) -> None:
+    for key in ("runtime_dir", "log_dir"):
+        if isinstance(raw.get(key), str):
+            raw[key] = str((base / os.path.expanduser(raw[key])).resolve())
+    model = raw.get("model")
+    if isinstance(model, dict) and isinstance(model.get("path"), str):
+        model["path"] = str((base / os.path.expanduser(model["path"])).resolve())
+
+
+def parse_config(raw: Any, source: Path, *, require_model: bool = True) -> Config:
+    """Validate an already-parsed YAML document; ``source`` names it in errors."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: <top level>: must be a mapping of sections, got {type(raw).__name__}")
+    raw = dict(raw)
+    raw["model"] = dict(raw["model"]) if isinstance(raw.get("model"), dict) else raw.get("model")
+    if raw["model"] is None:
+        raw.pop("model")
+    _resolve_paths(raw, source.parent)
+    try:
+        config = Config.model_validate({**raw, "source": source})
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(source, exc)) from None
+    if require_model:
+        check_model_present(config)
+    return config
+
+
+def check_model_present(config: Config) -> None:
+    path = config.model.path
+    if not (path / "config.json").is_file():
+        raise ConfigError(
+            f"{config.source}: model.path: no model at {path} (config.json missing); "
+            "make one with `disaggctl make-model` or point model.path at a local model directory"
+        )
+
+
+def config_path(cli_value: str | None) -> Path:
+    """The config file to use: --config, then $DISAGG_CONFIG, then etc/disagg.yaml."""
+    return Path(cli_value or os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG)
+
+
+def load_config(path: Path | str, *, require_model: bool = True) -> Config:
+    path = Path(path).absolute()
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config file: {exc.strerror}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise ConfigError(f"{path}: not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+    return parse_config(raw, path, require_model=require_model)

@@ -1,0 +1,309 @@
+"""disaggctl: the operator's tool.
+
+  check-config     validate the config without starting anything (exit 78 if bad)
+  make-model DIR   write the small local random-weight model the embedded default uses
+  status           the three daemons' state at a glance (--json); exit 0 only if all ready
+  wait-ready       block until all three are ready, or --timeout
+  up / down        start / stop the three daemons in the background under supervisord
+  demo             up, wait, send the seed's prompt, report KV reuse and TTFT, down
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from . import DAEMON_NAMES, __version__
+from .config import EX_CONFIG, Config, ConfigError, check_model_present, config_path, load_config
+from .statefile import PeerView, State, assess, pid_alive
+
+log = logging.getLogger("disaggctl")
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SUPERVISOR_CONF = REPO_ROOT / "deploy" / "supervisor" / "disagg.conf"
+SEED_PROMPT = "Hello, how are you?" * 1000
+
+
+def _out(text: str = "") -> None:
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+
+
+def _load(args: argparse.Namespace, *, require_model: bool = True) -> Config:
+    return load_config(config_path(args.config), require_model=require_model)
+
+
+# -- status ------------------------------------------------------------------------------
+def collect_status(config: Config) -> list[PeerView]:
+    timeout = config.readiness.heartbeat_timeout_s
+    return [assess(config.runtime_dir, name, timeout) for name in DAEMON_NAMES]
+
+
+def all_ready(views: list[PeerView]) -> bool:
+    return all(v.usable and v.state == State.READY.value for v in views)
+
+
+def format_status(views: list[PeerView]) -> str:
+    rows = [("DAEMON", "STATE", "PID", "ENDPOINT", "UP", "REASON")]
+    now = time.time()
+    for v in views:
+        r = v.record
+        state = v.state if v.usable or v.state in ("absent", "stale") else f"{v.state}"
+        up = f"{now - r.started_at:.0f}s" if r and v.state not in ("absent", "stale", "stopped") else "-"
+        rows.append((v.daemon, state, str(r.pid) if r else "-", r.endpoint if r else "-", up, v.reason or ""))
+    widths = [max(len(row[i]) for row in rows) for i in range(5)]
+    return "\n".join(
+        "  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row[:5])) + "  " + row[5] for row in rows
+    )
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    config = _load(args, require_model=False)
+    views = collect_status(config)
+    if args.json:
+        _out(json.dumps({"all_ready": all_ready(views), "daemons": [v.to_json() for v in views]}, indent=2))
+    else:
+        _out(format_status(views))
+    return 0 if all_ready(views) else 1
+
+
+def wait_ready(config: Config, timeout_s: float, *, quiet: bool = False) -> bool:
+    deadline = time.monotonic() + timeout_s
+    last = ""
+    while True:
+        views = collect_status(config)
+        if all_ready(views):
+            return True
+        summary = ", ".join(f"{v.daemon}={v.state}" for v in views)
+        if summary != last and not quiet:
+            log.info("waiting: %s", summary)
+            last = summary
+        if time.monotonic() > deadline:
+            _out(format_status(views))
+            return False
+        time.sleep(1.0)
+
+
+def cmd_wait_ready(args: argparse.Namespace) -> int:
+    config = _load(args, require_model=False)
+    t0 = time.monotonic()
+    if wait_ready(config, args.timeout):
+        _out(f"all ready after {time.monotonic() - t0:.1f}s")
+        return 0
+    _out(f"not all ready after {args.timeout:.0f}s")
+    return 1
+
+
+# -- config and model ----------------------------------------------------------------------
+def cmd_check_config(args: argparse.Namespace) -> int:
+    config = _load(args)
+    _out(f"{config.source}: OK (model {config.model.name} at {config.model.path})")
+    return 0
+
+
+def cmd_make_model(args: argparse.Namespace) -> int:
+    out = Path(args.dir)
+    if (out / "config.json").exists() and not args.force:
+        _out(f"{out}: a model is already there (--force to rewrite it)")
+        return 0
+    from .make_model import make_model
+
+    make_model(out)
+    _out(f"wrote {out}")
+    return 0
+
+
+# -- up / down under supervisord ----------------------------------------------------------------
+def supervisor_env(config: Config) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        DISAGG_BIN=str(Path(sys.executable).parent),
+        DISAGG_CONFIG=str(config.source),
+        DISAGG_RUN_DIR=str(config.runtime_dir),
+        DISAGG_LOG_DIR=str(config.log_dir),
+    )
+    return env
+
+
+def _supervisord_pid(config: Config) -> int | None:
+    try:
+        pid = int((config.runtime_dir / "supervisord.pid").read_text().strip())
+    except (OSError, ValueError):
+        return None
+    return pid if pid_alive(pid) else None
+
+
+def supervisorctl(config: Config, *words: str, conf: Path = SUPERVISOR_CONF) -> subprocess.CompletedProcess[str]:
+    exe = str(Path(sys.executable).parent / "supervisorctl")
+    return subprocess.run(
+        [exe, "-c", str(conf), *words], env=supervisor_env(config), capture_output=True, text=True, timeout=120
+    )
+
+
+def up(config: Config, conf: Path = SUPERVISOR_CONF) -> int:
+    check_model_present(config)
+    if _supervisord_pid(config):
+        _out(f"already running (supervisord pid {_supervisord_pid(config)})")
+        return 0
+    config.runtime_dir.mkdir(parents=True, exist_ok=True)
+    config.log_dir.mkdir(parents=True, exist_ok=True)
+    exe = str(Path(sys.executable).parent / "supervisord")
+    proc = subprocess.run([exe, "-c", str(conf)], env=supervisor_env(config), capture_output=True, text=True)
+    if proc.returncode != 0:
+        _out(f"supervisord failed to start: {proc.stderr.strip() or proc.stdout.strip()}")
+        return 1
+    _out(f"started the three daemons under supervisord (logs in {config.log_dir})")
+    return 0
+
+
+def down(config: Config, conf: Path = SUPERVISOR_CONF, timeout_s: float = 180.0) -> int:
+    pid = _supervisord_pid(config)
+    if pid is None:
+        _out("not running")
+        return 0
+    supervisorctl(config, "shutdown", conf=conf)
+    deadline = time.monotonic() + timeout_s
+    while pid_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    if pid_alive(pid):
+        _out(f"supervisord (pid {pid}) still running after {timeout_s:.0f}s; sending SIGKILL to its group")
+        os.killpg(os.getpgid(pid), signal.SIGKILL)
+        return 1
+    _out("stopped")
+    return 0
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    return up(_load(args))
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    return down(_load(args, require_model=False))
+
+
+# -- demo ---------------------------------------------------------------------------------------
+def ask(base_url: str, model: str, prompt: str, max_tokens: int, timeout_s: float = 600.0) -> dict[str, object]:
+    """Stream one completion; returns text, usage, TTFT and the path it took."""
+    import httpx
+
+    body = {
+        "model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0,
+        "stream": True, "stream_options": {"include_usage": True},
+    }
+    text: list[str] = []
+    usage: dict[str, object] = {}
+    t0 = time.monotonic()
+    ttft = None
+    with httpx.Client(timeout=timeout_s, trust_env=False) as client:
+        with client.stream("POST", f"{base_url}/v1/completions", json=body) as resp:
+            if resp.status_code != 200:
+                raise RuntimeError(f"front door answered {resp.status_code}: {resp.read().decode()[:300]}")
+            path = resp.headers.get("x-disagg-path", "?")
+            reason = resp.headers.get("x-disagg-fallback-reason", "")
+            for line in resp.iter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                obj = json.loads(line[6:])
+                if obj.get("usage"):
+                    usage = obj["usage"]
+                for choice in obj.get("choices") or ():
+                    if ttft is None:
+                        ttft = time.monotonic() - t0
+                    text.append(choice.get("text") or "")
+    details = usage.get("prompt_tokens_details") or {}
+    return {
+        "text": "".join(text),
+        "prompt_tokens": int(usage.get("prompt_tokens") or 0),
+        "cached_tokens": int((details or {}).get("cached_tokens") or 0),
+        "ttft_s": ttft if ttft is not None else float("nan"),
+        "e2e_s": time.monotonic() - t0,
+        "path": path,
+        "fallback_reason": reason,
+    }
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    config = _load(args, require_model=False)
+    if not (config.model.path / "config.json").exists():
+        from .make_model import make_model
+
+        _out(f"making the local model at {config.model.path}")
+        make_model(config.model.path)
+    check_model_present(config)
+    t0 = time.monotonic()
+    if up(config) != 0:
+        return 1
+    try:
+        if not wait_ready(config, args.timeout):
+            _out(f"the daemons were not ready after {args.timeout:.0f}s; logs are in {config.log_dir}")
+            return 1
+        _out(f"all three daemons ready after {time.monotonic() - t0:.1f}s")
+        dw = config.decode_worker
+        host = "127.0.0.1" if dw.host in ("0.0.0.0", "::") else dw.host
+        result = ask(f"http://{host}:{dw.port}", config.model.name, SEED_PROMPT, args.max_tokens)
+        _out(f"prompt: {SEED_PROMPT[:19]!r} x 1000")
+        _out(f"generated: {result['text']!r}")
+        computed = int(result["prompt_tokens"]) - int(result["cached_tokens"])
+        _out(
+            f"path: {result['path']}{' (' + str(result['fallback_reason']) + ')' if result['fallback_reason'] else ''}; "
+            f"prompt tokens from LMCache: {result['cached_tokens']}, computed by decode: {computed}"
+        )
+        _out(f"prompt_tokens={result['prompt_tokens']} cached_tokens={result['cached_tokens']} "
+             f"ttft_s={float(result['ttft_s']):.3f}")
+        return 0
+    finally:
+        if not args.keep:
+            down(config)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="disaggctl", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=__version__)
+    parser.add_argument("--config", help="config file (default: $DISAGG_CONFIG or etc/disagg.yaml)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    sub.add_parser("check-config", help="validate the config").set_defaults(func=cmd_check_config)
+    p = sub.add_parser("make-model", help="write a small local random-weight model")
+    p.add_argument("dir")
+    p.add_argument("--force", action="store_true")
+    p.set_defaults(func=cmd_make_model)
+    p = sub.add_parser("status", help="state of the three daemons")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_status)
+    p = sub.add_parser("wait-ready", help="wait until all three daemons are ready")
+    p.add_argument("--timeout", type=float, default=600.0)
+    p.set_defaults(func=cmd_wait_ready)
+    sub.add_parser("up", help="start the daemons under supervisord").set_defaults(func=cmd_up)
+    sub.add_parser("down", help="stop them").set_defaults(func=cmd_down)
+    p = sub.add_parser("demo", help="start, send the seed's prompt, report, stop")
+    p.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for readiness")
+    p.add_argument("--max-tokens", type=int, default=10)
+    p.add_argument("--keep", action="store_true", help="leave the daemons running")
+    p.set_defaults(func=cmd_demo)
+
+    # Subcommand options may also carry --config.
+    for action in sub.choices.values():
+        action.add_argument("--config", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s disaggctl: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    try:
+        return int(args.func(args))
+    except ConfigError as exc:
+        for line in str(exc).splitlines():
+            sys.stderr.write(f"bad config: {line}\n")
+        return EX_CONFIG
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,96 @@
+"""How a worker runs its vLLM engine: the command line and environment, derived
+from the config (nothing is left to hand-set environment variables), and a
+small wrapper that starts it, waits for /health and proxies to it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Literal
+
+import httpx
+
+from .child import ChildProcess
+from .config import Config, WorkerConfig
+
+KVRole = Literal["kv_producer", "kv_consumer"]
+
+
+def kv_transfer_config(config: Config, role: KVRole) -> dict[str, object]:
+    """vLLM's --kv-transfer-config for LMCache's multi-process server."""
+    return {
+        "kv_connector": "LMCacheMPConnector",
+        "kv_role": role,
+        "kv_connector_extra_config": {
+            "lmcache.mp.host": f"tcp://{config.lmcache.host}",
+            "lmcache.mp.port": config.lmcache.port,
+        },
+    }
+
+
+def engine_argv(config: Config, worker: WorkerConfig, role: KVRole | None) -> list[str]:
+    """The vLLM OpenAI server command line for one worker (role None: no KV transfer)."""
+    model = config.model
+    argv = [
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+        "--model", str(model.path),
+        "--served-model-name", model.name,
+        "--host", "127.0.0.1",
+        "--port", str(worker.engine_port),
+        "--dtype", model.dtype,
+        "--max-model-len", str(model.max_model_len),
+        "--load-format", model.load_format,
+        "--enable-prompt-tokens-details",
+        "--disable-uvicorn-access-log",
+    ]
+    if model.enforce_eager:
+        argv.append("--enforce-eager")
+    if worker.kv_cache_memory_bytes is not None:
+        argv += ["--kv-cache-memory-bytes", str(worker.kv_cache_memory_bytes)]
+    if worker.gpu_memory_utilization is not None:
+        argv += ["--gpu-memory-utilization", str(worker.gpu_memory_utilization)]
+    if worker.max_num_seqs is not None:
+        argv += ["--max-num-seqs", str(worker.max_num_seqs)]
+    if role is not None:
+        argv += ["--kv-transfer-config", json.dumps(kv_transfer_config(config, role), separators=(",", ":"))]
+    return argv + list(worker.extra_engine_args)
+
+
+def engine_env(worker: WorkerConfig) -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("NOTIFY_SOCKET", None)  # only the daemon talks to systemd
+    env.pop("WATCHDOG_USEC", None)
+    env.pop("WATCHDOG_PID", None)
+    env["LMCACHE_DISABLE_BANNER"] = "1"
+    env.setdefault("VLLM_NO_USAGE_STATS", "1")
+    env.setdefault("DO_NOT_TRACK", "1")
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("TRANSFORMERS_OFFLINE", "1")
+    if worker.device.startswith("cuda:"):
+        env["CUDA_VISIBLE_DEVICES"] = worker.device.split(":", 1)[1]
+    else:
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    return env
+
+
+class Engine:
+    """One vLLM engine process owned by a worker daemon."""
+
+    def __init__(self, config: Config, worker: WorkerConfig, role: KVRole | None, *, name: str, log_dir: Path) -> None:
+        self.base_url = f"http://127.0.0.1:{worker.engine_port}"
+        self.child = ChildProcess(
+            f"{name} engine",
+            engine_argv(config, worker, role),
+            log_path=Path(log_dir) / f"{name}-engine.log",
+            env=engine_env(worker),
+        )
+        self.startup_timeout_s = worker.engine_startup_timeout_s
+
+    async def healthy(self, client: httpx.AsyncClient, timeout: float = 2.0) -> bool:
+        try:
+            return (await client.get(f"{self.base_url}/health", timeout=timeout)).status_code == 200
+        except httpx.HTTPError:
+            return False

@@ -1,0 +1,161 @@
+"""Prometheus metrics: one registry per daemon, injected so tests get a fresh one.
+
+Each daemon's /metrics serves its own registry plus, re-exposed, the metric
+families of its child (``vllm:*`` from an engine, ``lmcache_*`` from LMCache's
+server), filtered by prefix so that names never collide.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+
+import prometheus_client
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    ProcessCollector,
+    generate_latest,
+)
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
+from starlette.routing import Route
+
+from .statefile import State
+
+log = logging.getLogger(__name__)
+
+# `_created` samples double the series count and no dashboard uses them.
+prometheus_client.disable_created_metrics()
+
+# Latency buckets from 5 ms to 2 min: CPU engines are slow, GPU ones fast.
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56)
+TOKEN_BUCKETS = (16, 64, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
+
+
+class DaemonMetrics:
+    """What every daemon exports."""
+
+    def __init__(self, daemon: str, registry: CollectorRegistry, *, version: str, digest: str) -> None:
+        self.registry = registry
+        ProcessCollector(registry=registry)
+        Info("disagg_build", "Version and config digest of this daemon.", registry=registry).info(
+            {"daemon": daemon, "version": version, "config_digest": digest}
+        )
+        self.ready = Gauge("disagg_ready", "1 when the daemon serves (ready or degraded), else 0.", registry=registry)
+        self.state = Gauge(
+            "disagg_state", "1 for the daemon's current state, 0 for the others.", ["state"], registry=registry
+        )
+        self.readiness_seconds = Gauge(
+            "disagg_readiness_seconds", "Seconds from process start to first ready.", registry=registry
+        )
+        self.dependency_wait_seconds = Gauge(
+            "disagg_dependency_wait_seconds", "Seconds spent waiting for a dependency at start.",
+            ["dependency"], registry=registry,
+        )
+        self.starts = Gauge(
+            "disagg_starts", "Times this daemon has started with this runtime dir (restarts + 1).", registry=registry
+        )
+
+    def set_state(self, state: State) -> None:
+        self.ready.set(1 if state.serving else 0)
+        for s in State:
+            self.state.labels(state=s.value).set(1 if s is state else 0)
+
+
+class PrefillMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.requests = Counter(
+            "disagg_prefill_requests", "Prefill requests by outcome.", ["status"], registry=registry
+        )
+        self.seconds = Histogram(
+            "disagg_prefill_duration_seconds", "Time to prefill one prompt (engine call).",
+            buckets=LATENCY_BUCKETS, registry=registry,
+        )
+        self.tokens = Counter("disagg_prefill_tokens", "Prompt tokens prefilled.", registry=registry)
+        self.in_flight = Gauge("disagg_prefill_in_flight", "Prefill requests being served.", registry=registry)
+
+
+class FrontDoorMetrics:
+    """The decode-worker's front door, as clients see it."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.requests = Counter(
+            "disagg_requests", "Requests by route and HTTP status.", ["route", "status"], registry=registry
+        )
+        self.errors = Counter("disagg_request_errors", "Failed requests by kind.", ["kind"], registry=registry)
+        self.in_flight = Gauge("disagg_requests_in_flight", "Requests being served.", registry=registry)
+        self.ttft = Histogram(
+            "disagg_time_to_first_token_seconds",
+            "Request arrival to first token, including the prefill call.",
+            buckets=LATENCY_BUCKETS, registry=registry,
+        )
+        self.itl = Histogram(
+            "disagg_inter_token_latency_seconds", "Time between streamed tokens.",
+            buckets=ITL_BUCKETS, registry=registry,
+        )
+        self.e2e = Histogram(
+            "disagg_request_duration_seconds", "Request arrival to last byte.",
+            buckets=LATENCY_BUCKETS, registry=registry,
+        )
+        self.prefill_call = Histogram(
+            "disagg_prefill_call_duration_seconds", "Time of the call to prefill-worker, by outcome.",
+            ["outcome"], buckets=LATENCY_BUCKETS, registry=registry,
+        )
+        self.prompt_tokens = Counter(
+            "disagg_prompt_tokens",
+            "Prompt tokens by source: kv_cache (reused, not computed by decode) or computed.",
+            ["source"], registry=registry,
+        )
+        self.prompt_len = Histogram(
+            "disagg_prompt_length_tokens", "Prompt length in tokens.", buckets=TOKEN_BUCKETS, registry=registry
+        )
+        self.generated_tokens = Counter("disagg_generation_tokens", "Tokens generated.", registry=registry)
+        self.fallbacks = Counter(
+            "disagg_fallbacks", "Requests the decode engine prefilled itself, by reason.", ["reason"],
+            registry=registry,
+        )
+        for source in ("kv_cache", "computed"):
+            self.prompt_tokens.labels(source=source)
+
+
+def filter_families(text: str, prefixes: tuple[str, ...]) -> str:
+    """Keep only the metric families whose names start with one of ``prefixes``."""
+    out = []
+    for line in text.splitlines():
+        if line.startswith("# HELP ") or line.startswith("# TYPE "):
+            name = line.split(" ", 3)[2]
+        elif line.startswith("#") or not line.strip():
+            continue
+        else:
+            name = line.split("{", 1)[0].split(" ", 1)[0]
+        if name.startswith(prefixes):
+            out.append(line)
+    return "\n".join(out) + ("\n" if out else "")
+
+
+def metrics_app(registry: CollectorRegistry, extra: Callable[[], Awaitable[str]]) -> Starlette:
+    async def metrics(_: Request) -> Response:
+        body = generate_latest(registry).decode()
+        try:
+            body += await extra()
+        except Exception as exc:  # noqa: BLE001 - our own metrics must still be served
+            log.debug("bridged metrics unavailable: %s", exc)
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
+
+    async def root(_: Request) -> Response:
+        return PlainTextResponse("metrics at /metrics\n")
+
+    return Starlette(routes=[Route("/metrics", metrics), Route("/", root)])
+
+
+async def scrape(client, url: str, prefixes: tuple[str, ...]) -> str:  # client: httpx.AsyncClient
+    resp = await client.get(url, timeout=3.0)
+    resp.raise_for_status()
+    return filter_families(resp.text, prefixes)

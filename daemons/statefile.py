@@ -1,0 +1,170 @@
+"""The readiness protocol's state files: ``<runtime_dir>/<daemon>.json``.
+
+Each daemon owns one file and rewrites it atomically (temporary file, fsync,
+rename) on every state change and heartbeat. A reader trusts a file only if the
+pid in it is alive, the heartbeat is fresh and the endpoint accepts a TCP
+connection; a file left behind by a crash is reported as stale, not ready.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import os
+import socket
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class State(str, enum.Enum):
+    STARTING = "starting"
+    WAITING = "waiting"
+    LOADING = "loading"
+    READY = "ready"
+    DEGRADED = "degraded"
+    DRAINING = "draining"
+    STOPPED = "stopped"
+    FAILED = "failed"
+
+    @property
+    def serving(self) -> bool:
+        return self in (State.READY, State.DEGRADED)
+
+
+@dataclass
+class StateRecord:
+    daemon: str
+    pid: int
+    state: State
+    endpoint: str  # host:port that dependents connect to
+    metrics: str  # host:port of the Prometheus endpoint
+    config_digest: str
+    version: str
+    started_at: float
+    heartbeat: float = field(default_factory=time.time)
+    reason: str = ""  # why failed / degraded / waiting
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["state"] = self.state.value
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "StateRecord":
+        known = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
+        known["state"] = State(known["state"])
+        return cls(**known)
+
+
+def state_path(runtime_dir: Path, daemon: str) -> Path:
+    return Path(runtime_dir) / f"{daemon}.json"
+
+
+def write_state(runtime_dir: Path, record: StateRecord) -> Path:
+    """Atomically replace the daemon's state file with ``record``."""
+    runtime_dir = Path(runtime_dir)
+    runtime_dir.mkdir(parents=True, exist_ok=True)
+    target = state_path(runtime_dir, record.daemon)
+    fd, tmp = tempfile.mkstemp(prefix=f".{record.daemon}.", suffix=".tmp", dir=runtime_dir)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(record.to_json(), fh, sort_keys=True)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, target)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return target
+
+
+def read_state(runtime_dir: Path, daemon: str) -> StateRecord | None:
+    """The record, or None when the file is absent or unreadable (half-written files never exist)."""
+    try:
+        return StateRecord.from_json(json.loads(state_path(runtime_dir, daemon).read_text()))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by another user
+    return True
+
+
+def endpoint_accepts(endpoint: str, timeout: float = 1.0) -> bool:
+    host, _, port = endpoint.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+            return True
+    except (OSError, ValueError):
+        return False
+
+
+@dataclass
+class PeerView:
+    """What a reader concludes about a daemon from its state file."""
+
+    daemon: str
+    state: str  # a State value, or "absent" / "stale"
+    usable: bool  # serving, alive, fresh and reachable
+    reason: str
+    record: StateRecord | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "daemon": self.daemon,
+            "state": self.state,
+            "usable": self.usable,
+            "reason": self.reason,
+            "record": self.record.to_json() if self.record else None,
+        }
+
+
+def assess(
+    runtime_dir: Path,
+    daemon: str,
+    heartbeat_timeout_s: float,
+    *,
+    expect_digest: str | None = None,
+    check_endpoint: bool = True,
+    now: float | None = None,
+) -> PeerView:
+    """Judge a daemon by its state file: usable only if serving, alive, fresh and reachable."""
+    record = read_state(runtime_dir, daemon)
+    if record is None:
+        return PeerView(daemon, "absent", False, "no state file", None)
+    now = time.time() if now is None else now
+    if record.state in (State.STOPPED, State.FAILED):
+        return PeerView(daemon, record.state.value, False, record.reason or record.state.value, record)
+    if not pid_alive(record.pid):
+        return PeerView(daemon, "stale", False, f"pid {record.pid} is not running (left by a crash?)", record)
+    age = now - record.heartbeat
+    if age > heartbeat_timeout_s:
+        return PeerView(daemon, "stale", False, f"heartbeat is {age:.0f}s old (hung?)", record)
+    if not record.state.serving:
+        return PeerView(daemon, record.state.value, False, record.reason or record.state.value, record)
+    if expect_digest is not None and record.config_digest != expect_digest:
+        return PeerView(
+            daemon, record.state.value, False,
+            f"config digest {record.config_digest} differs from ours ({expect_digest}): "
+            "the daemons run different models or LMCache settings",
+            record,
+        )
+    if check_endpoint and not endpoint_accepts(record.endpoint):
+        return PeerView(daemon, record.state.value, False, f"endpoint {record.endpoint} refuses connections", record)
+    return PeerView(daemon, record.state.value, True, record.reason, record)

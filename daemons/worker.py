@@ -1,0 +1,81 @@
+"""What prefill-worker and decode-worker share: a vLLM engine child they own,
+start, watch and stop, and whose ``vllm:*`` metrics they re-expose."""
+
+from __future__ import annotations
+
+import logging
+
+from starlette.responses import JSONResponse
+
+from .child import ChildExited
+from .config import Config, WorkerConfig
+from .engine import Engine, KVRole
+from .lifecycle import Daemon, DaemonFailed
+from .metrics import scrape
+from .statefile import State
+
+log = logging.getLogger(__name__)
+
+# The engine must miss this many heartbeats in a row before we call it hung
+# (and stop the watchdog pings, so systemd restarts us).
+UNHEALTHY_HEARTBEATS = 3
+
+
+def openai_error(status: int, message: str, kind: str = "invalid_request_error") -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status_code=status)
+
+
+class EngineDaemon(Daemon):
+    role: KVRole
+
+    def __init__(self, config: Config, worker: WorkerConfig, **kw: object) -> None:
+        super().__init__(config, **kw)  # type: ignore[arg-type]
+        self.worker = worker
+        self.engine = Engine(config, worker, self.role, name=self.name, log_dir=config.log_dir)
+        self._unhealthy = 0
+
+    @property
+    def endpoint(self) -> str:
+        return f"{self.worker.host}:{self.worker.port}"
+
+    @property
+    def metrics_address(self) -> tuple[str, int]:
+        return self.worker.metrics_host, self.worker.metrics_port
+
+    async def start_engine(self) -> bool:
+        """Start the engine and wait for /health; False if asked to stop meanwhile."""
+        self.set_state(State.LOADING, f"loading {self.config.model.name} on {self.worker.device}")
+        self.engine.child.start()
+        self.details["engine_pid"] = self.engine.child.pid
+        try:
+            return await self.engine.child.wait_healthy(
+                lambda: self.engine.healthy(self.http),
+                self.engine.startup_timeout_s,
+                should_stop=lambda: self.stopping,
+                on_tick=lambda _: self.notifier.extend_timeout(10),
+            )
+        except ChildExited as exc:
+            raise DaemonFailed(str(exc)) from None
+
+    async def engine_ok(self) -> bool:
+        """Heartbeat check of the engine: fail when it died, False when it stops answering."""
+        if self.engine.child.pid is None:
+            return True  # not started yet
+        if not self.engine.child.alive():
+            raise DaemonFailed(self.engine.child.exit_reason())
+        if not self.state.serving:
+            return True
+        if await self.engine.healthy(self.http, timeout=5.0):
+            self._unhealthy = 0
+            return True
+        self._unhealthy += 1
+        log.warning("engine /health failed (%d in a row)", self._unhealthy)
+        return self._unhealthy < UNHEALTHY_HEARTBEATS
+
+    async def shut_down(self) -> None:
+        await self.engine.child.stop(self.config.readiness.drain_timeout_s)
+
+    async def scrape_extra(self) -> str:
+        if not self.engine.child.alive():
+            return ""
+        return await scrape(self.http, f"{self.engine.base_url}/metrics", ("vllm:",))
