@@ -1,0 +1,252 @@
+"""End to end on the real stack: three daemons under supervisord, real vLLM
+engines, real LMCache server. Tests run in file order; the ones that stop a
+daemon bring it back before they end."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from daemons.config import load_config
+from daemons.engine import engine_argv, engine_env
+from daemons.statefile import read_state
+
+from .conftest import metric_value, words_prompt
+
+CHUNK = 256
+PLAIN_PORT = 18201
+
+
+@pytest.fixture(scope="module")
+def plain_engine(stack, tmp_path_factory):
+    """A plain colocated vLLM engine (no KV transfer) on the same model and settings."""
+    config = load_config(stack.config)
+    worker = config.decode_worker.model_copy(update={"engine_port": PLAIN_PORT})
+    log_path = tmp_path_factory.mktemp("plain") / "engine.log"
+    with log_path.open("wb") as out:
+        proc = subprocess.Popen(engine_argv(config, worker, None), env=engine_env(worker), stdout=out,
+                                stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{PLAIN_PORT}"
+    try:
+        deadline = time.monotonic() + 600
+        while True:
+            assert proc.poll() is None, log_path.read_text()[-3000:]
+            try:
+                if httpx.get(f"{url}/health", timeout=2, trust_env=False).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "plain engine did not start"
+            time.sleep(1)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def test_status_reports_all_ready(stack):
+    status = stack.status()
+    assert status["all_ready"] is True
+    states = {d["daemon"]: d["state"] for d in status["daemons"]}
+    assert states == {"lmcache-server": "ready", "prefill-worker": "ready", "decode-worker": "ready"}
+    digests = {d["record"]["config_digest"] for d in status["daemons"]}
+    assert len(digests) == 1
+
+
+def test_kv_comes_from_lmcache_and_output_equals_colocated_run(stack, plain_engine):
+    prompt = words_prompt(1, 2500)
+    resp = stack.complete(prompt, max_tokens=16, ignore_eos=True, logprobs=1)
+    assert resp.status_code == 200, resp.text
+    assert resp.headers["x-disagg-path"] == "disaggregated"
+    body = resp.json()
+    usage = body["usage"]
+    prompt_tokens, cached = usage["prompt_tokens"], usage["prompt_tokens_details"]["cached_tokens"]
+    # (b) every full chunk but at most one came from LMCache, not from decode's compute
+    assert prompt_tokens > 4 * CHUNK
+    assert cached >= (prompt_tokens // CHUNK) * CHUNK - CHUNK, usage
+    assert cached <= prompt_tokens
+    # (a) greedy output equals a plain colocated vLLM run of the same prompt
+    plain = httpx.post(
+        f"{plain_engine}/v1/completions",
+        json={"model": "tiny-llama", "prompt": prompt, "max_tokens": 16, "temperature": 0.0, "ignore_eos": True,
+              "logprobs": 1},
+        timeout=300, trust_env=False,
+    ).json()
+    assert plain["usage"]["prompt_tokens"] == prompt_tokens
+    assert plain["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+    ours, theirs = body["choices"][0], plain["choices"][0]
+    assert ours["text"] == theirs["text"]
+    assert ours["logprobs"]["tokens"] == theirs["logprobs"]["tokens"]
+    assert len(ours["logprobs"]["tokens"]) == 16
+    assert ours["logprobs"]["token_logprobs"] == pytest.approx(theirs["logprobs"]["token_logprobs"], abs=1e-3)
+
+
+def test_front_door_metrics_count_reused_tokens(stack):
+    before = stack.metrics("decode-worker")
+    prompt = words_prompt(2, 1200)
+    resp = stack.complete(prompt, max_tokens=4)
+    assert resp.status_code == 200
+    cached = resp.json()["usage"]["prompt_tokens_details"]["cached_tokens"]
+    assert cached > 0
+    after = stack.metrics("decode-worker")
+    name = "disagg_prompt_tokens_total"
+    assert metric_value(after, name, 'source="kv_cache"') - metric_value(before, name, 'source="kv_cache"') == cached
+    assert metric_value(after, "disagg_ready") == 1
+    assert metric_value(after, "vllm:prompt_tokens_total") > 0  # the engine's own metrics, re-exposed
+    prefill = stack.metrics("prefill-worker")
+    assert metric_value(prefill, "disagg_prefill_requests_total", 'status="200"') >= 1
+    lmcache = stack.metrics("lmcache-server")
+    assert "lmcache_" in lmcache and metric_value(lmcache, "disagg_ready") == 1
+
+
+def test_streaming_chat_with_usage_only_when_asked(stack):
+    before = metric_value(stack.metrics("decode-worker"), "disagg_time_to_first_token_seconds_count")
+    body = {
+        "model": "tiny-llama", "max_tokens": 6, "temperature": 0.0, "stream": True,
+        "messages": [{"role": "user", "content": words_prompt(3, 700)}],
+    }
+    for want_usage in (False, True):
+        if want_usage:
+            body["stream_options"] = {"include_usage": True}
+        events = []
+        with httpx.stream("POST", f"{stack.base_url}/v1/chat/completions", json=body, timeout=300,
+                          trust_env=False) as resp:
+            assert resp.status_code == 200
+            assert resp.headers["x-disagg-path"] == "disaggregated"
+            events = [line[6:] for line in resp.iter_lines() if line.startswith("data: ")]
+        assert events[-1] == "[DONE]"
+        chunks = [json.loads(e) for e in events[:-1]]
+        usage_chunks = [c for c in chunks if c.get("usage") and not c.get("choices")]
+        assert len(usage_chunks) == (1 if want_usage else 0)
+        if want_usage:
+            assert usage_chunks[0]["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
+        assert sum(1 for c in chunks if c.get("choices")) >= 6
+    after = metric_value(stack.metrics("decode-worker"), "disagg_time_to_first_token_seconds_count")
+    assert after - before == 2
+
+
+def test_bad_requests_get_clear_errors_and_lose_nothing(stack):
+    r = httpx.post(f"{stack.base_url}/v1/completions", content=b"{not json", timeout=30, trust_env=False)
+    assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
+    r = httpx.post(f"{stack.base_url}/v1/completions", json=[1, 2], timeout=30, trust_env=False)
+    assert r.status_code == 400 and "JSON object" in r.json()["error"]["message"]
+    r = stack.complete("hello", max_tokens=-3)
+    assert r.status_code == 400  # the engine's own validation, passed through
+    r = httpx.post(f"{stack.base_url}/v1/completions", json={"model": "nope", "prompt": "hi"}, timeout=60,
+                   trust_env=False)
+    assert r.status_code == 404
+    # Garbage on every public socket: nobody crashes or hangs.
+    for port in (18000, 18100, 19100, 19101, 19102):
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+            s.sendall(os.urandom(4096) + b"\r\n\r\n")
+            s.settimeout(5)
+            try:
+                s.recv(1024)
+            except OSError:
+                pass
+    assert stack.status()["all_ready"] is True
+    assert stack.complete(words_prompt(4, 300), max_tokens=2).status_code == 200
+
+
+def test_models_and_health(stack):
+    models = httpx.get(f"{stack.base_url}/v1/models", timeout=30, trust_env=False).json()
+    assert [m["id"] for m in models["data"]] == ["tiny-llama"]
+    health = httpx.get(f"{stack.base_url}/health", timeout=30, trust_env=False)
+    assert health.status_code == 200 and health.json()["state"] == "ready"
+
+
+def test_prefill_down_falls_back_and_recovers(stack):
+    before = metric_value(stack.metrics("decode-worker"), "disagg_fallbacks_total")
+    assert "stopped" in stack.supervisorctl("stop", "prefill-worker")
+    assert read_state(load_config(stack.config).runtime_dir, "prefill-worker").state.value == "stopped"
+    stack.wait_state("decode-worker", ("degraded",), timeout=30)
+    # (c) the request still succeeds; decode computed the whole prompt itself
+    resp = stack.complete(words_prompt(5, 1500), max_tokens=4)
+    assert resp.status_code == 200, resp.text
+    assert resp.headers["x-disagg-path"] == "fallback"
+    assert resp.headers["x-disagg-fallback-reason"] == "prefill_unavailable"
+    assert resp.json()["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+    after = stack.metrics("decode-worker")
+    assert metric_value(after, "disagg_fallbacks_total") == before + 1
+    assert metric_value(after, "disagg_fallbacks_total", 'reason="prefill_unavailable"') >= 1
+    status = stack.status()
+    assert status["all_ready"] is False
+    assert "prefill-worker" in next(d for d in status["daemons"] if d["daemon"] == "decode-worker")["reason"]
+    # Back: the normal path resumes by itself.
+    assert "started" in stack.supervisorctl("start", "prefill-worker")
+    stack.wait_ready()
+    resp = stack.complete(words_prompt(6, 1500), max_tokens=4)
+    assert resp.headers["x-disagg-path"] == "disaggregated"
+    assert resp.json()["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
+
+
+def test_lmcache_down_falls_back_and_recovers(stack):
+    assert "stopped" in stack.supervisorctl("stop", "lmcache-server")
+    stack.wait_state("decode-worker", ("degraded",), timeout=30)
+    assert stack.wait_state("prefill-worker", ("degraded",), timeout=30) == "degraded"
+    resp = stack.complete(words_prompt(7, 800), max_tokens=4)
+    assert resp.status_code == 200, resp.text
+    assert resp.headers["x-disagg-fallback-reason"] == "lmcache_unavailable"
+    assert resp.json()["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+    assert "started" in stack.supervisorctl("start", "lmcache-server")
+    stack.wait_ready()
+    # The engines' connectors reconnect to the new server on their own.
+    deadline = time.monotonic() + 60
+    while True:
+        resp = stack.complete(words_prompt(8, 1500), max_tokens=4)
+        assert resp.status_code == 200
+        if resp.json()["usage"]["prompt_tokens_details"]["cached_tokens"] > 0:
+            break
+        assert time.monotonic() < deadline, "KV reuse did not resume after lmcache-server came back"
+        time.sleep(2)
+    assert resp.headers["x-disagg-path"] == "disaggregated"
+
+
+def test_sigterm_drains_in_flight_requests(stack):
+    """A streaming request in flight when decode-worker gets SIGTERM finishes; then it exits 0."""
+    result: dict[str, object] = {}
+
+    def stream() -> None:
+        body = {"model": "tiny-llama", "prompt": words_prompt(9, 200), "max_tokens": 120, "temperature": 0.0,
+                "stream": True, "ignore_eos": True}
+        with httpx.stream("POST", f"{stack.base_url}/v1/completions", json=body, timeout=300,
+                          trust_env=False) as resp:
+            result["lines"] = [line for line in resp.iter_lines() if line.startswith("data: ")]
+
+    t = threading.Thread(target=stream)
+    t.start()
+    time.sleep(3)  # the request is streaming now
+    runtime_dir = load_config(stack.config).runtime_dir
+    pid = read_state(runtime_dir, "decode-worker").pid
+    os.kill(pid, signal.SIGTERM)
+    t.join(300)
+    lines = result["lines"]
+    assert lines[-1] == "data: [DONE]"
+    assert len(lines) >= 120
+    deadline = time.monotonic() + 60
+    while read_state(runtime_dir, "decode-worker").state.value != "stopped":
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
+    out = ""
+    while time.monotonic() < deadline:
+        out = stack.supervisorctl("status", "decode-worker")
+        if "EXITED" in out:
+            break
+        time.sleep(0.5)
+    assert "EXITED" in out, out  # exit 0 is expected: supervisord does not restart it
+    with pytest.raises(httpx.ConnectError):
+        stack.complete("hello", max_tokens=1)
+    assert "started" in stack.supervisorctl("start", "decode-worker")
+    stack.wait_ready()

@@ -1,0 +1,153 @@
+"""Config validation: every mistake gives one message naming the key."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from daemons.config import ConfigError, load_config
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def model_dir(tmp_path: Path) -> Path:
+    d = tmp_path / "model"
+    d.mkdir()
+    (d / "config.json").write_text("{}")
+    return d
+
+
+def write(tmp_path: Path, doc: object) -> Path:
+    p = tmp_path / "disagg.yaml"
+    p.write_text(doc if isinstance(doc, str) else yaml.safe_dump(doc))
+    return p
+
+
+def base(model_dir: Path) -> dict:
+    doc = yaml.safe_load((REPO / "etc" / "disagg.yaml").read_text())
+    doc["model"]["path"] = str(model_dir)
+    return doc
+
+
+def error_of(tmp_path: Path, doc: object) -> str:
+    with pytest.raises(ConfigError) as exc:
+        load_config(write(tmp_path, doc))
+    return str(exc.value)
+
+
+def test_shipped_default_is_valid(tmp_path, model_dir):
+    config = load_config(write(tmp_path, base(model_dir)))
+    assert config.lmcache.chunk_size == 256
+    assert config.decode_worker.kv_cache_memory_bytes == 268435456
+    assert config.model.name == "tiny-llama"
+
+
+def test_shipped_gpu_config_is_valid_but_for_the_model():
+    config = load_config(REPO / "etc" / "disagg-gpu.yaml", require_model=False)
+    assert (config.prefill_worker.device, config.decode_worker.device) == ("cuda:0", "cuda:1")
+    assert config.model.max_model_len == 8000 and config.lmcache.chunk_size == 256
+    with pytest.raises(ConfigError, match="model.path"):
+        load_config(REPO / "etc" / "disagg-gpu.yaml")
+
+
+def test_relative_paths_resolve_against_the_config_file(tmp_path, model_dir):
+    doc = base(model_dir)
+    doc["runtime_dir"] = "run"
+    config = load_config(write(tmp_path, doc))
+    assert config.runtime_dir == tmp_path / "run"
+
+
+def test_unknown_key_is_named(tmp_path, model_dir):
+    doc = base(model_dir)
+    doc["decode_worker"]["prot"] = 1
+    assert "decode_worker.prot: unknown key" in error_of(tmp_path, doc)
+
+
+def test_unknown_section_is_named(tmp_path, model_dir):
+    doc = base(model_dir)
+    doc["lmcahce"] = {}
+    assert "lmcahce: unknown key" in error_of(tmp_path, doc)
+
+
+def test_wrong_type_is_named(tmp_path, model_dir):
+    doc = base(model_dir)
+    doc["prefill_worker"]["port"] = "eighty"
+    assert "prefill_worker.port:" in error_of(tmp_path, doc)
+
+
+def test_port_out_of_range(tmp_path, model_dir):
+    doc = base(model_dir)
+    doc["lmcache"]["http_port"] = 70000
+    assert "lmcache.http_port:" in error_of(tmp_path, doc)
+
+
+def test_port_clash_names_both_keys(tmp_path, model_dir):
+    doc = base(model_dir)
+    doc["decode_worker"]["metrics_port"] = doc["prefill_worker"]["port"]
+    msg = error_of(tmp_path, doc)
+    assert "prefill_worker.port" in msg and "decode_worker.metrics_port" in msg
+
+
+@pytest.mark.parametrize("value", [0, -256])
+def test_chunk_size_must_be_positive(tmp_path, model_dir, value):
+    doc = base(model_dir)
+    doc["lmcache"]["chunk_size"] = value
+    assert "lmcache.chunk_size:" in error_of(tmp_path, doc)
+
+
+def test_missing_model_directory(tmp_path, model_dir):
+    doc = base(model_dir)
+    doc["model"]["path"] = str(tmp_path / "nowhere")
+    assert "model.path: no model at" in error_of(tmp_path, doc)
+
+
+def test_missing_model_section(tmp_path, model_dir):
+    doc = base(model_dir)
+    del doc["model"]
+    assert "model: required key is missing" in error_of(tmp_path, doc)
+
+
+def test_cpu_worker_needs_kv_cache_memory(tmp_path, model_dir):
+    doc = base(model_dir)
+    del doc["prefill_worker"]["kv_cache_memory_bytes"]
+    assert "prefill_worker: kv_cache_memory_bytes is required" in error_of(tmp_path, doc)
+
+
+def test_bad_device(tmp_path, model_dir):
+    doc = base(model_dir)
+    doc["decode_worker"]["device"] = "gpu1"
+    assert "decode_worker.device: must be 'cpu' or 'cuda:N'" in error_of(tmp_path, doc)
+
+
+def test_lmcache_must_stay_on_loopback(tmp_path, model_dir):
+    doc = base(model_dir)
+    doc["lmcache"]["host"] = "0.0.0.0"
+    assert "lmcache.host: must be a loopback address" in error_of(tmp_path, doc)
+
+
+def test_heartbeat_timeout_must_exceed_interval(tmp_path, model_dir):
+    doc = base(model_dir)
+    doc["readiness"]["heartbeat_timeout_s"] = 3
+    assert "readiness: heartbeat_timeout_s must exceed" in error_of(tmp_path, doc)
+
+
+def test_not_yaml(tmp_path):
+    assert "not valid YAML (line 2" in error_of(tmp_path, "model:\n  path: a: b\n")
+
+
+def test_not_a_mapping(tmp_path):
+    assert "must be a mapping" in error_of(tmp_path, "- a\n- b\n")
+
+
+def test_unreadable_file(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        load_config(tmp_path / "absent.yaml")
+
+
+def test_every_problem_is_reported(tmp_path, model_dir):
+    doc = base(model_dir)
+    doc["decode_worker"]["prot"] = 1
+    doc["prefill_worker"]["port"] = "x"
+    lines = error_of(tmp_path, doc).splitlines()
+    assert len(lines) == 2 and all(line.startswith(str(tmp_path)) for line in lines)

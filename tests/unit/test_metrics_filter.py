@@ -1,0 +1,26 @@
+"""Re-exposed engine/LMCache metrics are filtered by family prefix."""
+
+from daemons.metrics import filter_families
+
+TEXT = """# HELP python_gc_objects_collected_total Objects collected during gc
+# TYPE python_gc_objects_collected_total counter
+python_gc_objects_collected_total{generation="0"} 1.0
+# HELP vllm:num_requests_running Number of requests in model execution batches.
+# TYPE vllm:num_requests_running gauge
+vllm:num_requests_running{engine="0",model_name="m"} 0.0
+# HELP process_cpu_seconds_total Total user and system CPU time
+# TYPE process_cpu_seconds_total counter
+process_cpu_seconds_total 3.0
+vllm:e2e_request_latency_seconds_bucket{le="0.3"} 1.0
+"""
+
+
+def test_keeps_only_the_prefixed_families():
+    out = filter_families(TEXT, ("vllm:",))
+    assert "python_gc" not in out and "process_cpu" not in out
+    assert out.count("\n") == 4
+    assert out.splitlines()[2].startswith("vllm:num_requests_running{")
+
+
+def test_empty_input():
+    assert filter_families("", ("vllm:",)) == ""
