@@ -57,6 +57,8 @@ class LMCacheConfig(_Section):
     chunk_size: Annotated[int, Field(gt=0)] = 256
     l1_size_gb: PositiveFloat = 1.0
     eviction_policy: Literal["LRU"] = "LRU"
+    # LMCache >= 0.5.4 needs "auto" on CPU; null leaves the flag out (LMCache 0.5.3 has none).
+    transfer_mode: Literal["auto", "lmcache_driven", "engine_driven"] | None = "auto"
     startup_timeout_s: PositiveFloat = 120.0
 
     @field_validator("host")

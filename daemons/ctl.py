@@ -74,13 +74,17 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0 if all_ready(views) else 1
 
 
-def wait_ready(config: Config, timeout_s: float, *, quiet: bool = False) -> bool:
+def wait_ready(config: Config, timeout_s: float, *, quiet: bool = False, fail_fast: bool = False) -> bool:
+    """True once all three are ready; False on timeout, or at once on a failed daemon with fail_fast."""
     deadline = time.monotonic() + timeout_s
     last = ""
     while True:
         views = collect_status(config)
         if all_ready(views):
             return True
+        if fail_fast and any(v.state == State.FAILED.value for v in views):
+            _out(format_status(views))
+            return False
         summary = ", ".join(f"{v.daemon}={v.state}" for v in views)
         if summary != last and not quiet:
             log.info("waiting: %s", summary)
@@ -94,7 +98,7 @@ def wait_ready(config: Config, timeout_s: float, *, quiet: bool = False) -> bool
 def cmd_wait_ready(args: argparse.Namespace) -> int:
     config = _load(args, require_model=False)
     t0 = time.monotonic()
-    if wait_ready(config, args.timeout):
+    if wait_ready(config, args.timeout, fail_fast=args.fail_fast):
         _out(f"all ready after {time.monotonic() - t0:.1f}s")
         return 0
     _out(f"not all ready after {args.timeout:.0f}s")
@@ -113,9 +117,9 @@ def cmd_make_model(args: argparse.Namespace) -> int:
     if (out / "config.json").exists() and not args.force:
         _out(f"{out}: a model is already there (--force to rewrite it)")
         return 0
-    from .make_model import make_model
+    from .make_model import SHAPES, make_model
 
-    make_model(out)
+    make_model(out, SHAPES[args.shape], weights=not args.config_only)
     _out(f"wrote {out}")
     return 0
 
@@ -241,7 +245,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if up(config) != 0:
         return 1
     try:
-        if not wait_ready(config, args.timeout):
+        if not wait_ready(config, args.timeout, fail_fast=False):
             _out(f"the daemons were not ready after {args.timeout:.0f}s; logs are in {config.log_dir}")
             return 1
         _out(f"all three daemons ready after {time.monotonic() - t0:.1f}s")
@@ -274,12 +278,17 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("make-model", help="write a small local random-weight model")
     p.add_argument("dir")
     p.add_argument("--force", action="store_true")
+    p.add_argument("--shape", choices=("tiny", "mistral-7b"), default="tiny")
+    p.add_argument("--config-only", action="store_true",
+                   help="write config and tokenizer, no weights (use with model.load_format: dummy)")
     p.set_defaults(func=cmd_make_model)
     p = sub.add_parser("status", help="state of the three daemons")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_status)
     p = sub.add_parser("wait-ready", help="wait until all three daemons are ready")
     p.add_argument("--timeout", type=float, default=600.0)
+    p.add_argument("--fail-fast", action="store_true",
+                   help="give up as soon as a daemon is failed (without a supervisor restarting it)")
     p.set_defaults(func=cmd_wait_ready)
     sub.add_parser("up", help="start the daemons under supervisord").set_defaults(func=cmd_up)
     sub.add_parser("down", help="stop them").set_defaults(func=cmd_down)

@@ -28,8 +28,7 @@ def lmcache_argv(config: Config) -> list[str]:
         "--chunk-size", str(lm.chunk_size),
         "--l1-size-gb", str(lm.l1_size_gb),
         "--eviction-policy", lm.eviction_policy,
-        "--supported-transfer-mode", "auto",
-    ]
+    ] + (["--supported-transfer-mode", lm.transfer_mode] if lm.transfer_mode else [])
 
 
 class LMCacheServer(Daemon):
@@ -42,7 +41,9 @@ class LMCacheServer(Daemon):
         from .engine import engine_env
 
         env = engine_env(config.decode_worker)
-        env["CUDA_VISIBLE_DEVICES"] = ""  # the server keeps KV in host memory
+        # The server maps the engines' GPU memory over CUDA IPC by device UUID: it
+        # must see every GPU, not just one worker's.
+        env.pop("CUDA_VISIBLE_DEVICES", None)
         self.child = ChildProcess(
             "lmcache", lmcache_argv(config), log_path=Path(config.log_dir) / "lmcache-server.log", env=env
         )
@@ -61,7 +62,8 @@ class LMCacheServer(Daemon):
             resp = await self.http.get(f"{self.http_url}/healthcheck", timeout=2.0)
         except httpx.HTTPError:
             return False
-        return resp.status_code == 200 and endpoint_accepts(self.endpoint)
+        # Older LMCache servers have no /healthcheck: their HTTP server answering will do.
+        return resp.status_code in (200, 404) and endpoint_accepts(self.endpoint)
 
     async def start_up(self) -> None:
         self.set_state(State.LOADING, f"starting LMCache server ({self.config.lmcache.l1_size_gb} GB L1, LRU)")

@@ -44,9 +44,22 @@ class ModelShape:
     intermediate_size: int = 1024
     num_layers: int = 4
     num_heads: int = 4
+    num_kv_heads: int = 4
     max_position_embeddings: int = 16384
     initializer_range: float = 0.1
+    rope_theta: float = 10000.0
     seed: int = 0
+
+
+SHAPES = {
+    "tiny": ModelShape(),
+    # Mistral-7B-Instruct-v0.2's shape, for GPU runs with load_format "dummy"
+    # (random weights made by vLLM on the GPU; only config and tokenizer are written).
+    "mistral-7b": ModelShape(
+        vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32,
+        num_kv_heads=8, max_position_embeddings=32768, initializer_range=0.02, rope_theta=1_000_000.0,
+    ),
+}
 
 
 def _corpus(rng: random.Random, lines: int = 20000) -> list[str]:
@@ -84,21 +97,24 @@ def _train_tokenizer(vocab_size: int, seed: int):  # -> PreTrainedTokenizerFast
     )
 
 
-def make_model(out_dir: Path, shape: ModelShape = ModelShape()) -> Path:
-    """Write the model to ``out_dir`` (created); returns it. Same shape, same files."""
+def make_model(out_dir: Path, shape: ModelShape = ModelShape(), *, weights: bool = True) -> Path:
+    """Write the model to ``out_dir`` (created); returns it. Same shape, same files.
+
+    ``weights=False`` writes only the config and tokenizer (for ``load_format: dummy``)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer = _train_tokenizer(shape.vocab_size, shape.seed)
+    tokenizer = _train_tokenizer(min(shape.vocab_size, 4096), shape.seed)
     config = LlamaConfig(
-        vocab_size=len(tokenizer),
+        vocab_size=max(len(tokenizer), shape.vocab_size if not weights else 0),
         hidden_size=shape.hidden_size,
         intermediate_size=shape.intermediate_size,
         num_hidden_layers=shape.num_layers,
         num_attention_heads=shape.num_heads,
-        num_key_value_heads=shape.num_heads,
+        num_key_value_heads=shape.num_kv_heads,
+        rope_theta=shape.rope_theta,
         max_position_embeddings=shape.max_position_embeddings,
         initializer_range=shape.initializer_range,
         bos_token_id=tokenizer.bos_token_id,
@@ -107,9 +123,13 @@ def make_model(out_dir: Path, shape: ModelShape = ModelShape()) -> Path:
         tie_word_embeddings=False,
         torch_dtype="float32",
     )
-    torch.manual_seed(shape.seed)
-    model = LlamaForCausalLM(config).to(torch.float32).eval()
-    model.save_pretrained(out_dir, safe_serialization=True)
+    if weights:
+        torch.manual_seed(shape.seed)
+        model = LlamaForCausalLM(config).to(torch.float32).eval()
+        model.save_pretrained(out_dir, safe_serialization=True)
+    else:
+        config.torch_dtype = "bfloat16"
+        config.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     # The generation defaults of a random model are meaningless; don't let them
     # override the request's sampling parameters.

@@ -39,6 +39,13 @@ ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1
 TOKEN_BUCKETS = (16, 64, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
 
 
+FALLBACK_REASONS = (
+    "lmcache_unavailable", "prefill_unavailable", "prefill_timeout", "prefill_unreachable",
+    "prefill_error",
+)
+ERROR_KINDS = ("bad_request", "engine_unavailable", "stream_broken")
+
+
 class DaemonMetrics:
     """What every daemon exports."""
 
@@ -80,6 +87,7 @@ class PrefillMetrics:
         )
         self.tokens = Counter("disagg_prefill_tokens", "Prompt tokens prefilled.", registry=registry)
         self.in_flight = Gauge("disagg_prefill_in_flight", "Prefill requests being served.", registry=registry)
+        self.requests.labels(status="200")
 
 
 class FrontDoorMetrics:
@@ -121,8 +129,15 @@ class FrontDoorMetrics:
             "disagg_fallbacks", "Requests the decode engine prefilled itself, by reason.", ["reason"],
             registry=registry,
         )
+        # Every label value a dashboard or alert selects exists from the start, at 0.
         for source in ("kv_cache", "computed"):
             self.prompt_tokens.labels(source=source)
+        for reason in FALLBACK_REASONS:
+            self.fallbacks.labels(reason=reason)
+        for outcome in ("ok", "failed", "rejected"):
+            self.prefill_call.labels(outcome=outcome)
+        for kind in ERROR_KINDS:
+            self.errors.labels(kind=kind)
 
 
 def filter_families(text: str, prefixes: tuple[str, ...]) -> str:

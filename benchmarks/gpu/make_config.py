@@ -1,0 +1,18 @@
+"""Print etc/disagg-gpu.yaml adapted to the lent GPU box: a Mistral-7B-shaped model
+with dummy weights in /tmp/model (no hub there), LMCache 0.5.3's server flags, and
+the Triton attention backend (FlashAttention is not carried)."""
+
+import sys
+from pathlib import Path
+
+import yaml
+
+doc = yaml.safe_load((Path(__file__).resolve().parents[2] / "etc" / "disagg-gpu.yaml").read_text())
+doc["runtime_dir"] = "/tmp/disagg/run"
+doc["log_dir"] = sys.argv[1] if len(sys.argv) > 1 else "/tmp/disagg/log"
+doc["model"].update(path="/tmp/model", load_format="dummy", dtype="bfloat16")
+doc["lmcache"]["transfer_mode"] = None
+for worker in ("prefill_worker", "decode_worker"):
+    doc[worker]["extra_engine_args"] = ["--attention-backend", "TRITON_ATTN"]
+doc["decode_worker"]["host"] = "127.0.0.1"
+print(yaml.safe_dump(doc, sort_keys=False))
