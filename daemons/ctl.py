@@ -267,6 +267,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
             down(config)
 
 
+def cmd_install(args: argparse.Namespace) -> int:
+    from .install import apply, plan_install
+
+    bin_dir = args.bin_dir or str(Path(sys.executable).parent)
+    config = Path(args.config) if args.config else None
+    return apply(plan_install(Path(args.prefix), config, bin_dir), dry_run=args.dry_run)
+
+
+def cmd_uninstall(args: argparse.Namespace) -> int:
+    from .install import apply, plan_uninstall
+
+    return apply(plan_uninstall(Path(args.prefix), args.purge), dry_run=args.dry_run)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="disaggctl", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -297,6 +311,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-tokens", type=int, default=10)
     p.add_argument("--keep", action="store_true", help="leave the daemons running")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("install", help="install the systemd units, config, defaults file and user")
+    p.add_argument("--prefix", default="/")
+    p.add_argument("--bin-dir", help="where the disagg-* scripts are (default: this Python's bin/)")
+    p.add_argument("--dry-run", action="store_true")
+    p.set_defaults(func=cmd_install)
+    p = sub.add_parser("uninstall", help="remove what install put in place")
+    p.add_argument("--prefix", default="/")
+    p.add_argument("--purge", action="store_true", help="also the config, defaults file and user")
+    p.add_argument("--dry-run", action="store_true")
+    p.set_defaults(func=cmd_uninstall)
 
     # Subcommand options may also carry --config.
     for action in sub.choices.values():

@@ -1,8 +1,8 @@
 """Prometheus metrics: one registry per daemon, injected so tests get a fresh one.
 
 Each daemon's /metrics serves its own registry plus, re-exposed, the metric
-families of its child (``vllm:*`` from an engine, ``lmcache_*`` from LMCache's
-server), filtered by prefix so that names never collide.
+families of its child (an engine's ``vllm:*`` as ``vllm_*``, LMCache's
+``lmcache_*``), filtered by prefix so that names never collide.
 """
 
 from __future__ import annotations
@@ -140,8 +140,11 @@ class FrontDoorMetrics:
             self.errors.labels(kind=kind)
 
 
-def filter_families(text: str, prefixes: tuple[str, ...]) -> str:
-    """Keep only the metric families whose names start with one of ``prefixes``."""
+def filter_families(text: str, prefixes: tuple[str, ...], rename: dict[str, str] | None = None) -> str:
+    """Keep only the metric families whose names start with one of ``prefixes``.
+
+    ``rename`` maps a name prefix to another (vLLM's ``vllm:`` becomes ``vllm_``:
+    colons are reserved for recording rules). ``*_created`` series are dropped."""
     out = []
     for line in text.splitlines():
         if line.startswith("# HELP ") or line.startswith("# TYPE "):
@@ -150,8 +153,13 @@ def filter_families(text: str, prefixes: tuple[str, ...]) -> str:
             continue
         else:
             name = line.split("{", 1)[0].split(" ", 1)[0]
-        if name.startswith(prefixes):
-            out.append(line)
+        if not name.startswith(prefixes) or name.endswith("_created"):
+            continue
+        for old, new in (rename or {}).items():
+            if name.startswith(old):
+                line = line.replace(name, new + name[len(old):], 1)
+                break
+        out.append(line)
     return "\n".join(out) + ("\n" if out else "")
 
 
@@ -170,7 +178,8 @@ def metrics_app(registry: CollectorRegistry, extra: Callable[[], Awaitable[str]]
     return Starlette(routes=[Route("/metrics", metrics), Route("/", root)])
 
 
-async def scrape(client, url: str, prefixes: tuple[str, ...]) -> str:  # client: httpx.AsyncClient
+async def scrape(client, url: str, prefixes: tuple[str, ...], rename: dict[str, str] | None = None) -> str:
+    """Fetch a child's /metrics (``client``: an httpx.AsyncClient) and filter it."""
     resp = await client.get(url, timeout=3.0)
     resp.raise_for_status()
-    return filter_families(resp.text, prefixes)
+    return filter_families(resp.text, prefixes, rename)

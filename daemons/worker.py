@@ -1,5 +1,5 @@
 """What prefill-worker and decode-worker share: a vLLM engine child they own,
-start, watch and stop, and whose ``vllm:*`` metrics they re-expose."""
+start, watch and stop, and whose ``vllm:*`` metrics they re-expose as ``vllm_*``."""
 
 from __future__ import annotations
 
@@ -78,4 +78,4 @@ class EngineDaemon(Daemon):
     async def scrape_extra(self) -> str:
         if not self.engine.child.alive():
             return ""
-        return await scrape(self.http, f"{self.engine.base_url}/metrics", ("vllm:",))
+        return await scrape(self.http, f"{self.engine.base_url}/metrics", ("vllm:",), {"vllm:": "vllm_"})

@@ -54,14 +54,14 @@ ROWS: list[tuple[str, list[tuple[str, str, list[dict]]]]] = [
     ]),
     ("Engines", [
         ("Requests running / waiting", "short", [
-            q('sum by (daemon) (vllm:num_requests_running)', "{{daemon}} running"),
-            q('sum by (daemon) (vllm:num_requests_waiting)', "{{daemon}} waiting"),
+            q('sum by (daemon) (vllm_num_requests_running)', "{{daemon}} running"),
+            q('sum by (daemon) (vllm_num_requests_waiting)', "{{daemon}} waiting"),
         ]),
-        ("Engine KV cache usage", "percentunit", [q('max by (daemon) (vllm:kv_cache_usage_perc)', "{{daemon}}")]),
+        ("Engine KV cache usage", "percentunit", [q('max by (daemon) (vllm_kv_cache_usage_perc)', "{{daemon}}")]),
         ("Engine prompt tokens per second", "short",
-         [q(f'sum by (daemon) (rate(vllm:prompt_tokens_total[{RI}]))', "{{daemon}}")]),
+         [q(f'sum by (daemon) (rate(vllm_prompt_tokens_total[{RI}]))', "{{daemon}}")]),
         ("Decode engine: prefix tokens hit externally (LMCache) per second", "short",
-         [q(f'sum by (daemon) (rate(vllm:external_prefix_cache_hits_total[{RI}]))', "{{daemon}}")]),
+         [q(f'sum by (daemon) (rate(vllm_external_prefix_cache_hits_total[{RI}]))', "{{daemon}}")]),
     ]),
     ("Readiness", [
         ("Ready (1) by daemon", "short", [q("max by (daemon) (disagg_ready)", "{{daemon}}")]),

@@ -104,7 +104,7 @@ def test_front_door_metrics_count_reused_tokens(stack):
     name = "disagg_prompt_tokens_total"
     assert metric_value(after, name, 'source="kv_cache"') - metric_value(before, name, 'source="kv_cache"') == cached
     assert metric_value(after, "disagg_ready") == 1
-    assert metric_value(after, "vllm:prompt_tokens_total") > 0  # the engine's own metrics, re-exposed
+    assert metric_value(after, "vllm_prompt_tokens_total") > 0  # the engine's own metrics, re-exposed
     prefill = stack.metrics("prefill-worker")
     assert metric_value(prefill, "disagg_prefill_requests_total", 'status="200"') >= 1
     lmcache = stack.metrics("lmcache-server")

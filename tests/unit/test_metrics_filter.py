@@ -22,5 +22,13 @@ def test_keeps_only_the_prefixed_families():
     assert out.splitlines()[2].startswith("vllm:num_requests_running{")
 
 
+def test_renames_and_drops_created():
+    text = TEXT + "vllm:request_success_created 1.7e9\n"
+    out = filter_families(text, ("vllm:",), {"vllm:": "vllm_"})
+    assert "vllm:" not in out and "_created" not in out
+    assert "# TYPE vllm_num_requests_running gauge" in out
+    assert 'vllm_num_requests_running{engine="0",model_name="m"} 0.0' in out
+
+
 def test_empty_input():
     assert filter_families("", ("vllm:",)) == ""

@@ -1,0 +1,121 @@
+"""`disaggctl install` / `disaggctl uninstall`: put the systemd units, the config,
+/etc/default/disagg and the `disagg` system user in place, idempotently.
+
+Every action is planned first, then printed (``--dry-run`` stops there) and
+carried out; running it twice changes nothing the second time. The units'
+``ExecStart=`` points at the console scripts of the Python environment that
+runs this command (the shipped units say /opt/disagg/.venv/bin).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pwd
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+UNIT_DIR = REPO_ROOT / "deploy" / "systemd"
+SHIPPED_BIN = "/opt/disagg/.venv/bin"
+USER = "disagg"
+DEFAULTS_TEXT = """\
+# Overrides for the disagg units (EnvironmentFile=-/etc/default/disagg).
+# DISAGG_CONFIG=/etc/disagg/disagg.yaml
+# DISAGG_LOG_LEVEL=INFO
+"""
+
+
+@dataclass
+class Action:
+    what: str
+    path: Path | None = None
+    content: str | None = None
+    command: list[str] | None = None
+
+    def describe(self) -> str:
+        if self.command:
+            return f"{self.what}: {' '.join(self.command)}"
+        return f"{self.what}: {self.path}"
+
+
+def unit_files() -> list[Path]:
+    return sorted(p for p in UNIT_DIR.iterdir() if p.suffix in (".service", ".target"))
+
+
+def render_unit(path: Path, bin_dir: str) -> str:
+    return path.read_text().replace(SHIPPED_BIN, bin_dir)
+
+
+def _user_exists(name: str) -> bool:
+    try:
+        pwd.getpwnam(name)
+        return True
+    except KeyError:
+        return False
+
+
+def plan_install(prefix: Path, config: Path | None, bin_dir: str) -> list[Action]:
+    actions: list[Action] = []
+    if prefix == Path("/") and not _user_exists(USER):  # a staged --prefix gets no user
+        actions.append(Action("create system user", command=[
+            "useradd", "--system", "--home-dir", "/var/lib/disagg", "--no-create-home",
+            "--shell", "/usr/sbin/nologin", "--user-group", USER]))
+    for unit in unit_files():
+        target = prefix / "etc/systemd/system" / unit.name
+        content = render_unit(unit, bin_dir)
+        if not target.exists() or target.read_text() != content:
+            actions.append(Action("write unit", target, content))
+    cfg_target = prefix / "etc/disagg/disagg.yaml"
+    if not cfg_target.exists():
+        source = config or (REPO_ROOT / "etc" / "disagg-gpu.yaml")
+        actions.append(Action(f"write config (from {source})", cfg_target, Path(source).read_text()))
+    defaults = prefix / "etc/default/disagg"
+    if not defaults.exists():
+        actions.append(Action("write defaults", defaults, DEFAULTS_TEXT))
+    if actions and prefix == Path("/") and shutil.which("systemctl") and Path("/run/systemd/system").exists():
+        actions.append(Action("reload systemd", command=["systemctl", "daemon-reload"]))
+    return actions
+
+
+def plan_uninstall(prefix: Path, purge: bool) -> list[Action]:
+    actions: list[Action] = []
+    for unit in unit_files():
+        target = prefix / "etc/systemd/system" / unit.name
+        if target.exists():
+            actions.append(Action("remove unit", target))
+    if purge:
+        for path in (prefix / "etc/disagg/disagg.yaml", prefix / "etc/default/disagg"):
+            if path.exists():
+                actions.append(Action("remove", path))
+        if prefix == Path("/") and _user_exists(USER):
+            actions.append(Action("remove system user", command=["userdel", USER]))
+    if actions and prefix == Path("/") and shutil.which("systemctl") and Path("/run/systemd/system").exists():
+        actions.append(Action("reload systemd", command=["systemctl", "daemon-reload"]))
+    return actions
+
+
+def apply(actions: list[Action], *, dry_run: bool, out=sys.stdout) -> int:
+    if not actions:
+        out.write("nothing to do: already in place\n")
+        return 0
+    for action in actions:
+        out.write(("would " if dry_run else "") + action.describe() + "\n")
+        if dry_run:
+            continue
+        if action.command:
+            subprocess.run(action.command, check=True)
+        elif action.content is not None and action.path is not None:
+            action.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = action.path.with_name(action.path.name + ".tmp")
+            tmp.write_text(action.content)
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, action.path)
+        elif action.path is not None:
+            action.path.unlink()
+    return 0

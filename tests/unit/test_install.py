@@ -1,0 +1,44 @@
+"""`disaggctl install` into a staged prefix: idempotent, --dry-run writes nothing,
+uninstall reverses it."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+BIN = Path(sys.executable).parent
+
+
+def ctl(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "disaggctl"), *args], capture_output=True, text=True, timeout=60)
+
+
+def test_install_is_idempotent_and_reversible(tmp_path):
+    prefix = str(tmp_path)
+    dry = ctl("install", "--prefix", prefix, "--dry-run")
+    assert dry.returncode == 0 and "would write unit" in dry.stdout
+    assert not (tmp_path / "etc").exists()
+
+    first = ctl("install", "--prefix", prefix, "--bin-dir", "/srv/disagg/bin")
+    assert first.returncode == 0, first.stderr
+    units = tmp_path / "etc/systemd/system"
+    assert sorted(p.name for p in units.iterdir()) == [
+        "disagg-decode-worker.service", "disagg-lmcache-server.service", "disagg-prefill-worker.service",
+        "disagg.target"]
+    assert "ExecStart=/srv/disagg/bin/disagg-decode-worker --config ${DISAGG_CONFIG}" in \
+        (units / "disagg-decode-worker.service").read_text()
+    assert "cuda:1" in (tmp_path / "etc/disagg/disagg.yaml").read_text()  # the GPU config by default
+    assert (tmp_path / "etc/default/disagg").exists()
+
+    again = ctl("install", "--prefix", prefix, "--bin-dir", "/srv/disagg/bin")
+    assert again.stdout.strip() == "nothing to do: already in place"
+
+    # The operator's config is never overwritten.
+    (tmp_path / "etc/disagg/disagg.yaml").write_text("# mine\n")
+    ctl("install", "--prefix", prefix, "--bin-dir", "/other/bin")
+    assert (tmp_path / "etc/disagg/disagg.yaml").read_text() == "# mine\n"
+
+    gone = ctl("uninstall", "--prefix", prefix)
+    assert gone.returncode == 0 and not any(units.iterdir())
+    assert (tmp_path / "etc/disagg/disagg.yaml").exists()
+    ctl("uninstall", "--prefix", prefix, "--purge")
+    assert not (tmp_path / "etc/disagg/disagg.yaml").exists() and not (tmp_path / "etc/default/disagg").exists()
