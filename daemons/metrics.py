@@ -140,25 +140,58 @@ class FrontDoorMetrics:
             self.errors.labels(kind=kind)
 
 
+_SAMPLE_SUFFIXES = ("", "_bucket", "_sum", "_count", "_total", "_created", "_info")
+
+
+def _family_names(text: str) -> dict[str, str]:
+    """Family name -> type, from the ``# TYPE`` lines."""
+    types = {}
+    for line in text.splitlines():
+        if line.startswith("# TYPE "):
+            parts = line.split(" ")
+            if len(parts) >= 4:
+                types[parts[2]] = parts[3]
+    return types
+
+
+def _exposed_name(family: str, kind: str, rename: dict[str, str]) -> str:
+    for old, new in rename.items():
+        if family.startswith(old):
+            family = new + family[len(old):]
+            break
+    if kind != "counter" and family.endswith("_total"):
+        family = family[: -len("_total")]  # `_total` is for counters only
+    return family
+
+
 def filter_families(text: str, prefixes: tuple[str, ...], rename: dict[str, str] | None = None) -> str:
     """Keep only the metric families whose names start with one of ``prefixes``.
 
-    ``rename`` maps a name prefix to another (vLLM's ``vllm:`` becomes ``vllm_``:
-    colons are reserved for recording rules). ``*_created`` series are dropped."""
+    Names are made to follow Prometheus naming on the way: ``rename`` maps a name
+    prefix to another (vLLM's ``vllm:`` becomes ``vllm_``: colons are reserved for
+    recording rules), a non-counter family loses a ``_total`` suffix, and
+    ``*_created`` series are dropped."""
+    types = _family_names(text)
+    exposed = {f: _exposed_name(f, t, rename or {}) for f, t in types.items() if f.startswith(prefixes)}
     out = []
     for line in text.splitlines():
         if line.startswith("# HELP ") or line.startswith("# TYPE "):
             name = line.split(" ", 3)[2]
+            family = name
         elif line.startswith("#") or not line.strip():
             continue
         else:
             name = line.split("{", 1)[0].split(" ", 1)[0]
+            family = next((f for f in exposed if name.startswith(f) and name[len(f):] in _SAMPLE_SUFFIXES), name)
         if not name.startswith(prefixes) or name.endswith("_created"):
             continue
-        for old, new in (rename or {}).items():
-            if name.startswith(old):
-                line = line.replace(name, new + name[len(old):], 1)
-                break
+        if family in exposed:
+            line = line.replace(name, exposed[family] + name[len(family):], 1)
+        elif rename:
+            for old, new in rename.items():
+                if name.startswith(old):
+                    line = line.replace(name, new + name[len(old):], 1)
+                    break
         out.append(line)
     return "\n".join(out) + ("\n" if out else "")
 

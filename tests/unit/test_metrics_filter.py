@@ -30,5 +30,21 @@ def test_renames_and_drops_created():
     assert 'vllm_num_requests_running{engine="0",model_name="m"} 0.0' in out
 
 
+def test_non_counter_loses_total_suffix():
+    text = """# HELP vllm:iteration_tokens_total Number of tokens per engine_step.
+# TYPE vllm:iteration_tokens_total histogram
+vllm:iteration_tokens_total_bucket{le="1.0"} 3.0
+vllm:iteration_tokens_total_count 3.0
+vllm:iteration_tokens_total_sum 9.0
+# HELP vllm:prompt_tokens_total Prompt tokens.
+# TYPE vllm:prompt_tokens_total counter
+vllm:prompt_tokens_total 12.0
+"""
+    out = filter_families(text, ("vllm:",), {"vllm:": "vllm_"})
+    assert "# TYPE vllm_iteration_tokens histogram" in out
+    assert 'vllm_iteration_tokens_bucket{le="1.0"} 3.0' in out and "vllm_iteration_tokens_sum 9.0" in out
+    assert "vllm_prompt_tokens_total 12.0" in out and "# TYPE vllm_prompt_tokens_total counter" in out
+
+
 def test_empty_input():
     assert filter_families("", ("vllm:",)) == ""
