@@ -24,7 +24,6 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from daemons import DAEMON_NAMES  # noqa: E402
 from daemons.config import config_path, load_config  # noqa: E402
 from daemons.ctl import all_ready, collect_status, down, up, wait_ready  # noqa: E402
 from daemons.make_model import _WORDS  # noqa: E402
@@ -108,7 +107,7 @@ def main() -> int:
                       f"| {m / h:.2f}x | {statistics.median(front_t):.3f} |")
         print("\n| daemon | start to ready (s) | RSS incl. children (MB) |")
         print("|---|---|---|")
-        for name in DAEMON_NAMES:
+        for name in config.daemon_names():
             rec = read_state(config.runtime_dir, name)
             if rec is None:
                 continue

@@ -2,4 +2,4 @@
 
 __version__ = "0.1.0"
 
-DAEMON_NAMES = ("lmcache-server", "prefill-worker", "decode-worker")
+

@@ -95,6 +95,11 @@ class WorkerConfig(DaemonConfig):
     max_num_seqs: Annotated[int, Field(gt=0)] | None = None
     engine_startup_timeout_s: PositiveFloat = 900.0
     extra_engine_args: list[str] = Field(default_factory=list)
+    instances: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="Several workers of this kind on one box: name -> the keys that differ "
+        "(port, engine_port, metrics_port, device, ...). Empty: one worker.",
+    )
 
     @field_validator("device")
     @classmethod
@@ -146,6 +151,15 @@ class ReadinessConfig(_Section):
         return self
 
 
+_INSTANCE_RE = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
+WORKER_KINDS = {"prefill-worker": "prefill_worker", "decode-worker": "decode_worker"}
+
+
+def worker_name(kind: str, instance: str | None) -> str:
+    """The daemon name of one worker: ``prefill-worker`` or ``prefill-worker@gpu1``."""
+    return f"{kind}@{instance}" if instance else kind
+
+
 class Config(_Section):
     runtime_dir: Path
     log_dir: Path
@@ -158,6 +172,54 @@ class Config(_Section):
     source: Path | None = Field(default=None, exclude=True)
 
     @model_validator(mode="after")
+    def _resolve_instances(self) -> "Config":
+        for section in WORKER_KINDS.values():
+            base: WorkerConfig = getattr(self, section)
+            for name, override in base.instances.items():
+                if not _INSTANCE_RE.match(name):
+                    raise ValueError(f"{section}.instances: name {name!r} must be 1-32 of A-Z a-z 0-9 _ -")
+                if not isinstance(override, dict):
+                    raise ValueError(f"{section}.instances.{name}: must be a mapping of keys to override")
+                if "instances" in override:
+                    raise ValueError(f"{section}.instances.{name}.instances: unknown key")
+                merged = {**base.model_dump(exclude={"instances"}), **override}
+                try:
+                    type(base).model_validate(merged)
+                except ValidationError as exc:
+                    err = exc.errors()[0]
+                    key = ".".join(str(p) for p in err["loc"])
+                    msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
+                    raise ValueError(f"{section}.instances.{name}.{key}: {msg}" if key else
+                                     f"{section}.instances.{name}: {msg}") from None
+        return self
+
+    def workers(self, kind: str) -> dict[str, WorkerConfig]:
+        """Daemon name -> resolved settings of every worker of ``kind`` ("prefill-worker", ...)."""
+        base: WorkerConfig = getattr(self, WORKER_KINDS[kind])
+        if not base.instances:
+            return {kind: base}
+        return {
+            worker_name(kind, name): type(base).model_validate({**base.model_dump(exclude={"instances"}), **o})
+            for name, o in base.instances.items()
+        }
+
+    def worker(self, kind: str, instance: str | None) -> WorkerConfig:
+        """One worker's settings; ConfigError if ``instance`` does not match the config."""
+        section = WORKER_KINDS[kind]
+        names = sorted(getattr(self, section).instances)
+        if names and instance is None:
+            raise ConfigError(f"{self.source}: {section}.instances: this config defines instances "
+                              f"({', '.join(names)}): start the daemon with --instance NAME")
+        if instance is not None and instance not in names:
+            raise ConfigError(f"{self.source}: {section}.instances: no instance {instance!r} "
+                              f"(defined: {', '.join(names) or 'none'})")
+        return self.workers(kind)[worker_name(kind, instance)]
+
+    def daemon_names(self) -> list[str]:
+        """Every daemon this config runs, dependencies first."""
+        return ["lmcache-server", *self.workers("prefill-worker"), *self.workers("decode-worker")]
+
+    @model_validator(mode="after")
     def _no_port_clash(self) -> "Config":
         owners: dict[int, str] = {}
         for key, port in self.listening_ports().items():
@@ -168,30 +230,30 @@ class Config(_Section):
 
     def listening_ports(self) -> dict[str, int]:
         """Every port some daemon listens on, by its config key."""
-        return {
+        ports = {
             "lmcache.port": self.lmcache.port,
             "lmcache.http_port": self.lmcache.http_port,
             "lmcache_server.metrics_port": self.lmcache_server.metrics_port,
-            "prefill_worker.port": self.prefill_worker.port,
-            "prefill_worker.engine_port": self.prefill_worker.engine_port,
-            "prefill_worker.metrics_port": self.prefill_worker.metrics_port,
-            "decode_worker.port": self.decode_worker.port,
-            "decode_worker.engine_port": self.decode_worker.engine_port,
-            "decode_worker.metrics_port": self.decode_worker.metrics_port,
         }
+        for kind, section in WORKER_KINDS.items():
+            for name, worker in self.workers(kind).items():
+                prefix = section if "@" not in name else f"{section}.instances.{name.split('@', 1)[1]}"
+                for key in ("port", "engine_port", "metrics_port"):
+                    ports[f"{prefix}.{key}"] = getattr(worker, key)
+        return ports
 
 
 def _format_errors(path: Path, exc: ValidationError) -> str:
     lines = []
     for err in exc.errors():
-        key = ".".join(str(p) for p in err["loc"]) or "<top level>"
+        key = ".".join(str(p) for p in err["loc"])
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
         elif err["type"] == "missing":
             msg = "required key is missing"
         msg = msg.removeprefix("Value error, ")
-        lines.append(f"{path}: {key}: {msg}")
+        lines.append(f"{path}: {key}: {msg}" if key else f"{path}: {msg}")
     return "\n".join(lines)
 
 

@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import DAEMON_NAMES, __version__
+from . import __version__
 from .config import EX_CONFIG, Config, ConfigError, check_model_present, config_path, load_config
 from .statefile import PeerView, State, assess, pid_alive
 
@@ -43,7 +43,7 @@ def _load(args: argparse.Namespace, *, require_model: bool = True) -> Config:
 # -- status ------------------------------------------------------------------------------
 def collect_status(config: Config) -> list[PeerView]:
     timeout = config.readiness.heartbeat_timeout_s
-    return [assess(config.runtime_dir, name, timeout) for name in DAEMON_NAMES]
+    return [assess(config.runtime_dir, name, timeout) for name in config.daemon_names()]
 
 
 def all_ready(views: list[PeerView]) -> bool:

@@ -31,11 +31,13 @@ PREFILL_FAILURE_MEMORY_S = 30.0
 class DecodeWorker(EngineDaemon):
     """Run the decode engine (KV consumer) and the OpenAI-compatible front door."""
 
-    name = "decode-worker"
+    kind = "decode-worker"
     role = "kv_consumer"
 
     def __init__(self, config: Config, **kw: object) -> None:
-        super().__init__(config, config.decode_worker, **kw)
+        super().__init__(config, **kw)
+        self.prefill_names = list(config.workers("prefill-worker"))
+        self._next_prefill = 0
         self.front_metrics = FrontDoorMetrics(self.registry)
         self.peers: dict[str, PeerView] = {}
         self.last_prefill_failure: tuple[float, str] | None = None
@@ -46,7 +48,7 @@ class DecodeWorker(EngineDaemon):
             prefill_url=self._prefill_url,
             prefill_blocker=self._prefill_blocker,
             on_prefill_result=self._on_prefill_result,
-            prefill_timeout_s=config.decode_worker.prefill_timeout_s,
+            prefill_timeout_s=self.worker.prefill_timeout_s,
             state=lambda: (self.state.value, self.state.serving, self.reason),
         )
 
@@ -55,14 +57,22 @@ class DecodeWorker(EngineDaemon):
         view = self.peers.get(daemon)
         return view is not None and view.usable and view.state == State.READY.value
 
+    def _ready_prefills(self) -> list[PeerView]:
+        return [self.peers[n] for n in self.prefill_names if self._peer_ready(n)]
+
     def _prefill_url(self) -> str | None:
-        view = self.peers.get("prefill-worker")
-        return f"http://{view.record.endpoint}" if view and view.record else None
+        """A ready prefill worker, round robin over those that are ready."""
+        ready = self._ready_prefills()
+        if not ready:
+            return None
+        view = ready[self._next_prefill % len(ready)]
+        self._next_prefill += 1
+        return f"http://{view.record.endpoint}" if view.record else None
 
     def _prefill_blocker(self) -> str | None:
         if not self._peer_ready("lmcache-server"):
             return "lmcache_unavailable"
-        if not self._peer_ready("prefill-worker"):
+        if not self._ready_prefills():
             return "prefill_unavailable"
         return None
 
@@ -77,14 +87,16 @@ class DecodeWorker(EngineDaemon):
 
     # -- state -----------------------------------------------------------------------
     def _refresh_peers(self) -> None:
-        for daemon in ("lmcache-server", "prefill-worker"):
+        for daemon in ("lmcache-server", *self.prefill_names):
             self.peers[daemon] = self.peer(daemon)
 
     def _update_state(self) -> None:
         if not self.state.serving:
             return
         problems = []
-        for daemon in ("lmcache-server", "prefill-worker"):
+        # Ready needs lmcache-server and at least one prefill worker.
+        needed = ["lmcache-server"] + ([] if self._ready_prefills() else self.prefill_names)
+        for daemon in needed:
             if not self._peer_ready(daemon):
                 view = self.peers.get(daemon)
                 problems.append(f"{daemon} {view.state}: {view.reason}" if view else f"{daemon} unknown")
@@ -109,7 +121,7 @@ class DecodeWorker(EngineDaemon):
                            drain_s=self.config.readiness.drain_timeout_s)
         )
         try:
-            waited = await self.wait_for("prefill-worker", timeout_s=self.config.decode_worker.prefill_wait_s)
+            waited = await self.wait_for(self.prefill_names, timeout_s=self.worker.prefill_wait_s)
         except TimeoutError as exc:
             log.warning("serving degraded: %s", exc)
             waited = None

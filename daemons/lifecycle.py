@@ -25,7 +25,7 @@ import httpx
 from prometheus_client import CollectorRegistry
 
 from . import __version__
-from .config import EX_CONFIG, Config, ConfigError, config_path, load_config
+from .config import EX_CONFIG, WORKER_KINDS, Config, ConfigError, config_path, load_config, worker_name
 from .digest import config_digest
 from .httpserver import EmbeddedServer
 from .metrics import DaemonMetrics, metrics_app
@@ -40,9 +40,13 @@ class DaemonFailed(RuntimeError):
 
 
 class Daemon:
-    name: str = "daemon"
+    kind: str = "daemon"  # lmcache-server, prefill-worker, decode-worker
 
-    def __init__(self, config: Config, *, registry: CollectorRegistry | None = None) -> None:
+    def __init__(
+        self, config: Config, *, instance: str | None = None, registry: CollectorRegistry | None = None
+    ) -> None:
+        self.name = worker_name(self.kind, instance)
+        self.instance = instance
         self.config = config
         self.registry = registry if registry is not None else CollectorRegistry()
         self.digest = config_digest(config)
@@ -134,24 +138,28 @@ class Daemon:
             self.config.runtime_dir, daemon, self.config.readiness.heartbeat_timeout_s, expect_digest=self.digest
         )
 
-    async def wait_for(self, daemon: str, timeout_s: float | None = None) -> PeerView | None:
-        """Wait until ``daemon`` is ready; None if we were asked to stop first."""
+    async def wait_for(self, daemon: str | list[str], timeout_s: float | None = None) -> PeerView | None:
+        """Wait until ``daemon`` (or any one of a list) is ready; None if asked to stop first."""
+        names = [daemon] if isinstance(daemon, str) else list(daemon)
+        label = names[0].split("@", 1)[0]
         timeout_s = self.config.readiness.dependency_timeout_s if timeout_s is None else timeout_s
         deadline = time.monotonic() + timeout_s
         t0 = time.monotonic()
         last_reason = None
         while not self.stopping:
-            view = await asyncio.to_thread(self.peer, daemon)
-            if view.usable and view.state == State.READY.value:
-                self.metrics.dependency_wait_seconds.labels(dependency=daemon).set(time.monotonic() - t0)
-                log.info("%s is ready (waited %.1fs)", daemon, time.monotonic() - t0)
-                return view
-            reason = f"waiting for {daemon}: {view.state}, {view.reason}"
+            views = [await asyncio.to_thread(self.peer, name) for name in names]
+            ready = [v for v in views if v.usable and v.state == State.READY.value]
+            if ready:
+                self.metrics.dependency_wait_seconds.labels(dependency=label).set(time.monotonic() - t0)
+                log.info("%s is ready (waited %.1fs)", ready[0].daemon, time.monotonic() - t0)
+                return ready[0]
+            view = views[0]
+            reason = "waiting for " + "; ".join(f"{v.daemon}: {v.state}, {v.reason}" for v in views)
             if reason != last_reason:
                 self.set_state(State.WAITING, reason)
                 last_reason = reason
             if time.monotonic() > deadline:
-                raise TimeoutError(f"{daemon} not ready after {timeout_s:.0f}s ({view.state}: {view.reason})")
+                raise TimeoutError(f"{', '.join(names)} not ready after {timeout_s:.0f}s ({view.state}: {view.reason})")
             self.notifier.extend_timeout(10)
             try:
                 await asyncio.wait_for(self._stop.wait(), timeout=0.5)
@@ -266,20 +274,26 @@ def setup_logging(name: str) -> None:
 
 
 def run_daemon(cls: type[Daemon], argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog=f"disagg-{cls.name}", description=cls.__doc__)
+    parser = argparse.ArgumentParser(prog=f"disagg-{cls.kind}", description=cls.__doc__)
     parser.add_argument("--config", help="config file (default: $DISAGG_CONFIG or etc/disagg.yaml)")
+    if cls.kind in WORKER_KINDS:
+        parser.add_argument("--instance", help="which of the config's instances of this worker to run")
     args = parser.parse_args(argv)
-    setup_logging(cls.name)
+    instance = getattr(args, "instance", None)
+    setup_logging(worker_name(cls.kind, instance))
     path = config_path(args.config)
     try:
         config = load_config(path)
+        if cls.kind in WORKER_KINDS:
+            config.worker(cls.kind, instance)
     except ConfigError as exc:
         for line in str(exc).splitlines():
             log.error("bad config: %s", line)
         log.error("exiting with status %d (EX_CONFIG): fix the config, then start again", EX_CONFIG)
         return EX_CONFIG
-    log.info("%s %s starting (config %s)", cls.name, __version__, path)
-    return asyncio.run(cls(config).run())
+    log.info("%s %s starting (config %s)", worker_name(cls.kind, instance), __version__, path)
+    kwargs = {"instance": instance} if instance else {}
+    return asyncio.run(cls(config, **kwargs).run())
 
 
 def fail_if_missing(path: Path, what: str) -> None:

@@ -34,7 +34,7 @@ def lmcache_argv(config: Config) -> list[str]:
 class LMCacheServer(Daemon):
     """Run LMCache's KV cache server for the prefill and decode engines."""
 
-    name = "lmcache-server"
+    kind = "lmcache-server"
 
     def __init__(self, config: Config, **kw: object) -> None:
         super().__init__(config, **kw)  # type: ignore[arg-type]

@@ -131,6 +131,8 @@ def make_model(out_dir: Path, shape: ModelShape = ModelShape(), *, weights: bool
         config.torch_dtype = "bfloat16"
         config.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
+    for f in out_dir.iterdir():
+        f.chmod(0o644)  # safetensors writes 0600; the service user must read it
     # The generation defaults of a random model are meaningless; don't let them
     # override the request's sampling parameters.
     (out_dir / "generation_config.json").write_text(

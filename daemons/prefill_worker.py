@@ -42,11 +42,11 @@ def as_prefill(body: dict[str, object]) -> dict[str, object]:
 class PrefillWorker(EngineDaemon):
     """Run the prefill engine (KV producer) and serve prefill requests."""
 
-    name = "prefill-worker"
+    kind = "prefill-worker"
     role = "kv_producer"
 
     def __init__(self, config: Config, **kw: object) -> None:
-        super().__init__(config, config.prefill_worker, **kw)
+        super().__init__(config, **kw)
         self.prefill_metrics = PrefillMetrics(self.registry)
 
     async def start_up(self) -> None:

@@ -28,9 +28,9 @@ def openai_error(status: int, message: str, kind: str = "invalid_request_error")
 class EngineDaemon(Daemon):
     role: KVRole
 
-    def __init__(self, config: Config, worker: WorkerConfig, **kw: object) -> None:
+    def __init__(self, config: Config, **kw: object) -> None:
         super().__init__(config, **kw)  # type: ignore[arg-type]
-        self.worker = worker
+        self.worker: WorkerConfig = config.worker(self.kind, self.instance)
         self.engine = Engine(config, worker, self.role, name=self.name, log_dir=config.log_dir)
         self._unhealthy = 0
 

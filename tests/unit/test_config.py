@@ -151,3 +151,52 @@ def test_every_problem_is_reported(tmp_path, model_dir):
     doc["prefill_worker"]["port"] = "x"
     lines = error_of(tmp_path, doc).splitlines()
     assert len(lines) == 2 and all(line.startswith(str(tmp_path)) for line in lines)
+
+
+def instances_doc(model_dir: Path) -> dict:
+    doc = base(model_dir)
+    doc["prefill_worker"]["instances"] = {
+        "gpu0": {"device": "cpu", "port": 8110, "engine_port": 8111, "metrics_port": 9111},
+        "gpu1": {"port": 8120, "engine_port": 8121, "metrics_port": 9121},
+    }
+    return doc
+
+
+def test_instances_resolve_to_one_worker_each(tmp_path, model_dir):
+    config = load_config(write(tmp_path, instances_doc(model_dir)))
+    assert config.daemon_names() == ["lmcache-server", "prefill-worker@gpu0", "prefill-worker@gpu1", "decode-worker"]
+    workers = config.workers("prefill-worker")
+    assert workers["prefill-worker@gpu1"].port == 8120
+    assert workers["prefill-worker@gpu1"].kv_cache_memory_bytes == 268435456  # inherited from the section
+    assert config.worker("prefill-worker", "gpu0").engine_port == 8111
+    with pytest.raises(ConfigError, match="start the daemon with --instance NAME"):
+        config.worker("prefill-worker", None)
+    with pytest.raises(ConfigError, match="no instance 'gpu7'"):
+        config.worker("prefill-worker", "gpu7")
+    with pytest.raises(ConfigError, match="no instance 'x'"):
+        config.worker("decode-worker", "x")
+
+
+def test_instance_port_clash_is_named(tmp_path, model_dir):
+    doc = instances_doc(model_dir)
+    doc["prefill_worker"]["instances"]["gpu1"]["metrics_port"] = 9111
+    msg = error_of(tmp_path, doc)
+    assert "prefill_worker.instances.gpu0.metrics_port and prefill_worker.instances.gpu1.metrics_port" in msg
+
+
+def test_instance_unknown_key_is_named(tmp_path, model_dir):
+    doc = instances_doc(model_dir)
+    doc["prefill_worker"]["instances"]["gpu1"]["devcie"] = "cuda:1"
+    assert "prefill_worker.instances.gpu1.devcie: unknown key" in error_of(tmp_path, doc)
+
+
+def test_instance_bad_value_is_named(tmp_path, model_dir):
+    doc = instances_doc(model_dir)
+    doc["prefill_worker"]["instances"]["gpu1"]["device"] = "tpu"
+    assert "prefill_worker.instances.gpu1.device: must be 'cpu' or 'cuda:N'" in error_of(tmp_path, doc)
+
+
+def test_instance_name_is_checked(tmp_path, model_dir):
+    doc = instances_doc(model_dir)
+    doc["prefill_worker"]["instances"]["a/b"] = {}
+    assert "prefill_worker.instances: name 'a/b'" in error_of(tmp_path, doc)

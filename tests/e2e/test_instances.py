@@ -1,0 +1,87 @@
+"""Several workers of a kind on one box: two prefill-worker instances behind one
+decode-worker, each daemon started as its template unit would start it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from daemons.config import load_config
+from daemons.statefile import read_state
+
+from .conftest import PORTS, ctl, metric_value, words_prompt, write_config
+
+BIN = Path(sys.executable).parent
+OFFSET = 20000
+
+
+@pytest.fixture(scope="module")
+def two_prefills(tmp_path_factory, model_dir):
+    d = tmp_path_factory.mktemp("instances")
+    ports = {name: {k: v + OFFSET for k, v in section.items()} for name, section in PORTS.items()}
+    pf = ports["prefill_worker"]
+    ports["prefill_worker"] = {"instances": {
+        "a": pf,
+        "b": {"port": pf["port"] + 10, "engine_port": pf["engine_port"] + 10, "metrics_port": pf["metrics_port"] + 10},
+    }}
+    config = write_config(d, **ports)
+    commands = [
+        [str(BIN / "disagg-lmcache-server"), "--config", str(config)],
+        [str(BIN / "disagg-prefill-worker"), "--config", str(config), "--instance", "a"],
+        [str(BIN / "disagg-prefill-worker"), "--config", str(config), "--instance", "b"],
+        [str(BIN / "disagg-decode-worker"), "--config", str(config)],
+    ]
+    procs = []
+    for i, cmd in enumerate(commands):
+        with (d / f"daemon{i}.log").open("wb") as out:
+            procs.append(subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT))
+    try:
+        proc = ctl(config, "wait-ready", "--timeout", "900", timeout=930)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        yield config, pf
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(120)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+def test_decode_spreads_prefill_over_instances_and_survives_one_going(two_prefills):
+    config_path, pf = two_prefills
+    config = load_config(config_path)
+    status = ctl(config_path, "status").stdout
+    assert "prefill-worker@a" in status and "prefill-worker@b" in status
+    url = f"http://127.0.0.1:{PORTS['decode_worker']['port'] + OFFSET}"
+    for i in range(4):
+        body = {"model": "tiny-llama", "prompt": words_prompt(300 + i, 600), "max_tokens": 2, "temperature": 0.0}
+        r = httpx.post(f"{url}/v1/completions", json=body, timeout=300, trust_env=False)
+        assert r.status_code == 200 and r.headers["x-disagg-path"] == "disaggregated"
+        assert r.json()["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
+    for metrics_port in (pf["metrics_port"], pf["metrics_port"] + 10):
+        text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10, trust_env=False).text
+        assert metric_value(text, "disagg_prefill_requests_total", 'status="200"') >= 1
+        assert 'daemon="prefill-worker@' in text  # build info names the instance
+    # One instance goes: decode stays ready and keeps the disaggregated path.
+    a = read_state(config.runtime_dir, "prefill-worker@a")
+    os.kill(a.pid, signal.SIGTERM)
+    deadline = time.monotonic() + 60
+    while read_state(config.runtime_dir, "prefill-worker@a").state.value != "stopped":
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
+    time.sleep(config.readiness.heartbeat_interval_s * 2)
+    assert read_state(config.runtime_dir, "decode-worker").state.value == "ready"
+    for i in range(2):
+        body = {"model": "tiny-llama", "prompt": words_prompt(310 + i, 600), "max_tokens": 2, "temperature": 0.0}
+        r = httpx.post(f"{url}/v1/completions", json=body, timeout=300, trust_env=False)
+        assert r.headers["x-disagg-path"] == "disaggregated"
