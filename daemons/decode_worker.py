@@ -16,7 +16,6 @@ import time
 
 from .config import Config
 from .frontdoor import FrontDoor
-from .httpserver import EmbeddedServer
 from .lifecycle import run_daemon
 from .metrics import FrontDoorMetrics
 from .statefile import PeerView, State
@@ -112,14 +111,8 @@ class DecodeWorker(EngineDaemon):
             self.set_state(State.READY)
 
     async def start_up(self) -> None:
-        if await self.wait_for("lmcache-server") is None:
+        if not await self.start_serving(self.front_door.app(), "front door"):
             return
-        if not await self.start_engine():
-            return
-        await self.serve_http(
-            EmbeddedServer(self.front_door.app(), self.worker.host, self.worker.port, name="front door",
-                           drain_s=self.config.readiness.drain_timeout_s)
-        )
         try:
             waited = await self.wait_for(self.prefill_names, timeout_s=self.worker.prefill_wait_s)
         except TimeoutError as exc:

@@ -20,7 +20,6 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from .config import Config
-from .httpserver import EmbeddedServer
 from .lifecycle import run_daemon
 from .metrics import PrefillMetrics
 from .statefile import State
@@ -50,15 +49,8 @@ class PrefillWorker(EngineDaemon):
         self.prefill_metrics = PrefillMetrics(self.registry)
 
     async def start_up(self) -> None:
-        if await self.wait_for("lmcache-server") is None:
-            return
-        if not await self.start_engine():
-            return
-        await self.serve_http(
-            EmbeddedServer(self.app(), self.worker.host, self.worker.port, name="prefill API",
-                           drain_s=self.config.readiness.drain_timeout_s)
-        )
-        self.set_state(State.READY)
+        if await self.start_serving(self.app(), "prefill API"):
+            self.set_state(State.READY)
 
     async def check(self) -> bool:
         ok = await self.engine_ok()

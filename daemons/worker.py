@@ -10,6 +10,7 @@ from starlette.responses import JSONResponse
 from .child import ChildExited
 from .config import Config, WorkerConfig
 from .engine import Engine, KVRole
+from .httpserver import EmbeddedServer
 from .lifecycle import Daemon, DaemonFailed
 from .metrics import scrape
 from .statefile import State
@@ -31,7 +32,7 @@ class EngineDaemon(Daemon):
     def __init__(self, config: Config, **kw: object) -> None:
         super().__init__(config, **kw)  # type: ignore[arg-type]
         self.worker: WorkerConfig = config.worker(self.kind, self.instance)
-        self.engine = Engine(config, worker, self.role, name=self.name, log_dir=config.log_dir)
+        self.engine = Engine(config, self.worker, self.role, name=self.name, log_dir=config.log_dir)
         self._unhealthy = 0
 
     @property
@@ -56,6 +57,18 @@ class EngineDaemon(Daemon):
             )
         except ChildExited as exc:
             raise DaemonFailed(str(exc)) from None
+
+    async def start_serving(self, app: object, api_name: str) -> bool:
+        """Wait for lmcache-server, load the engine, open ``app`` on the worker's port.
+
+        False when asked to stop before that was done."""
+        if await self.wait_for("lmcache-server") is None:
+            return False
+        if not await self.start_engine():
+            return False
+        await self.serve_http(EmbeddedServer(app, self.worker.host, self.worker.port, name=api_name,
+                                             drain_s=self.config.readiness.drain_timeout_s))
+        return True
 
     async def engine_ok(self) -> bool:
         """Heartbeat check of the engine: fail when it died, False when it stops answering."""

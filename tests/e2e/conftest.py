@@ -121,6 +121,20 @@ def stack(tmp_path_factory: pytest.TempPathFactory, model_dir: Path):
         ctl(config, "down", timeout=400)
 
 
+def wait_http_ok(url: str, proc: subprocess.Popen, log: Path, timeout: float, what: str) -> None:
+    """Poll ``url`` until it answers 200; fail if ``proc`` dies (showing ``log``) or time runs out."""
+    deadline = time.monotonic() + timeout
+    while True:
+        assert proc.poll() is None, f"{what} exited:\n" + log.read_text(errors="replace")[-3000:]
+        try:
+            if httpx.get(url, timeout=2, trust_env=False).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline, f"{what} did not start in {timeout:.0f}s"
+        time.sleep(0.5)
+
+
 def metric_value(text: str, name: str, labels: str = "") -> float:
     """Sum of the samples of ``name`` whose label set contains ``labels``."""
     total = 0.0

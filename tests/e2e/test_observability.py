@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -15,7 +14,7 @@ import httpx
 import pytest
 import yaml
 
-from .conftest import PORTS, REPO, words_prompt
+from .conftest import PORTS, REPO, wait_http_ok, words_prompt
 
 PROM_DIR = REPO / "deploy" / "prometheus"
 DASHBOARD = REPO / "deploy" / "grafana" / "disagg-dashboard.json"
@@ -90,16 +89,7 @@ def prometheus(stack, tmp_path_factory):
     )
     url = f"http://127.0.0.1:{PROM_PORT}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, (directory / "prometheus.log").read_text()[-2000:]
-            try:
-                if httpx.get(f"{url}/-/ready", timeout=2, trust_env=False).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "prometheus did not start"
-            time.sleep(0.5)
+        wait_http_ok(f"{url}/-/ready", proc, directory / "prometheus.log", 60, "prometheus")
         yield url
     finally:
         proc.terminate()

@@ -11,7 +11,6 @@ import socket
 import subprocess
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import pytest
@@ -20,7 +19,7 @@ from daemons.config import load_config
 from daemons.engine import engine_argv, engine_env
 from daemons.statefile import read_state
 
-from .conftest import metric_value, words_prompt
+from .conftest import metric_value, wait_http_ok, words_prompt
 
 CHUNK = 256
 PLAIN_PORT = 18201
@@ -37,16 +36,7 @@ def plain_engine(stack, tmp_path_factory):
                                 stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{PLAIN_PORT}"
     try:
-        deadline = time.monotonic() + 600
-        while True:
-            assert proc.poll() is None, log_path.read_text()[-3000:]
-            try:
-                if httpx.get(f"{url}/health", timeout=2, trust_env=False).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "plain engine did not start"
-            time.sleep(1)
+        wait_http_ok(f"{url}/health", proc, log_path, 600, "plain engine")
         yield url
     finally:
         proc.terminate()
