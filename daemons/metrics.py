@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable
 
+import httpx
 import prometheus_client
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -211,8 +212,10 @@ def metrics_app(registry: CollectorRegistry, extra: Callable[[], Awaitable[str]]
     return Starlette(routes=[Route("/metrics", metrics), Route("/", root)])
 
 
-async def scrape(client, url: str, prefixes: tuple[str, ...], rename: dict[str, str] | None = None) -> str:
-    """Fetch a child's /metrics (``client``: an httpx.AsyncClient) and filter it."""
+async def scrape(
+    client: httpx.AsyncClient, url: str, prefixes: tuple[str, ...], rename: dict[str, str] | None = None
+) -> str:
+    """Fetch a child's /metrics and filter it."""
     resp = await client.get(url, timeout=3.0)
     resp.raise_for_status()
     return filter_families(resp.text, prefixes, rename)
