@@ -55,9 +55,8 @@ def format_status(views: list[PeerView]) -> str:
     now = time.time()
     for v in views:
         r = v.record
-        state = v.state if v.usable or v.state in ("absent", "stale") else f"{v.state}"
         up = f"{now - r.started_at:.0f}s" if r and v.state not in ("absent", "stale", "stopped") else "-"
-        rows.append((v.daemon, state, str(r.pid) if r else "-", r.endpoint if r else "-", up, v.reason or ""))
+        rows.append((v.daemon, v.state, str(r.pid) if r else "-", r.endpoint if r else "-", up, v.reason or ""))
     widths = [max(len(row[i]) for row in rows) for i in range(5)]
     return "\n".join(
         "  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row[:5])) + "  " + row[5] for row in rows

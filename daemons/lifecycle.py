@@ -19,7 +19,6 @@ import os
 import signal
 import sys
 import time
-from pathlib import Path
 
 import httpx
 from prometheus_client import CollectorRegistry
@@ -295,7 +294,3 @@ def run_daemon(cls: type[Daemon], argv: list[str] | None = None) -> int:
     kwargs = {"instance": instance} if instance else {}
     return asyncio.run(cls(config, **kwargs).run())
 
-
-def fail_if_missing(path: Path, what: str) -> None:
-    if not path.exists():
-        raise DaemonFailed(f"{what} not found: {path}")
