@@ -9,7 +9,7 @@ plainly, they wiped the machine's /tmp once.
 The shipped units run as they are, plus one drop-in each that points
 DISAGG_CONFIG at this test's config and relaxes only what this sandbox needs:
 its Python lives under /root (User=root, ProtectHome=read-only), and a checkout
-under /tmp would be hidden by PrivateTmp=.
+under /tmp would be hidden by PrivateTmp= (then /tmp is shared and writable).
 """
 
 from __future__ import annotations
@@ -106,7 +106,8 @@ def stage_units(pid: int, staging: Path, config: Path) -> None:
     drop_in = ["[Service]", f"Environment=DISAGG_CONFIG={config}", "User=root", "Group=root",
                "ProtectHome=read-only"]
     if str(REPO).startswith(("/tmp/", "/var/tmp/")):
-        drop_in.append("PrivateTmp=no")
+        # The checkout must stay visible, and the daemons still need a writable /tmp.
+        drop_in += ["PrivateTmp=no", "ReadWritePaths=/tmp /var/tmp"]
     for unit in UNITS:
         (staging / f"{unit}.d").mkdir()
         (staging / f"{unit}.d" / "test.conf").write_text("\n".join(drop_in) + "\n")
