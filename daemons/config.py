@@ -186,11 +186,7 @@ class Config(_Section):
                 try:
                     type(base).model_validate(merged)
                 except ValidationError as exc:
-                    err = exc.errors()[0]
-                    key = ".".join(str(p) for p in err["loc"])
-                    msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
-                    raise ValueError(f"{section}.instances.{name}.{key}: {msg}" if key else
-                                     f"{section}.instances.{name}: {msg}") from None
+                    raise ValueError(_describe(exc.errors()[0], f"{section}.instances.{name}")) from None
         return self
 
     def workers(self, kind: str) -> dict[str, WorkerConfig]:
@@ -243,18 +239,20 @@ class Config(_Section):
         return ports
 
 
+def _describe(err: Any, prefix: str = "") -> str:
+    """One pydantic error as "dotted.key: message", the key under ``prefix``."""
+    key = ".".join([prefix] * bool(prefix) + [str(p) for p in err["loc"]])
+    msg = err["msg"]
+    if err["type"] == "extra_forbidden":
+        msg = "unknown key"
+    elif err["type"] == "missing":
+        msg = "required key is missing"
+    msg = msg.removeprefix("Value error, ")
+    return f"{key}: {msg}" if key else msg
+
+
 def _format_errors(path: Path, exc: ValidationError) -> str:
-    lines = []
-    for err in exc.errors():
-        key = ".".join(str(p) for p in err["loc"])
-        msg = err["msg"]
-        if err["type"] == "extra_forbidden":
-            msg = "unknown key"
-        elif err["type"] == "missing":
-            msg = "required key is missing"
-        msg = msg.removeprefix("Value error, ")
-        lines.append(f"{path}: {key}: {msg}" if key else f"{path}: {msg}")
-    return "\n".join(lines)
+    return "\n".join(f"{path}: {_describe(err)}" for err in exc.errors())
 
 
 def _resolve_paths(raw: dict[str, Any], base: Path) -> None:
