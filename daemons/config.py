@@ -60,6 +60,14 @@ class LMCacheConfig(_Section):
     # LMCache >= 0.5.4 needs "auto" on CPU; null leaves the flag out (LMCache 0.5.3 has none).
     transfer_mode: Literal["auto", "lmcache_driven", "engine_driven"] | None = "auto"
     startup_timeout_s: PositiveFloat = 120.0
+    # The engines' connector (vLLM's LMCacheMPConnector): how long one control
+    # message to the server (lookup, lookup status, registration) may take, and
+    # how often it pings the server. LMCache's defaults (300 s, 10 s) left an
+    # engine stuck for five minutes on a restarted server, then dead.
+    mq_timeout_s: PositiveFloat = Field(
+        default=5.0, description="Deadline of one control message between an engine's connector and the server.")
+    heartbeat_interval_s: PositiveFloat = Field(
+        default=2.0, description="The connector pings the server this often (and waits this long for the answer).")
 
     @field_validator("host")
     @classmethod
@@ -135,6 +143,34 @@ class DecodeWorkerConfig(WorkerConfig):
         default=300.0, ge=0,
         description="At start, how long to wait for prefill-worker before serving degraded.",
     )
+    first_token_timeout_s: PositiveFloat = Field(
+        default=120.0, description="A streamed request whose decode engine sends no first token in this "
+        "long fails with 503 + Retry-After.")
+    request_timeout_s: PositiveFloat = Field(
+        default=600.0, description="A non-streamed request whose decode engine has not answered in this "
+        "long fails with 503 + Retry-After.")
+
+
+class KVPathConfig(_Section):
+    """Supervision of the KV path itself (prefill engine -> LMCache -> decode engine)."""
+
+    store_timeout_s: PositiveFloat = Field(
+        default=2.0,
+        description="prefill-worker answers once the prompt's full chunks are in LMCache, or after this long "
+        "(then it says how many are).",
+    )
+    canary_interval_s: PositiveFloat = Field(
+        default=15.0, description="decode-worker sends a canary prompt through the whole path this often.")
+    canary_timeout_s: PositiveFloat = Field(
+        default=30.0, description="Deadline of each hop of one canary (prefill call, decode call).")
+    restart_after_failures: Annotated[int, Field(ge=1)] = Field(
+        default=3, description="Canary failures in a row at the decode engine (with no engine progress) "
+        "before decode-worker exits to be restarted.")
+    engine_stall_timeout_s: PositiveFloat = Field(
+        default=90.0,
+        description="An engine with requests in it that makes no progress (no token computed, /health "
+        "unanswered) for this long is wedged: its worker exits non-zero and is restarted.",
+    )
 
 
 class ReadinessConfig(_Section):
@@ -168,6 +204,7 @@ class Config(_Section):
     lmcache_server: LMCacheServerConfig = LMCacheServerConfig()
     prefill_worker: PrefillWorkerConfig = PrefillWorkerConfig(device="cpu", kv_cache_memory_bytes=268435456)
     decode_worker: DecodeWorkerConfig = DecodeWorkerConfig(device="cpu", kv_cache_memory_bytes=268435456)
+    kv_path: KVPathConfig = KVPathConfig()
     readiness: ReadinessConfig = ReadinessConfig()
     source: Path | None = Field(default=None, exclude=True)
 

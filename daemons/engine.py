@@ -27,6 +27,8 @@ def kv_transfer_config(config: Config, role: KVRole) -> dict[str, object]:
         "kv_connector_extra_config": {
             "lmcache.mp.host": f"tcp://{config.lmcache.host}",
             "lmcache.mp.port": config.lmcache.port,
+            "lmcache.mp.mq_timeout": config.lmcache.mq_timeout_s,
+            "lmcache.mp.heartbeat_interval": config.lmcache.heartbeat_interval_s,
         },
     }
 

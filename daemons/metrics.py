@@ -42,9 +42,13 @@ TOKEN_BUCKETS = (16, 64, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
 
 FALLBACK_REASONS = (
     "lmcache_unavailable", "prefill_unavailable", "prefill_timeout", "prefill_unreachable",
-    "prefill_error",
+    "prefill_error", "prefill_rejected", "kv_path_broken",
 )
-ERROR_KINDS = ("bad_request", "engine_unavailable", "stream_broken")
+ERROR_KINDS = ("bad_request", "engine_unavailable", "stream_broken", "decode_timeout")
+# How a request's prompt reached the decode engine (x-disagg-path).
+PATHS = ("disaggregated", "recomputed", "fallback")
+RECOMPUTE_REASONS = ("kv_not_stored", "kv_not_loaded", "no_full_chunk")
+CANARY_RESULTS = ("ok", "prefill", "lmcache_store", "decode_engine", "decode_load")
 
 
 class DaemonMetrics:
@@ -88,7 +92,19 @@ class PrefillMetrics:
         )
         self.tokens = Counter("disagg_prefill_tokens", "Prompt tokens prefilled.", registry=registry)
         self.in_flight = Gauge("disagg_prefill_in_flight", "Prefill requests being served.", registry=registry)
+        self.store_wait = Histogram(
+            "disagg_prefill_store_wait_seconds",
+            "After the engine answered, time until LMCache held the prompt's full chunks (or the deadline).",
+            buckets=LATENCY_BUCKETS, registry=registry,
+        )
+        self.kv_tokens = Counter(
+            "disagg_prefill_kv_tokens",
+            "Full-chunk prompt tokens at answer time: stored (in LMCache) or missing (not there by the deadline).",
+            ["state"], registry=registry,
+        )
         self.requests.labels(status="200")
+        for state in ("stored", "missing"):
+            self.kv_tokens.labels(state=state)
 
 
 class FrontDoorMetrics:
@@ -130,7 +146,39 @@ class FrontDoorMetrics:
             "disagg_fallbacks", "Requests the decode engine prefilled itself, by reason.", ["reason"],
             registry=registry,
         )
+        self.paths = Counter(
+            "disagg_request_paths",
+            "Answered requests by the path their prompt took: disaggregated (decode loaded every full chunk "
+            "from LMCache), recomputed (prefill ran but decode computed the prompt anyway), fallback "
+            "(decode computed it, prefill skipped or failed).",
+            ["path"], registry=registry,
+        )
+        self.recomputes = Counter(
+            "disagg_recomputes", "Prefilled requests whose decode engine computed the prompt anyway, by reason.",
+            ["reason"], registry=registry,
+        )
+        self.kv_path_ok = Gauge(
+            "disagg_kv_path_ok", "1 while the last KV-path canary passed, 0 while it fails.", registry=registry
+        )
+        self.canaries = Counter(
+            "disagg_kv_path_canaries", "KV-path canaries by result (ok, or the hop that broke).", ["result"],
+            registry=registry,
+        )
+        self.canary_seconds = Histogram(
+            "disagg_kv_path_canary_duration_seconds", "Time of one KV-path canary.",
+            buckets=LATENCY_BUCKETS, registry=registry,
+        )
+        self.lmcache_restarts = Counter(
+            "disagg_lmcache_server_restarts_seen",
+            "Times this decode-worker saw lmcache-server come back as a new process.", registry=registry,
+        )
         # Every label value a dashboard or alert selects exists from the start, at 0.
+        for path in PATHS:
+            self.paths.labels(path=path)
+        for reason in RECOMPUTE_REASONS:
+            self.recomputes.labels(reason=reason)
+        for result in CANARY_RESULTS:
+            self.canaries.labels(result=result)
         for source in ("kv_cache", "computed"):
             self.prompt_tokens.labels(source=source)
         for reason in FALLBACK_REASONS:

@@ -3,7 +3,20 @@
 Its API takes the same bodies as OpenAI's /v1/completions and
 /v1/chat/completions and always runs them with one output token and no
 streaming: computing the prompt pushes its KV into LMCache, where the decode
-engine picks it up. Ready when lmcache-server is ready and the engine answers.
+engine picks it up.
+
+The engine answers as soon as it has computed the prompt, but its connector
+stores the KV into LMCache asynchronously: on a GPU the store lands a few
+milliseconds *after* the answer, and a decode engine that looked then found
+nothing and recomputed the whole prompt. So a prefill call is answered only
+once LMCache holds the prompt's full chunks (asked with LMCache's own lookup,
+see :mod:`daemons.kv_lookup`), or when ``kv_path.store_timeout_s`` has passed;
+either way the answer says how many tokens are stored:
+
+  x-disagg-kv-expected-tokens: full-chunk tokens of the prompt
+  x-disagg-kv-stored-tokens:   of those, in LMCache when we answered
+
+Ready when lmcache-server is ready, the engine answers and its stores land.
 """
 
 from __future__ import annotations
@@ -12,6 +25,8 @@ import json
 import logging
 import sys
 import time
+from pathlib import Path
+from typing import Any
 
 import httpx
 from starlette.applications import Starlette
@@ -20,9 +35,11 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from .config import Config
+from .kv_lookup import KVLookup
 from .lifecycle import run_daemon
 from .metrics import PrefillMetrics
 from .statefile import State
+from .lifecycle import DaemonFailed
 from .worker import EngineDaemon, openai_error
 
 log = logging.getLogger(__name__)
@@ -35,7 +52,21 @@ def as_prefill(body: dict[str, object]) -> dict[str, object]:
     if "max_completion_tokens" in out:
         out["max_completion_tokens"] = 1
     out["stream"] = False
+    out["return_token_ids"] = True  # the prompt's token ids: what we ask LMCache about
     return out
+
+
+def prompt_token_ids(answer: Any) -> list[int] | None:
+    """The prompt's token ids from an engine answer made with ``return_token_ids``."""
+    try:
+        ids = answer.get("prompt_token_ids") or answer["choices"][0]["prompt_token_ids"]
+    except (AttributeError, KeyError, IndexError, TypeError):
+        return None
+    return ids if isinstance(ids, list) else None
+
+
+# Prefills in a row whose KV did not reach LMCache before prefill-worker says so.
+MISSED_STORES_DEGRADED = 3
 
 
 class PrefillWorker(EngineDaemon):
@@ -47,20 +78,81 @@ class PrefillWorker(EngineDaemon):
     def __init__(self, config: Config, **kw: object) -> None:
         super().__init__(config, **kw)
         self.prefill_metrics = PrefillMetrics(self.registry)
+        self.chunk_size = config.lmcache.chunk_size
+        self.store_timeout_s = config.kv_path.store_timeout_s
+        self.kv = KVLookup(
+            server_url=f"tcp://{config.lmcache.host}:{config.lmcache.port}",
+            model=str(config.model.path),
+            mq_timeout_s=config.lmcache.mq_timeout_s,
+            heartbeat_interval_s=config.lmcache.heartbeat_interval_s,
+            log_path=Path(config.log_dir) / f"{self.name}-kv-lookup.log",
+        )
+        self.missed_stores = 0  # prefills in a row whose KV was not in LMCache by the deadline
+        self.last_miss = ""
+        self.last_store_landed = time.monotonic()
 
     async def start_up(self) -> None:
-        if await self.start_serving(self.app(), "prefill API"):
-            self.set_state(State.READY)
+        if not await self.start_serving(self.app(), "prefill API"):
+            return
+        try:
+            await self.kv.start()
+        except RuntimeError as exc:
+            log.error("%s: prefill answers will not wait for LMCache stores", exc)
+        self.set_state(State.READY)
 
     async def check(self) -> bool:
         ok = await self.engine_ok()
+        stuck = time.monotonic() - self.last_store_landed
+        if self.missed_stores >= MISSED_STORES_DEGRADED and self.kv.healthy and \
+                stuck >= self.config.kv_path.engine_stall_timeout_s:
+            # LMCache answers lookups, yet nothing this engine computed reached it for that long:
+            # the engine's connector is wedged. A fresh engine reconnects.
+            raise DaemonFailed(f"no prefill's KV reached LMCache for {stuck:.0f}s ({self.missed_stores} in a row, "
+                               f"{self.last_miss}) while LMCache answers; exiting to be restarted")
         if self.state.serving:
             lm = self.peer("lmcache-server")
-            if lm.usable and lm.state == State.READY.value:
-                self.set_state(State.READY)
-            else:
+            if not (lm.usable and lm.state == State.READY.value):
                 self.set_state(State.DEGRADED, f"lmcache-server {lm.state}: {lm.reason}")
+            elif self.missed_stores >= MISSED_STORES_DEGRADED:
+                self.set_state(State.DEGRADED, f"the last {self.missed_stores} prefills' KV did not reach LMCache "
+                                               f"within {self.store_timeout_s}s ({self.last_miss})")
+            else:
+                self.set_state(State.READY)
         return ok
+
+    async def shut_down(self) -> None:
+        await self.kv.stop()
+        await super().shut_down()
+
+    async def confirm_stored(self, answer: Any, request_id: str) -> dict[str, str]:
+        """Wait until LMCache holds the prompt's full chunks (bounded); the headers that say how it went."""
+        ids = prompt_token_ids(answer)
+        if ids is None:
+            return {}
+        expected = len(ids) // self.chunk_size * self.chunk_size
+        stored = 0
+        t0 = time.monotonic()
+        if expected:
+            try:
+                stored = await self.kv.wait_stored(ids, expected, self.store_timeout_s)
+            except (RuntimeError, TimeoutError) as exc:
+                log.warning("[%s] cannot ask LMCache whether the KV is stored: %s", request_id, exc)
+                stored = 0
+        self.prefill_metrics.store_wait.observe(time.monotonic() - t0)
+        stored = min(stored, expected)
+        self.prefill_metrics.kv_tokens.labels(state="stored").inc(stored)
+        self.prefill_metrics.kv_tokens.labels(state="missing").inc(expected - stored)
+        if stored < expected:
+            self.missed_stores += 1
+            self.last_miss = f"{stored} of {expected} tokens stored"
+            log.warning("[%s] LMCache holds %d of the prompt's %d full-chunk tokens after %.2fs",
+                        request_id, stored, expected, time.monotonic() - t0)
+        else:
+            if self.missed_stores:
+                log.info("prefill KV reaches LMCache again")
+            self.missed_stores = 0
+            self.last_store_landed = time.monotonic()
+        return {"x-disagg-kv-expected-tokens": str(expected), "x-disagg-kv-stored-tokens": str(stored)}
 
     def app(self) -> Starlette:
         async def prefill(request: Request) -> Response:
@@ -73,13 +165,14 @@ class PrefillWorker(EngineDaemon):
             if not isinstance(body, dict):
                 self.prefill_metrics.requests.labels(status="400").inc()
                 return openai_error(400, "request body must be a JSON object")
+            request_id = request.headers.get("x-request-id", "")
             t0 = time.monotonic()
             self.prefill_metrics.in_flight.inc()
             try:
                 resp = await self.http.post(
                     f"{self.engine.base_url}{route}", json=as_prefill(body),
                     timeout=httpx.Timeout(None, connect=5.0),
-                    headers={"x-request-id": request.headers.get("x-request-id", "")},
+                    headers={"x-request-id": request_id},
                 )
             except httpx.HTTPError as exc:
                 self.prefill_metrics.requests.labels(status="503").inc()
@@ -88,13 +181,16 @@ class PrefillWorker(EngineDaemon):
                 self.prefill_metrics.in_flight.dec()
             elapsed = time.monotonic() - t0
             self.prefill_metrics.requests.labels(status=str(resp.status_code)).inc()
-            if resp.status_code == 200:
-                self.prefill_metrics.seconds.observe(elapsed)
-                try:
-                    self.prefill_metrics.tokens.inc(int(resp.json()["usage"]["prompt_tokens"]))
-                except (ValueError, KeyError, TypeError):
-                    pass
-            return Response(resp.content, status_code=resp.status_code, media_type="application/json")
+            if resp.status_code != 200:
+                return Response(resp.content, status_code=resp.status_code, media_type="application/json")
+            self.prefill_metrics.seconds.observe(elapsed)
+            try:
+                answer = resp.json()
+                self.prefill_metrics.tokens.inc(int(answer["usage"]["prompt_tokens"]))
+            except (ValueError, KeyError, TypeError):
+                answer = None
+            headers = await self.confirm_stored(answer, request_id)
+            return Response(resp.content, status_code=200, media_type="application/json", headers=headers)
 
         async def health(_: Request) -> Response:
             return JSONResponse({"state": self.state.value, "reason": self.reason},

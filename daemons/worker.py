@@ -4,7 +4,9 @@ start, watch and stop, and whose ``vllm:*`` metrics they re-expose as ``vllm_*``
 from __future__ import annotations
 
 import logging
+import time
 
+import httpx
 from starlette.responses import JSONResponse
 
 from .child import ChildExited
@@ -13,17 +15,17 @@ from .engine import Engine, KVRole
 from .httpserver import EmbeddedServer
 from .lifecycle import Daemon, DaemonFailed
 from .metrics import scrape
+from .stall import EngineLoad, StallDetector, engine_load
 from .statefile import State
 
 log = logging.getLogger(__name__)
 
-# The engine must miss this many heartbeats in a row before we call it hung
-# (and stop the watchdog pings, so systemd restarts us).
-UNHEALTHY_HEARTBEATS = 3
 
-
-def openai_error(status: int, message: str, kind: str = "invalid_request_error") -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status_code=status)
+def openai_error(
+    status: int, message: str, kind: str = "invalid_request_error", headers: dict[str, str] | None = None
+) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status_code=status,
+                        headers=headers)
 
 
 class EngineDaemon(Daemon):
@@ -33,7 +35,7 @@ class EngineDaemon(Daemon):
         super().__init__(config, **kw)  # type: ignore[arg-type]
         self.worker: WorkerConfig = config.worker(self.kind, self.instance)
         self.engine = Engine(config, self.worker, self.role, name=self.name, log_dir=config.log_dir)
-        self._unhealthy = 0
+        self.stall = StallDetector(config.kv_path.engine_stall_timeout_s)
 
     @property
     def endpoint(self) -> str:
@@ -70,20 +72,35 @@ class EngineDaemon(Daemon):
                                              drain_s=self.config.readiness.drain_timeout_s))
         return True
 
+    async def engine_load(self) -> EngineLoad | None:
+        """Requests in the engine and tokens it computed; None when it does not answer."""
+        try:
+            resp = await self.http.get(f"{self.engine.base_url}/metrics", timeout=5.0)
+            resp.raise_for_status()
+        except httpx.HTTPError:
+            return None
+        return engine_load(resp.text)
+
     async def engine_ok(self) -> bool:
-        """Heartbeat check of the engine: fail when it died, False when it stops answering."""
+        """Heartbeat check of the engine: fail when it died or is wedged, False while it does not answer.
+
+        Failing makes the daemon exit non-zero: systemd (Restart=on-failure) or
+        supervisord (autorestart=unexpected) starts it again with a fresh engine,
+        and the supervisor's process-group kill reaps whatever the engine left."""
         if self.engine.child.pid is None:
             return True  # not started yet
         if not self.engine.child.alive():
             raise DaemonFailed(self.engine.child.exit_reason())
         if not self.state.serving:
             return True
-        if await self.engine.healthy(self.http, timeout=5.0):
-            self._unhealthy = 0
-            return True
-        self._unhealthy += 1
-        log.warning("engine /health failed (%d in a row)", self._unhealthy)
-        return self._unhealthy < UNHEALTHY_HEARTBEATS
+        load = await self.engine_load()
+        wedged = self.stall.observe(time.monotonic(), load)
+        if wedged:
+            raise DaemonFailed(f"{self.engine.child.name} is wedged: {wedged}; exiting to be restarted")
+        if load is None:
+            log.warning("engine does not answer /metrics")
+            return False
+        return await self.engine.healthy(self.http, timeout=5.0)
 
     async def shut_down(self) -> None:
         await self.engine.child.stop(self.config.readiness.drain_timeout_s)

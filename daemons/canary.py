@@ -1,0 +1,134 @@
+"""The KV-path canary: one small synthetic prompt through the whole path.
+
+prefill API -> prefill engine computes it and its KV is stored -> LMCache holds
+it -> decode engine loads it -> one token. Success means the decode engine
+reported the canary's full chunk as ``cached_tokens``. A failure names the hop
+that broke:
+
+- ``prefill``: the prefill API/engine did not answer (in time, or at all);
+- ``lmcache_store``: prefill answered but LMCache holds none of its KV;
+- ``decode_engine``: the decode engine did not answer (in time, or at all);
+- ``decode_load``: LMCache held the KV but the decode engine did not load it.
+
+The prompt is token ids drawn at random from the model's vocabulary: one full
+LMCache chunk plus a few tokens, never the same twice (so an earlier canary's
+KV can never make a broken path look healthy), and cheap.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+HOPS = {
+    "prefill": "prefill engine did not answer in time",
+    "lmcache_store": "LMCache has no chunks for it",
+    "decode_engine": "decode engine did not answer in time",
+    "decode_load": "decode engine did not load the chunks",
+}
+
+
+@dataclass(frozen=True)
+class CanaryResult:
+    ok: bool
+    hop: str = ""  # one of HOPS when not ok
+    detail: str = ""
+    expected: int = 0  # full-chunk tokens of the canary prompt
+    stored: int | None = None  # of those, in LMCache when prefill answered
+    cached: int | None = None  # of those, loaded by the decode engine
+    seconds: float = 0.0
+
+    def describe(self) -> str:
+        if self.ok:
+            return f"KV path works ({self.cached} of {self.expected} canary tokens from LMCache, {self.seconds:.2f}s)"
+        return f"KV path broken at {self.hop}: {HOPS[self.hop]} ({self.detail})"
+
+
+def vocabulary(model_path: Path) -> list[int]:
+    """Token ids a canary may use: the tokenizer's ordinary vocabulary (no added/special tokens)."""
+    try:
+        tok = json.loads((Path(model_path) / "tokenizer.json").read_text())
+        special = {int(t["id"]) for t in tok.get("added_tokens") or ()}
+        ids = sorted(int(i) for i in tok["model"]["vocab"].values() if int(i) not in special)
+        if len(ids) >= 16:
+            return ids
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        pass
+    config = json.loads((Path(model_path) / "config.json").read_text())
+    return list(range(100, int(config["vocab_size"]) - 100))
+
+
+class PathCanary:
+    def __init__(self, *, client: httpx.AsyncClient, model: str, vocab: list[int], chunk_size: int,
+                 decode_url: str, timeout_s: float) -> None:
+        self.client = client
+        self.model = model
+        self.vocab = vocab
+        self.chunk_size = chunk_size
+        self.decode_url = decode_url
+        self.timeout_s = timeout_s
+        self._rng = random.Random()
+
+    def prompt(self) -> list[int]:
+        return [self._rng.choice(self.vocab) for _ in range(self.chunk_size + 8)]
+
+    async def run(self, prefill_url: str) -> CanaryResult:
+        prompt = self.prompt()
+        expected = len(prompt) // self.chunk_size * self.chunk_size
+        body = {"model": self.model, "prompt": prompt, "max_tokens": 1, "temperature": 0}
+        headers = {"x-request-id": f"canary-{self._rng.getrandbits(48):012x}"}
+        t0 = time.monotonic()
+
+        def fail(hop: str, detail: str, **kw: Any) -> CanaryResult:
+            return CanaryResult(False, hop, detail, expected, seconds=time.monotonic() - t0, **kw)
+
+        try:
+            resp = await self.client.post(f"{prefill_url}/v1/completions", json=body, headers=headers,
+                                          timeout=self.timeout_s)
+        except httpx.TimeoutException:
+            return fail("prefill", f"no answer in {self.timeout_s:.0f}s")
+        except httpx.HTTPError as exc:
+            return fail("prefill", f"{type(exc).__name__}: {exc}")
+        if resp.status_code != 200:
+            return fail("prefill", f"HTTP {resp.status_code}: {resp.text[:120]}")
+        try:
+            stored = int(resp.headers["x-disagg-kv-stored-tokens"])
+        except (KeyError, ValueError):
+            stored = None  # an older prefill-worker: the decode side will tell
+        if stored is not None and stored < expected:
+            return fail("lmcache_store", f"{stored} of {expected} tokens stored", stored=stored)
+        try:
+            resp = await self.client.post(f"{self.decode_url}/v1/completions", json=body, headers=headers,
+                                          timeout=self.timeout_s)
+        except httpx.TimeoutException:
+            return fail("decode_engine", f"no answer in {self.timeout_s:.0f}s", stored=stored)
+        except httpx.HTTPError as exc:
+            return fail("decode_engine", f"{type(exc).__name__}: {exc}", stored=stored)
+        if resp.status_code != 200:
+            return fail("decode_engine", f"HTTP {resp.status_code}: {resp.text[:120]}", stored=stored)
+        cached = cached_tokens(_json(resp))
+        if cached < expected:
+            return fail("decode_load", f"{cached} of {expected} tokens loaded", stored=stored, cached=cached)
+        return CanaryResult(True, "", "", expected, stored, cached, time.monotonic() - t0)
+
+
+def _json(resp: httpx.Response) -> Any:
+    try:
+        return resp.json()
+    except ValueError:
+        return None
+
+
+def cached_tokens(answer: Any) -> int:
+    """``usage.prompt_tokens_details.cached_tokens`` of an engine answer, 0 when absent."""
+    try:
+        details = answer["usage"].get("prompt_tokens_details") or {}
+        return int(details.get("cached_tokens") or 0)
+    except (AttributeError, KeyError, TypeError, ValueError):
+        return 0
