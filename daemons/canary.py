@@ -27,9 +27,9 @@ from typing import Any
 import httpx
 
 HOPS = {
-    "prefill": "prefill engine did not answer in time",
+    "prefill": "prefill-worker did not answer with the prompt computed",
     "lmcache_store": "LMCache has no chunks for it",
-    "decode_engine": "decode engine did not answer in time",
+    "decode_engine": "decode engine did not answer with a token",
     "decode_load": "decode engine did not load the chunks",
 }
 
@@ -64,6 +64,11 @@ def vocabulary(model_path: Path) -> list[int]:
     return list(range(100, int(config["vocab_size"]) - 100))
 
 
+def canary_prompt(rng: random.Random, vocab: list[int], chunk_size: int) -> list[int]:
+    """One full chunk plus a short tail of random token ids: cheap, and new every time."""
+    return [rng.choice(vocab) for _ in range(chunk_size + 8)]
+
+
 class PathCanary:
     def __init__(self, *, client: httpx.AsyncClient, model: str, vocab: list[int], chunk_size: int,
                  decode_url: str, timeout_s: float) -> None:
@@ -76,7 +81,7 @@ class PathCanary:
         self._rng = random.Random()
 
     def prompt(self) -> list[int]:
-        return [self._rng.choice(self.vocab) for _ in range(self.chunk_size + 8)]
+        return canary_prompt(self._rng, self.vocab, self.chunk_size)
 
     async def run(self, prefill_url: str) -> CanaryResult:
         prompt = self.prompt()

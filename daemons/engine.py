@@ -24,6 +24,9 @@ def kv_transfer_config(config: Config, role: KVRole) -> dict[str, object]:
     return {
         "kv_connector": "LMCacheMPConnector",
         "kv_role": role,
+        # A KV load that breaks mid-request (LMCache restarted) recomputes the
+        # missing blocks instead of failing the request (vLLM's default).
+        "kv_load_failure_policy": "recompute",
         "kv_connector_extra_config": {
             "lmcache.mp.host": f"tcp://{config.lmcache.host}",
             "lmcache.mp.port": config.lmcache.port,

@@ -21,8 +21,10 @@ Ready when lmcache-server is ready, the engine answers and its stores land.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import random
 import sys
 import time
 from pathlib import Path
@@ -34,6 +36,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from .canary import canary_prompt, vocabulary
 from .config import Config
 from .kv_lookup import KVLookup
 from .lifecycle import run_daemon
@@ -90,6 +93,8 @@ class PrefillWorker(EngineDaemon):
         self.missed_stores = 0  # prefills in a row whose KV was not in LMCache by the deadline
         self.last_miss = ""
         self.last_store_landed = time.monotonic()
+        self._vocab = vocabulary(config.model.path)
+        self._self_test: asyncio.Task[None] | None = None
 
     async def start_up(self) -> None:
         if not await self.start_serving(self.app(), "prefill API"):
@@ -109,6 +114,9 @@ class PrefillWorker(EngineDaemon):
             # the engine's connector is wedged. A fresh engine reconnects.
             raise DaemonFailed(f"no prefill's KV reached LMCache for {stuck:.0f}s ({self.missed_stores} in a row, "
                                f"{self.last_miss}) while LMCache answers; exiting to be restarted")
+        if self.missed_stores >= MISSED_STORES_DEGRADED and (self._self_test is None or self._self_test.done()):
+            # Out of rotation while degraded: no real prefill would ever clear this. Test the store ourselves.
+            self._self_test = asyncio.create_task(self.store_self_test(), name="store-self-test")
         if self.state.serving:
             lm = self.peer("lmcache-server")
             if not (lm.usable and lm.state == State.READY.value):
@@ -120,7 +128,22 @@ class PrefillWorker(EngineDaemon):
                 self.set_state(State.READY)
         return ok
 
+    async def store_self_test(self) -> None:
+        """One synthetic prompt through this engine; its KV landing in LMCache clears the missed stores."""
+        body = {"model": self.config.model.name, "prompt": canary_prompt(random.Random(), self._vocab, self.chunk_size),
+                "max_tokens": 1, "return_token_ids": True}
+        try:
+            resp = await self.http.post(f"{self.engine.base_url}/v1/completions", json=body,
+                                        timeout=self.config.kv_path.canary_timeout_s)
+            if resp.status_code == 200:
+                await self.confirm_stored(resp.json(), "store-self-test")
+        except (httpx.HTTPError, ValueError) as exc:
+            log.warning("store self-test: engine did not answer: %r", exc)
+
     async def shut_down(self) -> None:
+        if self._self_test is not None:
+            self._self_test.cancel()
+            await asyncio.gather(self._self_test, return_exceptions=True)
         await self.kv.stop()
         await super().shut_down()
 
