@@ -387,7 +387,8 @@ async def _sse_events(upstream: httpx.Response) -> AsyncIterator[str]:
             event, buffer = buffer.split("\n\n", 1)
             yield event
     if buffer.strip():
-        yield buffer
+        # The engine's stream ended inside an event: never pass a truncated event on.
+        raise httpx.RemoteProtocolError(f"decode engine stream ended inside an event ({len(buffer)} bytes)")
 
 
 def _has_token(obj: dict[str, Any]) -> bool:

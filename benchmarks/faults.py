@@ -1,0 +1,101 @@
+"""Faults injected while requests flow, and the time until the KV path is back.
+
+For each fault: load runs (several clients, streaming and not); once requests
+flow, the fault is injected (``kill -9``/``SIGTERM`` of a daemon or an engine,
+``SIGSTOP`` for ``hold_s`` then ``SIGCONT``); from the moment the fault ends,
+the clock runs until a request *started after that moment* comes back
+``disaggregated`` with cached tokens > 0 (the KV path, not merely a success).
+A row counts requests sent / succeeded (by path) / failed cleanly / lost / hung.
+
+Used by ``tests/e2e/test_faults.py`` (CPU, in CI) and ``benchmarks/gpu/kv_path.sh``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from benchmarks.load import Load, Record
+
+
+@dataclass
+class Fault:
+    name: str
+    pid: Callable[[], int]  # the process to hit, looked up at injection time
+    sig: signal.Signals = signal.SIGKILL
+    hold_s: float = 0.0  # SIGSTOP: how long before SIGCONT
+    after: Callable[[], None] | None = None  # e.g. start a daemon again where no supervisor does
+
+
+@dataclass
+class Row:
+    fault: str
+    sent: int
+    succeeded: int
+    disaggregated: int
+    recomputed: int
+    fallback: int
+    failed_cleanly: int
+    lost: int
+    hung: int
+    recovery_s: float | None  # fault end -> first KV-path answer to a request sent after it
+    bound_s: float
+
+    @property
+    def recovered(self) -> bool:
+        return self.recovery_s is not None
+
+    def line(self) -> str:
+        rec = f"{self.recovery_s:.1f}" if self.recovery_s is not None else f"> {self.bound_s:.0f}"
+        return (f"| {self.fault} | {self.sent} | {self.succeeded} ({self.disaggregated} / {self.recomputed} / "
+                f"{self.fallback}) | {self.failed_cleanly} | {self.lost} | {self.hung} | {rec} |")
+
+
+HEADER = ("| fault | sent | succeeded (disaggregated / recomputed / fallback) | failed cleanly | lost | hung "
+          "| KV path back after (s) |\n|---|---|---|---|---|---|---|")
+
+
+def kv_path_answer(r: Record) -> bool:
+    return r.outcome == "succeeded" and r.path == "disaggregated" and r.cached_tokens > 0
+
+
+async def run_fault(load: Load, fault: Fault, *, warmup_s: float, recovery_bound_s: float) -> Row:
+    """Run ``load``, inject ``fault`` once requests flow, measure the way back to the KV path."""
+    load.stop = asyncio.Event()
+    load.records = []
+    load.duration_s = warmup_s + fault.hold_s + recovery_bound_s + 60
+    task = asyncio.create_task(load.run())
+    await asyncio.sleep(warmup_s)
+    pid = fault.pid()
+    os.kill(pid, fault.sig)
+    if fault.hold_s:
+        await asyncio.sleep(fault.hold_s)
+        try:
+            os.kill(pid, signal.SIGCONT)
+        except ProcessLookupError:
+            pass  # killed meanwhile (wedge detection): the restart is the recovery
+    if fault.after is not None:
+        fault.after()
+    fault_end = time.monotonic() - load.t0
+    recovery: float | None = None
+    deadline = time.monotonic() + recovery_bound_s
+    while time.monotonic() < deadline and recovery is None:
+        await asyncio.sleep(0.5)
+        back = [r for r in load.records if r.start >= fault_end and kv_path_answer(r)]
+        if back:
+            recovery = min(r.end for r in back) - fault_end
+    load.stop.set()
+    await task
+    return summarize(fault.name, load.records, recovery, recovery_bound_s)
+
+
+def summarize(name: str, records: list[Record], recovery: float | None, bound_s: float) -> Row:
+    outcomes = Counter(r.outcome for r in records)
+    paths = Counter(r.path for r in records if r.outcome == "succeeded")
+    return Row(name, len(records), outcomes["succeeded"], paths["disaggregated"], paths["recomputed"],
+               paths["fallback"], outcomes["failed_cleanly"], outcomes["lost"], outcomes["hung"], recovery, bound_s)

@@ -1,0 +1,197 @@
+"""Bounded load through the front door, one record per request, for the fault matrix and GPU checks.
+
+N clients loop unique prompts (random token ids from the model's vocabulary, so
+any tokenizer works and no prompt is a cache hit from an earlier one) through
+``/v1/completions``, streaming or not, each request with a client-side
+deadline: a request that passes it is *hung*, the one outcome that is never
+acceptable. Every loop stops by itself (``duration_s``).
+
+  python benchmarks/load.py --url http://127.0.0.1:8000 --model tiny-llama \\
+      --model-path var/models/tiny-llama --clients 4 --duration 60 --tokens 1800
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import sys
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from daemons.canary import vocabulary  # noqa: E402
+
+
+@dataclass
+class Record:
+    client: int
+    start: float  # seconds since the load began
+    seconds: float
+    status: int  # HTTP status; 0 for no response
+    path: str = ""  # x-disagg-path
+    reason: str = ""  # fallback or recompute reason
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    stream: bool = False
+    hung: bool = False
+    error: str = ""
+
+    @property
+    def end(self) -> float:
+        return self.start + self.seconds
+
+    @property
+    def outcome(self) -> str:
+        """succeeded / failed_cleanly (an error status with a body) / lost (no answer) / hung."""
+        if self.hung:
+            return "hung"
+        if self.status == 200 and not self.error:
+            return "succeeded"
+        if self.status >= 400:
+            return "failed_cleanly"
+        return "lost"
+
+
+@dataclass
+class Load:
+    url: str
+    model: str
+    vocab: list[int]
+    clients: int = 4
+    duration_s: float = 60.0
+    prompt_tokens: int = 1800
+    max_tokens: int = 16
+    deadline_s: float = 120.0
+    stream_every: int = 2  # every n-th request of a client streams (0: never)
+    records: list[Record] = field(default_factory=list)
+    stop: asyncio.Event | None = None  # set it to end the load early (in-flight requests finish)
+
+    async def run(self) -> list[Record]:
+        t0 = self.t0 = time.monotonic()
+        async with httpx.AsyncClient(trust_env=False, timeout=httpx.Timeout(self.deadline_s, connect=5.0),
+                                     limits=httpx.Limits(max_connections=self.clients * 2)) as client:
+            await asyncio.gather(*(self._client(client, i, t0) for i in range(self.clients)))
+        return self.records
+
+    async def _client(self, client: httpx.AsyncClient, i: int, t0: float) -> None:
+        rng = random.Random(f"{i}-{time.time_ns()}")
+        n = 0
+        while time.monotonic() - t0 < self.duration_s and not (self.stop is not None and self.stop.is_set()):
+            n += 1
+            stream = bool(self.stream_every) and n % self.stream_every == 0
+            prompt = [rng.choice(self.vocab) for _ in range(self.prompt_tokens)]
+            start = time.monotonic()
+            rec = Record(i, start - t0, 0.0, 0, stream=stream)
+            try:
+                await asyncio.wait_for(self._one(client, prompt, stream, rec), self.deadline_s)
+            except asyncio.TimeoutError:
+                rec.hung = True
+                rec.error = f"no answer within {self.deadline_s:.0f}s"
+            except Exception as exc:  # noqa: BLE001 - every way a request can end is a record
+                rec.error = f"{type(exc).__name__}: {exc}"[:200]
+            rec.seconds = time.monotonic() - start
+            self.records.append(rec)
+            if rec.status != 200:
+                await asyncio.sleep(0.5)  # a refused client backs off a little, as real ones do
+
+    async def _one(self, client: httpx.AsyncClient, prompt: list[int], stream: bool, rec: Record) -> None:
+        body = {"model": self.model, "prompt": prompt, "max_tokens": self.max_tokens, "ignore_eos": True,
+                "temperature": 0, "stream": stream}
+        if stream:
+            body["stream_options"] = {"include_usage": True}
+            async with client.stream("POST", f"{self.url}/v1/completions", json=body) as resp:
+                rec.status = resp.status_code
+                self._headers(resp, rec)
+                usage = None
+                done = False
+                async for event in sse_events(resp):
+                    if event == "data: [DONE]":
+                        done = True
+                    elif event.startswith("data: "):
+                        try:
+                            obj = json.loads(event[6:])
+                        except ValueError:
+                            rec.error = f"event is not JSON: {event[:80]!r}"
+                            continue
+                        if "error" in obj:
+                            rec.error = str(obj["error"])[:200]
+                        if obj.get("usage"):
+                            usage = obj["usage"]
+                if resp.status_code == 200 and not done and not rec.error:
+                    rec.error = "stream ended without [DONE]"
+                self._usage(usage, rec)
+        else:
+            resp = await client.post(f"{self.url}/v1/completions", json=body)
+            rec.status = resp.status_code
+            self._headers(resp, rec)
+            if resp.status_code == 200:
+                self._usage(resp.json().get("usage"), rec)
+
+    @staticmethod
+    def _headers(resp: httpx.Response, rec: Record) -> None:
+        rec.path = resp.headers.get("x-disagg-path", "")
+        rec.reason = resp.headers.get("x-disagg-fallback-reason") or resp.headers.get("x-disagg-recompute-reason", "")
+
+    @staticmethod
+    def _usage(usage: dict | None, rec: Record) -> None:
+        if usage:
+            rec.prompt_tokens = int(usage.get("prompt_tokens") or 0)
+            rec.cached_tokens = int((usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0)
+
+
+async def sse_events(resp: httpx.Response):  # type: ignore[no-untyped-def]
+    """Events split the way SSE says (blank line, CR/LF only), not by str.splitlines (which also
+    splits on U+2028 and friends that a model may generate inside a JSON string)."""
+    buffer = ""
+    async for text in resp.aiter_text():
+        buffer += text.replace("\r\n", "\n")
+        while "\n\n" in buffer:
+            event, buffer = buffer.split("\n\n", 1)
+            yield event
+    if buffer.strip():
+        yield buffer
+
+
+def summary(records: list[Record]) -> dict[str, object]:
+    outcomes = Counter(r.outcome for r in records)
+    paths = Counter(r.path or "-" for r in records if r.outcome == "succeeded")
+    disagg = [r for r in records if r.outcome == "succeeded" and r.path == "disaggregated"]
+    return {
+        "sent": len(records),
+        **{k: outcomes.get(k, 0) for k in ("succeeded", "failed_cleanly", "lost", "hung")},
+        "paths": dict(paths),
+        "disaggregated_full_chunks": sum(1 for r in disagg if r.cached_tokens >= r.prompt_tokens // 256 * 256),
+        "disaggregated": len(disagg),
+    }
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--url", default="http://127.0.0.1:8000")
+    p.add_argument("--model", default="tiny-llama")
+    p.add_argument("--model-path", default="var/models/tiny-llama")
+    p.add_argument("--clients", type=int, default=4)
+    p.add_argument("--duration", type=float, default=60)
+    p.add_argument("--tokens", type=int, default=1800)
+    p.add_argument("--max-tokens", type=int, default=16)
+    p.add_argument("--deadline", type=float, default=120)
+    p.add_argument("--stream-every", type=int, default=2)
+    p.add_argument("--out", help="write every record here (JSON)")
+    a = p.parse_args()
+    load = Load(a.url, a.model, vocabulary(Path(a.model_path)), a.clients, a.duration, a.tokens, a.max_tokens,
+                a.deadline, a.stream_every)
+    records = asyncio.run(load.run())
+    if a.out:
+        Path(a.out).write_text(json.dumps([asdict(r) for r in records]))
+    print(json.dumps(summary(records)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
