@@ -172,14 +172,30 @@ def _serve(out: "typing.TextIO", server_url: str, model: str, mq_timeout: float,
     import zmq
     from lmcache.integration.vllm.vllm_multi_process_adapter import LMCacheMPSchedulerAdapter
 
-    # Legacy positional form, accepted by LMCache 0.5.3 and 0.5.6 alike:
-    # (urls, context, model, kv world size, kv worker id, vLLM block size).
-    adapter = LMCacheMPSchedulerAdapter(
-        [server_url], zmq.Context(), model, 1, 0, 16, mq_timeout=mq_timeout, heartbeat_interval=heartbeat_interval,
-    )
+    def connect() -> object:
+        # Legacy positional form, accepted by LMCache 0.5.3 and 0.5.6 alike:
+        # (urls, context, model, kv world size, kv worker id, vLLM block size).
+        return LMCacheMPSchedulerAdapter(
+            [server_url], zmq.Context(), model, 1, 0, 16, mq_timeout=mq_timeout,
+            heartbeat_interval=heartbeat_interval,
+        )
+
+    adapter = connect()
+    rebuilt_at = time.monotonic()
     out.write(json.dumps({"ready": True}) + "\n")
     out.flush()
     for n, line in enumerate(sys.stdin):
+        # LMCache 0.5.3's scheduler adapter never starts its heartbeat, so once a
+        # lookup times out (server restarted) it stays "unhealthy" for good and
+        # answers 0 without asking. A fresh adapter asks again.
+        if not adapter.is_healthy and time.monotonic() - rebuilt_at >= heartbeat_interval:  # type: ignore[attr-defined]
+            logging.warning("LMCache client unhealthy: connecting again")
+            try:
+                adapter.shutdown()  # type: ignore[attr-defined]
+            except Exception:  # noqa: BLE001 - a broken client is replaced either way
+                pass
+            adapter = connect()
+            rebuilt_at = time.monotonic()
         try:
             ask = json.loads(line)
             rid, tokens = int(ask["id"]), [int(t) for t in ask["tokens"]]

@@ -95,6 +95,7 @@ class PrefillWorker(EngineDaemon):
         self.last_store_landed = time.monotonic()
         self._vocab = vocabulary(config.model.path)
         self._self_test: asyncio.Task[None] | None = None
+        self.failed_self_tests = 0  # in a row, while LMCache answered lookups
 
     async def start_up(self) -> None:
         if not await self.start_serving(self.app(), "prefill API"):
@@ -107,13 +108,12 @@ class PrefillWorker(EngineDaemon):
 
     async def check(self) -> bool:
         ok = await self.engine_ok()
-        stuck = time.monotonic() - self.last_store_landed
-        if self.missed_stores >= MISSED_STORES_DEGRADED and self.kv.healthy and \
-                stuck >= self.config.kv_path.engine_stall_timeout_s:
-            # LMCache answers lookups, yet nothing this engine computed reached it for that long:
-            # the engine's connector is wedged. A fresh engine reconnects.
-            raise DaemonFailed(f"no prefill's KV reached LMCache for {stuck:.0f}s ({self.missed_stores} in a row, "
-                               f"{self.last_miss}) while LMCache answers; exiting to be restarted")
+        if self.failed_self_tests >= self.config.kv_path.restart_after_failures:
+            # LMCache answers lookups, yet what this engine computes does not reach it:
+            # the engine's connector is wedged. A fresh engine connects again.
+            stuck = time.monotonic() - self.last_store_landed
+            raise DaemonFailed(f"no prefill's KV reached LMCache for {stuck:.0f}s ({self.failed_self_tests} store "
+                               f"self-tests failed, {self.last_miss}) while LMCache answers; exiting to be restarted")
         if self.missed_stores >= MISSED_STORES_DEGRADED and (self._self_test is None or self._self_test.done()):
             # Out of rotation while degraded: no real prefill would ever clear this. Test the store ourselves.
             self._self_test = asyncio.create_task(self.store_self_test(), name="store-self-test")
@@ -139,6 +139,13 @@ class PrefillWorker(EngineDaemon):
                 await self.confirm_stored(resp.json(), "store-self-test")
         except (httpx.HTTPError, ValueError) as exc:
             log.warning("store self-test: engine did not answer: %r", exc)
+            return  # an engine that does not answer is the stall detector's case
+        if self.missed_stores == 0:
+            self.failed_self_tests = 0
+        elif self.kv.healthy:
+            self.failed_self_tests += 1
+            log.warning("store self-test %d: the KV did not reach LMCache (%s)", self.failed_self_tests,
+                        self.last_miss)
 
     async def shut_down(self) -> None:
         if self._self_test is not None:

@@ -13,16 +13,22 @@ python3 -c "import vllm, lmcache, torch; print('vllm', vllm.__version__, 'lmcach
 python3 -m daemons.ctl make-model /tmp/model --shape mistral-7b --config-only 2>&1 | tail -1
 python3 benchmarks/gpu/make_config.py $LOG > $CFG
 python3 -m daemons.ctl --config $CFG check-config || exit 1
-t0=$(date +%s)
-for d in lmcache_server prefill_worker decode_worker; do
-  setsid python3 -m daemons.$d --config $CFG > $LOG/$d.out 2>&1 &
+# supervisord, as `disaggctl up` runs it: it looks for the console scripts beside
+# sys.executable, so give it a bin folder of wrappers (this image has no venv).
+B=/tmp/gbin; mkdir -p $B; ln -sf "$(command -v python3)" $B/python3
+for d in lmcache-server prefill-worker decode-worker; do
+  printf '#!/bin/sh\nexec %s/python3 -m daemons.%s "$@"\n' $B ${d//-/_} > $B/disagg-$d
 done
+for s in supervisord supervisorctl; do printf '#!/bin/sh\nexec %s/python3 -m supervisor.%s "$@"\n' $B $s > $B/$s; done
+chmod +x $B/*
+t0=$(date +%s)
+$B/python3 -m daemons.ctl --config $CFG up
 python3 -m daemons.ctl --config $CFG wait-ready --fail-fast --timeout ${READY_TIMEOUT:-420}; rc=$?
 echo "== start to all ready (canary included): $(( $(date +%s) - t0 ))s (rc $rc)"
 python3 -m daemons.ctl --config $CFG status
-grep -h "canary via" $LOG/decode_worker.out | head -3
+grep -h "canary via" $LOG/decode-worker.out | head -3
 if [ $rc -eq 0 ]; then
-  timeout 420 python3 -m benchmarks.gpu_kv_path --config $CFG
+  timeout 480 $B/python3 -m benchmarks.gpu_kv_path --config $CFG
   python3 -m daemons.ctl --config $CFG wait-ready --timeout 120 >/dev/null; python3 -m daemons.ctl --config $CFG status
   echo "== KV reuse at 7.5k (decode engine TTFT, KV from LMCache vs recompute)"
   timeout 120 python3 benchmarks/kv_reuse.py --config $CFG --lengths 7500 --repeat 2
@@ -31,6 +37,6 @@ if [ $rc -eq 0 ]; then
   curl -s 127.0.0.1:9101/metrics | grep -E "^disagg_prefill_(store_wait_seconds_(sum|count)|kv_tokens_total)"
   curl -s 127.0.0.1:9102/metrics | grep -E "^disagg_(request_paths_total|recomputes_total|kv_path_canaries_total|fallbacks_total)" | grep -v " 0.0$"
 fi
-pkill -TERM -f "daemons\.(lmcache_server|prefill_worker|decode_worker)"
-for i in $(seq 1 60); do pgrep -f "daemons\.(lmcache|prefill|decode)" >/dev/null || break; sleep 1; done
+grep -h -E "wedged|exiting to be restarted|came back as a new process|canary via" $LOG/*.out | cut -c1-260 | tail -20
+$B/python3 -m daemons.ctl --config $CFG down
 cd $LOG && tar -czf $OUT/logs.tgz . 2>/dev/null; ls -la $OUT
