@@ -53,10 +53,10 @@ def main() -> int:
     url = f"http://127.0.0.1:{cfg.decode_worker.port}"
     out: dict[str, object] = {}
 
-    seq = Load(url, cfg.model.name, vocab, clients=1, duration_s=20, prompt_tokens=a.tokens, stream_every=0)
+    seq = Load(url, cfg.model.name, vocab, clients=1, duration_s=15, prompt_tokens=a.tokens, stream_every=0)
     out["sequential"] = summary(asyncio.run(seq.run()))
     print("sequential:", json.dumps(out["sequential"]), flush=True)
-    conc = Load(url, cfg.model.name, vocab, clients=4, duration_s=45, prompt_tokens=a.tokens)
+    conc = Load(url, cfg.model.name, vocab, clients=4, duration_s=30, prompt_tokens=a.tokens)
     out["concurrent"] = summary(asyncio.run(conc.run()))
     print("4 concurrent:", json.dumps(out["concurrent"]), flush=True)
     out["race"] = race(cfg, vocab, 8, a.tokens)
@@ -69,7 +69,7 @@ def main() -> int:
 
     fault = Fault("kill -9 lmcache-server", lmcache_pid, signal.SIGKILL)
     load = Load(url, cfg.model.name, vocab, clients=4, prompt_tokens=a.tokens)
-    row = asyncio.run(run_fault(load, fault, warmup_s=10, recovery_bound_s=300))
+    row = asyncio.run(run_fault(load, fault, warmup_s=10, recovery_bound_s=240))
     out["fault"] = row.__dict__
     print(HEADER)
     print(row.line(), flush=True)

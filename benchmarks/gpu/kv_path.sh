@@ -15,28 +15,26 @@ python3 benchmarks/gpu/make_config.py $LOG > $CFG
 python3 -m daemons.ctl --config $CFG check-config || exit 1
 # supervisord, as `disaggctl up` runs it: it looks for the console scripts beside
 # sys.executable, so give it a bin folder of wrappers (this image has no venv).
-B=/tmp/gbin; mkdir -p $B; ln -sf "$(command -v python3)" $B/python3
+PY=$(python3 -c 'import sys; print(sys.executable)'); B=$(dirname "$PY")
 for d in lmcache-server prefill-worker decode-worker; do
-  printf '#!/bin/sh\nexec %s/python3 -m daemons.%s "$@"\n' $B ${d//-/_} > $B/disagg-$d
+  printf '#!/bin/sh\nexec %s -m daemons.%s "$@"\n' $PY ${d//-/_} > $B/disagg-$d
 done
-for s in supervisord supervisorctl; do printf '#!/bin/sh\nexec %s/python3 -m supervisor.%s "$@"\n' $B $s > $B/$s; done
-chmod +x $B/*
+for s in supervisord supervisorctl; do printf '#!/bin/sh\nexec %s -m supervisor.%s "$@"\n' $PY $s > $B/$s; done
+chmod +x $B/disagg-* $B/supervisord $B/supervisorctl
 t0=$(date +%s)
-$B/python3 -m daemons.ctl --config $CFG up
+$PY -m daemons.ctl --config $CFG up || exit 1
 python3 -m daemons.ctl --config $CFG wait-ready --fail-fast --timeout ${READY_TIMEOUT:-420}; rc=$?
 echo "== start to all ready (canary included): $(( $(date +%s) - t0 ))s (rc $rc)"
 python3 -m daemons.ctl --config $CFG status
 grep -h "canary via" $LOG/decode-worker.out | head -3
 if [ $rc -eq 0 ]; then
-  timeout 480 $B/python3 -m benchmarks.gpu_kv_path --config $CFG
+  timeout 480 $PY -m benchmarks.gpu_kv_path --config $CFG
   python3 -m daemons.ctl --config $CFG wait-ready --timeout 120 >/dev/null; python3 -m daemons.ctl --config $CFG status
-  echo "== KV reuse at 7.5k (decode engine TTFT, KV from LMCache vs recompute)"
-  timeout 120 python3 benchmarks/kv_reuse.py --config $CFG --lengths 7500 --repeat 2
   echo "== connector health flips in the engines' logs (false trips of mq_timeout/heartbeat under load?)"
   grep -c "unhealthy" $LOG/*engine.log
   curl -s 127.0.0.1:9101/metrics | grep -E "^disagg_prefill_(store_wait_seconds_(sum|count)|kv_tokens_total)"
   curl -s 127.0.0.1:9102/metrics | grep -E "^disagg_(request_paths_total|recomputes_total|kv_path_canaries_total|fallbacks_total)" | grep -v " 0.0$"
 fi
 grep -h -E "wedged|exiting to be restarted|came back as a new process|canary via" $LOG/*.out | cut -c1-260 | tail -20
-$B/python3 -m daemons.ctl --config $CFG down
+$PY -m daemons.ctl --config $CFG down
 cd $LOG && tar -czf $OUT/logs.tgz . 2>/dev/null; ls -la $OUT
