@@ -41,6 +41,7 @@ class Row:
     recomputed: int
     fallback: int
     failed_cleanly: int
+    refused: int
     lost: int
     hung: int
     recovery_s: float | None  # fault end -> first KV-path answer to a request sent after it
@@ -53,11 +54,11 @@ class Row:
     def line(self) -> str:
         rec = f"{self.recovery_s:.1f}" if self.recovery_s is not None else f"> {self.bound_s:.0f}"
         return (f"| {self.fault} | {self.sent} | {self.succeeded} ({self.disaggregated} / {self.recomputed} / "
-                f"{self.fallback}) | {self.failed_cleanly} | {self.lost} | {self.hung} | {rec} |")
+                f"{self.fallback}) | {self.failed_cleanly} | {self.refused} | {self.lost} | {self.hung} | {rec} |")
 
 
-HEADER = ("| fault | sent | succeeded (disaggregated / recomputed / fallback) | failed cleanly | lost | hung "
-          "| KV path back after (s) |\n|---|---|---|---|---|---|---|")
+HEADER = ("| fault | sent | succeeded (disaggregated / recomputed / fallback) | failed cleanly | refused | lost "
+          "| hung | KV path back after (s) |\n|---|---|---|---|---|---|---|---|")
 
 
 def kv_path_answer(r: Record) -> bool:
@@ -98,4 +99,5 @@ def summarize(name: str, records: list[Record], recovery: float | None, bound_s:
     outcomes = Counter(r.outcome for r in records)
     paths = Counter(r.path for r in records if r.outcome == "succeeded")
     return Row(name, len(records), outcomes["succeeded"], paths["disaggregated"], paths["recomputed"],
-               paths["fallback"], outcomes["failed_cleanly"], outcomes["lost"], outcomes["hung"], recovery, bound_s)
+               paths["fallback"], outcomes["failed_cleanly"], outcomes["refused"], outcomes["lost"], outcomes["hung"],
+               recovery, bound_s)

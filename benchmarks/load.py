@@ -48,13 +48,16 @@ class Record:
 
     @property
     def outcome(self) -> str:
-        """succeeded / failed_cleanly (an error status with a body) / lost (no answer) / hung."""
+        """succeeded / failed_cleanly (an error status with a body) / refused (no connection: nothing was
+        accepted, the client may retry) / lost (accepted, then no answer) / hung (past the deadline)."""
         if self.hung:
             return "hung"
         if self.status == 200 and not self.error:
             return "succeeded"
         if self.status >= 400:
             return "failed_cleanly"
+        if self.error.startswith("ConnectError"):
+            return "refused"
         return "lost"
 
 
@@ -164,7 +167,7 @@ def summary(records: list[Record]) -> dict[str, object]:
     disagg = [r for r in records if r.outcome == "succeeded" and r.path == "disaggregated"]
     return {
         "sent": len(records),
-        **{k: outcomes.get(k, 0) for k in ("succeeded", "failed_cleanly", "lost", "hung")},
+        **{k: outcomes.get(k, 0) for k in ("succeeded", "failed_cleanly", "refused", "lost", "hung")},
         "paths": dict(paths),
         "disaggregated_full_chunks": sum(1 for r in disagg if r.cached_tokens >= r.prompt_tokens // 256 * 256),
         "disaggregated": len(disagg),

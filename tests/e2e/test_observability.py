@@ -14,7 +14,7 @@ import httpx
 import pytest
 import yaml
 
-from .conftest import PORTS, REPO, wait_http_ok, words_prompt
+from .conftest import PORTS, REPO, metric_value, wait_http_ok, words_prompt
 
 PROM_DIR = REPO / "deploy" / "prometheus"
 DASHBOARD = REPO / "deploy" / "grafana" / "disagg-dashboard.json"
@@ -131,18 +131,56 @@ def recording_rules() -> list[str]:
     return [rule["record"] for group in doc["groups"] for rule in group["rules"]]
 
 
-def test_every_panel_and_recording_rule_has_data(stack, prometheus):
-    send_traffic(stack)
-    time.sleep(3)  # a few scrapes and rule evaluations after the traffic
-    send_traffic(stack)
+def wait_all_scraped(prometheus: str) -> None:
+    """Until the last scrape of every daemon succeeded."""
     targets = {}
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         targets = {r["metric"]["daemon"]: r["value"][1] for r in query(prometheus, 'up{job="disagg"}')}
         if targets == {d: "1" for d in DAEMONS}:
-            break
+            return
         time.sleep(1)
     assert targets == {d: "1" for d in DAEMONS}
+
+
+def wait_prometheus_has(prometheus: str, stack, series: list[tuple[str, str]]) -> None:
+    """Until Prometheus holds each (daemon, counter)'s current value.
+
+    A rate needs two samples around the traffic; under load a scrape can time out
+    (the daemons' /metrics also ask their busy engines), so wait for the sample
+    taken after it instead of sleeping and hoping."""
+    deadline = time.monotonic() + 90
+    missing = series
+    while time.monotonic() < deadline:
+        missing = []
+        for daemon, name in series:
+            want = metric_value(stack.metrics(daemon), name)
+            got = query(prometheus, f'sum({name}{{daemon="{daemon}"}})')
+            if not got or float(got[0]["value"][1]) < want:
+                missing.append(f"{name} (want {want})")
+        if not missing:
+            return
+        time.sleep(1)
+    pytest.fail(f"Prometheus never scraped the traffic: {missing}")
+
+
+# Counters that the traffic moves, on the daemons that hold them.
+AFTER_TRAFFIC = [
+    ("decode-worker", "disagg_time_to_first_token_seconds_count"),
+    ("decode-worker", "disagg_prefill_call_duration_seconds_count"),
+    ("decode-worker", "disagg_request_duration_seconds_count"),
+    ("prefill-worker", "disagg_prefill_store_wait_seconds_count"),
+]
+
+
+def test_every_panel_and_recording_rule_has_data(stack, prometheus):
+    # A baseline sample of every series before the traffic, then the samples after it.
+    wait_all_scraped(prometheus)
+    send_traffic(stack)
+    wait_prometheus_has(prometheus, stack, AFTER_TRAFFIC)
+    send_traffic(stack)
+    wait_prometheus_has(prometheus, stack, AFTER_TRAFFIC)
+    wait_all_scraped(prometheus)
     checks = [(f"panel {title!r}", expr) for title, expr in dashboard_queries()]
     checks += [(f"recording rule {name}", name) for name in recording_rules()]
     empty: list[str] = []
@@ -158,5 +196,5 @@ def test_every_panel_and_recording_rule_has_data(stack, prometheus):
     reuse = float(query(prometheus, "disagg:kv_reuse_ratio:rate5m")[0]["value"][1])
     assert 0.5 < reuse <= 1.0
     alerts = httpx.get(f"{prometheus}/api/v1/rules?type=alert", timeout=30, trust_env=False).json()
-    assert sum(len(g["rules"]) for g in alerts["data"]["groups"]) == 8
+    assert sum(len(g["rules"]) for g in alerts["data"]["groups"]) == 10
     assert all(r["health"] == "ok" for g in alerts["data"]["groups"] for r in g["rules"])
