@@ -81,7 +81,7 @@ async def run_fault(load: Load, fault: Fault, *, warmup_s: float, recovery_bound
         except ProcessLookupError:
             pass  # killed meanwhile (wedge detection): the restart is the recovery
     if fault.after is not None:
-        fault.after()
+        await asyncio.to_thread(fault.after)  # never block the clients' loop
     fault_end = time.monotonic() - load.t0
     recovery: float | None = None
     deadline = time.monotonic() + recovery_bound_s
