@@ -70,6 +70,7 @@ class DecodeWorker(EngineDaemon):
         self._canary_task: asyncio.Task[None] | None = None
         self._fatal: str | None = None
         self._lmcache_generation: tuple[int, float] | None = None
+        self._prefill_generations: dict[str, tuple[int, float] | None] = {}
         self.front_door = FrontDoor(
             engine_url=self.engine.base_url,
             client=self.http,
@@ -147,8 +148,17 @@ class DecodeWorker(EngineDaemon):
                 log.warning("lmcache-server came back as a new process (pid %d -> %d): checking the KV path now",
                             self._lmcache_generation[0], record.pid)
                 self.front_metrics.lmcache_restarts.inc()
+                self.canary_results.clear()  # they speak of the old server
                 self._canary_now.set()
             self._lmcache_generation = generation
+        for name in self.prefill_names:
+            view = self.peers[name]
+            generation = (view.record.pid, view.record.started_at) if view.record and view.usable else None
+            if generation is not None and generation != self._prefill_generations.get(name):
+                # A prefill-worker that is new (or back): its path is unchecked until its canary passes.
+                self.canary_results.pop(name, None)
+                self._canary_now.set()
+            self._prefill_generations[name] = generation
 
     def _problems(self) -> list[str]:
         problems = []
@@ -166,7 +176,11 @@ class DecodeWorker(EngineDaemon):
                 self.last_prefill_failure = None
         for name in self.prefill_names:
             result = self.canary_results.get(name)
-            if result is not None and not result.ok and self._peer_ready(name):
+            if not self._peer_ready(name):
+                continue
+            if result is None:
+                problems.append(f"{name}: KV path not checked yet (canary pending)")
+            elif not result.ok:
                 problems.append(f"{name}: {result.describe()}")
         return problems
 

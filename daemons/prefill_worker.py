@@ -159,7 +159,9 @@ class PrefillWorker(EngineDaemon):
         ids = prompt_token_ids(answer)
         if ids is None:
             return {}
-        expected = len(ids) // self.chunk_size * self.chunk_size
+        # The full chunks a decode engine can load: it must compute the prompt's last
+        # token itself, so a prompt of exactly N chunks can reuse only N - 1 of them.
+        expected = max(0, len(ids) - 1) // self.chunk_size * self.chunk_size
         stored = 0
         t0 = time.monotonic()
         if expected:
