@@ -32,6 +32,37 @@ def _die_with_parent() -> None:
         pass
 
 
+def descendants(pid: int) -> list[int]:
+    """Every live process below ``pid`` (children, grandchildren, ...), from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as fh:
+                stat = fh.read().decode(errors="replace")
+        except OSError:
+            continue
+        # pid (comm) state ppid ...: comm may hold spaces and parentheses
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry))
+    out: list[int] = []
+    todo = [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def kill_all(pids: list[int]) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 class ChildExited(RuntimeError):
     """The child process exited while we waited for it."""
 
@@ -119,17 +150,36 @@ class ChildProcess:
             await asyncio.sleep(1.0)
 
     async def stop(self, grace_s: float = 20.0) -> None:
-        """SIGTERM, wait up to ``grace_s``, then SIGKILL."""
+        """SIGTERM, wait up to ``grace_s``, then SIGKILL; then SIGKILL whatever it left below it.
+
+        vLLM's EngineCore and workers are the engine's children: a stopped or killed
+        API server would leave them holding memory (and GPUs) without this."""
         if not self.alive():
             return
         assert self.proc is not None
+        below = descendants(self.proc.pid)
         log.info("stopping %s (pid %d)", self.name, self.proc.pid)
         self.proc.send_signal(signal.SIGTERM)
+        self.proc.send_signal(signal.SIGCONT)  # a stopped process acts on SIGTERM only once it runs
         deadline = time.monotonic() + grace_s
         while self.proc.poll() is None and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
         if self.proc.poll() is None:
             log.warning("%s did not exit in %.0fs; killing it", self.name, grace_s)
+            below = sorted(set(below) | set(descendants(self.proc.pid)))
             self.proc.kill()
             self.proc.wait()
+        left = [pid for pid in below if _alive(pid)]
+        if left:
+            log.warning("%s left %d process(es) behind (%s): killing them", self.name, len(left),
+                        " ".join(map(str, left)))
+            kill_all(left)
         log.info("%s exited (%s)", self.name, self.proc.returncode)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            return fh.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except (OSError, IndexError):
+        return False
