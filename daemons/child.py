@@ -174,6 +174,9 @@ class ChildProcess:
             log.warning("%s left %d process(es) behind (%s): killing them", self.name, len(left),
                         " ".join(map(str, left)))
             kill_all(left)
+            deadline = time.monotonic() + 5.0  # SIGKILL lands asynchronously; an exit means they are gone
+            while any(_alive(pid) for pid in left) and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
         log.info("%s exited (%s)", self.name, self.proc.returncode)
 
 
