@@ -74,6 +74,7 @@ class Load:
     stream_every: int = 2  # every n-th request of a client streams (0: never)
     records: list[Record] = field(default_factory=list)
     stop: asyncio.Event | None = None  # set it to end the load early (in-flight requests finish)
+    think_s: float = 0.0  # a client's pause between two requests
 
     async def run(self) -> list[Record]:
         t0 = self.t0 = time.monotonic()
@@ -102,6 +103,7 @@ class Load:
             self.records.append(rec)
             if rec.status != 200:
                 await asyncio.sleep(0.5)  # a refused client backs off a little, as real ones do
+            await asyncio.sleep(self.think_s)
 
     async def _one(self, client: httpx.AsyncClient, prompt: list[int], stream: bool, rec: Record) -> None:
         body = {"model": self.model, "prompt": prompt, "max_tokens": self.max_tokens, "ignore_eos": True,
