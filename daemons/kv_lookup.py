@@ -57,6 +57,7 @@ class KVLookup:
         self._waiting: dict[int, asyncio.Future[dict[str, object]]] = {}
         self._reader: asyncio.Task[None] | None = None
         self._starting: asyncio.Lock | None = None
+        self._start_task: asyncio.Task[None] | None = None
         self.healthy = False
 
     @property
@@ -109,10 +110,24 @@ class KVLookup:
             self._waiting.clear()
             self.healthy = False
 
+    def ensure_started(self) -> None:
+        """Start the child in the background if it is not running (no caller waits for it)."""
+        if self.alive or (self._start_task is not None and not self._start_task.done()):
+            return
+        log.warning("LMCache lookup client is not running: starting it")
+        self._start_task = asyncio.create_task(self._start_logged(), name="kv-lookup-start")
+
+    async def _start_logged(self) -> None:
+        try:
+            await self.start()
+        except RuntimeError as exc:
+            log.error("%s", exc)
+
     async def hit_tokens(self, tokens: list[int], timeout_s: float) -> int:
         """Leading tokens of ``tokens`` that LMCache holds (whole chunks); raises on failure or timeout."""
         if not self.alive:
-            await self.start()
+            self.ensure_started()
+            raise RuntimeError("LMCache lookup client is not running (starting it)")
         assert self.proc is not None and self.proc.stdin is not None
         rid = next(self._ids)
         fut: asyncio.Future[dict[str, object]] = asyncio.get_running_loop().create_future()
@@ -146,6 +161,9 @@ class KVLookup:
             pause = min(pause * 2, 0.05)
 
     async def stop(self) -> None:
+        if self._start_task is not None:
+            self._start_task.cancel()
+            await asyncio.gather(self._start_task, return_exceptions=True)
         if self.proc is None:
             return
         if self.proc.returncode is None:

@@ -103,11 +103,13 @@ class PrefillWorker(EngineDaemon):
         try:
             await self.kv.start()
         except RuntimeError as exc:
-            log.error("%s: prefill answers will not wait for LMCache stores", exc)
+            log.error("%s: prefill answers will not wait for LMCache stores until it runs", exc)
         self.set_state(State.READY)
 
     async def check(self) -> bool:
         ok = await self.engine_ok()
+        if self.state.serving:
+            self.kv.ensure_started()  # the lookup child died: bring it back
         if self.failed_self_tests >= self.config.kv_path.restart_after_failures:
             # LMCache answers lookups, yet what this engine computes does not reach it:
             # the engine's connector is wedged. A fresh engine connects again.
@@ -168,8 +170,9 @@ class PrefillWorker(EngineDaemon):
             try:
                 stored = await self.kv.wait_stored(ids, expected, self.store_timeout_s)
             except (RuntimeError, TimeoutError) as exc:
-                log.warning("[%s] cannot ask LMCache whether the KV is stored: %s", request_id, exc)
-                stored = 0
+                # Not known: say nothing about it (the decode side's cached tokens will tell).
+                log.warning("[%s] cannot ask LMCache whether the KV is stored: %s", request_id, exc or "timeout")
+                return {"x-disagg-kv-expected-tokens": str(expected)}
         self.prefill_metrics.store_wait.observe(time.monotonic() - t0)
         stored = min(stored, expected)
         self.prefill_metrics.kv_tokens.labels(state="stored").inc(stored)
