@@ -1,0 +1,135 @@
+"""decode-worker's decisions with fakes (no engine started): where a prefill call goes,
+when requests skip prefill, what /health says, when the daemon gives up on its engine,
+and that a new peer process is unchecked until its canary passes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+
+from daemons.canary import CanaryResult
+from daemons.config import parse_config
+from daemons.decode_worker import DecodeWorker
+from daemons.stall import EngineLoad
+from daemons.statefile import PeerView, State, StateRecord
+
+P0, P1 = "prefill-worker@p0", "prefill-worker@p1"
+
+
+@pytest.fixture
+def worker(tmp_path: Path) -> DecodeWorker:
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"vocab_size": 1000}))
+    doc = {
+        "runtime_dir": str(tmp_path / "run"), "log_dir": str(tmp_path / "log"), "model": {"path": str(model)},
+        "prefill_worker": {"kv_cache_memory_bytes": 1 << 28, "instances": {
+            "p0": {"port": 8100, "engine_port": 8101, "metrics_port": 9101},
+            "p1": {"port": 8110, "engine_port": 8111, "metrics_port": 9111}}},
+    }
+    w = DecodeWorker(parse_config(doc, tmp_path / "disagg.yaml"))
+    w.state = State.READY
+    set_peers(w)
+    return w
+
+
+def record(name: str, pid: int, endpoint: str) -> StateRecord:
+    return StateRecord(name, pid, State.READY, endpoint, "", "d", "0", started_at=float(pid))
+
+
+def set_peers(w: DecodeWorker, lmcache_pid: int = 10, p0_pid: int = 20) -> None:
+    """Feed state files' verdicts as the heartbeat would, through the real generation tracking."""
+    views = {
+        "lmcache-server": PeerView("lmcache-server", "ready", True, "", record("lmcache-server", lmcache_pid, "x:1")),
+        P0: PeerView(P0, "ready", True, "", record(P0, p0_pid, "127.0.0.1:8100")),
+        P1: PeerView(P1, "ready", True, "", record(P1, 30, "127.0.0.1:8110")),
+    }
+    w.peer = lambda name: views[name]  # type: ignore[method-assign]
+    w._refresh_peers()
+
+
+def ok() -> CanaryResult:
+    return CanaryResult(True, expected=256, stored=256, cached=256)
+
+
+def broken(hop: str) -> CanaryResult:
+    return CanaryResult(False, hop, "fake", 256)
+
+
+def test_prefill_calls_skip_a_prefill_worker_whose_canary_broke_on_its_side(worker: DecodeWorker) -> None:
+    worker.canary_results = {P0: broken("lmcache_store"), P1: ok()}
+    urls = {worker._prefill_url() for _ in range(6)}
+    assert urls == {"http://127.0.0.1:8110"}
+    assert worker._prefill_blocker() is None
+    assert any("broken at lmcache_store" in p for p in worker._problems())
+
+
+def test_requests_skip_prefill_when_no_prefill_worker_works(worker: DecodeWorker) -> None:
+    worker.canary_results = {P0: broken("prefill"), P1: broken("lmcache_store")}
+    assert worker._prefill_url() is None
+    assert worker._prefill_blocker() == "kv_path_broken"
+
+
+def test_a_decode_side_break_skips_prefill_and_only_a_silent_engine_fails_health(worker: DecodeWorker) -> None:
+    worker.canary_results = {P0: broken("decode_load"), P1: ok()}
+    assert worker._prefill_blocker() == "kv_path_broken"
+    assert worker._health()[1] is True  # it still serves (decode computes the prompts)
+    worker.canary_results = {P0: broken("decode_engine"), P1: ok()}
+    assert worker._health()[1] is False  # a load balancer should move away
+
+
+def test_all_canaries_ok_means_no_problem(worker: DecodeWorker) -> None:
+    worker.canary_results = {P0: ok(), P1: ok()}
+    assert worker._problems() == [] and worker._prefill_blocker() is None
+
+
+def judge(worker: DecodeWorker, loads: list[EngineLoad | None]) -> None:
+    it = iter(loads)
+
+    async def fake_load() -> EngineLoad | None:
+        return next(it)
+
+    worker.engine_load = fake_load  # type: ignore[method-assign]
+    for _ in loads:
+        asyncio.run(worker._judge_decode_side())
+
+
+def test_decode_side_failures_with_no_progress_end_in_an_exit(worker: DecodeWorker) -> None:
+    worker.canary_results = {P0: broken("decode_load"), P1: broken("decode_load")}
+    judge(worker, [EngineLoad(1, 100.0)] * 2)
+    assert worker._fatal is None  # two in a row: not yet
+    judge(worker, [EngineLoad(1, 100.0)])
+    assert worker._fatal is not None and "3 canaries in a row" in worker._fatal
+    with pytest.raises(Exception, match="exiting to be restarted"):
+        asyncio.run(worker.check())
+
+
+def test_a_busy_decode_engine_is_not_restarted_for_slow_canaries(worker: DecodeWorker) -> None:
+    worker.canary_results = {P0: broken("decode_engine"), P1: broken("decode_engine")}
+    judge(worker, [EngineLoad(4, 100.0 * i) for i in range(1, 8)])
+    assert worker._fatal is None
+
+
+def test_one_good_canary_resets_the_count(worker: DecodeWorker) -> None:
+    worker.canary_results = {P0: broken("decode_load"), P1: broken("decode_load")}
+    judge(worker, [EngineLoad(1, 5.0)] * 2)
+    worker.canary_results = {P0: ok(), P1: ok()}
+    judge(worker, [EngineLoad(0, 5.0)])
+    worker.canary_results = {P0: broken("decode_load"), P1: broken("decode_load")}
+    judge(worker, [EngineLoad(1, 5.0)] * 2)
+    assert worker._fatal is None
+
+
+def test_a_restarted_peer_is_unchecked_until_its_canary_passes(worker: DecodeWorker) -> None:
+    worker.canary_results = {P0: ok(), P1: ok()}
+    worker._canary_now.clear()
+    set_peers(worker, p0_pid=21)  # prefill-worker@p0 came back as a new process
+    assert P0 not in worker.canary_results and worker._canary_now.is_set()
+    assert any("not checked yet" in p for p in worker._problems())
+    worker.canary_results = {P0: ok(), P1: ok()}
+    worker._canary_now.clear()
+    set_peers(worker, lmcache_pid=11, p0_pid=21)  # lmcache-server restarted: every result is stale
+    assert worker.canary_results == {} and worker._canary_now.is_set()
