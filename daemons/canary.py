@@ -93,34 +93,35 @@ class PathCanary:
         def fail(hop: str, detail: str, **kw: Any) -> CanaryResult:
             return CanaryResult(False, hop, detail, expected, seconds=time.monotonic() - t0, **kw)
 
-        try:
-            resp = await self.client.post(f"{prefill_url}/v1/completions", json=body, headers=headers,
-                                          timeout=self.timeout_s)
-        except httpx.TimeoutException:
-            return fail("prefill", f"no answer in {self.timeout_s:.0f}s")
-        except httpx.HTTPError as exc:
-            return fail("prefill", f"{type(exc).__name__}: {exc}")
-        if resp.status_code != 200:
-            return fail("prefill", f"HTTP {resp.status_code}: {resp.text[:120]}")
+        resp, why = await self._post(f"{prefill_url}/v1/completions", body, headers)
+        if resp is None:
+            return fail("prefill", why)
         try:
             stored = int(resp.headers["x-disagg-kv-stored-tokens"])
         except (KeyError, ValueError):
-            stored = None  # an older prefill-worker: the decode side will tell
+            stored = None  # not known (an older prefill-worker, or its lookup failed): the decode side will tell
         if stored is not None and stored < expected:
             return fail("lmcache_store", f"{stored} of {expected} tokens stored", stored=stored)
-        try:
-            resp = await self.client.post(f"{self.decode_url}/v1/completions", json=body, headers=headers,
-                                          timeout=self.timeout_s)
-        except httpx.TimeoutException:
-            return fail("decode_engine", f"no answer in {self.timeout_s:.0f}s", stored=stored)
-        except httpx.HTTPError as exc:
-            return fail("decode_engine", f"{type(exc).__name__}: {exc}", stored=stored)
-        if resp.status_code != 200:
-            return fail("decode_engine", f"HTTP {resp.status_code}: {resp.text[:120]}", stored=stored)
+        resp, why = await self._post(f"{self.decode_url}/v1/completions", body, headers)
+        if resp is None:
+            return fail("decode_engine", why, stored=stored)
         cached = cached_tokens(_json(resp))
         if cached < expected:
             return fail("decode_load", f"{cached} of {expected} tokens loaded", stored=stored, cached=cached)
         return CanaryResult(True, "", "", expected, stored, cached, time.monotonic() - t0)
+
+
+    async def _post(self, url: str, body: dict[str, Any], headers: dict[str, str]) -> tuple[httpx.Response | None, str]:
+        """(the 200 answer, "") or (None, why not) within the canary's deadline."""
+        try:
+            resp = await self.client.post(url, json=body, headers=headers, timeout=self.timeout_s)
+        except httpx.TimeoutException:
+            return None, f"no answer in {self.timeout_s:.0f}s"
+        except httpx.HTTPError as exc:
+            return None, f"{type(exc).__name__}: {exc}"
+        if resp.status_code != 200:
+            return None, f"HTTP {resp.status_code}: {resp.text[:120]}"
+        return resp, ""
 
 
 def _json(resp: httpx.Response) -> Any:

@@ -1,20 +1,11 @@
 #!/bin/bash
 # Runs on the lent two-GPU machine (see README.md here): the three daemons from
 # etc/disagg-gpu.yaml, then benchmarks/gpu_kv_path.py (sequential, concurrent,
-# the store race, kill -9 of lmcache-server under load) and the KV-reuse row at 7.5k.
+# the store race, kill -9 of lmcache-server under load). Results: README, Performance.
 set -u
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 VLLM_USE_FLASHINFER_SAMPLER=0 VLLM_NO_USAGE_STATS=1 \
-       DO_NOT_TRACK=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false LMCACHE_USAGE_TRACK_INTERVAL=100000
-LOG=/tmp/disagg/log; mkdir -p $LOG
-CFG=/tmp/disagg-gpu.yaml
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpux/*.whl 2>&1 | grep -v WARNING
-nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv
-python3 -c "import vllm, lmcache, torch; print('vllm', vllm.__version__, 'lmcache', getattr(lmcache, '__version__', '?'), 'torch', torch.__version__)" 2>&1 | tail -1
-python3 -m daemons.ctl make-model /tmp/model --shape mistral-7b --config-only 2>&1 | tail -1
-python3 benchmarks/gpu/make_config.py $LOG > $CFG
-python3 -m daemons.ctl --config $CFG check-config || exit 1
+. "$(dirname "$0")/env.sh"
 # supervisord, as `disaggctl up` runs it: it looks for the console scripts beside
-# sys.executable, so give it a bin folder of wrappers (this image has no venv).
+# sys.executable, so put wrappers there (a symlinked python would lose the image's venv).
 PY=$(python3 -c 'import sys; print(sys.executable)'); B=$(dirname "$PY")
 for d in lmcache-server prefill-worker decode-worker; do
   printf '#!/bin/sh\nexec %s -m daemons.%s "$@"\n' $PY ${d//-/_} > $B/disagg-$d
