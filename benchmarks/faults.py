@@ -46,6 +46,8 @@ class Row:
     hung: int
     recovery_s: float | None  # fault end -> first KV-path answer to a request sent after it
     bound_s: float
+    problems: tuple[str, ...] = ()  # what the lost / hung / failed requests saw
+
 
     @property
     def recovered(self) -> bool:
@@ -98,6 +100,8 @@ async def run_fault(load: Load, fault: Fault, *, warmup_s: float, recovery_bound
 def summarize(name: str, records: list[Record], recovery: float | None, bound_s: float) -> Row:
     outcomes = Counter(r.outcome for r in records)
     paths = Counter(r.path for r in records if r.outcome == "succeeded")
+    problems = Counter(f"{r.outcome}: {'stream' if r.stream else 'non-stream'} HTTP {r.status} {r.error}"
+                       for r in records if r.outcome in ("lost", "hung", "failed_cleanly"))
     return Row(name, len(records), outcomes["succeeded"], paths["disaggregated"], paths["recomputed"],
                paths["fallback"], outcomes["failed_cleanly"], outcomes["refused"], outcomes["lost"], outcomes["hung"],
-               recovery, bound_s)
+               recovery, bound_s, tuple(f"{n}x {what}" for what, n in problems.most_common(5)))

@@ -132,9 +132,10 @@ def test_fault_under_load_ends_with_the_kv_path_back(fault_stack: Path, case: st
     ROWS.append(row)
     table = REPO / "var" / "fault-matrix.md"
     table.parent.mkdir(parents=True, exist_ok=True)
-    table.write_text(f"{HEADER}\n" + "\n".join(r.line() for r in ROWS) + "\n")
-    assert row.hung == 0, row.line()
-    assert row.lost <= (4 if case in LOSES_IN_FLIGHT else 0), row.line()
+    table.write_text(f"{HEADER}\n" + "\n".join(r.line() for r in ROWS) + "\n\n"
+                     + "\n".join(f"- {r.fault}: {p}" for r in ROWS for p in r.problems) + "\n")
+    assert row.hung == 0, (row.line(), row.problems)
+    assert row.lost <= (4 if case in LOSES_IN_FLIGHT else 0), (row.line(), row.problems)
     assert row.succeeded > 0, row.line()
     assert row.recovered, f"KV path not back within {RECOVERY_BOUND_S:.0f}s: {row.line()}"
     wait_all_ready(fault_stack, 600)  # and every daemon is ready again
