@@ -4,8 +4,9 @@ Four clients (streaming and not) send unique prompts through the front door
 while one fault at a time hits the stack: ``kill -9``, ``SIGSTOP`` (longer than
 the deadline that should notice it) and ``SIGTERM`` of each daemon, ``kill -9``
 and ``SIGSTOP`` of each engine and of LMCache's server. For every fault: no
-request hangs, none is lost (accepted, then no answer) except those in flight
-inside a front door killed with ``kill -9``, and the disaggregated path with
+request hangs, none is lost (accepted, then no answer) except, at most one per
+client, where decode-worker's own process goes down or is frozen (see
+``LOSES_IN_FLIGHT``), and the disaggregated path with
 cached tokens > 0 comes back by itself within the bound. The table is written
 to ``var/fault-matrix.md`` (README shows a run of it).
 """
