@@ -167,7 +167,7 @@ class KVPathConfig(_Section):
         default=3, description="Canary failures in a row at the decode engine (with no engine progress) "
         "before decode-worker exits to be restarted.")
     engine_stall_timeout_s: PositiveFloat = Field(
-        default=90.0,
+        default=180.0,
         description="An engine with requests in it that makes no progress (no token computed, /health "
         "unanswered) for this long is wedged: its worker exits non-zero and is restarted.",
     )

@@ -4,7 +4,7 @@ A live process is not a working engine: after an LMCache server restart a
 request could park in the decode engine for good ("deferred", nothing running,
 /health 200), and a prefill engine could accept requests and never finish one.
 An engine is *wedged* when it holds requests (running or waiting) and its token
-counters (prompt + generation tokens computed) have not moved for
+counters (engine steps, prompt + generation tokens computed) have not moved for
 ``timeout_s``, or when its API has not answered /health for ``timeout_s``. A
 busy engine moves its counters every step, so load alone never trips this.
 """
@@ -14,13 +14,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 _BUSY = ("vllm:num_requests_running", "vllm:num_requests_waiting")
-_PROGRESS = ("vllm:prompt_tokens_total", "vllm:generation_tokens_total")
+# Engine steps (one per scheduled batch, each chunk of a long prefill included) and tokens computed.
+_PROGRESS = ("vllm:iteration_tokens_total_count", "vllm:prompt_tokens_total", "vllm:generation_tokens_total")
 
 
 @dataclass(frozen=True)
 class EngineLoad:
     busy: float  # requests running + waiting
-    progress: float  # prompt + generation tokens computed so far
+    progress: float  # engine steps + prompt and generation tokens computed so far
 
 
 def engine_load(metrics_text: str) -> EngineLoad:

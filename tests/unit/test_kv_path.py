@@ -22,12 +22,14 @@ vllm:num_requests_waiting{engine="0",model_name="m"} 2.0
 vllm:num_requests_waiting_by_reason{engine="0",model_name="m",reason="deferred"} 2.0
 vllm:prompt_tokens_total{engine="0",model_name="m"} 1000.0
 vllm:generation_tokens_total{engine="0",model_name="m"} 50.0
+vllm:iteration_tokens_total_count{engine="0",model_name="m"} 7.0
+vllm:iteration_tokens_total_sum{engine="0",model_name="m"} 1050.0
 vllm:prompt_tokens_created{engine="0",model_name="m"} 1.7e9
 """
 
 
 def test_engine_load_sums_requests_and_tokens() -> None:
-    assert engine_load(VLLM_METRICS) == EngineLoad(busy=3.0, progress=1050.0)
+    assert engine_load(VLLM_METRICS) == EngineLoad(busy=3.0, progress=1057.0)  # 7 steps + 1050 tokens
     assert engine_load("") == EngineLoad(0.0, 0.0)
 
 
