@@ -1,58 +1,32 @@
-"""A supervised child process (a vLLM engine or LMCache's server).
+"""A supervised child process (a vLLM engine or LMCache's server) and its whole tree.
 
 The child writes its output to a log file; when it dies, the last lines of that
-file explain why. It is started with PR_SET_PDEATHSIG so that it does not
-outlive a daemon killed with SIGKILL (its port would block the restart), and it
-stays in the daemon's process group, so supervisord's ``killasgroup`` and
-systemd's ``KillMode=control-group`` reach it too.
+file explain why. It runs under :mod:`daemons.keeper`, which dies with the
+daemon (even a ``kill -9`` of it), is the subreaper of everything the child
+starts, and kills that whole tree when the child exits, so no vLLM EngineCore
+outlives its API server or its daemon. Everything stays in the daemon's
+process group, so supervisord's ``killasgroup`` and systemd's
+``KillMode=control-group`` reach it too.
 """
 
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import logging
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
+from . import keeper
+from .keeper import below as descendants
+
 log = logging.getLogger(__name__)
 
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    except OSError:
-        pass
-
-
-def descendants(pid: int) -> list[int]:
-    """Every live process below ``pid`` (children, grandchildren, ...), from /proc."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as fh:
-                stat = fh.read().decode(errors="replace")
-        except OSError:
-            continue
-        # pid (comm) state ppid ...: comm may hold spaces and parentheses
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        children.setdefault(ppid, []).append(int(entry))
-    out: list[int] = []
-    todo = [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
+__all__ = ["ChildExited", "ChildProcess", "descendants", "kill_all"]
 
 
 def kill_all(pids: list[int]) -> None:
@@ -73,29 +47,45 @@ class ChildProcess:
         self.argv = list(argv)
         self.log_path = Path(log_path)
         self.env = env
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.proc: subprocess.Popen[bytes] | None = None  # the keeper
         self.started_at = 0.0
+        self._main_pid: int | None = None
 
     def start(self) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("ab") as out:
             out.write(f"\n=== {time.strftime('%Y-%m-%dT%H:%M:%S')} starting: {' '.join(self.argv)}\n".encode())
             out.flush()
+            # -S: the keeper needs only the standard library; it runs by path, needing no install.
             self.proc = subprocess.Popen(
-                self.argv,
+                [sys.executable, "-S", keeper.__file__, *self.argv],
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 env=self.env,
-                preexec_fn=_die_with_parent,
                 close_fds=True,
             )
         self.started_at = time.monotonic()
-        log.info("%s started (pid %d), output in %s", self.name, self.proc.pid, self.log_path)
+        self._main_pid = None
+        log.info("%s started (keeper pid %d), output in %s", self.name, self.proc.pid, self.log_path)
 
     @property
     def pid(self) -> int | None:
+        """The keeper's pid: alive exactly as long as the child is."""
         return self.proc.pid if self.proc else None
+
+    @property
+    def main_pid(self) -> int | None:
+        """The child's own pid (the keeper's child), once it runs."""
+        if self._main_pid is None and self.alive():
+            assert self.proc is not None
+            try:
+                with open(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children") as fh:
+                    pids = fh.read().split()
+            except OSError:
+                pids = []
+            self._main_pid = int(pids[0]) if pids else None
+        return self._main_pid
 
     def returncode(self) -> int | None:
         return self.proc.poll() if self.proc else None

@@ -13,6 +13,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -191,9 +192,26 @@ _INSTANCE_RE = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
 WORKER_KINDS = {"prefill-worker": "prefill_worker", "decode-worker": "decode_worker"}
 
 
+@dataclass(frozen=True)
+class DaemonId:
+    """Which daemon: its kind and, for one of several workers of a kind, its instance."""
+
+    kind: str  # lmcache-server, prefill-worker, decode-worker
+    instance: str | None = None
+
+    def __str__(self) -> str:
+        """The daemon's name (state file, logs, metrics): ``prefill-worker`` or ``prefill-worker@gpu1``."""
+        return f"{self.kind}@{self.instance}" if self.instance else self.kind
+
+    @classmethod
+    def parse(cls, name: str) -> "DaemonId":
+        kind, _, instance = name.partition("@")
+        return cls(kind, instance or None)
+
+
 def worker_name(kind: str, instance: str | None) -> str:
     """The daemon name of one worker: ``prefill-worker`` or ``prefill-worker@gpu1``."""
-    return f"{kind}@{instance}" if instance else kind
+    return str(DaemonId(kind, instance))
 
 
 class Config(_Section):
@@ -270,7 +288,8 @@ class Config(_Section):
         }
         for kind, section in WORKER_KINDS.items():
             for name, worker in self.workers(kind).items():
-                prefix = section if "@" not in name else f"{section}.instances.{name.split('@', 1)[1]}"
+                instance = DaemonId.parse(name).instance
+                prefix = section if instance is None else f"{section}.instances.{instance}"
                 for key in ("port", "engine_port", "metrics_port"):
                     ports[f"{prefix}.{key}"] = getattr(worker, key)
         return ports

@@ -47,7 +47,7 @@ def collect_status(config: Config) -> list[PeerView]:
 
 
 def all_ready(views: list[PeerView]) -> bool:
-    return all(v.usable and v.state == State.READY.value for v in views)
+    return all(v.ready for v in views)
 
 
 def format_status(views: list[PeerView]) -> str:

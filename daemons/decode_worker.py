@@ -25,24 +25,21 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
-import time
 
-from .canary import CanaryResult, PathCanary, vocabulary
+from .canary import PathCanary, vocabulary
+from .cli import run_daemon
 from .config import Config
 from .frontdoor import FrontDoor
-from .lifecycle import DaemonFailed, run_daemon
+from .lifecycle import DaemonFailed
 from .metrics import FrontDoorMetrics
-from .statefile import PeerView, State
+from .prefill_router import LMCACHE, PrefillRouter
+from .states import State
 from .worker import EngineDaemon
 
 log = logging.getLogger(__name__)
 
-# After a failed prefill call, stay degraded (and keep trying per request) for this long.
-PREFILL_FAILURE_MEMORY_S = 30.0
 # While the canary fails, it runs at least this often.
 CANARY_RETRY_S = 5.0
-PREFILL_SIDE_HOPS = ("prefill", "lmcache_store")
-DECODE_SIDE_HOPS = ("decode_engine", "decode_load")
 
 
 class DecodeWorker(EngineDaemon):
@@ -54,140 +51,50 @@ class DecodeWorker(EngineDaemon):
     def __init__(self, config: Config, **kw: object) -> None:
         super().__init__(config, **kw)
         self.prefill_names = list(config.workers("prefill-worker"))
-        self._next_prefill = 0
+        self.peers.names = [LMCACHE, *self.prefill_names]
         self.front_metrics = FrontDoorMetrics(self.registry)
-        self.peers: dict[str, PeerView] = {}
-        self.last_prefill_failure: tuple[float, str] | None = None
+        self.router = PrefillRouter(self.prefill_names, self.peers, self.front_metrics, on_change=self._update_state)
         kv = config.kv_path
         self.canary = PathCanary(
             client=self.http, model=config.model.name, vocab=vocabulary(config.model.path),
-            chunk_size=config.lmcache.chunk_size, decode_url=self.engine.base_url, timeout_s=kv.canary_timeout_s,
+            chunk_size=config.lmcache.chunk_size, decode_url=self.engine_url, timeout_s=kv.canary_timeout_s,
         )
-        self.canary_results: dict[str, CanaryResult] = {}  # by prefill-worker
         self.decode_side_failures = 0  # canaries in a row that broke at the decode side
         self._progress_at_first_failure: float | None = None
-        self._canary_now = asyncio.Event()
         self._canary_task: asyncio.Task[None] | None = None
         self._fatal: str | None = None
-        self._lmcache_generation: tuple[int, float] | None = None
-        self._prefill_generations: dict[str, tuple[int, float] | None] = {}
         self.front_door = FrontDoor(
-            engine_url=self.engine.base_url,
+            engine_url=self.engine_url,
             client=self.http,
             metrics=self.front_metrics,
-            prefill_url=self._prefill_url,
-            prefill_blocker=self._prefill_blocker,
-            on_prefill_result=self._on_prefill_result,
+            router=self.router,
             prefill_timeout_s=self.worker.prefill_timeout_s,
-            state=self._health,
+            health=self._health,
             first_token_timeout_s=self.worker.first_token_timeout_s,
             request_timeout_s=self.worker.request_timeout_s,
-            on_kv_miss=self._on_kv_miss,
         )
-
-    # -- what the front door asks ------------------------------------------------------------
-    def _peer_ready(self, daemon: str) -> bool:
-        view = self.peers.get(daemon)
-        return view is not None and view.usable and view.state == State.READY.value
-
-    def _ready_prefills(self) -> list[PeerView]:
-        return [self.peers[n] for n in self.prefill_names if self._peer_ready(n)]
-
-    def _working_prefills(self) -> list[PeerView]:
-        """Ready prefill workers whose last canary did not break on their side of the path."""
-        return [v for v in self._ready_prefills()
-                if (r := self.canary_results.get(v.daemon)) is None or r.ok or r.hop not in PREFILL_SIDE_HOPS]
-
-    def _prefill_url(self) -> str | None:
-        """A working prefill worker, round robin over them."""
-        working = self._working_prefills()
-        if not working:
-            return None
-        view = working[self._next_prefill % len(working)]
-        self._next_prefill += 1
-        return f"http://{view.record.endpoint}" if view.record else None
-
-    def _decode_side_failure(self) -> CanaryResult | None:
-        return next((r for r in self.canary_results.values() if not r.ok and r.hop in DECODE_SIDE_HOPS), None)
-
-    def _prefill_blocker(self) -> str | None:
-        if not self._peer_ready("lmcache-server"):
-            return "lmcache_unavailable"
-        if not self._ready_prefills():
-            return "prefill_unavailable"
-        if not self._working_prefills() or self._decode_side_failure() is not None:
-            return "kv_path_broken"
-        return None
 
     def _health(self) -> tuple[str, bool, str]:
         """What /health says: serving unless the decode engine itself fails the canary."""
-        broken = self._decode_side_failure()
+        broken = self.router.decode_side_failure()
         serving = self.state.serving and not (broken is not None and broken.hop == "decode_engine")
         return self.state.value, serving, self.reason
 
-    def _on_kv_miss(self, reason: str) -> None:
-        self._canary_now.set()
-
-    def _on_prefill_result(self, failure: str | None) -> None:
-        if failure is None:
-            if self.last_prefill_failure is not None:
-                log.info("prefill calls succeed again: back on the disaggregated path")
-            self.last_prefill_failure = None
-        else:
-            self.last_prefill_failure = (time.monotonic(), failure)
-        self._update_state()
-
     # -- state -----------------------------------------------------------------------
-    def _refresh_peers(self) -> None:
-        for daemon in ("lmcache-server", *self.prefill_names):
-            self.peers[daemon] = self.peer(daemon)
-        record = self.peers["lmcache-server"].record
-        if record is not None and self.peers["lmcache-server"].usable:
-            generation = (record.pid, record.started_at)
-            if self._lmcache_generation is not None and generation != self._lmcache_generation:
-                log.warning("lmcache-server came back as a new process (pid %d -> %d): checking the KV path now",
-                            self._lmcache_generation[0], record.pid)
-                self.front_metrics.lmcache_restarts.inc()
-                self.canary_results.clear()  # they speak of the old server
-                self._canary_now.set()
-            self._lmcache_generation = generation
-        for name in self.prefill_names:
-            view = self.peers[name]
-            generation = (view.record.pid, view.record.started_at) if view.record and view.usable else None
-            if generation is not None and generation != self._prefill_generations.get(name):
-                # A prefill-worker that is new (or back): its path is unchecked until its canary passes.
-                self.canary_results.pop(name, None)
-                self._canary_now.set()
-            self._prefill_generations[name] = generation
+    async def refresh_peers(self) -> None:
+        changes = await self.peers.refresh()
+        if LMCACHE in changes.renewed:
+            log.warning("lmcache-server came back as a new process (pid %s): checking the KV path now",
+                        self.peers.generations[LMCACHE][0])  # type: ignore[index]
+        self.router.peers_changed(changes)
 
-    def _problems(self) -> list[str]:
-        problems = []
-        # Ready needs lmcache-server and at least one prefill worker.
-        needed = ["lmcache-server"] + ([] if self._ready_prefills() else self.prefill_names)
-        for daemon in needed:
-            if not self._peer_ready(daemon):
-                view = self.peers.get(daemon)
-                problems.append(f"{daemon} {view.state}: {view.reason}" if view else f"{daemon} unknown")
-        if self.last_prefill_failure is not None:
-            when, why = self.last_prefill_failure
-            if time.monotonic() - when < PREFILL_FAILURE_MEMORY_S:
-                problems.append(f"last prefill call failed ({why})")
-            else:
-                self.last_prefill_failure = None
-        for name in self.prefill_names:
-            result = self.canary_results.get(name)
-            if not self._peer_ready(name):
-                continue
-            if result is None:
-                problems.append(f"{name}: KV path not checked yet (canary pending)")
-            elif not result.ok:
-                problems.append(f"{name}: {result.describe()}")
-        return problems
+    def problems(self) -> list[str]:
+        return ([self.engine_problem] if self.engine_problem else []) + self.router.problems()
 
     def _update_state(self) -> None:
         if not self.state.serving:
             return
-        problems = self._problems()
+        problems = self.problems()
         if problems:
             self.set_state(State.DEGRADED, "decode computes prompts itself: " + "; ".join(problems))
         else:
@@ -203,48 +110,35 @@ class DecodeWorker(EngineDaemon):
             waited = None
         if self.stopping:
             return
-        self._refresh_peers()
+        await self.refresh_peers()
         if waited:
             self.set_state(State.WAITING, "sending the KV-path canary")
             await self.run_canaries()
         # Serving from here on: ready if the peers and the KV path are, degraded otherwise.
-        problems = self._problems() if waited else ["prefill-worker not ready"]
+        problems = self.problems() if waited else ["prefill-worker not ready"]
         self.set_state(State.DEGRADED if problems else State.READY,
                        "decode computes prompts itself: " + "; ".join(problems) if problems else "")
         self._canary_task = asyncio.create_task(self._canary_loop(), name="canary")
 
     async def run_canaries(self) -> None:
         """One canary through each ready prefill-worker; the results feed state and routing."""
-        for view in self._ready_prefills():
+        for view in self.router.ready_prefills():
             if view.record is None:
                 continue
             result = await self.canary.run(f"http://{view.record.endpoint}")
-            self._record_canary(view.daemon, result)
-        for name in list(self.canary_results):
-            if not self._peer_ready(name):
-                del self.canary_results[name]  # its state file speaks for it now
-
-    def _record_canary(self, prefill: str, result: CanaryResult) -> None:
-        m = self.front_metrics
-        m.canaries.labels(result="ok" if result.ok else result.hop).inc()
-        m.canary_seconds.observe(result.seconds)
-        previous = self.canary_results.get(prefill)
-        self.canary_results[prefill] = result
-        m.kv_path_ok.set(1 if all(r.ok for r in self.canary_results.values()) else 0)
-        if not result.ok:
-            log.warning("canary via %s: %s", prefill, result.describe())
-        elif previous is None or not previous.ok:
-            log.info("canary via %s: %s", prefill, result.describe())
+            self.router.record_canary(view.daemon, result)
+        self.router.forget_unready()
 
     async def _canary_loop(self) -> None:
         interval = self.config.kv_path.canary_interval_s
+        check_now = self.router.check_now
         while not self.stopping:
-            failing = any(not r.ok for r in self.canary_results.values())
+            failing = any(not r.ok for r in self.router.canary_results.values())
             try:
-                await asyncio.wait_for(self._canary_now.wait(), min(interval, CANARY_RETRY_S) if failing else interval)
+                await asyncio.wait_for(check_now.wait(), min(interval, CANARY_RETRY_S) if failing else interval)
             except asyncio.TimeoutError:
                 pass
-            self._canary_now.clear()
+            check_now.clear()
             if self.stopping or not self.state.serving:
                 continue
             try:
@@ -256,7 +150,7 @@ class DecodeWorker(EngineDaemon):
 
     async def _judge_decode_side(self) -> None:
         """Count decode-side canary failures; past the bound with no engine progress, give up (exit)."""
-        broken = self._decode_side_failure()
+        broken = self.router.decode_side_failure()
         if broken is None:
             self.decode_side_failures = 0
             self._progress_at_first_failure = None
@@ -277,7 +171,7 @@ class DecodeWorker(EngineDaemon):
         if self._fatal:
             raise DaemonFailed(self._fatal)
         ok = await self.engine_ok()
-        self._refresh_peers()
+        await self.refresh_peers()
         self._update_state()
         return ok
 

@@ -1,6 +1,7 @@
-"""How a worker runs its vLLM engine: the command line and environment, derived
-from the config (nothing is left to hand-set environment variables), and a
-small wrapper that starts it, waits for /health and proxies to it.
+"""What a worker's vLLM engine is: its command line, environment and address,
+all derived from the config (nothing is left to hand-set environment
+variables). Starting, watching and stopping it is the worker's job
+(:class:`daemons.worker.EngineDaemon`, on :class:`daemons.child_daemon.ChildDaemon`).
 """
 
 from __future__ import annotations
@@ -10,8 +11,6 @@ import os
 import sys
 from pathlib import Path
 from typing import Literal
-
-import httpx
 
 from .child import ChildProcess
 from .config import Config, WorkerConfig
@@ -81,21 +80,12 @@ def engine_env(worker: WorkerConfig) -> dict[str, str]:
     return env
 
 
-class Engine:
-    """One vLLM engine process owned by a worker daemon."""
+def engine_url(worker: WorkerConfig) -> str:
+    """Where the worker reaches its engine (loopback only: the engine is never exposed)."""
+    return f"http://127.0.0.1:{worker.engine_port}"
 
-    def __init__(self, config: Config, worker: WorkerConfig, role: KVRole | None, *, name: str, log_dir: Path) -> None:
-        self.base_url = f"http://127.0.0.1:{worker.engine_port}"
-        self.child = ChildProcess(
-            f"{name} engine",
-            engine_argv(config, worker, role),
-            log_path=Path(log_dir) / f"{name}-engine.log",
-            env=engine_env(worker),
-        )
-        self.startup_timeout_s = worker.engine_startup_timeout_s
 
-    async def healthy(self, client: httpx.AsyncClient, timeout: float = 2.0) -> bool:
-        try:
-            return (await client.get(f"{self.base_url}/health", timeout=timeout)).status_code == 200
-        except httpx.HTTPError:
-            return False
+def engine_child(config: Config, worker: WorkerConfig, role: KVRole | None, *, name: str) -> ChildProcess:
+    """The engine as a child process of the worker ``name``, logging to ``<log_dir>/<name>-engine.log``."""
+    return ChildProcess(f"{name} engine", engine_argv(config, worker, role),
+                        log_path=Path(config.log_dir) / f"{name}-engine.log", env=engine_env(worker))

@@ -35,8 +35,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -47,41 +46,15 @@ from starlette.routing import Route
 
 from .canary import cached_tokens
 from .metrics import FrontDoorMetrics
+from .prefill_router import PrefillOutcome, PrefillRouter
+from .sse_relay import StreamRelay, sse_events
 from .worker import openai_error
 
 log = logging.getLogger(__name__)
 
 RETRY_AFTER_S = 5
-# Fallbacks decided before any call, from what status already says (no new news to report).
-KNOWN_STATE_FALLBACKS = ("lmcache_unavailable", "kv_path_broken", "prefill_unavailable")
 
-
-@dataclass
-class PrefillOutcome:
-    path: str  # "disaggregated" (prefill ran) or "fallback"
-    reason: str = ""  # fallback reason
-    seconds: float = 0.0
-    expected: int | None = None  # full-chunk tokens of the prompt (prefill-worker's header)
-    stored: int | None = None  # of those, in LMCache when prefill answered
-
-    def verdict(self, cached: int | None) -> tuple[str, str]:
-        """(path, reason) once the decode engine said how many prompt tokens it loaded (None: not yet)."""
-        if self.path == "fallback":
-            return "fallback", self.reason
-        if self.expected is not None and self.expected == 0:
-            return "recomputed", "no_full_chunk"
-        if self.stored is not None and self.expected is not None and self.stored < self.expected:
-            return "recomputed", "kv_not_stored"
-        if cached is not None and self.expected is not None and cached < self.expected:
-            return "recomputed", "kv_not_loaded"
-        return "disaggregated", ""
-
-    def headers(self, cached: int | None = None) -> dict[str, str]:
-        path, reason = self.verdict(cached)
-        h = {"x-disagg-path": path}
-        if reason:
-            h["x-disagg-fallback-reason" if path == "fallback" else "x-disagg-recompute-reason"] = reason
-        return h
+__all__ = ["FrontDoor", "PrefillOutcome"]
 
 
 def _int_header(resp: httpx.Response, name: str) -> int | None:
@@ -98,74 +71,54 @@ class FrontDoor:
         engine_url: str,
         client: httpx.AsyncClient,
         metrics: FrontDoorMetrics,
-        prefill_url: Callable[[], str | None],
-        prefill_blocker: Callable[[], str | None],
-        on_prefill_result: Callable[[str | None], None],
+        router: PrefillRouter,
         prefill_timeout_s: float,
-        state: Callable[[], tuple[str, bool, str]],
+        health: Callable[[], tuple[str, bool, str]],
         first_token_timeout_s: float = 120.0,
         request_timeout_s: float = 600.0,
-        on_kv_miss: Callable[[str], None] = lambda reason: None,
     ) -> None:
         self.engine_url = engine_url
         self.client = client
         self.metrics = metrics
-        self.prefill_url = prefill_url
-        self.prefill_blocker = prefill_blocker
-        self.on_prefill_result = on_prefill_result
+        self.router = router
         self.prefill_timeout_s = prefill_timeout_s
-        self.state = state
+        self.health_of = health  # (state, serving, reason) for /health
         self.first_token_timeout_s = first_token_timeout_s
         self.request_timeout_s = request_timeout_s
-        self.on_kv_miss = on_kv_miss
 
     # -- prefill ---------------------------------------------------------------------
     async def prefill(self, route: str, body: dict[str, Any], request_id: str) -> PrefillOutcome:
-        blocker = self.prefill_blocker()
-        url = self.prefill_url()
-        if blocker is None and url is None:
-            blocker = "prefill_unavailable"
-        if blocker is not None:
-            return self._fallback(blocker, request_id, 0.0)
+        """Have a prefill-worker compute the prompt (its KV goes to LMCache); the router counts the outcome."""
+        choice = self.router.choose()
+        if choice.url is None:
+            return self.router.report(PrefillOutcome("fallback", choice.skip), request_id)
         prefill_body = {k: v for k, v in body.items() if k not in ("stream", "stream_options")}
         t0 = time.monotonic()
         try:
             resp = await self.client.post(
-                f"{url}{route}", json=prefill_body, timeout=self.prefill_timeout_s,
+                f"{choice.url}{route}", json=prefill_body, timeout=self.prefill_timeout_s,
                 headers={"x-request-id": request_id},
             )
         except httpx.TimeoutException:
-            return self._fallback("prefill_timeout", request_id, time.monotonic() - t0)
+            outcome = PrefillOutcome("fallback", "prefill_timeout", time.monotonic() - t0)
         except httpx.HTTPError as exc:
             log.warning("[%s] prefill-worker unreachable: %r", request_id, exc)
-            return self._fallback("prefill_unreachable", request_id, time.monotonic() - t0)
-        elapsed = time.monotonic() - t0
-        if resp.status_code == 200:
-            self.metrics.prefill_call.labels(outcome="ok").observe(elapsed)
-            self.on_prefill_result(None)
-            return PrefillOutcome("disaggregated", seconds=elapsed,
-                                  expected=_int_header(resp, "x-disagg-kv-expected-tokens"),
-                                  stored=_int_header(resp, "x-disagg-kv-stored-tokens"))
-        if 400 <= resp.status_code < 500:
-            # The request itself is bad; the decode engine will say so to the client.
-            self.metrics.prefill_call.labels(outcome="rejected").observe(elapsed)
-            self.metrics.fallbacks.labels(reason="prefill_rejected").inc()
-            return PrefillOutcome("fallback", "prefill_rejected", elapsed)
-        log.warning("[%s] prefill-worker answered %d: %s", request_id, resp.status_code, resp.text[:200])
-        return self._fallback("prefill_error", request_id, elapsed)
+            outcome = PrefillOutcome("fallback", "prefill_unreachable", time.monotonic() - t0)
+        else:
+            elapsed = time.monotonic() - t0
+            if resp.status_code == 200:
+                outcome = PrefillOutcome("disaggregated", seconds=elapsed,
+                                         expected=_int_header(resp, "x-disagg-kv-expected-tokens"),
+                                         stored=_int_header(resp, "x-disagg-kv-stored-tokens"))
+            elif 400 <= resp.status_code < 500:
+                # The request itself is bad; the decode engine will say so to the client.
+                outcome = PrefillOutcome("fallback", "prefill_rejected", elapsed)
+            else:
+                log.warning("[%s] prefill-worker answered %d: %s", request_id, resp.status_code, resp.text[:200])
+                outcome = PrefillOutcome("fallback", "prefill_error", elapsed)
+        return self.router.report(outcome, request_id)
 
-    def _fallback(self, reason: str, request_id: str, elapsed: float) -> PrefillOutcome:
-        # A known-broken hop (status says which) is an INFO per request; a call that failed is a WARNING.
-        level = logging.INFO if reason in KNOWN_STATE_FALLBACKS else logging.WARNING
-        log.log(level, "[%s] fallback: decode engine computes the prompt itself (%s)", request_id, reason)
-        self.metrics.fallbacks.labels(reason=reason).inc()
-        if elapsed:
-            self.metrics.prefill_call.labels(outcome="failed").observe(elapsed)
-        if reason not in KNOWN_STATE_FALLBACKS:
-            self.on_prefill_result(reason)
-        return PrefillOutcome("fallback", reason, elapsed)
-
-    # -- usage accounting ------------------------------------------------------------------
+    # -- what reached the decode engine ------------------------------------------------------------
     def _count_path(self, outcome: PrefillOutcome, cached: int | None, request_id: str) -> None:
         path, reason = outcome.verdict(cached)
         self.metrics.paths.labels(path=path).inc()
@@ -175,17 +128,7 @@ class FrontDoor:
                 log.warning("[%s] decode engine computed the prompt although prefill ran (%s: %s of %s "
                             "full-chunk tokens stored, %s loaded)", request_id, reason, outcome.stored,
                             outcome.expected, cached)
-                self.on_kv_miss(reason)
-
-    def _count_usage(self, usage: dict[str, Any] | None) -> None:
-        if not isinstance(usage, dict):
-            return
-        prompt = int(usage.get("prompt_tokens") or 0)
-        cached = cached_tokens({"usage": usage})
-        self.metrics.prompt_tokens.labels(source="kv_cache").inc(cached)
-        self.metrics.prompt_tokens.labels(source="computed").inc(max(0, prompt - cached))
-        self.metrics.prompt_len.observe(prompt)
-        self.metrics.generated_tokens.inc(int(usage.get("completion_tokens") or 0))
+                self.router.kv_missed(reason)
 
     # -- routes ----------------------------------------------------------------------
     async def generate(self, request: Request) -> Response:
@@ -225,7 +168,7 @@ class FrontDoor:
     def _decode_timeout(self, what: str, request_id: str) -> Response:
         log.warning("[%s] decode engine: %s; answering 503", request_id, what)
         self.metrics.errors.labels(kind="decode_timeout").inc()
-        self.on_kv_miss("decode_timeout")
+        self.router.kv_missed("decode_timeout")
         return openai_error(503, f"decode engine: {what}", "service_unavailable",
                             headers={"retry-after": str(RETRY_AFTER_S)})
 
@@ -248,7 +191,7 @@ class FrontDoor:
             except ValueError:
                 answer = None
             if isinstance(answer, dict):
-                self._count_usage(answer.get("usage"))
+                self.metrics.count_usage(answer.get("usage"))
                 cached = cached_tokens(answer)
             self._count_path(outcome, cached, request_id)
         else:
@@ -283,7 +226,7 @@ class FrontDoor:
                             headers=outcome.headers())
         # Hold the response until the first event is in: a decode engine that
         # produces nothing gets the request a clean 503, not a silent stream.
-        events = _sse_events(upstream)
+        events = sse_events(upstream)
         try:
             first_event = await asyncio.wait_for(anext(events), max(0.0, deadline - time.monotonic()))
         except asyncio.TimeoutError:
@@ -296,67 +239,20 @@ class FrontDoor:
             self.metrics.errors.labels(kind="engine_unavailable").inc()
             return openai_error(503, f"decode engine stream broke: {exc!r}", "service_unavailable",
                                 headers={"retry-after": str(RETRY_AFTER_S)})
+        def on_end(completed: bool, cached: int | None) -> None:
+            self.metrics.in_flight.dec()
+            self.metrics.requests.labels(route=route, status="200" if completed else "499").inc()
+            if completed:
+                self.metrics.e2e.observe(time.monotonic() - t0)
+                self._count_path(outcome, cached, request_id)
+
+        relay = StreamRelay(upstream, first_event, events, metrics=self.metrics,
+                            client_wants_usage=client_wants_usage, t0=t0, request_id=request_id, on_end=on_end)
         return StreamingResponse(
-            self._relay(upstream, first_event, events, route, client_wants_usage, t0, request_id, outcome),
+            relay.body(),
             media_type="text/event-stream",
             headers={**outcome.headers(), "cache-control": "no-cache"},
         )
-
-    async def _relay(
-        self, upstream: httpx.Response, first_event: str | None, events: AsyncIterator[str], route: str,
-        client_wants_usage: bool, t0: float, request_id: str, outcome: PrefillOutcome,
-    ) -> AsyncIterator[bytes]:
-        first: float | None = None
-        last: float | None = None
-        completed = False
-        cached: int | None = None
-
-        async def all_events() -> AsyncIterator[str]:
-            if first_event is not None:
-                yield first_event
-            async for event in events:
-                yield event
-
-        try:
-            async for event in all_events():
-                forward = True
-                if event.startswith("data: ") and event != "data: [DONE]":
-                    try:
-                        obj = json.loads(event[6:])
-                    except ValueError:
-                        obj = {}
-                    if not isinstance(obj, dict):
-                        obj = {}
-                    if obj.get("usage") and not obj.get("choices"):
-                        self._count_usage(obj["usage"])
-                        cached = cached_tokens(obj)
-                        forward = client_wants_usage
-                    elif _has_token(obj):
-                        now = time.monotonic()
-                        if first is None:
-                            first = now
-                            self.metrics.ttft.observe(now - t0)
-                        elif last is not None:
-                            self.metrics.itl.observe(now - last)
-                        last = now
-                elif event == "data: [DONE]":
-                    completed = True
-                if forward:
-                    yield (event + "\n\n").encode()
-            if completed:
-                self._count_path(outcome, cached, request_id)
-        except httpx.HTTPError as exc:
-            log.warning("[%s] decode engine stream broke: %r", request_id, exc)
-            self.metrics.errors.labels(kind="stream_broken").inc()
-            err = {"error": {"message": "decode engine stream broke", "type": "service_unavailable", "code": 503}}
-            yield f"data: {json.dumps(err)}\n\n".encode()
-        finally:
-            await upstream.aclose()
-            self.metrics.in_flight.dec()
-            status = "200" if completed else "499"
-            self.metrics.requests.labels(route=route, status=status).inc()
-            if completed:
-                self.metrics.e2e.observe(time.monotonic() - t0)
 
     async def models(self, _: Request) -> Response:
         try:
@@ -366,7 +262,7 @@ class FrontDoor:
         return Response(resp.content, status_code=resp.status_code, media_type="application/json")
 
     async def health(self, _: Request) -> Response:
-        state, serving, reason = self.state()
+        state, serving, reason = self.health_of()
         return JSONResponse({"state": state, "reason": reason}, status_code=200 if serving else 503)
 
     def app(self) -> Starlette:
@@ -377,29 +273,3 @@ class FrontDoor:
             Route("/health", self.health),
         ])
 
-
-async def _sse_events(upstream: httpx.Response) -> AsyncIterator[str]:
-    """The server-sent events of a response, one string each (without the blank line)."""
-    buffer = ""
-    async for text in upstream.aiter_text():
-        buffer += text
-        while "\n\n" in buffer:
-            event, buffer = buffer.split("\n\n", 1)
-            yield event
-    if buffer.strip():
-        # The engine's stream ended inside an event: never pass a truncated event on.
-        raise httpx.RemoteProtocolError(f"decode engine stream ended inside an event ({len(buffer)} bytes)")
-
-
-def _has_token(obj: dict[str, Any]) -> bool:
-    """True for a stream chunk that carries generated tokens (not chat's role-only opener).
-
-    A chunk's text can be empty while its token is an incomplete UTF-8 sequence,
-    so presence counts, not content."""
-    for choice in obj.get("choices") or ():
-        if "text" in choice:
-            return True
-        delta = choice.get("delta") or {}
-        if "role" not in delta and delta.get("content") is not None:
-            return True
-    return False

@@ -180,9 +180,9 @@ class KVLookup:
 
 
 def _die_with_parent() -> None:
-    from .child import _die_with_parent as die
+    from .keeper import die_with_parent
 
-    die()
+    die_with_parent()
 
 
 # -- the child ---------------------------------------------------------------------------

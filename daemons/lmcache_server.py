@@ -6,16 +6,19 @@ connections. /metrics re-exposes LMCache's ``lmcache_*`` metrics next to ours.
 
 from __future__ import annotations
 
+import asyncio
 import sys
 from pathlib import Path
 
 import httpx
 
-from .child import ChildExited, ChildProcess
+from .child import ChildProcess
+from .child_daemon import ChildDaemon
+from .cli import run_daemon
 from .config import Config
-from .lifecycle import Daemon, DaemonFailed, run_daemon
-from .metrics import scrape
-from .statefile import State, endpoint_accepts
+from .engine import engine_env
+from .statefile import endpoint_accepts
+from .states import State
 
 
 def lmcache_argv(config: Config) -> list[str]:
@@ -31,15 +34,14 @@ def lmcache_argv(config: Config) -> list[str]:
     ] + (["--supported-transfer-mode", lm.transfer_mode] if lm.transfer_mode else [])
 
 
-class LMCacheServer(Daemon):
+class LMCacheServer(ChildDaemon):
     """Run LMCache's KV cache server for the prefill and decode engines."""
 
     kind = "lmcache-server"
+    child_metrics_prefixes = ("lmcache_",)
 
     def __init__(self, config: Config, **kw: object) -> None:
         super().__init__(config, **kw)  # type: ignore[arg-type]
-        from .engine import engine_env
-
         env = engine_env(config.decode_worker)
         # The server maps the engines' GPU memory over CUDA IPC by device UUID: it
         # must see every GPU, not just one worker's.
@@ -47,7 +49,9 @@ class LMCacheServer(Daemon):
         self.child = ChildProcess(
             "lmcache", lmcache_argv(config), log_path=Path(config.log_dir) / "lmcache-server.log", env=env
         )
+        self.child_startup_timeout_s = config.lmcache.startup_timeout_s
         self.http_url = f"http://{config.lmcache.host}:{config.lmcache.http_port}"
+        self.child_metrics_url = f"{self.http_url}/metrics"
 
     @property
     def endpoint(self) -> str:
@@ -57,49 +61,27 @@ class LMCacheServer(Daemon):
     def metrics_address(self) -> tuple[str, int]:
         return self.config.lmcache_server.metrics_host, self.config.lmcache_server.metrics_port
 
-    async def _healthy(self) -> bool:
+    async def child_healthy(self) -> bool:
         try:
             resp = await self.http.get(f"{self.http_url}/healthcheck", timeout=2.0)
         except httpx.HTTPError:
             return False
         # Older LMCache servers have no /healthcheck: their HTTP server answering will do.
-        return resp.status_code in (200, 404) and endpoint_accepts(self.endpoint)
+        return resp.status_code in (200, 404) and await asyncio.to_thread(endpoint_accepts, self.endpoint)
 
     async def start_up(self) -> None:
-        self.set_state(State.LOADING, f"starting LMCache server ({self.config.lmcache.l1_size_gb} GB L1, LRU)")
-        self.child.start()
-        self.details["child_pid"] = self.child.pid
-        try:
-            ok = await self.child.wait_healthy(
-                self._healthy, self.config.lmcache.startup_timeout_s, should_stop=lambda: self.stopping,
-                on_tick=lambda _: self.notifier.extend_timeout(10),
-            )
-        except ChildExited as exc:
-            raise DaemonFailed(str(exc)) from None
-        if ok:
+        if await self.start_child(f"starting LMCache server ({self.config.lmcache.l1_size_gb} GB L1, LRU)"):
             self.set_state(State.READY)
 
     async def check(self) -> bool:
-        if self.child.pid is None:
-            return True  # not started yet
-        if not self.child.alive():
-            raise DaemonFailed(self.child.exit_reason())
-        if self.state.serving:
-            healthy = await self._healthy()
-            if not healthy and self.state is State.READY:
-                self.set_state(State.DEGRADED, "LMCache /healthcheck does not answer")
-            elif healthy and self.state is State.DEGRADED:
-                self.set_state(State.READY)
-            return healthy
-        return True
-
-    async def shut_down(self) -> None:
-        await self.child.stop(self.config.readiness.drain_timeout_s)
-
-    async def scrape_extra(self) -> str:
-        if not self.child.alive():
-            return ""
-        return await scrape(self.http, f"{self.http_url}/metrics", ("lmcache_",))
+        if not self.child_started() or not self.state.serving:
+            return True
+        healthy = await self.child_healthy()
+        if not healthy and self.state is State.READY:
+            self.set_state(State.DEGRADED, "LMCache /healthcheck does not answer")
+        elif healthy and self.state is State.DEGRADED:
+            self.set_state(State.READY)
+        return healthy
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -188,6 +188,22 @@ class FrontDoorMetrics:
         for kind in ERROR_KINDS:
             self.errors.labels(kind=kind)
 
+    def count_usage(self, usage: object) -> None:
+        """Count one answer's ``usage``: prompt tokens by source (LMCache or computed), generated tokens."""
+        if not isinstance(usage, dict):
+            return
+        try:
+            prompt = int(usage.get("prompt_tokens") or 0)
+            details = usage.get("prompt_tokens_details") or {}
+            cached = int(details.get("cached_tokens") or 0) if isinstance(details, dict) else 0
+            generated = int(usage.get("completion_tokens") or 0)
+        except (TypeError, ValueError):
+            return
+        self.prompt_tokens.labels(source="kv_cache").inc(cached)
+        self.prompt_tokens.labels(source="computed").inc(max(0, prompt - cached))
+        self.prompt_len.observe(prompt)
+        self.generated_tokens.inc(generated)
+
 
 _SAMPLE_SUFFIXES = ("", "_bucket", "_sum", "_count", "_total", "_created", "_info")
 

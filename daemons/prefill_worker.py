@@ -39,10 +39,10 @@ from starlette.routing import Route
 from .canary import canary_prompt, vocabulary
 from .config import Config
 from .kv_lookup import KVLookup
-from .lifecycle import run_daemon
+from .cli import run_daemon
 from .metrics import PrefillMetrics
-from .statefile import State
 from .lifecycle import DaemonFailed
+from .states import State
 from .worker import EngineDaemon, openai_error
 
 log = logging.getLogger(__name__)
@@ -120,9 +120,11 @@ class PrefillWorker(EngineDaemon):
             # Out of rotation while degraded: no real prefill would ever clear this. Test the store ourselves.
             self._self_test = asyncio.create_task(self.store_self_test(), name="store-self-test")
         if self.state.serving:
-            lm = self.peer("lmcache-server")
-            if not (lm.usable and lm.state == State.READY.value):
+            lm = await self.peers.view("lmcache-server")
+            if not lm.ready:
                 self.set_state(State.DEGRADED, f"lmcache-server {lm.state}: {lm.reason}")
+            elif self.engine_problem:
+                self.set_state(State.DEGRADED, self.engine_problem)
             elif self.missed_stores >= MISSED_STORES_DEGRADED:
                 self.set_state(State.DEGRADED, f"the last {self.missed_stores} prefills' KV did not reach LMCache "
                                                f"within {self.store_timeout_s}s ({self.last_miss})")
@@ -135,7 +137,7 @@ class PrefillWorker(EngineDaemon):
         body = {"model": self.config.model.name, "prompt": canary_prompt(random.Random(), self._vocab, self.chunk_size),
                 "max_tokens": 1, "return_token_ids": True}
         try:
-            resp = await self.http.post(f"{self.engine.base_url}/v1/completions", json=body,
+            resp = await self.http.post(f"{self.engine_url}/v1/completions", json=body,
                                         timeout=self.config.kv_path.canary_timeout_s)
             if resp.status_code == 200:
                 await self.confirm_stored(resp.json(), "store-self-test")
@@ -205,7 +207,7 @@ class PrefillWorker(EngineDaemon):
             self.prefill_metrics.in_flight.inc()
             try:
                 resp = await self.http.post(
-                    f"{self.engine.base_url}{route}", json=as_prefill(body),
+                    f"{self.engine_url}{route}", json=as_prefill(body),
                     timeout=httpx.Timeout(None, connect=5.0),
                     headers={"x-request-id": request_id},
                 )

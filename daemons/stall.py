@@ -52,6 +52,10 @@ class StallDetector:
         self._last_progress: float | None = None
         self._progress_value: float | None = None
 
+    def silent_for(self, now: float) -> float:
+        """Seconds since the engine last answered (since it was first asked, if it never did)."""
+        return 0.0 if self._last_answer is None else now - self._last_answer
+
     def observe(self, now: float, load: EngineLoad | None) -> str | None:
         """``load`` None: the engine did not answer. Returns why it is wedged, or None."""
         if load is None:

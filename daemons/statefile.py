@@ -8,7 +8,6 @@ connection; a file left behind by a crash is reported as stale, not ready.
 
 from __future__ import annotations
 
-import enum
 import json
 import os
 import socket
@@ -18,20 +17,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .states import State
 
-class State(str, enum.Enum):
-    STARTING = "starting"
-    WAITING = "waiting"
-    LOADING = "loading"
-    READY = "ready"
-    DEGRADED = "degraded"
-    DRAINING = "draining"
-    STOPPED = "stopped"
-    FAILED = "failed"
-
-    @property
-    def serving(self) -> bool:
-        return self in (State.READY, State.DEGRADED)
+__all__ = ["PeerView", "State", "StateRecord", "assess", "endpoint_accepts", "pid_alive", "read_state", "write_state"]
 
 
 @dataclass
@@ -124,6 +112,11 @@ class PeerView:
     usable: bool  # serving, alive, fresh and reachable
     reason: str
     record: StateRecord | None
+
+    @property
+    def ready(self) -> bool:
+        """Usable and in state ``ready`` (not degraded): what a dependent waits for."""
+        return self.usable and self.state == State.READY.value
 
     def to_json(self) -> dict[str, Any]:
         return {

@@ -9,16 +9,17 @@ import time
 import httpx
 from starlette.responses import JSONResponse
 
-from .child import ChildExited
+from .child_daemon import ChildDaemon
 from .config import Config, WorkerConfig
-from .engine import Engine, KVRole
+from .engine import KVRole, engine_child, engine_url
 from .httpserver import EmbeddedServer
-from .lifecycle import Daemon, DaemonFailed
-from .metrics import scrape
+from .lifecycle import DaemonFailed
 from .stall import EngineLoad, StallDetector, engine_load
-from .statefile import State
 
 log = logging.getLogger(__name__)
+
+# An engine that has not answered /metrics for this long takes its worker out of ``ready``.
+ENGINE_SILENT_S = 30.0
 
 
 def openai_error(
@@ -28,14 +29,21 @@ def openai_error(
                         headers=headers)
 
 
-class EngineDaemon(Daemon):
+class EngineDaemon(ChildDaemon):
     role: KVRole
+    child_pid_key = "engine_pid"
+    child_metrics_prefixes = ("vllm:",)
+    child_metrics_renames = {"vllm:": "vllm_"}
 
     def __init__(self, config: Config, **kw: object) -> None:
         super().__init__(config, **kw)  # type: ignore[arg-type]
         self.worker: WorkerConfig = config.worker(self.kind, self.instance)
-        self.engine = Engine(config, self.worker, self.role, name=self.name, log_dir=config.log_dir)
+        self.engine_url = engine_url(self.worker)
+        self.child = engine_child(config, self.worker, self.role, name=self.name)
+        self.child_startup_timeout_s = self.worker.engine_startup_timeout_s
+        self.child_metrics_url = f"{self.engine_url}/metrics"
         self.stall = StallDetector(config.kv_path.engine_stall_timeout_s)
+        self.engine_problem = ""  # why the engine is not fit to serve now ("" when it is)
 
     @property
     def endpoint(self) -> str:
@@ -45,20 +53,11 @@ class EngineDaemon(Daemon):
     def metrics_address(self) -> tuple[str, int]:
         return self.worker.metrics_host, self.worker.metrics_port
 
-    async def start_engine(self) -> bool:
-        """Start the engine and wait for /health; False if asked to stop meanwhile."""
-        self.set_state(State.LOADING, f"loading {self.config.model.name} on {self.worker.device}")
-        self.engine.child.start()
-        self.details["engine_pid"] = self.engine.child.pid
+    async def child_healthy(self, timeout: float = 2.0) -> bool:
         try:
-            return await self.engine.child.wait_healthy(
-                lambda: self.engine.healthy(self.http),
-                self.engine.startup_timeout_s,
-                should_stop=lambda: self.stopping,
-                on_tick=lambda _: self.notifier.extend_timeout(10),
-            )
-        except ChildExited as exc:
-            raise DaemonFailed(str(exc)) from None
+            return (await self.http.get(f"{self.engine_url}/health", timeout=timeout)).status_code == 200
+        except httpx.HTTPError:
+            return False
 
     async def start_serving(self, app: object, api_name: str) -> bool:
         """Wait for lmcache-server, load the engine, open ``app`` on the worker's port.
@@ -66,7 +65,7 @@ class EngineDaemon(Daemon):
         False when asked to stop before that was done."""
         if await self.wait_for("lmcache-server") is None:
             return False
-        if not await self.start_engine():
+        if not await self.start_child(f"loading {self.config.model.name} on {self.worker.device}"):
             return False
         await self.serve_http(EmbeddedServer(app, self.worker.host, self.worker.port, name=api_name,
                                              drain_s=self.config.readiness.drain_timeout_s))
@@ -75,7 +74,7 @@ class EngineDaemon(Daemon):
     async def engine_load(self) -> EngineLoad | None:
         """Requests in the engine and tokens it computed; None when it does not answer."""
         try:
-            resp = await self.http.get(f"{self.engine.base_url}/metrics", timeout=5.0)
+            resp = await self.http.get(self.child_metrics_url, timeout=5.0)
             resp.raise_for_status()
         except httpx.HTTPError:
             return None
@@ -84,28 +83,22 @@ class EngineDaemon(Daemon):
     async def engine_ok(self) -> bool:
         """Heartbeat check of the engine: fail when it died or is wedged, False while it does not answer.
 
-        Failing makes the daemon exit non-zero: systemd (Restart=on-failure) or
-        supervisord (autorestart=unexpected) starts it again with a fresh engine,
-        and the supervisor's process-group kill reaps whatever the engine left."""
-        if self.engine.child.pid is None:
-            return True  # not started yet
-        if not self.engine.child.alive():
-            raise DaemonFailed(self.engine.child.exit_reason())
-        if not self.state.serving:
+        An engine silent for ``ENGINE_SILENT_S`` makes ``engine_problem`` say so (the
+        worker leaves ``ready``); silent or stuck for ``kv_path.engine_stall_timeout_s``,
+        the daemon exits non-zero: systemd (Restart=on-failure) or supervisord
+        (autorestart=unexpected) starts it again with a fresh engine."""
+        if not self.child_started() or not self.state.serving:
             return True
+        now = time.monotonic()
         load = await self.engine_load()
-        wedged = self.stall.observe(time.monotonic(), load)
+        wedged = self.stall.observe(now, load)
         if wedged:
-            raise DaemonFailed(f"{self.engine.child.name} is wedged: {wedged}; exiting to be restarted")
+            raise DaemonFailed(f"{self.child.name} is wedged: {wedged}; exiting to be restarted")
         if load is None:
-            log.warning("engine does not answer /metrics")
+            silent = self.stall.silent_for(now)
+            log.warning("engine does not answer /metrics (%.0fs)", silent)
+            if silent >= ENGINE_SILENT_S:
+                self.engine_problem = f"engine has not answered for {silent:.0f}s"
             return False
-        return await self.engine.healthy(self.http, timeout=5.0)
-
-    async def shut_down(self) -> None:
-        await self.engine.child.stop(self.config.readiness.drain_timeout_s)
-
-    async def scrape_extra(self) -> str:
-        if not self.engine.child.alive():
-            return ""
-        return await scrape(self.http, f"{self.engine.base_url}/metrics", ("vllm:",), {"vllm:": "vllm_"})
+        self.engine_problem = ""
+        return await self.child_healthy(timeout=5.0)

@@ -4,6 +4,7 @@ three daemons under a real supervisord, on loopback ports of their own."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -23,6 +24,8 @@ PORTS = {
     "decode_worker": {"port": 18000, "engine_port": 18001, "metrics_port": 19102},
 }
 READY_TIMEOUT_S = 900
+# Every daemon these tests start raises on an illegal state transition instead of logging it.
+os.environ["DISAGG_STRICT_TRANSITIONS"] = "1"
 
 
 def ctl(config: Path, *words: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:

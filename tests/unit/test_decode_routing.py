@@ -8,11 +8,14 @@ import asyncio
 import json
 from pathlib import Path
 
+import httpx
 import pytest
 
 from daemons.canary import CanaryResult
 from daemons.config import parse_config
 from daemons.decode_worker import DecodeWorker
+from daemons.metrics import FALLBACK_REASONS
+from daemons.prefill_router import PrefillChoice
 from daemons.stall import EngineLoad
 from daemons.statefile import PeerView, State, StateRecord
 
@@ -30,8 +33,9 @@ def worker(tmp_path: Path) -> DecodeWorker:
             "p0": {"port": 8100, "engine_port": 8101, "metrics_port": 9101},
             "p1": {"port": 8110, "engine_port": 8111, "metrics_port": 9111}}},
     }
-    w = DecodeWorker(parse_config(doc, tmp_path / "disagg.yaml"))
-    w.state = State.READY
+    w = DecodeWorker(parse_config(doc, tmp_path / "disagg.yaml"), strict=True)
+    for state in (State.LOADING, State.WAITING, State.READY):
+        w.set_state(state)
     set_peers(w)
     return w
 
@@ -47,8 +51,8 @@ def set_peers(w: DecodeWorker, lmcache_pid: int = 10, p0_pid: int = 20) -> None:
         P0: PeerView(P0, "ready", True, "", record(P0, p0_pid, "127.0.0.1:8100")),
         P1: PeerView(P1, "ready", True, "", record(P1, 30, "127.0.0.1:8110")),
     }
-    w.peer = lambda name: views[name]  # type: ignore[method-assign]
-    w._refresh_peers()
+    w.peers.assess = lambda name: views[name]  # type: ignore[method-assign]
+    asyncio.run(w.refresh_peers())
 
 
 def ok() -> CanaryResult:
@@ -60,30 +64,28 @@ def broken(hop: str) -> CanaryResult:
 
 
 def test_prefill_calls_skip_a_prefill_worker_whose_canary_broke_on_its_side(worker: DecodeWorker) -> None:
-    worker.canary_results = {P0: broken("lmcache_store"), P1: ok()}
-    urls = {worker._prefill_url() for _ in range(6)}
+    worker.router.canary_results = {P0: broken("lmcache_store"), P1: ok()}
+    urls = {worker.router.choose().url for _ in range(6)}
     assert urls == {"http://127.0.0.1:8110"}
-    assert worker._prefill_blocker() is None
-    assert any("broken at lmcache_store" in p for p in worker._problems())
+    assert any("broken at lmcache_store" in p for p in worker.problems())
 
 
 def test_requests_skip_prefill_when_no_prefill_worker_works(worker: DecodeWorker) -> None:
-    worker.canary_results = {P0: broken("prefill"), P1: broken("lmcache_store")}
-    assert worker._prefill_url() is None
-    assert worker._prefill_blocker() == "kv_path_broken"
+    worker.router.canary_results = {P0: broken("prefill"), P1: broken("lmcache_store")}
+    assert worker.router.choose() == PrefillChoice(skip="kv_path_broken")
 
 
 def test_a_decode_side_break_skips_prefill_and_only_a_silent_engine_fails_health(worker: DecodeWorker) -> None:
-    worker.canary_results = {P0: broken("decode_load"), P1: ok()}
-    assert worker._prefill_blocker() == "kv_path_broken"
+    worker.router.canary_results = {P0: broken("decode_load"), P1: ok()}
+    assert worker.router.choose().skip == "kv_path_broken"
     assert worker._health()[1] is True  # it still serves (decode computes the prompts)
-    worker.canary_results = {P0: broken("decode_engine"), P1: ok()}
+    worker.router.canary_results = {P0: broken("decode_engine"), P1: ok()}
     assert worker._health()[1] is False  # a load balancer should move away
 
 
 def test_all_canaries_ok_means_no_problem(worker: DecodeWorker) -> None:
-    worker.canary_results = {P0: ok(), P1: ok()}
-    assert worker._problems() == [] and worker._prefill_blocker() is None
+    worker.router.canary_results = {P0: ok(), P1: ok()}
+    assert worker.problems() == [] and worker.router.choose().url is not None
 
 
 def judge(worker: DecodeWorker, loads: list[EngineLoad | None]) -> None:
@@ -98,7 +100,7 @@ def judge(worker: DecodeWorker, loads: list[EngineLoad | None]) -> None:
 
 
 def test_decode_side_failures_with_no_progress_end_in_an_exit(worker: DecodeWorker) -> None:
-    worker.canary_results = {P0: broken("decode_load"), P1: broken("decode_load")}
+    worker.router.canary_results = {P0: broken("decode_load"), P1: broken("decode_load")}
     judge(worker, [EngineLoad(1, 100.0)] * 2)
     assert worker._fatal is None  # two in a row: not yet
     judge(worker, [EngineLoad(1, 100.0)])
@@ -108,28 +110,60 @@ def test_decode_side_failures_with_no_progress_end_in_an_exit(worker: DecodeWork
 
 
 def test_a_busy_decode_engine_is_not_restarted_for_slow_canaries(worker: DecodeWorker) -> None:
-    worker.canary_results = {P0: broken("decode_engine"), P1: broken("decode_engine")}
+    worker.router.canary_results = {P0: broken("decode_engine"), P1: broken("decode_engine")}
     judge(worker, [EngineLoad(4, 100.0 * i) for i in range(1, 8)])
     assert worker._fatal is None
 
 
 def test_one_good_canary_resets_the_count(worker: DecodeWorker) -> None:
-    worker.canary_results = {P0: broken("decode_load"), P1: broken("decode_load")}
+    worker.router.canary_results = {P0: broken("decode_load"), P1: broken("decode_load")}
     judge(worker, [EngineLoad(1, 5.0)] * 2)
-    worker.canary_results = {P0: ok(), P1: ok()}
+    worker.router.canary_results = {P0: ok(), P1: ok()}
     judge(worker, [EngineLoad(0, 5.0)])
-    worker.canary_results = {P0: broken("decode_load"), P1: broken("decode_load")}
+    worker.router.canary_results = {P0: broken("decode_load"), P1: broken("decode_load")}
     judge(worker, [EngineLoad(1, 5.0)] * 2)
     assert worker._fatal is None
 
 
 def test_a_restarted_peer_is_unchecked_until_its_canary_passes(worker: DecodeWorker) -> None:
-    worker.canary_results = {P0: ok(), P1: ok()}
-    worker._canary_now.clear()
+    worker.router.canary_results = {P0: ok(), P1: ok()}
+    worker.router.check_now.clear()
     set_peers(worker, p0_pid=21)  # prefill-worker@p0 came back as a new process
-    assert P0 not in worker.canary_results and worker._canary_now.is_set()
-    assert any("not checked yet" in p for p in worker._problems())
-    worker.canary_results = {P0: ok(), P1: ok()}
-    worker._canary_now.clear()
+    assert P0 not in worker.router.canary_results and worker.router.check_now.is_set()
+    assert any("not checked yet" in p for p in worker.problems())
+    worker.router.canary_results = {P0: ok(), P1: ok()}
+    worker.router.check_now.clear()
     set_peers(worker, lmcache_pid=11, p0_pid=21)  # lmcache-server restarted: every result is stale
-    assert worker.canary_results == {} and worker._canary_now.is_set()
+    assert worker.router.canary_results == {} and worker.router.check_now.is_set()
+
+
+def fallbacks(worker: DecodeWorker, reason: str) -> float:
+    return worker.registry.get_sample_value("disagg_fallbacks_total", {"reason": reason}) or 0.0
+
+
+@pytest.mark.parametrize("answer, path, reason", [
+    (lambda r: httpx.Response(200, json={}, headers={"x-disagg-kv-expected-tokens": "256",
+                                                     "x-disagg-kv-stored-tokens": "256"}), "disaggregated", ""),
+    (lambda r: httpx.Response(400, json={"error": "bad"}), "fallback", "prefill_rejected"),
+    (lambda r: httpx.Response(500, text="boom"), "fallback", "prefill_error"),
+    (lambda r: (_ for _ in ()).throw(httpx.ReadTimeout("slow", request=r)), "fallback", "prefill_timeout"),
+    (lambda r: (_ for _ in ()).throw(httpx.ConnectError("refused", request=r)), "fallback", "prefill_unreachable"),
+])
+def test_every_prefill_outcome_is_counted_once_by_the_router(worker: DecodeWorker, answer, path, reason) -> None:
+    worker.router.canary_results = {P0: ok(), P1: ok()}
+    door = worker.front_door
+    door.client = httpx.AsyncClient(transport=httpx.MockTransport(answer))
+    before = {r: fallbacks(worker, r) for r in FALLBACK_REASONS}
+    outcome = asyncio.run(door.prefill("/v1/completions", {"prompt": "x"}, "req"))
+    assert outcome.headers()["x-disagg-path"] == path
+    after = {r: fallbacks(worker, r) for r in FALLBACK_REASONS}
+    assert {r: after[r] - before[r] for r in FALLBACK_REASONS if after[r] != before[r]} == ({reason: 1} if reason else {})
+    # A failed call (not a rejected request) takes decode-worker out of ready for a while.
+    assert (worker.state is State.DEGRADED) == (reason in ("prefill_error", "prefill_timeout", "prefill_unreachable"))
+
+
+def test_a_skipped_prefill_is_counted_with_its_reason(worker: DecodeWorker) -> None:
+    worker.router.canary_results = {P0: broken("prefill"), P1: broken("prefill")}
+    outcome = asyncio.run(worker.front_door.prefill("/v1/completions", {"prompt": "x"}, "req"))
+    assert outcome.headers() == {"x-disagg-path": "fallback", "x-disagg-fallback-reason": "kv_path_broken"}
+    assert fallbacks(worker, "kv_path_broken") == 1

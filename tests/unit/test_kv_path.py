@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from daemons.canary import PathCanary, cached_tokens, vocabulary
-from daemons.frontdoor import PrefillOutcome
+from daemons.prefill_router import PrefillOutcome
 from daemons.prefill_worker import as_prefill, prompt_token_ids
 from daemons.stall import EngineLoad, StallDetector, engine_load
 
