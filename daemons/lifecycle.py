@@ -58,7 +58,6 @@ class Daemon:
     ) -> None:
         self.id = DaemonId(self.kind, instance)
         self.name = str(self.id)
-        self.instance = instance
         self.config = config
         self.registry = registry if registry is not None else CollectorRegistry()
         self.digest = config_digest(config)
@@ -119,9 +118,6 @@ class Daemon:
     def stopping(self) -> bool:
         return self._stop.is_set()
 
-    def request_stop(self) -> None:
-        self._stop.set()
-
     def set_state(self, state: State, reason: str = "") -> bool:
         """Move to ``state`` (see :mod:`daemons.states` for what is legal); False when refused."""
         return self.lifecycle.to(state, reason)
@@ -136,32 +132,20 @@ class Daemon:
         )
 
     async def wait_for(self, daemon: str | list[str], timeout_s: float | None = None) -> PeerView | None:
-        """Wait until ``daemon`` (or any one of a list) is ready; None if asked to stop first."""
+        """Wait (``waiting``) until ``daemon``, or any one of a list, is ready; None if asked to stop first."""
         names = [daemon] if isinstance(daemon, str) else list(daemon)
-        label = DaemonId.parse(names[0]).kind
         timeout_s = self.config.readiness.dependency_timeout_s if timeout_s is None else timeout_s
         t0 = time.monotonic()
-        last_reason = None
-        while not self.stopping:
-            views = [await self.peers.view(name) for name in names]
-            ready = [v for v in views if v.ready]
-            if ready:
-                self.metrics.dependency_wait_seconds.labels(dependency=label).set(time.monotonic() - t0)
-                log.info("%s is ready (waited %.1fs)", ready[0].daemon, time.monotonic() - t0)
-                return ready[0]
-            reason = "waiting for " + "; ".join(f"{v.daemon}: {v.state}, {v.reason}" for v in views)
-            if reason != last_reason:
-                self.set_state(State.WAITING, reason)
-                last_reason = reason
-            if time.monotonic() - t0 > timeout_s:
-                view = views[0]
-                raise TimeoutError(f"{', '.join(names)} not ready after {timeout_s:.0f}s ({view.state}: {view.reason})")
+
+        def waiting(reason: str) -> None:
+            self.set_state(State.WAITING, reason)
             self.notifier.extend_timeout(10)
-            try:
-                await asyncio.wait_for(self._stop.wait(), timeout=0.5)
-            except asyncio.TimeoutError:
-                pass
-        return None
+
+        view = await self.peers.wait_ready(names, timeout_s, self._stop, waiting)
+        if view is not None:
+            self.metrics.dependency_wait_seconds.labels(dependency=DaemonId.parse(names[0]).kind).set(
+                time.monotonic() - t0)
+        return view
 
     # -- running -----------------------------------------------------------------------
     async def serve_http(self, server: EmbeddedServer) -> None:

@@ -12,11 +12,15 @@ says which peers are new processes and which became usable again.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
+import logging
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .statefile import PeerView, assess
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -70,6 +74,27 @@ class Peers:
                 changes.usable_again.append(view.daemon)
             self.generations[view.daemon] = gen
         return changes
+
+    async def wait_ready(self, names: list[str], timeout_s: float, stop: asyncio.Event,
+                         waiting: Callable[[str], None]) -> PeerView | None:
+        """Poll until one of ``names`` is ready (its view), ``stop`` is set (None) or ``timeout_s`` passes
+        (TimeoutError). ``waiting(reason)`` hears why not, at every poll."""
+        t0 = time.monotonic()
+        while not stop.is_set():
+            views = [await self.view(name) for name in names]
+            ready = [v for v in views if v.ready]
+            if ready:
+                log.info("%s is ready (waited %.1fs)", ready[0].daemon, time.monotonic() - t0)
+                return ready[0]
+            waiting("waiting for " + "; ".join(f"{v.daemon}: {v.state}, {v.reason}" for v in views))
+            if time.monotonic() - t0 > timeout_s:
+                raise TimeoutError(f"{', '.join(names)} not ready after {timeout_s:.0f}s "
+                                   f"({views[0].state}: {views[0].reason})")
+            try:
+                await asyncio.wait_for(stop.wait(), timeout=0.5)
+            except asyncio.TimeoutError:
+                pass
+        return None
 
     def ready(self, name: str) -> bool:
         """From the last verdict: usable and ``ready``."""

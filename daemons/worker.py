@@ -37,7 +37,7 @@ class EngineDaemon(ChildDaemon):
 
     def __init__(self, config: Config, **kw: object) -> None:
         super().__init__(config, **kw)  # type: ignore[arg-type]
-        self.worker: WorkerConfig = config.worker(self.kind, self.instance)
+        self.worker: WorkerConfig = config.worker(self.kind, self.id.instance)
         self.engine_url = engine_url(self.worker)
         self.child = engine_child(config, self.worker, self.role, name=self.name)
         self.child_startup_timeout_s = self.worker.engine_startup_timeout_s
