@@ -16,6 +16,7 @@ import sys
 from . import __version__
 from .config import EX_CONFIG, WORKER_KINDS, ConfigError, DaemonId, config_path, load_config
 from .lifecycle import Daemon
+from .statefile import check_runtime_dir
 
 log = logging.getLogger(__name__)
 
@@ -45,10 +46,15 @@ def run_daemon(cls: type[Daemon], argv: list[str] | None = None) -> int:
         config = load_config(path)
         if cls.kind in WORKER_KINDS:
             config.worker(cls.kind, daemon_id.instance)
+        try:
+            check_runtime_dir(config.runtime_dir)
+        except OSError as exc:
+            raise ConfigError(f"runtime_dir: {exc}") from None
+        daemon = cls(config, instance=daemon_id.instance)
     except ConfigError as exc:
         for line in str(exc).splitlines():
             log.error("bad config: %s", line)
         log.error("exiting with status %d (EX_CONFIG): fix the config, then start again", EX_CONFIG)
         return EX_CONFIG
     log.info("%s %s starting (config %s)", daemon_id, __version__, path)
-    return asyncio.run(cls(config, instance=daemon_id.instance).run())
+    return asyncio.run(daemon.run())

@@ -74,15 +74,28 @@ class LMCacheConfig(_Section):
     @classmethod
     def _loopback_only(cls, host: str) -> str:
         # LMCache's HTTP API has destructive endpoints and no auth: keep it off the network.
-        if host == "localhost":
-            return host
-        try:
-            loopback = ipaddress.ip_address(host).is_loopback
-        except ValueError:
-            raise ValueError(f"not an IP address: {host!r}") from None
-        if not loopback:
+        if host != "localhost":
+            try:
+                ipaddress.ip_address(host)
+            except ValueError:
+                raise ValueError(f"not an IP address: {host!r}") from None
+        if not _is_loopback(host):
             raise ValueError("must be a loopback address (LMCache's HTTP API has no auth)")
         return host
+
+
+# Engine flags the worker owns: extra_engine_args may not change them.
+ENGINE_OWNED_FLAGS = ("--host", "--port", "--uds", "--api-key", "--kv-transfer-config", "--model",
+                      "--served-model-name")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 class DaemonConfig(_Section):
@@ -110,6 +123,16 @@ class WorkerConfig(DaemonConfig):
         "(port, engine_port, metrics_port, device, ...). Empty: one worker.",
     )
 
+    @field_validator("extra_engine_args")
+    @classmethod
+    def _no_overrides(cls, args: list[str]) -> list[str]:
+        for arg in args:
+            flag = arg.split("=", 1)[0]
+            if flag in ENGINE_OWNED_FLAGS:
+                raise ValueError(f"{flag} is set by disagg (the engine stays on loopback, behind the worker, "
+                                 "with the KV transfer config derived from this file); remove it")
+        return args
+
     @field_validator("device")
     @classmethod
     def _device(cls, device: str) -> str:
@@ -132,6 +155,13 @@ class PrefillWorkerConfig(WorkerConfig):
     engine_port: Port = 8101
     metrics_port: Port = 9101
 
+    @field_validator("host")
+    @classmethod
+    def _prefill_loopback(cls, host: str) -> str:
+        if not _is_loopback(host):
+            raise ValueError("must be a loopback address (the prefill API has no auth; only decode-worker calls it)")
+        return host
+
 
 class DecodeWorkerConfig(WorkerConfig):
     port: Port = 8000
@@ -150,6 +180,29 @@ class DecodeWorkerConfig(WorkerConfig):
     request_timeout_s: PositiveFloat = Field(
         default=600.0, description="A non-streamed request whose decode engine has not answered in this "
         "long fails with 503 + Retry-After.")
+    max_concurrent_requests: Annotated[int, Field(gt=0)] = Field(
+        default=64, description="Requests the front door serves at once (prefill call, decode, whole stream).")
+    max_queued_requests: Annotated[int, Field(ge=0)] = Field(
+        default=256, description="Requests that may wait for a slot; past that, 429 + Retry-After at once.")
+    queue_timeout_s: PositiveFloat = Field(
+        default=30.0, description="A queued request that got no slot in this long gets 429 + Retry-After.")
+    max_body_bytes: Annotated[int, Field(gt=0)] = Field(
+        default=8 << 20, description="Larger request bodies get 413 before they are read into memory.")
+    api_keys_file: Path | None = Field(
+        default=None, description="API keys for the front door, one per line (root:disagg 0640); "
+        "$DISAGG_API_KEYS (comma-separated) adds more. None and no env: no authentication.")
+    allow_unauthenticated: bool = Field(
+        default=False, description="Let the front door listen beyond loopback without API keys. "
+        "Without this, that is a config error.")
+
+    @model_validator(mode="after")
+    def _no_open_front_door(self) -> "DecodeWorkerConfig":
+        if (not _is_loopback(self.host) and self.api_keys_file is None and not os.environ.get("DISAGG_API_KEYS")
+                and not self.allow_unauthenticated):
+            raise ValueError(
+                f"host {self.host} is beyond loopback and no API keys are configured: set api_keys_file "
+                "(or $DISAGG_API_KEYS), or allow_unauthenticated: true to serve anyone who can reach the port")
+        return self
 
 
 class KVPathConfig(_Section):

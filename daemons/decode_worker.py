@@ -26,6 +26,8 @@ import asyncio
 import logging
 import sys
 
+from .admission import Admission
+from .auth import ApiKeys
 from .canary import PathCanary, vocabulary
 from .cli import run_daemon
 from .config import Config
@@ -63,15 +65,20 @@ class DecodeWorker(EngineDaemon):
         self._progress_at_first_failure: float | None = None
         self._canary_task: asyncio.Task[None] | None = None
         self._fatal: str | None = None
+        self.keys = ApiKeys(self.worker.api_keys_file)  # ApiKeyError (a ConfigError): exit 78
+        w = self.worker
         self.front_door = FrontDoor(
             engine_url=self.engine_url,
-            client=self.http,
+            client=self.proxy_client(w.max_concurrent_requests),
             metrics=self.front_metrics,
             router=self.router,
             prefill_timeout_s=self.worker.prefill_timeout_s,
             health=self._health,
             first_token_timeout_s=self.worker.first_token_timeout_s,
             request_timeout_s=self.worker.request_timeout_s,
+            admission=Admission(w.max_concurrent_requests, w.max_queued_requests, w.queue_timeout_s),
+            keys=self.keys,
+            max_body_bytes=w.max_body_bytes,
         )
 
     def _health(self) -> tuple[str, bool, str]:
@@ -170,6 +177,7 @@ class DecodeWorker(EngineDaemon):
     async def check(self) -> bool:
         if self._fatal:
             raise DaemonFailed(self._fatal)
+        self.keys.reload_if_changed()
         ok = await self.engine_ok()
         await self.refresh_peers()
         self._update_state()

@@ -31,10 +31,8 @@ Deadlines: a non-streamed request whose decode engine has not answered within
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
-import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -44,10 +42,15 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from .admission import Admission, Overloaded
+from .auth import ApiKeys
 from .canary import cached_tokens
+from .disconnect import ClientGone, unless_disconnected
 from .metrics import FrontDoorMetrics
 from .prefill_router import PrefillOutcome, PrefillRouter
-from .sse_relay import StreamRelay, sse_events
+from .request_limits import BadRequest, parse_json_object, read_body
+from .request_limits import request_id as checked_request_id
+from .sse_relay import RelayedResponse, StreamRelay, sse_events
 from .worker import openai_error
 
 log = logging.getLogger(__name__)
@@ -76,6 +79,9 @@ class FrontDoor:
         health: Callable[[], tuple[str, bool, str]],
         first_token_timeout_s: float = 120.0,
         request_timeout_s: float = 600.0,
+        admission: Admission | None = None,
+        keys: ApiKeys | None = None,
+        max_body_bytes: int = 8 << 20,
     ) -> None:
         self.engine_url = engine_url
         self.client = client
@@ -85,6 +91,9 @@ class FrontDoor:
         self.health_of = health  # (state, serving, reason) for /health
         self.first_token_timeout_s = first_token_timeout_s
         self.request_timeout_s = request_timeout_s
+        self.admission = admission if admission is not None else Admission(64, 256, 30.0)
+        self.keys = keys if keys is not None else ApiKeys(None, env={})
+        self.max_body_bytes = max_body_bytes
 
     # -- prefill ---------------------------------------------------------------------
     async def prefill(self, route: str, body: dict[str, Any], request_id: str) -> PrefillOutcome:
@@ -111,8 +120,9 @@ class FrontDoor:
                                          expected=_int_header(resp, "x-disagg-kv-expected-tokens"),
                                          stored=_int_header(resp, "x-disagg-kv-stored-tokens"))
             elif 400 <= resp.status_code < 500:
-                # The request itself is bad; the decode engine will say so to the client.
-                outcome = PrefillOutcome("fallback", "prefill_rejected", elapsed)
+                # The request itself is bad: the client hears the prefill engine's answer.
+                outcome = PrefillOutcome("fallback", "prefill_rejected", elapsed,
+                                         rejection=(resp.status_code, resp.content))
             else:
                 log.warning("[%s] prefill-worker answered %d: %s", request_id, resp.status_code, resp.text[:200])
                 outcome = PrefillOutcome("fallback", "prefill_error", elapsed)
@@ -132,38 +142,62 @@ class FrontDoor:
 
     # -- routes ----------------------------------------------------------------------
     async def generate(self, request: Request) -> Response:
+        """One completion: checks, a slot, prefill, decode; never a hang, never a 500 for bad input."""
         route = request.url.path
-        request_id = request.headers.get("x-request-id") or uuid.uuid4().hex[:16]
         t0 = time.monotonic()
-        self.metrics.in_flight.inc()
-        streaming = False
-        status = 500
         try:
-            try:
-                body = json.loads(await request.body())
-            except ValueError:
-                status = 400
-                self.metrics.errors.labels(kind="bad_request").inc()
-                return openai_error(400, "request body is not valid JSON")
-            if not isinstance(body, dict):
-                status = 400
-                self.metrics.errors.labels(kind="bad_request").inc()
-                return openai_error(400, "request body must be a JSON object")
-            outcome = await self.prefill(route, body, request_id)
+            request_id = checked_request_id(request)
+            if not self.keys.allows(request.headers.get("authorization")):
+                raise BadRequest(401, "missing or invalid API key (send Authorization: Bearer <key>)",
+                                 "authentication_error")
+            body = parse_json_object(await read_body(request, self.max_body_bytes))
+            await self.admission.acquire()
+        except BadRequest as exc:
+            kind = {401: "unauthorized", 413: "too_large"}.get(exc.status, "bad_request")
+            return self._refuse(route, exc.status, kind, exc.message, exc.kind)
+        except Overloaded as exc:
+            log.info("refused (%s): %d in progress, %d queued", exc.reason, self.admission.active,
+                     self.admission.queued)
+            return self._refuse(route, 429, "overloaded", f"too many requests in progress ({exc.reason}); retry",
+                                "rate_limit_error", {"retry-after": str(RETRY_AFTER_S)})
+        self.metrics.in_flight.inc()
+        streamed = False
+        status = 499
+        try:
+            outcome = await unless_disconnected(request, self.prefill(route, body, request_id))
+            if outcome.rejection is not None:
+                # The prefill engine refused the request (too long a prompt, a bad parameter):
+                # the decode engine would too. The client hears why, and no decode work is done.
+                status, content = outcome.rejection
+                return Response(content, status_code=status, media_type="application/json")
             if body.get("stream"):
-                response = await self._stream(route, body, request_id, outcome, t0)
-                streaming = isinstance(response, StreamingResponse)
-                status = response.status_code
-                return response
-            response = await self._complete(route, body, request_id, outcome)
+                response = await unless_disconnected(request, self._stream(route, body, request_id, outcome, t0))
+                streamed = isinstance(response, StreamingResponse)
+            else:
+                response = await unless_disconnected(request, self._complete(route, body, request_id, outcome))
+                if response.status_code == 200:
+                    self.metrics.e2e.observe(time.monotonic() - t0)
             status = response.status_code
-            if status == 200:
-                self.metrics.e2e.observe(time.monotonic() - t0)
             return response
+        except ClientGone:
+            log.info("[%s] client went away after %.1fs: its engine requests are aborted", request_id,
+                     time.monotonic() - t0)
+            self.metrics.errors.labels(kind="client_gone").inc()
+            return Response(status_code=499)
         finally:
-            if not streaming:
-                self.metrics.in_flight.dec()
-                self.metrics.requests.labels(route=route, status=str(status)).inc()
+            if not streamed:  # a stream ends (and counts itself) when its relay ends
+                self._finished(route, status)
+
+    def _finished(self, route: str, status: int) -> None:
+        self.metrics.in_flight.dec()
+        self.metrics.requests.labels(route=route, status=str(status)).inc()
+        self.admission.release()
+
+    def _refuse(self, route: str, status: int, kind: str, message: str, error_type: str,
+                headers: dict[str, str] | None = None) -> Response:
+        self.metrics.errors.labels(kind=kind).inc()
+        self.metrics.requests.labels(route=route, status=str(status)).inc()
+        return openai_error(status, message, error_type, headers=headers)
 
     def _decode_timeout(self, what: str, request_id: str) -> Response:
         log.warning("[%s] decode engine: %s; answering 503", request_id, what)
@@ -239,22 +273,24 @@ class FrontDoor:
             self.metrics.errors.labels(kind="engine_unavailable").inc()
             return openai_error(503, f"decode engine stream broke: {exc!r}", "service_unavailable",
                                 headers={"retry-after": str(RETRY_AFTER_S)})
+        except asyncio.CancelledError:  # the client went away: abort the engine's request
+            await upstream.aclose()
+            raise
+
         def on_end(completed: bool, cached: int | None) -> None:
-            self.metrics.in_flight.dec()
-            self.metrics.requests.labels(route=route, status="200" if completed else "499").inc()
+            self._finished(route, 200 if completed else 499)
             if completed:
                 self.metrics.e2e.observe(time.monotonic() - t0)
                 self._count_path(outcome, cached, request_id)
 
         relay = StreamRelay(upstream, first_event, events, metrics=self.metrics,
                             client_wants_usage=client_wants_usage, t0=t0, request_id=request_id, on_end=on_end)
-        return StreamingResponse(
-            relay.body(),
-            media_type="text/event-stream",
-            headers={**outcome.headers(), "cache-control": "no-cache"},
-        )
+        return RelayedResponse(relay, headers={**outcome.headers(), "cache-control": "no-cache"})
 
-    async def models(self, _: Request) -> Response:
+    async def models(self, request: Request) -> Response:
+        if not self.keys.allows(request.headers.get("authorization")):
+            return self._refuse(request.url.path, 401, "unauthorized", "missing or invalid API key "
+                                "(send Authorization: Bearer <key>)", "authentication_error")
         try:
             resp = await self.client.get(f"{self.engine_url}/v1/models", timeout=10.0)
         except httpx.HTTPError as exc:

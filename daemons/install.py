@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import pwd
+import secrets
 import shutil
 import subprocess
 import sys
@@ -19,6 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 log = logging.getLogger(__name__)
+
+API_KEYS_PATH = Path("/etc/disagg/api-keys")
+API_KEYS_HEADER = "# API keys of the disagg front door: one per line (Authorization: Bearer <key>).\n"
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 UNIT_DIR = REPO_ROOT / "deploy" / "systemd"
@@ -37,6 +41,8 @@ class Action:
     path: Path | None = None
     content: str | None = None
     command: list[str] | None = None
+    mode: int = 0o644
+    group: str | None = None  # the file's group (its owner stays the installing user, root)
 
     def describe(self) -> str:
         if self.command:
@@ -78,6 +84,12 @@ def plan_install(prefix: Path, config: Path | None, bin_dir: str) -> list[Action
     defaults = prefix / "etc/default/disagg"
     if not defaults.exists():
         actions.append(Action("write defaults", defaults, DEFAULTS_TEXT))
+    keys = prefix / API_KEYS_PATH.relative_to("/")
+    if not keys.exists():
+        # The shipped GPU config serves beyond loopback and names this file: never without a key.
+        actions.append(Action("write a new API key (give it to clients; add lines to rotate)", keys,
+                              API_KEYS_HEADER + secrets.token_urlsafe(32) + "\n", mode=0o640,
+                              group=USER if prefix == Path("/") else None))
     if actions and prefix == Path("/") and shutil.which("systemctl") and Path("/run/systemd/system").exists():
         actions.append(Action("reload systemd", command=["systemctl", "daemon-reload"]))
     return actions
@@ -90,7 +102,8 @@ def plan_uninstall(prefix: Path, purge: bool) -> list[Action]:
         if target.exists():
             actions.append(Action("remove unit", target))
     if purge:
-        for path in (prefix / "etc/disagg/disagg.yaml", prefix / "etc/default/disagg"):
+        for path in (prefix / "etc/disagg/disagg.yaml", prefix / "etc/default/disagg",
+                     prefix / API_KEYS_PATH.relative_to("/")):
             if path.exists():
                 actions.append(Action("remove", path))
         if prefix == Path("/") and _user_exists(USER):
@@ -113,8 +126,12 @@ def apply(actions: list[Action], *, dry_run: bool, out=sys.stdout) -> int:
         elif action.content is not None and action.path is not None:
             action.path.parent.mkdir(parents=True, exist_ok=True)
             tmp = action.path.with_name(action.path.name + ".tmp")
-            tmp.write_text(action.content)
-            os.chmod(tmp, 0o644)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, action.mode)
+            with os.fdopen(fd, "w") as fh:
+                fh.write(action.content)
+            os.chmod(tmp, action.mode)
+            if action.group is not None:
+                shutil.chown(tmp, group=action.group)
             os.replace(tmp, action.path)
         elif action.path is not None:
             action.path.unlink()

@@ -27,6 +27,8 @@ def lmcache_argv(config: Config) -> list[str]:
         sys.executable, "-m", "lmcache.cli.main", "server",
         "--host", lm.host,
         "--port", str(lm.port),
+        # LMCache's HTTP API (cache clearing, reconfiguration; no auth) defaults to 0.0.0.0.
+        "--http-host", lm.host,
         "--http-port", str(lm.http_port),
         "--chunk-size", str(lm.chunk_size),
         "--l1-size-gb", str(lm.l1_size_gb),

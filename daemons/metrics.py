@@ -44,7 +44,8 @@ FALLBACK_REASONS = (
     "lmcache_unavailable", "prefill_unavailable", "prefill_timeout", "prefill_unreachable",
     "prefill_error", "prefill_rejected", "kv_path_broken",
 )
-ERROR_KINDS = ("bad_request", "engine_unavailable", "stream_broken", "decode_timeout")
+ERROR_KINDS = ("bad_request", "too_large", "unauthorized", "overloaded", "client_gone", "engine_unavailable",
+               "stream_broken", "decode_timeout")
 # How a request's prompt reached the decode engine (x-disagg-path).
 PATHS = ("disaggregated", "recomputed", "fallback")
 RECOMPUTE_REASONS = ("kv_not_stored", "kv_not_loaded", "no_full_chunk")

@@ -41,6 +41,7 @@ class PrefillOutcome:
     seconds: float = 0.0  # the prefill call's duration (0: no call was made)
     expected: int | None = None  # full-chunk tokens of the prompt (prefill-worker's header)
     stored: int | None = None  # of those, in LMCache when prefill answered
+    rejection: tuple[int, bytes] | None = None  # the prefill engine refused the request: (status, body)
 
     def verdict(self, cached: int | None) -> tuple[str, str]:
         """(path, reason) once the decode engine said how many prompt tokens it loaded (None: not yet)."""

@@ -22,7 +22,6 @@ Ready when lmcache-server is ready, the engine answers and its stores land.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import random
 import sys
@@ -38,9 +37,12 @@ from starlette.routing import Route
 
 from .canary import canary_prompt, vocabulary
 from .config import Config
+from .disconnect import ClientGone, unless_disconnected
 from .kv_lookup import KVLookup
 from .cli import run_daemon
 from .metrics import PrefillMetrics
+from .request_limits import BadRequest, parse_json_object, read_body
+from .request_limits import request_id as checked_request_id
 from .lifecycle import DaemonFailed
 from .states import State
 from .worker import EngineDaemon, openai_error
@@ -48,9 +50,16 @@ from .worker import EngineDaemon, openai_error
 log = logging.getLogger(__name__)
 
 
+# What only generation needs: prefill computes the prompt once and answers with one token, so
+# several choices, beams, log-probabilities or a minimum length would only cost (or, for
+# min_tokens > 1, make the engine refuse a one-token request).
+GENERATION_ONLY = ("stream", "stream_options", "n", "best_of", "use_beam_search", "length_penalty", "logprobs",
+                   "top_logprobs", "prompt_logprobs", "min_tokens", "echo")
+
+
 def as_prefill(body: dict[str, object]) -> dict[str, object]:
     """The same request, cut down to computing the prompt: one token, no stream."""
-    out = {k: v for k, v in body.items() if k not in ("stream", "stream_options", "n", "best_of", "logprobs")}
+    out = {k: v for k, v in body.items() if k not in GENERATION_ONLY}
     out["max_tokens"] = 1
     if "max_completion_tokens" in out:
         out["max_completion_tokens"] = 1
@@ -90,6 +99,8 @@ class PrefillWorker(EngineDaemon):
             heartbeat_interval_s=config.lmcache.heartbeat_interval_s,
             log_path=Path(config.log_dir) / f"{self.name}-kv-lookup.log",
         )
+        self.proxy = self.proxy_client()
+        self.max_body_bytes = config.decode_worker.max_body_bytes
         self.missed_stores = 0  # prefills in a row whose KV was not in LMCache by the deadline
         self.last_miss = ""
         self.last_store_landed = time.monotonic()
@@ -195,22 +206,25 @@ class PrefillWorker(EngineDaemon):
         async def prefill(request: Request) -> Response:
             route = request.url.path
             try:
-                body = json.loads(await request.body())
-            except ValueError:
-                self.prefill_metrics.requests.labels(status="400").inc()
-                return openai_error(400, "request body is not valid JSON")
-            if not isinstance(body, dict):
-                self.prefill_metrics.requests.labels(status="400").inc()
-                return openai_error(400, "request body must be a JSON object")
-            request_id = request.headers.get("x-request-id", "")
+                request_id = checked_request_id(request)
+                body = parse_json_object(await read_body(request, self.max_body_bytes))
+            except BadRequest as exc:
+                self.prefill_metrics.requests.labels(status=str(exc.status)).inc()
+                return openai_error(exc.status, exc.message, exc.kind)
             t0 = time.monotonic()
             self.prefill_metrics.in_flight.inc()
             try:
-                resp = await self.http.post(
+                resp = await unless_disconnected(request, self.proxy.post(
                     f"{self.engine_url}{route}", json=as_prefill(body),
                     timeout=httpx.Timeout(None, connect=5.0),
                     headers={"x-request-id": request_id},
-                )
+                ))
+            except ClientGone:
+                # The front door gave up (its prefill deadline) or its client left: the engine's
+                # request was aborted with our connection to it.
+                log.info("[%s] caller went away after %.1fs: prefill aborted", request_id, time.monotonic() - t0)
+                self.prefill_metrics.requests.labels(status="499").inc()
+                return Response(status_code=499)
             except httpx.HTTPError as exc:
                 self.prefill_metrics.requests.labels(status="503").inc()
                 return openai_error(503, f"prefill engine unavailable: {exc!r}", "service_unavailable")

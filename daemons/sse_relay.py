@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import httpx
+from starlette.responses import StreamingResponse
 
 from .canary import cached_tokens
 from .metrics import FrontDoorMetrics
@@ -70,6 +71,9 @@ class StreamRelay:
         self.on_end = on_end
         self._first: float | None = None
         self._last: float | None = None
+        self._completed = False
+        self._cached: int | None = None
+        self._closed = False
 
     async def _all_events(self) -> AsyncIterator[str]:
         if self.first_event is not None:
@@ -101,14 +105,12 @@ class StreamRelay:
         return True, None
 
     async def body(self) -> AsyncIterator[bytes]:
-        completed = False
-        cached: int | None = None
         try:
             async for event in self._all_events():
                 forward, usage_cached = self._forward(event)
                 if usage_cached is not None:
-                    cached = usage_cached
-                completed = completed or event == "data: [DONE]"
+                    self._cached = usage_cached
+                self._completed = self._completed or event == "data: [DONE]"
                 if forward:
                     yield (event + "\n\n").encode()
         except httpx.HTTPError as exc:
@@ -116,5 +118,29 @@ class StreamRelay:
             self.metrics.errors.labels(kind="stream_broken").inc()
             yield f"data: {BROKEN_STREAM_EVENT}\n\n".encode()
         finally:
+            await self.close()
+
+    async def close(self) -> None:
+        """Close the engine's stream (aborting it there if unfinished) and report the end, once."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
             await self.upstream.aclose()
-            self.on_end(completed, cached)
+        finally:
+            self.on_end(self._completed, self._cached)
+
+
+class RelayedResponse(StreamingResponse):
+    """The client's streaming response: the relay is closed however the response ends, even when the
+    client went away before the first byte (then the body is never iterated and its cleanup never runs)."""
+
+    def __init__(self, relay: StreamRelay, headers: dict[str, str]) -> None:
+        super().__init__(relay.body(), media_type="text/event-stream", headers=headers)
+        self.relay = relay
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.relay.close()

@@ -9,6 +9,7 @@ connection; a file left behind by a crash is reported as stale, not ready.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import tempfile
@@ -19,7 +20,16 @@ from typing import Any
 
 from .states import State
 
+log = logging.getLogger(__name__)
+
 __all__ = ["PeerView", "State", "StateRecord", "assess", "endpoint_accepts", "pid_alive", "read_state", "write_state"]
+
+
+_FIELD_TYPES: dict[str, type | tuple[type, ...]] = {
+    "daemon": str, "pid": int, "state": str, "endpoint": str, "metrics": str, "config_digest": str,
+    "version": str, "started_at": (int, float), "heartbeat": (int, float), "reason": str, "details": dict,
+}
+_REQUIRED = ("daemon", "pid", "state", "endpoint", "metrics", "config_digest", "version", "started_at")
 
 
 @dataclass
@@ -42,8 +52,19 @@ class StateRecord:
         return data
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> "StateRecord":
+    def from_json(cls, data: Any) -> "StateRecord":
+        """The record in ``data``; ValueError when anything in it has the wrong type or is missing."""
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
         known = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
+        for key, types in _FIELD_TYPES.items():
+            if key not in known:
+                if key in _REQUIRED:
+                    raise ValueError(f"{key} is missing")
+                continue
+            value = known[key]
+            if not isinstance(value, types) or isinstance(value, bool):
+                raise ValueError(f"{key} has the wrong type ({type(value).__name__})")
         known["state"] = State(known["state"])
         return cls(**known)
 
@@ -74,12 +95,45 @@ def write_state(runtime_dir: Path, record: StateRecord) -> Path:
     return target
 
 
+_warned: dict[Path, float] = {}
+
+
 def read_state(runtime_dir: Path, daemon: str) -> StateRecord | None:
-    """The record, or None when the file is absent or unreadable (half-written files never exist)."""
+    """The record, or None when the file is absent, unreadable or not a valid record.
+
+    Half-written files never exist (writes are atomic); a file that is not a valid
+    record (hand-edited, hostile, another version) is ignored, with one warning per version of it."""
+    path = state_path(runtime_dir, daemon)
     try:
-        return StateRecord.from_json(json.loads(state_path(runtime_dir, daemon).read_text()))
-    except (OSError, ValueError, KeyError, TypeError):
+        text = path.read_text()
+    except OSError:
         return None
+    try:
+        return StateRecord.from_json(json.loads(text))
+    except (ValueError, RecursionError) as exc:
+        try:
+            mtime = path.stat().st_mtime
+        except OSError:
+            mtime = 0.0
+        if _warned.get(path) != mtime:
+            _warned[path] = mtime
+            log.warning("ignoring %s: not a valid state record (%s)", path, exc)
+        return None
+
+
+def check_runtime_dir(runtime_dir: Path) -> None:
+    """Create the runtime dir, or refuse one that others could write state files into.
+
+    Raises PermissionError naming the problem: owned by another user, or group/world-writable."""
+    path = Path(runtime_dir)
+    path.mkdir(parents=True, exist_ok=True, mode=0o755)
+    st = path.stat()
+    if st.st_uid != os.geteuid():
+        raise PermissionError(f"runtime dir {path} is owned by uid {st.st_uid}, not by us (uid {os.geteuid()}): "
+                              "another user could forge our peers' state")
+    if st.st_mode & 0o022:
+        raise PermissionError(f"runtime dir {path} is writable by group or others (mode {st.st_mode & 0o777:o}): "
+                              "chmod go-w it")
 
 
 def pid_alive(pid: int) -> bool:

@@ -177,3 +177,29 @@ def test_instance_name_is_checked(tmp_path, model_dir):
     doc = instances_doc(model_dir)
     doc["prefill_worker"]["instances"]["a/b"] = {}
     assert "prefill_worker.instances: name 'a/b'" in error_of(tmp_path, doc)
+
+
+def test_a_front_door_beyond_loopback_needs_keys_or_an_explicit_yes(tmp_path, model_dir, monkeypatch):
+    monkeypatch.delenv("DISAGG_API_KEYS", raising=False)
+    doc = base(model_dir)
+    doc["decode_worker"]["host"] = "0.0.0.0"
+    assert "beyond loopback and no API keys" in error_of(tmp_path, doc)
+    doc["decode_worker"]["allow_unauthenticated"] = True
+    load_config(write(tmp_path, doc))
+    del doc["decode_worker"]["allow_unauthenticated"]
+    doc["decode_worker"]["api_keys_file"] = str(tmp_path / "keys")
+    load_config(write(tmp_path, doc))
+
+
+@pytest.mark.parametrize("arg", ["--host", "--port=9", "--api-key", "--kv-transfer-config={}", "--model"])
+def test_extra_engine_args_cannot_take_over_what_the_worker_owns(tmp_path, model_dir, arg):
+    doc = base(model_dir)
+    doc["prefill_worker"]["extra_engine_args"] = ["--seed", "1", arg]
+    assert f"prefill_worker.extra_engine_args: {arg.split('=')[0]} is set by disagg" in error_of(
+        tmp_path, doc)
+
+
+def test_the_prefill_api_stays_on_loopback(tmp_path, model_dir):
+    doc = base(model_dir)
+    doc["prefill_worker"]["host"] = "0.0.0.0"
+    assert "prefill_worker.host" in error_of(tmp_path, doc)

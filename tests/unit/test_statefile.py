@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from daemons.statefile import State, StateRecord, assess, read_state, state_path, write_state
+from daemons.statefile import State, StateRecord, assess, check_runtime_dir, read_state, state_path, write_state
 
 
 def record(daemon: str = "prefill-worker", **kw) -> StateRecord:
@@ -134,3 +134,29 @@ def test_write_fails_cleanly_on_unwritable_dir(tmp_path):
     target.write_text("")
     with pytest.raises(OSError):
         write_state(target, record())
+
+
+@pytest.mark.parametrize("text", [
+    '{"daemon": "lmcache-server", "pid": "1", "state": "ready", "endpoint": "x:1", "metrics": "x:2", '
+    '"config_digest": "d", "version": "0", "started_at": 0}',  # pid of the wrong type
+    '{"daemon": "lmcache-server", "pid": 1, "state": "kaput", "endpoint": "x:1", "metrics": "x:2", '
+    '"config_digest": "d", "version": "0", "started_at": 0}',  # no such state
+    '{"daemon": "lmcache-server", "pid": 1, "state": "ready"}',  # fields missing
+    '[1, 2, 3]', '"ready"', "[" * 100_000, '{"pid": true}',
+])
+def test_a_hostile_record_is_ignored_with_a_warning(tmp_path, text, caplog):
+    state_path(tmp_path, "lmcache-server").write_text(text)
+    assert read_state(tmp_path, "lmcache-server") is None
+    assert assess(tmp_path, "lmcache-server", 10).state == "absent"
+    assert "not a valid state record" in caplog.text
+
+
+def test_a_runtime_dir_others_can_write_is_refused(tmp_path):
+    shared = tmp_path / "run"
+    shared.mkdir(mode=0o777)
+    shared.chmod(0o777)
+    with pytest.raises(PermissionError, match="writable by group or others"):
+        check_runtime_dir(shared)
+    shared.chmod(0o755)
+    check_runtime_dir(shared)
+    check_runtime_dir(tmp_path / "new" / "run")  # created

@@ -1,0 +1,208 @@
+"""The public edge with fakes (the front door's app over ASGI, a mock engine): request limits,
+bad headers, API keys, admission control, and a client that goes away. The same rows run
+against the real stack in tests/e2e/test_edge.py."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from prometheus_client import CollectorRegistry
+
+from daemons.admission import Admission, Overloaded
+from daemons.auth import ApiKeyError, ApiKeys
+from daemons.frontdoor import FrontDoor
+from daemons.metrics import FrontDoorMetrics
+from daemons.peers import Peers
+from daemons.prefill_router import PrefillRouter
+
+ENGINE_ANSWER = {"choices": [{"text": "hi"}], "usage": {"prompt_tokens": 3, "completion_tokens": 1}}
+
+
+def front_door(tmp_path: Path, engine: httpx.MockTransport | None = None, **kw: Any) -> FrontDoor:
+    metrics = FrontDoorMetrics(CollectorRegistry())
+    router = PrefillRouter([], Peers(tmp_path, 5, expect_digest=None), metrics)  # no prefill: fallback
+    transport = engine or httpx.MockTransport(lambda r: httpx.Response(200, json=ENGINE_ANSWER))
+    return FrontDoor(engine_url="http://engine", client=httpx.AsyncClient(transport=transport), metrics=metrics,
+                     router=router, prefill_timeout_s=5, health=lambda: ("ready", True, ""), **kw)
+
+
+async def post(door: FrontDoor, body: bytes | None = None, headers: dict[str, Any] | None = None,
+               path: str = "/v1/completions") -> httpx.Response:
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(door.app()), base_url="http://door") as client:
+        content = body if body is not None else json.dumps({"model": "m", "prompt": "hello"}).encode()
+        return await client.post(path, content=content, headers=headers or {})
+
+
+def errors(door: FrontDoor, kind: str) -> float:
+    return door.metrics.errors.labels(kind=kind)._value.get()
+
+
+def test_a_polite_request_is_served(tmp_path: Path) -> None:
+    door = front_door(tmp_path)
+    resp = asyncio.run(post(door))
+    assert resp.status_code == 200 and resp.headers["x-disagg-path"] == "fallback"
+    assert door.admission.active == 0  # the slot came back
+
+
+def test_a_body_over_the_limit_is_413_before_it_is_read(tmp_path: Path) -> None:
+    door = front_door(tmp_path, max_body_bytes=1024)
+    resp = asyncio.run(post(door, b"x" * 5000))
+    assert resp.status_code == 413 and resp.json()["error"]["type"] == "request_too_large"
+    assert errors(door, "too_large") == 1
+
+
+def test_deep_nesting_is_400_not_500(tmp_path: Path) -> None:
+    door = front_door(tmp_path)
+    for body in (b"[" * 100_000, json.dumps({"prompt": "x", "a": [[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[1]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]}).encode()):
+        resp = asyncio.run(post(door, body))
+        assert resp.status_code == 400 and "nested too deeply" in resp.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("body", [b"", b"{", b"[1, 2]", b"\xff\xfe", b'"just a string"'])
+def test_garbage_bodies_are_400(tmp_path: Path, body: bytes) -> None:
+    resp = asyncio.run(post(front_door(tmp_path), body))
+    assert resp.status_code == 400 and resp.json()["error"]["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize("rid", ["caf\u00e9", "two words", "x" * 200, "tab\there"])
+def test_a_bad_request_id_is_400_and_never_reaches_the_engine(tmp_path: Path, rid: str) -> None:
+    calls = []
+    engine = httpx.MockTransport(lambda r: calls.append(r) or httpx.Response(200, json=ENGINE_ANSWER))
+    door = front_door(tmp_path, engine)
+    resp = asyncio.run(post(door, headers={"x-request-id": rid.encode("utf-8")}))
+    assert resp.status_code == 400 and "x-request-id" in resp.json()["error"]["message"]
+    assert calls == []
+
+
+def test_api_keys_gate_the_api_but_not_health(tmp_path: Path) -> None:
+    keys_file = tmp_path / "keys"
+    keys_file.write_text("# comment\nold-key\nnew-key\n")
+    keys_file.chmod(0o640)
+    door = front_door(tmp_path, keys=ApiKeys(keys_file, env={}))
+    assert asyncio.run(post(door)).status_code == 401
+    assert asyncio.run(post(door, headers={"authorization": "Bearer wrong"})).status_code == 401
+    assert asyncio.run(post(door, headers={"authorization": "Bearer old-key"})).status_code == 200
+    assert asyncio.run(post(door, headers={"authorization": "bearer new-key"})).status_code == 200
+    unauthorized = asyncio.run(post(door, headers={"authorization": "Bearer wrong"}))
+    assert unauthorized.json()["error"]["type"] == "authentication_error" and "wrong" not in unauthorized.text
+
+    async def health() -> httpx.Response:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(door.app()), base_url="http://door") as c:
+            return await c.get("/health")
+    assert asyncio.run(health()).status_code == 200
+
+
+def test_keys_rotate_without_a_restart_and_a_broken_file_keeps_the_old_keys(tmp_path: Path) -> None:
+    keys_file = tmp_path / "keys"
+    keys_file.write_text("old-key\n")
+    keys_file.chmod(0o640)
+    keys = ApiKeys(keys_file, env={"DISAGG_API_KEYS": "env-key"})
+    assert keys.allows("Bearer old-key") and keys.allows("Bearer env-key")
+    keys_file.write_text("new-key\n")
+    os.utime(keys_file, (1, 1))
+    keys.reload_if_changed()
+    assert keys.allows("Bearer new-key") and not keys.allows("Bearer old-key")
+    keys_file.chmod(0o644)  # readable by everyone: refused, the loaded keys stay
+    os.utime(keys_file, (2, 2))
+    keys.reload_if_changed()
+    assert keys.allows("Bearer new-key")
+    with pytest.raises(ApiKeyError, match="readable by everyone"):
+        ApiKeys(keys_file, env={})
+
+
+def test_no_key_source_means_no_authentication() -> None:
+    assert ApiKeys(None, env={}).allows(None)
+    assert not ApiKeys(None, env={"DISAGG_API_KEYS": "k"}).allows(None)
+
+
+def test_admission_queues_then_refuses_at_once() -> None:
+    async def scenario() -> list[str]:
+        adm = Admission(max_concurrent=2, max_queued=1, queue_timeout_s=0.3)
+        await adm.acquire()
+        await adm.acquire()
+        queued = asyncio.create_task(adm.acquire())
+        await asyncio.sleep(0.01)
+        outcomes = []
+        try:
+            await adm.acquire()  # the queue (1) is full
+        except Overloaded as exc:
+            outcomes.append(exc.reason)
+        adm.release()  # the queued one gets the slot
+        await asyncio.wait_for(queued, 1)
+        outcomes.append(f"active={adm.active} queued={adm.queued}")
+        try:
+            await adm.acquire()  # waits, nobody releases: too long
+        except Overloaded as exc:
+            outcomes.append(exc.reason)
+        return outcomes
+
+    assert asyncio.run(scenario()) == ["queue_full", "active=2 queued=0", "queue_timeout"]
+
+
+def test_overload_is_429_with_retry_after(tmp_path: Path) -> None:
+    release = asyncio.Event()
+
+    async def slow_engine(request: httpx.Request) -> httpx.Response:
+        await release.wait()
+        return httpx.Response(200, json=ENGINE_ANSWER)
+
+    async def scenario() -> list[int]:
+        door = front_door(tmp_path, httpx.MockTransport(slow_engine), admission=Admission(2, 2, 30))
+        tasks = [asyncio.create_task(post(door)) for _ in range(8)]
+        await asyncio.sleep(0.3)
+        release.set()
+        responses = await asyncio.wait_for(asyncio.gather(*tasks), 10)
+        refused = [r for r in responses if r.status_code == 429]
+        assert all(r.headers["retry-after"] for r in refused)
+        assert door.admission.active == 0 and door.admission.queued == 0
+        return sorted(r.status_code for r in responses)
+
+    assert asyncio.run(scenario()) == [200] * 4 + [429] * 4
+
+
+def test_a_client_that_goes_away_cancels_the_engine_request(tmp_path: Path) -> None:
+    started, cancelled = asyncio.Event(), asyncio.Event()
+
+    async def endless_engine(request: httpx.Request) -> httpx.Response:
+        started.set()
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+        raise AssertionError("unreachable")
+
+    async def scenario() -> None:
+        door = front_door(tmp_path, httpx.MockTransport(endless_engine))
+        body = json.dumps({"model": "m", "prompt": "hello", "max_tokens": 4000}).encode()
+        messages = [{"type": "http.request", "body": body, "more_body": False}]
+        gone = asyncio.Event()
+
+        async def receive() -> dict[str, Any]:
+            if messages:
+                return messages.pop(0)
+            await gone.wait()
+            return {"type": "http.disconnect"}
+
+        sent: list[dict[str, Any]] = []
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+
+        scope = {"type": "http", "method": "POST", "path": "/v1/completions", "raw_path": b"/v1/completions",
+                 "query_string": b"", "headers": [(b"content-type", b"application/json")], "http_version": "1.1",
+                 "scheme": "http", "server": ("door", 80), "client": ("c", 1), "root_path": ""}
+        app_task = asyncio.create_task(door.app()(scope, receive, send))
+        await asyncio.wait_for(started.wait(), 5)
+        gone.set()  # the client closes its connection
+        await asyncio.wait_for(cancelled.wait(), 5)
+        await asyncio.wait_for(app_task, 5)
+        assert errors(door, "client_gone") == 1 and door.admission.active == 0
+
+    asyncio.run(scenario())
