@@ -14,5 +14,6 @@ doc["model"].update(path="/tmp/model", load_format="dummy", dtype="bfloat16")
 doc["lmcache"]["transfer_mode"] = None
 for worker in ("prefill_worker", "decode_worker"):
     doc[worker]["extra_engine_args"] = ["--attention-backend", "TRITON_ATTN"]
-doc["decode_worker"]["host"] = "127.0.0.1"
+doc["decode_worker"]["host"] = "127.0.0.1"  # the bench client is local: no API keys
+doc["decode_worker"].pop("api_keys_file", None)
 print(yaml.safe_dump(doc, sort_keys=False))

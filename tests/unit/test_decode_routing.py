@@ -167,3 +167,9 @@ def test_a_skipped_prefill_is_counted_with_its_reason(worker: DecodeWorker) -> N
     outcome = asyncio.run(worker.front_door.prefill("/v1/completions", {"prompt": "x"}, "req"))
     assert outcome.headers() == {"x-disagg-path": "fallback", "x-disagg-fallback-reason": "kv_path_broken"}
     assert fallbacks(worker, "kv_path_broken") == 1
+
+
+def test_proxied_requests_have_their_own_connection_pool(worker: DecodeWorker) -> None:
+    """Probes (engine /health, canary, peers) never wait behind a hundred streams for a connection."""
+    assert worker.front_door.client is not worker.http
+    assert worker.front_door.admission.max_concurrent == worker.worker.max_concurrent_requests

@@ -1,0 +1,149 @@
+"""The public edge of the real stack (CPU default): what a hostile or merely busy world
+sends it. Each test is one row of the hardening issue's table; each failed before."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import socket
+import subprocess
+import time
+
+import httpx
+import pytest
+
+from daemons.child import descendants
+from daemons.config import load_config
+from daemons.statefile import read_state
+
+from .conftest import PORTS, metric_value, words_prompt
+
+pytestmark = pytest.mark.stack
+FRONT = ("127.0.0.1", PORTS["decode_worker"]["port"])
+
+
+def raw_request(head: bytes, body: bytes = b"", timeout: float = 30) -> bytes:
+    """Send bytes as they are (no client library tidies them up); return the first response bytes."""
+    with socket.create_connection(FRONT, timeout=timeout) as sock:
+        sock.sendall(head + b"\r\n" + body)
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+        return data
+
+
+def status_of(response: bytes) -> int:
+    match = re.match(rb"HTTP/1\.1 (\d{3})", response)
+    assert match, response[:200]
+    return int(match.group(1))
+
+
+def rss(stack) -> float:  # type: ignore[no-untyped-def]
+    return metric_value(stack.metrics("decode-worker"), "process_resident_memory_bytes")
+
+
+def test_a_200_mb_body_is_refused_before_it_is_read(stack) -> None:  # type: ignore[no-untyped-def]
+    before = rss(stack)
+    head = (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 209715200\r\n")
+    response = raw_request(head, b"{" + b" " * (1 << 20))
+    assert status_of(response) == 413
+    grown = rss(stack) - before
+    assert grown < 50e6, f"decode-worker grew by {grown / 1e6:.0f} MB on a refused body"
+
+
+def test_deep_nesting_is_a_400(stack) -> None:  # type: ignore[no-untyped-def]
+    resp = httpx.post(f"{stack.base_url}/v1/completions", content=b"[" * 100_000, trust_env=False, timeout=30)
+    assert resp.status_code == 400 and "nested too deeply" in resp.json()["error"]["message"]
+
+
+def test_a_non_ascii_request_id_is_a_400(stack) -> None:  # type: ignore[no-untyped-def]
+    body = json.dumps({"model": "tiny-llama", "prompt": "hi", "max_tokens": 1}).encode()
+    head = (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"x-request-id: caf\xc3\xa9\r\nContent-Length: " + str(len(body)).encode() + b"\r\n")
+    assert status_of(raw_request(head, body)) == 400
+
+
+def running(stack) -> float:  # type: ignore[no-untyped-def]
+    return metric_value(stack.metrics("decode-worker"), "vllm_num_requests_running")
+
+
+def test_a_client_that_goes_away_stops_the_decode_engine(stack) -> None:  # type: ignore[no-untyped-def]
+    body = json.dumps({"model": "tiny-llama", "prompt": words_prompt(7, 30), "max_tokens": 4000,
+                       "ignore_eos": True}).encode()
+    head = (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: " + str(len(body)).encode() + b"\r\n")
+    sock = socket.create_connection(FRONT, timeout=30)
+    try:
+        sock.sendall(head + b"\r\n" + body)
+        deadline = time.monotonic() + 120
+        while running(stack) < 1:
+            assert time.monotonic() < deadline, "the request never ran in the decode engine"
+            time.sleep(0.2)
+        time.sleep(2.5)
+    finally:
+        sock.close()  # the client goes away
+    t0 = time.monotonic()
+    while running(stack) > 0:
+        assert time.monotonic() - t0 < 30, "the decode engine kept generating for a client that left"
+        time.sleep(0.2)
+    print(f"\ndecode engine stopped {time.monotonic() - t0:.1f}s after the client closed")
+
+
+async def one_stream(client: httpx.AsyncClient, i: int) -> tuple[int, str, list[str]]:
+    body = {"model": "tiny-llama", "prompt": words_prompt(1000 + i, 60), "max_tokens": 16, "stream": True}
+    async with client.stream("POST", "/v1/completions", json=body) as resp:
+        text = (await resp.aread()).decode()
+        return resp.status_code, resp.headers.get("retry-after", ""), text.split("\n\n")
+
+
+def test_160_concurrent_streams_get_429s_not_a_slow_collapse(stack) -> None:  # type: ignore[no-untyped-def]
+    fallbacks_before = metric_value(stack.metrics("decode-worker"), "disagg_fallbacks_total",
+                                    'reason="prefill_timeout"')
+
+    async def load() -> list[tuple[int, str, list[str]]]:
+        limits = httpx.Limits(max_connections=200)
+        async with httpx.AsyncClient(base_url=stack.base_url, timeout=300, limits=limits, trust_env=False) as c:
+            return await asyncio.wait_for(asyncio.gather(*(one_stream(c, i) for i in range(160))), 600)
+
+    t0 = time.monotonic()
+    results = asyncio.run(load())
+    elapsed = time.monotonic() - t0
+    codes = [code for code, _, _ in results]
+    refused = [r for r in results if r[0] == 429]
+    assert set(codes) <= {200, 429}, codes
+    assert refused and all(retry for _, retry, _ in refused), "no 429 (with Retry-After) under 160 streams"
+    for code, _, events in results:
+        if code != 200:
+            continue
+        for event in events:
+            if event.startswith("data: ") and event != "data: [DONE]":
+                json.loads(event[6:])  # every data line is whole JSON
+    fallbacks = metric_value(stack.metrics("decode-worker"), "disagg_fallbacks_total",
+                             'reason="prefill_timeout"') - fallbacks_before
+    assert fallbacks == 0, f"{fallbacks:.0f} prefill timeouts under load: fallback multiplied the work"
+    print(f"\n160 streams: {codes.count(200)} served, {len(refused)} refused with 429, {elapsed:.0f}s")
+    stack.wait_state("decode-worker", ("ready",), timeout=120)
+
+
+def test_every_port_of_the_stack_listens_on_loopback_only(stack) -> None:  # type: ignore[no-untyped-def]
+    config = load_config(stack.config)
+    pids: set[int] = set()
+    for name in config.daemon_names():
+        record = read_state(config.runtime_dir, name)
+        assert record is not None
+        pids |= {record.pid, *descendants(record.pid)}
+    out = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True, check=True).stdout
+    listening = []
+    for line in out.splitlines():
+        owners = {int(p) for p in re.findall(r"pid=(\d+)", line)}
+        if owners & pids:
+            local = line.split()[3]
+            listening.append(local)
+    assert f"127.0.0.1:{PORTS['lmcache']['http_port']}" in listening  # LMCache's HTTP API, on loopback
+    exposed = [a for a in listening if not a.startswith(("127.", "[::1]", "[::ffff:127."))]
+    assert exposed == [], f"listening beyond loopback: {exposed} (all: {listening})"
