@@ -27,5 +27,21 @@ if [ $rc -eq 0 ]; then
   curl -s 127.0.0.1:9102/metrics | grep -E "^disagg_(request_paths_total|recomputes_total|kv_path_canaries_total|fallbacks_total)" | grep -v " 0.0$"
 fi
 grep -h -E "wedged|exiting to be restarted|came back as a new process|canary via" $LOG/*.out | cut -c1-260 | tail -20
+echo "== what the stack listens on (LMCache's HTTP API must be on loopback)"
+ss -ltnp 2>/dev/null | grep -E "python|lmcache|vllm" | awk '{print $4}' | sort -u
+echo "== kill -9 of prefill-worker: no process of its engine tree may survive it"
+$PY - <<'PY'
+import json, os, signal, time
+from daemons.child import descendants
+rec = json.load(open("/tmp/disagg/run/prefill-worker.json"))
+tree = [rec["pid"], *descendants(rec["pid"])]
+os.kill(rec["pid"], signal.SIGKILL)
+deadline = time.monotonic() + 30
+alive = lambda: [p for p in tree if os.path.exists(f"/proc/{p}") and open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"]
+while alive() and time.monotonic() < deadline:
+    time.sleep(0.2)
+print(f"tree of {len(tree)} processes; left after kill -9 of the daemon: {alive()} ({time.monotonic() - deadline + 30:.1f}s)")
+PY
+nvidia-smi --query-compute-apps=pid,used_memory --format=csv 2>/dev/null | head -5
 $PY -m daemons.ctl --config $CFG down
 cd $LOG && tar -czf $OUT/logs.tgz . 2>/dev/null; ls -la $OUT
