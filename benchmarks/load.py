@@ -41,6 +41,7 @@ class Record:
     stream: bool = False
     hung: bool = False
     error: str = ""
+    retry_after: float | None = None  # the server's Retry-After, when it sent one
 
     @property
     def end(self) -> float:
@@ -102,7 +103,8 @@ class Load:
             rec.seconds = time.monotonic() - start
             self.records.append(rec)
             if rec.status != 200:
-                await asyncio.sleep(0.5)  # a refused client backs off a little, as real ones do
+                # A refused client backs off as real ones do: as long as Retry-After says, else a little.
+                await asyncio.sleep(rec.retry_after if rec.retry_after is not None else 0.5)
             await asyncio.sleep(self.think_s)
 
     async def _one(self, client: httpx.AsyncClient, prompt: list[int], stream: bool, rec: Record) -> None:
@@ -140,6 +142,10 @@ class Load:
 
     @staticmethod
     def _headers(resp: httpx.Response, rec: Record) -> None:
+        try:
+            rec.retry_after = float(resp.headers["retry-after"])
+        except (KeyError, ValueError):
+            pass
         rec.path = resp.headers.get("x-disagg-path", "")
         rec.reason = resp.headers.get("x-disagg-fallback-reason") or resp.headers.get("x-disagg-recompute-reason", "")
 

@@ -181,11 +181,12 @@ class DecodeWorkerConfig(WorkerConfig):
         default=600.0, description="A non-streamed request whose decode engine has not answered in this "
         "long fails with 503 + Retry-After.")
     max_concurrent_requests: Annotated[int, Field(gt=0)] = Field(
-        default=64, description="Requests the front door serves at once (prefill call, decode, whole stream).")
+        default=256, description="Requests the front door serves at once (prefill call, decode, whole stream). "
+        "The engines batch what is in progress: a cap far below their max_num_seqs wastes them.")
     max_queued_requests: Annotated[int, Field(ge=0)] = Field(
         default=256, description="Requests that may wait for a slot; past that, 429 + Retry-After at once.")
     queue_timeout_s: PositiveFloat = Field(
-        default=30.0, description="A queued request that got no slot in this long gets 429 + Retry-After.")
+        default=10.0, description="A queued request that got no slot in this long gets 429 + Retry-After.")
     max_body_bytes: Annotated[int, Field(gt=0)] = Field(
         default=8 << 20, description="Larger request bodies get 413 before they are read into memory.")
     api_keys_file: Path | None = Field(
