@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import re
 import socket
 import subprocess
 import time
+from collections import Counter
 
 import httpx
 import pytest
@@ -147,3 +149,79 @@ def test_every_port_of_the_stack_listens_on_loopback_only(stack) -> None:  # typ
     assert f"127.0.0.1:{PORTS['lmcache']['http_port']}" in listening  # LMCache's HTTP API, on loopback
     exposed = [a for a in listening if not a.startswith(("127.", "[::1]", "[::ffff:127."))]
     assert exposed == [], f"listening beyond loopback: {exposed} (all: {listening})"
+
+
+def garbage(rng: random.Random, n: int) -> list[bytes]:
+    """Raw payloads: random bytes, broken HTTP framing, and well-framed requests with hostile bodies."""
+    def framed(body: bytes, path: bytes = b"/v1/completions", extra: bytes = b"") -> bytes:
+        return (b"POST " + path + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\n" + extra +
+                b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+
+    values: list[object] = [None, True, -1, 0, 2**63, 1e308, "", "x" * 5000, [], {}, [1, "a"], {"a": {"b": []}}]
+    keys = ["model", "prompt", "messages", "max_tokens", "stream", "n", "temperature", "stop", "stream_options",
+            "logprobs", "best_of", "echo", "min_tokens", "prompt_logprobs", "top_p", "seed"]
+    out = []
+    for i in range(n):
+        kind = i % 6
+        if kind == 0:
+            out.append(bytes(rng.getrandbits(8) for _ in range(rng.randint(1, 2048))))
+        elif kind == 1:
+            out.append(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: " +
+                       rng.choice([b"-1", b"abc", b"99999999999999999999", b"10"]) + b"\r\n\r\n{")
+        elif kind == 2:
+            out.append(framed(b"{}", extra=b"X-" + bytes(rng.getrandbits(7) | 0x41 for _ in range(20)) +
+                              b": " + bytes(rng.getrandbits(8) for _ in range(40)).replace(b"\r", b"").replace(
+                                  b"\n", b"") + b"\r\n"))
+        elif kind == 3:
+            out.append(framed(json.dumps({k: rng.choice(values) for k in rng.sample(keys, rng.randint(1, 6))}).encode()))
+        elif kind == 4:
+            body = {"model": "tiny-llama", "prompt": "hi", "max_tokens": 2,
+                    rng.choice(keys): rng.choice(values)}
+            out.append(framed(json.dumps(body).encode(), path=rng.choice(
+                [b"/v1/completions", b"/v1/chat/completions", b"/v1/models", b"/health", b"/metrics", b"/nope"])))
+        else:
+            out.append(framed(bytes(rng.getrandbits(8) for _ in range(rng.randint(1, 512)))))
+    return out
+
+
+def send_raw(port: int, payload: bytes) -> int | None:
+    """The status the server answered, None when it closed without one (garbage that is not HTTP).
+
+    A well-framed request says ``Connection: close`` and is answered; anything else is followed by
+    a half-close, so the server sees the end of it instead of waiting for more."""
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
+        sock.sendall(payload)
+        if b"Connection: close" not in payload:
+            sock.shutdown(socket.SHUT_WR)
+        data = b""
+        while len(data) < 65536:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    match = re.match(rb"HTTP/1\.[01] (\d{3})", data)
+    return int(match.group(1)) if match else None
+
+
+def test_garbage_on_every_port_of_ours_gets_no_5xx_and_kills_nothing(stack) -> None:  # type: ignore[no-untyped-def]
+    config = load_config(stack.config)
+    before = {name: read_state(config.runtime_dir, name).pid for name in config.daemon_names()}  # type: ignore[union-attr]
+    ports = [PORTS["decode_worker"]["port"], PORTS["prefill_worker"]["port"], PORTS["lmcache_server"]["metrics_port"],
+             PORTS["prefill_worker"]["metrics_port"], PORTS["decode_worker"]["metrics_port"]]
+    rng = random.Random(20261126)
+    statuses: dict[int, Counter[int | None]] = {}
+    bad = []
+    for port in ports:
+        seen: Counter[int | None] = Counter()
+        for payload in garbage(rng, 120):
+            status = send_raw(port, payload)
+            seen[status] += 1
+            if status is not None and status >= 500 and status != 503:
+                bad.append((port, status, payload[:120]))
+        statuses[port] = seen
+    print("\n" + "\n".join(f"port {p}: {dict(s)}" for p, s in statuses.items()))
+    assert bad == [], bad[:5]
+    after = {name: read_state(config.runtime_dir, name).pid for name in config.daemon_names()}  # type: ignore[union-attr]
+    assert after == before, "a daemon restarted under garbage"
+    resp = stack.complete(words_prompt(3, 300), max_tokens=2)
+    assert resp.status_code == 200

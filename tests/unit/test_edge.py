@@ -181,24 +181,8 @@ def test_a_client_that_goes_away_cancels_the_engine_request(tmp_path: Path) -> N
     async def scenario() -> None:
         door = front_door(tmp_path, httpx.MockTransport(endless_engine))
         body = json.dumps({"model": "m", "prompt": "hello", "max_tokens": 4000}).encode()
-        messages = [{"type": "http.request", "body": body, "more_body": False}]
-        gone = asyncio.Event()
-
-        async def receive() -> dict[str, Any]:
-            if messages:
-                return messages.pop(0)
-            await gone.wait()
-            return {"type": "http.disconnect"}
-
-        sent: list[dict[str, Any]] = []
-
-        async def send(message: dict[str, Any]) -> None:
-            sent.append(message)
-
-        scope = {"type": "http", "method": "POST", "path": "/v1/completions", "raw_path": b"/v1/completions",
-                 "query_string": b"", "headers": [(b"content-type", b"application/json")], "http_version": "1.1",
-                 "scheme": "http", "server": ("door", 80), "client": ("c", 1), "root_path": ""}
-        app_task = asyncio.create_task(door.app()(scope, receive, send))
+        gone, call = asgi_post_then_disconnect(door.app(), body)
+        app_task = asyncio.create_task(call)
         await asyncio.wait_for(started.wait(), 5)
         gone.set()  # the client closes its connection
         await asyncio.wait_for(cancelled.wait(), 5)
@@ -206,3 +190,67 @@ def test_a_client_that_goes_away_cancels_the_engine_request(tmp_path: Path) -> N
         assert errors(door, "client_gone") == 1 and door.admission.active == 0
 
     asyncio.run(scenario())
+
+
+def asgi_post_then_disconnect(app: Any, body: bytes) -> tuple[asyncio.Event, Any]:
+    """Drive ``app`` with one POST whose client disconnects when the returned event is set."""
+    messages = [{"type": "http.request", "body": body, "more_body": False}]
+    gone = asyncio.Event()
+
+    async def receive() -> dict[str, Any]:
+        if messages:
+            return messages.pop(0)
+        await gone.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        pass
+
+    scope = {"type": "http", "method": "POST", "path": "/v1/completions", "raw_path": b"/v1/completions",
+             "query_string": b"", "headers": [(b"content-type", b"application/json")], "http_version": "1.1",
+             "scheme": "http", "server": ("x", 80), "client": ("c", 1), "root_path": ""}
+    return gone, app(scope, receive, send)
+
+
+def test_prefill_worker_aborts_the_engine_request_when_its_caller_gives_up(tmp_path: Path) -> None:
+    from daemons.config import parse_config
+    from daemons.prefill_worker import PrefillWorker
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"vocab_size": 1000}))
+    worker = PrefillWorker(parse_config({"runtime_dir": str(tmp_path / "run"), "log_dir": str(tmp_path / "log"),
+                                         "model": {"path": str(model)}}, tmp_path / "d.yaml"), strict=True)
+    started, cancelled = asyncio.Event(), asyncio.Event()
+
+    async def endless_engine(request: httpx.Request) -> httpx.Response:
+        started.set()
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+        raise AssertionError("unreachable")
+
+    async def scenario() -> None:
+        worker.proxy = httpx.AsyncClient(transport=httpx.MockTransport(endless_engine))
+        gone, call = asgi_post_then_disconnect(worker.app(), json.dumps({"model": "m", "prompt": "p"}).encode())
+        task = asyncio.create_task(call)
+        await asyncio.wait_for(started.wait(), 5)
+        gone.set()  # the front door's prefill deadline passed: it closed the connection
+        await asyncio.wait_for(cancelled.wait(), 5)
+        await asyncio.wait_for(task, 5)
+
+    asyncio.run(scenario())
+
+
+def test_lmcache_http_api_is_bound_to_loopback(tmp_path: Path) -> None:
+    from daemons.config import parse_config
+    from daemons.lmcache_server import lmcache_argv
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    argv = lmcache_argv(parse_config({"runtime_dir": "r", "log_dir": "l", "model": {"path": str(model)}},
+                                     tmp_path / "d.yaml"))
+    assert argv[argv.index("--http-host") + 1] == "127.0.0.1"
