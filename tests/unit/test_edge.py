@@ -166,10 +166,11 @@ def test_overload_is_429_with_retry_after(tmp_path: Path) -> None:
     assert asyncio.run(scenario()) == [200] * 4 + [429] * 4
 
 
-def test_a_client_that_goes_away_cancels_the_engine_request(tmp_path: Path) -> None:
+def hanging_engine() -> tuple[asyncio.Event, asyncio.Event, Any]:
+    """An engine that never answers: (it got the request, the request was cancelled, the handler)."""
     started, cancelled = asyncio.Event(), asyncio.Event()
 
-    async def endless_engine(request: httpx.Request) -> httpx.Response:
+    async def handler(request: httpx.Request) -> httpx.Response:
         started.set()
         try:
             await asyncio.sleep(3600)
@@ -177,6 +178,12 @@ def test_a_client_that_goes_away_cancels_the_engine_request(tmp_path: Path) -> N
             cancelled.set()
             raise
         raise AssertionError("unreachable")
+
+    return started, cancelled, handler
+
+
+def test_a_client_that_goes_away_cancels_the_engine_request(tmp_path: Path) -> None:
+    started, cancelled, endless_engine = hanging_engine()
 
     async def scenario() -> None:
         door = front_door(tmp_path, httpx.MockTransport(endless_engine))
@@ -221,16 +228,7 @@ def test_prefill_worker_aborts_the_engine_request_when_its_caller_gives_up(tmp_p
     (model / "config.json").write_text(json.dumps({"vocab_size": 1000}))
     worker = PrefillWorker(parse_config({"runtime_dir": str(tmp_path / "run"), "log_dir": str(tmp_path / "log"),
                                          "model": {"path": str(model)}}, tmp_path / "d.yaml"), strict=True)
-    started, cancelled = asyncio.Event(), asyncio.Event()
-
-    async def endless_engine(request: httpx.Request) -> httpx.Response:
-        started.set()
-        try:
-            await asyncio.sleep(3600)
-        except asyncio.CancelledError:
-            cancelled.set()
-            raise
-        raise AssertionError("unreachable")
+    started, cancelled, endless_engine = hanging_engine()
 
     async def scenario() -> None:
         worker.proxy = httpx.AsyncClient(transport=httpx.MockTransport(endless_engine))
