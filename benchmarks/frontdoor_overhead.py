@@ -1,0 +1,179 @@
+"""What the front door itself costs, against vLLM's example PD proxy, with a fake backend.
+
+Three processes: a fake engine (answers a completion at once, streamed or not;
+it also stands in for prefill-worker), a proxy under test, and this load
+generator. Proxies: ``disagg`` (our FrontDoor, routed to the fake prefill and
+decode) and ``toy`` (a faithful rewrite of vLLM's example PD proxy,
+``toy_proxy_server.py``: FastAPI + one httpx client, prefill with
+``max_tokens=1``, then decode, streamed through). ``direct`` is the fake engine without a proxy: the added
+latency of a proxy is its latency minus direct's, measured in the same run.
+
+  python benchmarks/frontdoor_overhead.py --clients 16 --duration 15
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+ENGINE_PORT, PROXY_PORT = 47001, 47002
+ANSWER = {"id": "x", "object": "text_completion", "model": "m",
+          "choices": [{"index": 0, "text": " hello", "finish_reason": "length"}],
+          "usage": {"prompt_tokens": 300, "completion_tokens": 16, "total_tokens": 316,
+                    "prompt_tokens_details": {"cached_tokens": 256}}}
+STREAM_EVENTS = 16
+
+
+def fake_engine() -> None:
+    import uvicorn
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse, Response, StreamingResponse
+    from starlette.routing import Route
+
+    async def completions(request: Request) -> Response:
+        body = json.loads(await request.body())
+        if not body.get("stream"):
+            return JSONResponse(ANSWER, headers={"x-disagg-kv-expected-tokens": "256",
+                                                 "x-disagg-kv-stored-tokens": "256"})
+
+        async def events() -> Any:
+            for i in range(STREAM_EVENTS):
+                yield f"data: {json.dumps({'choices': [{'index': 0, 'text': f' t{i}'}]})}\n\n"
+            yield f"data: {json.dumps({'choices': [], 'usage': ANSWER['usage']})}\n\n"
+            yield "data: [DONE]\n\n"
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    app = Starlette(routes=[Route("/v1/completions", completions, methods=["POST"])])
+    uvicorn.run(app, host="127.0.0.1", port=ENGINE_PORT, log_level="warning", access_log=False)
+
+
+def disagg_proxy() -> None:
+    import uvicorn
+    from prometheus_client import CollectorRegistry
+
+    from daemons.frontdoor import FrontDoor
+    from daemons.metrics import FrontDoorMetrics
+    from daemons.peers import Peers
+    from daemons.prefill_router import PrefillChoice, PrefillRouter
+
+    class FixedRouter(PrefillRouter):
+        def choose(self) -> PrefillChoice:
+            return PrefillChoice(url=f"http://127.0.0.1:{ENGINE_PORT}")
+
+    metrics = FrontDoorMetrics(CollectorRegistry())
+    router = FixedRouter([], Peers(Path("/tmp"), 5, expect_digest=None), metrics)
+    client = httpx.AsyncClient(trust_env=False, limits=httpx.Limits(max_connections=None))
+    door = FrontDoor(engine_url=f"http://127.0.0.1:{ENGINE_PORT}", client=client, metrics=metrics, router=router,
+                     prefill_timeout_s=30, health=lambda: ("ready", True, ""))
+    uvicorn.run(door.app(), host="127.0.0.1", port=PROXY_PORT, log_level="warning", access_log=False)
+
+
+def toy_proxy() -> None:
+    """vLLM's toy PD proxy, rewritten faithfully: FastAPI, one httpx client, prefill then decode."""
+    import uvicorn
+    from fastapi import FastAPI, Request
+    from fastapi.responses import StreamingResponse
+
+    app = FastAPI()
+    client = httpx.AsyncClient(timeout=None, base_url=f"http://127.0.0.1:{ENGINE_PORT}")
+
+    async def stream_decode(body: dict[str, Any]) -> Any:
+        async with client.stream("POST", "/v1/completions", json=body) as resp:
+            async for chunk in resp.aiter_bytes():
+                yield chunk
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> StreamingResponse:
+        body = await request.json()
+        prefill = dict(body, max_tokens=1, stream=False)
+        prefill.pop("stream_options", None)
+        (await client.post("/v1/completions", json=prefill)).raise_for_status()
+        return StreamingResponse(stream_decode(body), media_type="application/json")
+
+    uvicorn.run(app, host="127.0.0.1", port=PROXY_PORT, log_level="warning", access_log=False)
+
+
+async def load(port: int, clients: int, duration_s: float, stream: bool) -> list[float]:
+    body = {"model": "m", "prompt": "x " * 300, "max_tokens": 16, "stream": stream}
+    latencies: list[float] = []
+    deadline = time.monotonic() + duration_s
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", trust_env=False, timeout=30,
+                                 limits=httpx.Limits(max_connections=clients)) as client:
+        async def one_client() -> None:
+            while time.monotonic() < deadline:
+                t0 = time.monotonic()
+                resp = await client.post("/v1/completions", json=body)
+                resp.raise_for_status()
+                latencies.append(time.monotonic() - t0)
+        await asyncio.gather(*(one_client() for _ in range(clients)))
+    return latencies
+
+
+def wait_port(port: int) -> None:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            httpx.post(f"http://127.0.0.1:{port}/v1/completions", json={"prompt": "x"}, timeout=2, trust_env=False)
+            return
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    raise SystemExit(f"nothing answers on port {port}")
+
+
+def measure(port: int, args: argparse.Namespace, stream: bool) -> dict[str, float]:
+    lat = asyncio.run(load(port, args.clients, args.duration, stream))
+    lat.sort()
+    return {"rps": round(len(lat) / args.duration, 1), "p50_ms": round(statistics.median(lat) * 1000, 2),
+            "p99_ms": round(lat[int(0.99 * (len(lat) - 1))] * 1000, 2)}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--clients", type=int, default=16)
+    p.add_argument("--duration", type=float, default=15)
+    args = p.parse_args()
+    ctx = multiprocessing.get_context("spawn")
+    engine = ctx.Process(target=fake_engine, daemon=True)
+    engine.start()
+    wait_port(ENGINE_PORT)
+    results: dict[str, dict[str, dict[str, float]]] = {}
+    try:
+        for stream in (False, True):
+            mode = "stream" if stream else "non-stream"
+            results[mode] = {"direct": measure(ENGINE_PORT, args, stream)}
+            for name, target in (("disagg", disagg_proxy), ("toy", toy_proxy)):
+                proxy = ctx.Process(target=target, daemon=True)
+                proxy.start()
+                try:
+                    wait_port(PROXY_PORT)
+                    results[mode][name] = measure(PROXY_PORT, args, stream)
+                finally:
+                    proxy.terminate()
+                    proxy.join(10)
+            direct = results[mode]["direct"]
+            for name in ("disagg", "toy"):
+                r = results[mode][name]
+                r["added_p50_ms"] = round(r["p50_ms"] - direct["p50_ms"], 2)
+            results[mode]["ratio rps disagg/toy"] = round(  # type: ignore[assignment]
+                results[mode]["disagg"]["rps"] / results[mode]["toy"]["rps"], 2)
+            print(mode, json.dumps(results[mode]), flush=True)
+    finally:
+        engine.terminate()
+        engine.join(10)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
