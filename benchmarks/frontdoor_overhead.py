@@ -94,13 +94,16 @@ def toy_proxy() -> None:
             async for chunk in resp.aiter_bytes():
                 yield chunk
 
-    @app.post("/v1/completions")
     async def completions(request: Request) -> StreamingResponse:
         body = await request.json()
         prefill = dict(body, max_tokens=1, stream=False)
         prefill.pop("stream_options", None)
         (await client.post("/v1/completions", json=prefill)).raise_for_status()
         return StreamingResponse(stream_decode(body), media_type="application/json")
+
+    # Real classes, not this module's postponed (string) annotations: FastAPI injects by type.
+    completions.__annotations__ = {"request": Request, "return": StreamingResponse}
+    app.post("/v1/completions")(completions)
 
     uvicorn.run(app, host="127.0.0.1", port=PROXY_PORT, log_level="warning", access_log=False)
 
