@@ -298,8 +298,10 @@ class FrontDoor:
         return Response(resp.content, status_code=resp.status_code, media_type="application/json")
 
     async def health(self, _: Request) -> Response:
-        state, serving, reason = self.health_of()
-        return JSONResponse({"state": state, "reason": reason}, status_code=200 if serving else 503)
+        # Public and unauthenticated: the state only. The reason can name internal addresses; it is in
+        # the state file, `disaggctl status`, STATUS= and the log.
+        state, serving, _reason = self.health_of()
+        return JSONResponse({"state": state}, status_code=200 if serving else 503)
 
     def app(self) -> Starlette:
         return Starlette(routes=[

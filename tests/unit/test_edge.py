@@ -95,7 +95,8 @@ def test_api_keys_gate_the_api_but_not_health(tmp_path: Path) -> None:
     async def health() -> httpx.Response:
         async with httpx.AsyncClient(transport=httpx.ASGITransport(door.app()), base_url="http://door") as c:
             return await c.get("/health")
-    assert asyncio.run(health()).status_code == 200
+    health_resp = asyncio.run(health())
+    assert health_resp.status_code == 200 and health_resp.json() == {"state": "ready"}  # no reason, no addresses
 
 
 def test_keys_rotate_without_a_restart_and_a_broken_file_keeps_the_old_keys(tmp_path: Path) -> None:
