@@ -105,3 +105,16 @@ class ApiKeys:
         for digest in self._env_digests + self._file_digests:
             match |= hmac.compare_digest(presented, digest)
         return match
+
+
+def client_key(path: Path | None, env: dict[str, str] | None = None) -> str | None:
+    """A key a local client (``disaggctl demo``) can send: the first of $DISAGG_API_KEYS, else of the
+    keys file if this user can read it; None when there is none."""
+    env_value = (os.environ if env is None else env).get(ENV_VAR, "")
+    keys = [k.strip() for k in env_value.split(",") if k.strip()]
+    if not keys and path is not None:
+        try:
+            keys = parse_keys(Path(path).read_text())
+        except OSError:
+            keys = []
+    return keys[0] if keys else None

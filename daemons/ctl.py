@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from . import __version__
+from .auth import client_key
 from .config import EX_CONFIG, Config, ConfigError, check_model_present, config_path, load_config
 from .statefile import PeerView, State, assess, pid_alive
 
@@ -192,7 +193,8 @@ def cmd_down(args: argparse.Namespace) -> int:
 
 
 # -- demo ---------------------------------------------------------------------------------------
-def ask(base_url: str, model: str, prompt: str, max_tokens: int, timeout_s: float = 600.0) -> dict[str, object]:
+def ask(base_url: str, model: str, prompt: str, max_tokens: int, timeout_s: float = 600.0,
+        api_key: str | None = None) -> dict[str, object]:
     """Stream one completion; returns text, usage, TTFT and the path it took."""
     import httpx
 
@@ -204,7 +206,8 @@ def ask(base_url: str, model: str, prompt: str, max_tokens: int, timeout_s: floa
     usage: dict[str, object] = {}
     t0 = time.monotonic()
     ttft = None
-    with httpx.Client(timeout=timeout_s, trust_env=False) as client:
+    headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
+    with httpx.Client(timeout=timeout_s, trust_env=False, headers=headers) as client:
         with client.stream("POST", f"{base_url}/v1/completions", json=body) as resp:
             if resp.status_code != 200:
                 raise RuntimeError(f"front door answered {resp.status_code}: {resp.read().decode()[:300]}")
@@ -250,7 +253,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         _out(f"all three daemons ready after {time.monotonic() - t0:.1f}s")
         dw = config.decode_worker
         host = "127.0.0.1" if dw.host in ("0.0.0.0", "::") else dw.host
-        result = ask(f"http://{host}:{dw.port}", config.model.name, SEED_PROMPT, args.max_tokens)
+        result = ask(f"http://{host}:{dw.port}", config.model.name, SEED_PROMPT, args.max_tokens,
+                     api_key=client_key(dw.api_keys_file))
         _out(f"prompt: {SEED_PROMPT[:19]!r} x 1000")
         _out(f"generated: {result['text']!r}")
         computed = int(result["prompt_tokens"]) - int(result["cached_tokens"])

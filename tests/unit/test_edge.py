@@ -253,3 +253,13 @@ def test_lmcache_http_api_is_bound_to_loopback(tmp_path: Path) -> None:
     argv = lmcache_argv(parse_config({"runtime_dir": "r", "log_dir": "l", "model": {"path": str(model)}},
                                      tmp_path / "d.yaml"))
     assert argv[argv.index("--http-host") + 1] == "127.0.0.1"
+
+
+def test_a_local_client_finds_a_key_to_send(tmp_path: Path) -> None:
+    from daemons.auth import client_key
+
+    keys_file = tmp_path / "keys"
+    keys_file.write_text("# header\nfile-key\n")
+    assert client_key(keys_file, env={}) == "file-key"
+    assert client_key(keys_file, env={"DISAGG_API_KEYS": "env-key,other"}) == "env-key"
+    assert client_key(tmp_path / "absent", env={}) is None and client_key(None, env={}) is None
