@@ -1,0 +1,113 @@
+"""Quiet decode inter-token latency: an engine with the LMCache connector against a plain one.
+
+Both engines are started exactly as decode-worker starts its engine
+(``daemons.engine.engine_argv`` from the config), one with the connector
+(``kv_consumer``, to the running lmcache-server) and one without, one per GPU,
+at the same time; then the GPUs are swapped, so a difference between the two
+cards cannot pass for the connector's. Per round, ``--runs`` quiet streams of
+``--tokens`` tokens each, alternating the engines; per stream ITL p50 and p99.
+``--graphs`` adds rounds with CUDA graphs (no ``--enforce-eager``) for both.
+
+  python benchmarks/gpu_itl_overhead.py --config /tmp/disagg-gpu.yaml --runs 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.gpu_interference import itl_stats, stream_itl  # noqa: E402
+from daemons.config import load_config  # noqa: E402
+from daemons.engine import engine_argv, engine_env  # noqa: E402
+
+PORTS = {"connector": 8301, "plain": 8302}
+
+
+def start(config, name: str, gpu: int, eager: bool, log_dir: Path) -> subprocess.Popen[bytes]:  # type: ignore[no-untyped-def]
+    worker = config.decode_worker.model_copy(update={"engine_port": PORTS[name], "device": f"cuda:{gpu}"})
+    cfg = config.model_copy(update={"model": config.model.model_copy(update={"enforce_eager": eager})})
+    argv = engine_argv(cfg, worker, "kv_consumer" if name == "connector" else None)
+    log = open(log_dir / f"itl-{name}-gpu{gpu}-{'eager' if eager else 'graphs'}.log", "wb")
+    return subprocess.Popen(argv, env=engine_env(worker), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def wait_health(port: int, proc: subprocess.Popen[bytes], timeout_s: float = 600) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"engine on {port} exited ({proc.returncode})")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2, trust_env=False).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise SystemExit(f"engine on {port} not healthy after {timeout_s:.0f}s")
+
+
+def round_(config, gpus: dict[str, int], eager: bool, args: argparse.Namespace) -> dict[str, list[dict]]:  # type: ignore[no-untyped-def]
+    log_dir = Path(config.log_dir)
+    procs = {name: start(config, name, gpu, eager, log_dir) for name, gpu in gpus.items()}
+    try:
+        for name, proc in procs.items():
+            wait_health(PORTS[name], proc)
+        model = config.model.name
+        for name in procs:  # warm-up stream each
+            stream_itl(f"http://127.0.0.1:{PORTS[name]}", model, 32, {})
+        results: dict[str, list[dict]] = {name: [] for name in procs}
+        for _ in range(args.runs):
+            for name in procs:
+                out: dict = {}
+                stream_itl(f"http://127.0.0.1:{PORTS[name]}", model, args.tokens, out)
+                results[name].append(itl_stats(out["stamps"], 0, float("inf")))
+        return results
+    finally:
+        for proc in procs.values():
+            os.killpg(proc.pid, 15)
+        for proc in procs.values():
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, 9)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", required=True)
+    p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--tokens", type=int, default=256)
+    p.add_argument("--graphs", action="store_true", help="also rounds with CUDA graphs (no --enforce-eager)")
+    args = p.parse_args()
+    config = load_config(Path(args.config))
+    modes = [True] + ([False] if args.graphs else [])
+    for eager in modes:
+        summary: dict[str, list[float]] = {"connector_p50": [], "plain_p50": [], "connector_p99": [], "plain_p99": []}
+        for gpus in ({"connector": 0, "plain": 1}, {"connector": 1, "plain": 0}):
+            res = round_(config, gpus, eager, args)
+            for name, stats in res.items():
+                summary[f"{name}_p50"] += [s["p50_ms"] for s in stats]
+                summary[f"{name}_p99"] += [s["p99_ms"] for s in stats]
+            print("RESULT " + json.dumps({"eager": eager, "gpus": gpus, "runs": {
+                name: [(round(s["p50_ms"], 2), round(s["p99_ms"], 2)) for s in stats] for name, stats in res.items()}}),
+                flush=True)
+        line = {"eager": eager}
+        for key, values in summary.items():
+            line[key] = {"median": round(statistics.median(values), 2), "min": round(min(values), 2),
+                         "max": round(max(values), 2)}
+        line["ratio_p50"] = round(line["connector_p50"]["median"] / line["plain_p50"]["median"], 3)  # type: ignore[index]
+        line["ratio_p99"] = round(line["connector_p99"]["median"] / line["plain_p99"]["median"], 3)  # type: ignore[index]
+        print("SUMMARY " + json.dumps(line), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
