@@ -54,6 +54,19 @@ def wait_health(port: int, proc: subprocess.Popen[bytes], timeout_s: float = 600
     raise SystemExit(f"engine on {port} not healthy after {timeout_s:.0f}s")
 
 
+def wait_gpus_free(timeout_s: float = 180, below_mib: int = 8192) -> float:
+    """Seconds until both GPUs hold less than ``below_mib`` again: an exited engine's KV cache stays
+    allocated while the LMCache server still maps it (CUDA IPC), until the server lets it go."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout_s:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True).stdout.split()
+        if out and all(int(v) < below_mib for v in out):
+            return time.monotonic() - t0
+        time.sleep(1)
+    raise SystemExit(f"GPU memory still held {timeout_s:.0f}s after the engines exited: {out} MiB")
+
+
 def round_(config, gpus: dict[str, int], eager: bool, args: argparse.Namespace) -> dict[str, list[dict]]:  # type: ignore[no-untyped-def]
     log_dir = Path(config.log_dir)
     procs = {name: start(config, name, gpu, eager, log_dir) for name, gpu in gpus.items()}
@@ -72,7 +85,10 @@ def round_(config, gpus: dict[str, int], eager: bool, args: argparse.Namespace) 
         return results
     finally:
         for proc in procs.values():
-            os.killpg(proc.pid, 15)
+            try:
+                os.killpg(proc.pid, 15)
+            except ProcessLookupError:
+                pass
         for proc in procs.values():
             try:
                 proc.wait(60)
@@ -92,6 +108,8 @@ def main() -> int:
     for eager in modes:
         summary: dict[str, list[float]] = {"connector_p50": [], "plain_p50": [], "connector_p99": [], "plain_p99": []}
         for gpus in ({"connector": 0, "plain": 1}, {"connector": 1, "plain": 0}):
+            freed = wait_gpus_free()
+            print(f"GPU memory free {freed:.1f}s after the last round's engines exited", flush=True)
             res = round_(config, gpus, eager, args)
             for name, stats in res.items():
                 summary[f"{name}_p50"] += [s["p50_ms"] for s in stats]
