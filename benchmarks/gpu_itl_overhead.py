@@ -14,8 +14,8 @@ cards cannot pass for the connector's. Per round, ``--runs`` quiet streams of
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -26,25 +26,29 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.gpu_interference import itl_stats, stream_itl  # noqa: E402
+from daemons.child import ChildProcess  # noqa: E402
 from daemons.config import load_config  # noqa: E402
 from daemons.engine import engine_argv, engine_env  # noqa: E402
 
 PORTS = {"connector": 8301, "plain": 8302}
 
 
-def start(config, name: str, gpu: int, eager: bool, log_dir: Path) -> subprocess.Popen[bytes]:  # type: ignore[no-untyped-def]
+def start(config, name: str, gpu: int, eager: bool, log_dir: Path) -> ChildProcess:  # type: ignore[no-untyped-def]
+    """The engine under the keeper, as the daemons run it: its whole tree dies with this script."""
     worker = config.decode_worker.model_copy(update={"engine_port": PORTS[name], "device": f"cuda:{gpu}"})
     cfg = config.model_copy(update={"model": config.model.model_copy(update={"enforce_eager": eager})})
     argv = engine_argv(cfg, worker, "kv_consumer" if name == "connector" else None)
-    log = open(log_dir / f"itl-{name}-gpu{gpu}-{'eager' if eager else 'graphs'}.log", "wb")
-    return subprocess.Popen(argv, env=engine_env(worker), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    child = ChildProcess(f"{name} engine", argv, env=engine_env(worker),
+                         log_path=log_dir / f"itl-{name}-gpu{gpu}-{'eager' if eager else 'graphs'}.log")
+    child.start()
+    return child
 
 
-def wait_health(port: int, proc: subprocess.Popen[bytes], timeout_s: float = 600) -> None:
+def wait_health(port: int, proc: ChildProcess, timeout_s: float = 600) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"engine on {port} exited ({proc.returncode})")
+        if not proc.alive():
+            raise SystemExit(proc.exit_reason())
         try:
             if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2, trust_env=False).status_code == 200:
                 return
@@ -85,15 +89,7 @@ def round_(config, gpus: dict[str, int], eager: bool, args: argparse.Namespace) 
         return results
     finally:
         for proc in procs.values():
-            try:
-                os.killpg(proc.pid, 15)
-            except ProcessLookupError:
-                pass
-        for proc in procs.values():
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, 9)
+            asyncio.run(proc.stop(60))
 
 
 def main() -> int:
