@@ -187,6 +187,11 @@ class DecodeWorkerConfig(WorkerConfig):
         default=256, description="Requests that may wait for a slot; past that, 429 + Retry-After at once.")
     queue_timeout_s: PositiveFloat = Field(
         default=10.0, description="A queued request that got no slot in this long gets 429 + Retry-After.")
+    disaggregate_min_tokens: Annotated[int, Field(ge=0)] = Field(
+        default=257, description="Prompts estimated shorter than this many tokens skip the prefill call: the "
+        "decode engine computes them (path short_prompt). Below the crossover where loading KV from LMCache "
+        "costs the decode engine more than computing it, the prefill round trip only adds TTFT. 257 = one "
+        "256-token chunk + 1, the shortest prompt with any KV to load; 0 sends every prompt to prefill.")
     max_body_bytes: Annotated[int, Field(gt=0)] = Field(
         default=8 << 20, description="Larger request bodies get 413 before they are read into memory.")
     api_keys_file: Path | None = Field(

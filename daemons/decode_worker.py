@@ -79,6 +79,7 @@ class DecodeWorker(EngineDaemon):
             admission=Admission(w.max_concurrent_requests, w.max_queued_requests, w.queue_timeout_s),
             keys=self.keys,
             max_body_bytes=w.max_body_bytes,
+            disaggregate_min_tokens=w.disaggregate_min_tokens,
         )
 
     def _health(self) -> tuple[str, bool, str]:

@@ -15,7 +15,10 @@ Responses carry ``x-disagg-path``, truthfully:
 - ``recomputed``: prefill ran, but the decode engine computed (part of) the
   prompt anyway (``x-disagg-recompute-reason``: ``kv_not_stored``,
   ``kv_not_loaded``, ``no_full_chunk``);
-- ``fallback``: prefill was skipped or failed (``x-disagg-fallback-reason``).
+- ``fallback``: prefill was skipped or failed (``x-disagg-fallback-reason``);
+- ``short_prompt``: the prompt is shorter than ``disaggregate_min_tokens``, where
+  loading its KV would cost the decode engine more than computing it: no prefill
+  call is made (estimated length: :mod:`daemons.prompt_size`). Not a fallback.
 
 A streamed response's headers leave before the decode engine has reported
 what it loaded: there the header is prefill's verdict (``disaggregated`` when
@@ -48,6 +51,7 @@ from .canary import cached_tokens
 from .disconnect import ClientGone, unless_disconnected
 from .metrics import FrontDoorMetrics
 from .prefill_router import PrefillOutcome, PrefillRouter
+from .prompt_size import PromptSizer
 from .request_limits import BadRequest, parse_json_object, read_body
 from .request_limits import request_id as checked_request_id
 from .sse_relay import RelayedResponse, StreamRelay, sse_events
@@ -82,6 +86,8 @@ class FrontDoor:
         admission: Admission | None = None,
         keys: ApiKeys | None = None,
         max_body_bytes: int = 8 << 20,
+        disaggregate_min_tokens: int = 0,
+        sizer: PromptSizer | None = None,
     ) -> None:
         self.engine_url = engine_url
         self.client = client
@@ -94,10 +100,14 @@ class FrontDoor:
         self.admission = admission if admission is not None else Admission(64, 256, 30.0)
         self.keys = keys if keys is not None else ApiKeys(None, env={})
         self.max_body_bytes = max_body_bytes
+        self.disaggregate_min_tokens = disaggregate_min_tokens
+        self.sizer = sizer if sizer is not None else PromptSizer()
 
     # -- prefill ---------------------------------------------------------------------
     async def prefill(self, route: str, body: dict[str, Any], request_id: str) -> PrefillOutcome:
         """Have a prefill-worker compute the prompt (its KV goes to LMCache); the router counts the outcome."""
+        if self.disaggregate_min_tokens and self.sizer.estimate(route, body) < self.disaggregate_min_tokens:
+            return PrefillOutcome("short_prompt")
         choice = self.router.choose()
         if choice.url is None:
             return self.router.report(PrefillOutcome("fallback", choice.skip), request_id)
@@ -227,6 +237,9 @@ class FrontDoor:
             if isinstance(answer, dict):
                 self.metrics.count_usage(answer.get("usage"))
                 cached = cached_tokens(answer)
+                usage = answer.get("usage")
+                if isinstance(usage, dict):
+                    self.sizer.learn(route, body, usage.get("prompt_tokens"))
             self._count_path(outcome, cached, request_id)
         else:
             self.metrics.errors.labels(kind=f"engine_{resp.status_code}").inc()
@@ -282,6 +295,7 @@ class FrontDoor:
             if completed:
                 self.metrics.e2e.observe(time.monotonic() - t0)
                 self._count_path(outcome, cached, request_id)
+                self.sizer.learn(route, body, relay.prompt_tokens)
 
         relay = StreamRelay(upstream, first_event, events, metrics=self.metrics,
                             client_wants_usage=client_wants_usage, t0=t0, request_id=request_id, on_end=on_end)

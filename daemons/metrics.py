@@ -47,7 +47,7 @@ FALLBACK_REASONS = (
 ERROR_KINDS = ("bad_request", "too_large", "unauthorized", "overloaded", "client_gone", "engine_unavailable",
                "stream_broken", "decode_timeout")
 # How a request's prompt reached the decode engine (x-disagg-path).
-PATHS = ("disaggregated", "recomputed", "fallback")
+PATHS = ("disaggregated", "recomputed", "fallback", "short_prompt")
 RECOMPUTE_REASONS = ("kv_not_stored", "kv_not_loaded", "no_full_chunk")
 CANARY_RESULTS = ("ok", "prefill", "lmcache_store", "decode_engine", "decode_load")
 
@@ -151,7 +151,8 @@ class FrontDoorMetrics:
             "disagg_request_paths",
             "Answered requests by the path their prompt took: disaggregated (decode loaded every full chunk "
             "from LMCache), recomputed (prefill ran but decode computed the prompt anyway), fallback "
-            "(decode computed it, prefill skipped or failed).",
+            "(decode computed it, prefill skipped or failed), short_prompt (shorter than disaggregate_min_tokens: "
+            "decode computed it, by design).",
             ["path"], registry=registry,
         )
         self.recomputes = Counter(

@@ -36,7 +36,7 @@ KNOWN_FALLBACKS = ("lmcache_unavailable", "kv_path_broken", "prefill_unavailable
 
 @dataclass
 class PrefillOutcome:
-    path: str  # "disaggregated" (prefill ran) or "fallback"
+    path: str  # "disaggregated" (prefill ran), "fallback", or "short_prompt" (no prefill call: not worth it)
     reason: str = ""  # fallback reason
     seconds: float = 0.0  # the prefill call's duration (0: no call was made)
     expected: int | None = None  # full-chunk tokens of the prompt (prefill-worker's header)
@@ -45,8 +45,8 @@ class PrefillOutcome:
 
     def verdict(self, cached: int | None) -> tuple[str, str]:
         """(path, reason) once the decode engine said how many prompt tokens it loaded (None: not yet)."""
-        if self.path == "fallback":
-            return "fallback", self.reason
+        if self.path in ("fallback", "short_prompt"):
+            return self.path, self.reason
         if self.expected is not None and self.expected == 0:
             return "recomputed", "no_full_chunk"
         if self.stored is not None and self.expected is not None and self.stored < self.expected:

@@ -73,6 +73,7 @@ class StreamRelay:
         self._last: float | None = None
         self._completed = False
         self._cached: int | None = None
+        self.prompt_tokens: int | None = None  # as the decode engine counted them (the usage chunk)
         self._closed = False
 
     async def _all_events(self) -> AsyncIterator[str]:
@@ -93,6 +94,8 @@ class StreamRelay:
             obj = {}
         if obj.get("usage") and not obj.get("choices"):
             self.metrics.count_usage(obj["usage"])
+            usage = obj["usage"]
+            self.prompt_tokens = usage.get("prompt_tokens") if isinstance(usage, dict) else None
             return self.client_wants_usage, cached_tokens(obj)
         if has_token(obj):
             now = time.monotonic()

@@ -9,8 +9,10 @@ import random
 import re
 import socket
 import subprocess
+import sys
 import time
 from collections import Counter
+from pathlib import Path
 
 import httpx
 import pytest
@@ -94,6 +96,44 @@ def test_a_client_that_goes_away_stops_the_decode_engine(stack) -> None:  # type
         assert time.monotonic() - t0 < 30, "the decode engine kept generating for a client that left"
         time.sleep(0.2)
     print(f"\ndecode engine stopped {time.monotonic() - t0:.1f}s after the client closed")
+
+
+def prefill_engine_busy(stack) -> float:  # type: ignore[no-untyped-def]
+    text = stack.metrics("prefill-worker")
+    return metric_value(text, "vllm_num_requests_running") + metric_value(text, "vllm_num_requests_waiting")
+
+
+def test_clients_that_go_away_during_prefill_stop_the_prefill_engine(stack) -> None:  # type: ignore[no-untyped-def]
+    # 16 long prompts queue up in the prefill engine (~2 s of CPU each here, ~30 s in all).
+    # Their clients leave while they are still there: the prefill engine must drop them,
+    # not compute prompts nobody will read.
+    before_499 = metric_value(stack.metrics("prefill-worker"), "disagg_prefill_requests_total", 'status="499"')
+    socks = []
+    try:
+        for i in range(16):
+            body = json.dumps({"model": "tiny-llama", "prompt": words_prompt(5000 + i, 6000),
+                               "max_tokens": 4}).encode()
+            sock = socket.create_connection(FRONT, timeout=30)
+            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+            socks.append(sock)
+        deadline = time.monotonic() + 120
+        while prefill_engine_busy(stack) < 8:
+            assert time.monotonic() < deadline, "the prompts never queued in the prefill engine"
+            time.sleep(0.2)
+    finally:
+        for sock in socks:
+            sock.close()  # every client goes away
+    left = prefill_engine_busy(stack)
+    t0 = time.monotonic()
+    while prefill_engine_busy(stack) > 0 or running(stack) > 0:
+        assert time.monotonic() - t0 < 15, (f"{prefill_engine_busy(stack):.0f} requests in the prefill engine, "
+                                            f"{running(stack):.0f} in the decode engine "
+                                            f"{time.monotonic() - t0:.0f}s after their clients left")
+        time.sleep(0.2)
+    print(f"\nprefill engine dropped {left:.0f} abandoned prompts {time.monotonic() - t0:.1f}s after the clients left")
+    aborted = metric_value(stack.metrics("prefill-worker"), "disagg_prefill_requests_total", 'status="499"')
+    assert aborted - before_499 >= 8, "prefill-worker did not see its callers go away"
 
 
 async def one_stream(client: httpx.AsyncClient, i: int) -> tuple[int, str, list[str]]:
@@ -225,3 +265,41 @@ def test_garbage_on_every_port_of_ours_gets_no_5xx_and_kills_nothing(stack) -> N
     assert after == before, "a daemon restarted under garbage"
     resp = stack.complete(words_prompt(3, 300), max_tokens=2)
     assert resp.status_code == 200
+
+
+# The front door serves the decode engine's OpenAI API: the engine's own OpenAPI schema,
+# cut down to the routes the front door has, is the front door's schema.
+FRONT_DOOR_ROUTES = {"/v1/completions": "post", "/v1/chat/completions": "post", "/v1/models": "get"}
+
+
+def test_schema_driven_fuzzing_of_the_front_door_finds_no_5xx(stack, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    engine = f"http://127.0.0.1:{PORTS['decode_worker']['engine_port']}"
+    schema = httpx.get(f"{engine}/openapi.json", timeout=30, trust_env=False).json()
+    schema["paths"] = {path: {method: schema["paths"][path][method]} for path, method in FRONT_DOOR_ROUTES.items()}
+    (tmp_path / "openapi.json").write_text(json.dumps(schema))
+    config = load_config(stack.config)
+    pids = {name: read_state(config.runtime_dir, name).pid for name in config.daemon_names()}  # type: ignore[union-attr]
+    before = rss(stack)
+    # Positive and negative cases (valid bodies and bodies the schema forbids), fixed seed; the
+    # coverage phase is left out: schemathesis 4.32 crashes in it on this schema (its own
+    # error, not a response). A request unanswered in 120 s fails the run.
+    proc = subprocess.run(
+        [str(Path(sys.executable).parent / "schemathesis"), "run", str(tmp_path / "openapi.json"),
+         "--url", stack.base_url, "--checks", "not_a_server_error", "--phases", "examples,fuzzing",
+         "--max-time", "150", "--request-timeout", "120", "--seed", "20261126", "--workers", "2",
+         "--no-color"],
+        capture_output=True, text=True, timeout=600)
+    summary = proc.stdout[-3000:]
+    print("\n" + summary)
+    assert proc.returncode == 0, summary
+    generated = re.search(r"(\d+) generated", proc.stdout)
+    assert generated and int(generated.group(1)) >= 100, "the fuzzer hardly ran"
+    grown = rss(stack) - before
+    assert grown < 100e6, f"decode-worker grew by {grown / 1e6:.0f} MB under fuzzing"
+    after = {name: read_state(config.runtime_dir, name).pid for name in config.daemon_names()}  # type: ignore[union-attr]
+    assert after == pids, "a daemon restarted under fuzzing"
+    stack.wait_state("decode-worker", ("ready",), timeout=120)
+    prompt = words_prompt(4242, 600)
+    stack.complete(prompt, max_tokens=2)
+    resp = stack.complete(prompt, max_tokens=2)
+    assert resp.status_code == 200 and resp.json()["usage"]["prompt_tokens_details"]["cached_tokens"] > 0

@@ -32,6 +32,8 @@ def worker(tmp_path: Path) -> DecodeWorker:
         "prefill_worker": {"kv_cache_memory_bytes": 1 << 28, "instances": {
             "p0": {"port": 8100, "engine_port": 8101, "metrics_port": 9101},
             "p1": {"port": 8110, "engine_port": 8111, "metrics_port": 9111}}},
+        "decode_worker": {"kv_cache_memory_bytes": 1 << 28,
+                          "disaggregate_min_tokens": 0},  # these prompts are short: route them all
     }
     w = DecodeWorker(parse_config(doc, tmp_path / "disagg.yaml"), strict=True)
     for state in (State.LOADING, State.WAITING, State.READY):

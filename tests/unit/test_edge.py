@@ -263,3 +263,35 @@ def test_a_local_client_finds_a_key_to_send(tmp_path: Path) -> None:
     assert client_key(keys_file, env={}) == "file-key"
     assert client_key(keys_file, env={"DISAGG_API_KEYS": "env-key,other"}) == "env-key"
     assert client_key(tmp_path / "absent", env={}) is None and client_key(None, env={}) is None
+
+
+def test_a_prefill_call_past_its_deadline_closes_the_connection_to_prefill_worker(tmp_path: Path) -> None:
+    """The front door gives up on a slow prefill: prefill-worker must see its caller go (then it aborts
+    the engine's request, tested above), or the prefill engine computes a prompt nobody will use."""
+    from daemons.prefill_router import PrefillChoice
+
+    async def scenario() -> None:
+        got_request, saw_close = asyncio.Event(), asyncio.Event()
+
+        async def slow_prefill_worker(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.readuntil(b"\r\n\r\n")
+            got_request.set()
+            while await reader.read(65536):  # never answers; EOF when the caller closes
+                pass
+            saw_close.set()
+            writer.close()
+
+        server = await asyncio.start_server(slow_prefill_worker, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        door = front_door(tmp_path)
+        door.client = httpx.AsyncClient()  # a real connection to the fake prefill-worker
+        door.prefill_timeout_s = 0.5
+        door.router.choose = lambda: PrefillChoice(url=f"http://127.0.0.1:{port}")  # type: ignore[method-assign]
+        async with server:
+            outcome = await asyncio.wait_for(door.prefill("/v1/completions", {"model": "m", "prompt": "p"}, "r1"), 10)
+            assert (outcome.path, outcome.reason) == ("fallback", "prefill_timeout")
+            assert got_request.is_set()
+            await asyncio.wait_for(saw_close.wait(), 5)
+        await door.client.aclose()
+
+    asyncio.run(scenario())
