@@ -1,0 +1,236 @@
+"""Goodput: the highest request rate at which >= 90 % of requests meet both latency targets.
+
+Poisson arrivals at each rate of a sweep, every request streamed, its TTFT and
+inter-token latencies recorded. A request *attains* when it succeeded, its TTFT
+<= --ttft-s and the 90th percentile of its inter-token latencies <= --itl-s.
+Prompts are random token ids (exact lengths, no prefix shared between requests).
+
+Several --url values split the load evenly: each gets its own Poisson process
+at rate / len(urls) (an exact stand-in for random routing between replicas).
+
+    # our stack (the front door) against two plain engines, one per GPU:
+    python benchmarks/goodput.py --url http://127.0.0.1:8000 --label disagg --in 4000 --out 200 \\
+        --rates 1,2,3,4,5 --duration 30 --json results.jsonl
+    python benchmarks/goodput.py --url http://127.0.0.1:8201,http://127.0.0.1:8202 --label colocated ...
+    python benchmarks/goodput.py --plot results.jsonl --png attainment.png
+
+Each line of --json is one (system, workload, rate) point; --plot draws attainment
+against rate per system and workload and prints the goodput of each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+ATTAIN = 0.9
+
+
+@dataclass
+class Result:
+    ok: bool = False
+    ttft: float = float("nan")
+    itls: list[float] = field(default_factory=list)
+    cached: int = 0
+    path: str = ""
+    error: str = ""
+
+    def itl_p90(self) -> float:
+        if not self.itls:
+            return 0.0
+        s = sorted(self.itls)
+        return s[int(0.9 * (len(s) - 1))]
+
+
+async def one_request(client: httpx.AsyncClient, url: str, model: str, prompt: list[int], out_tokens: int,
+                      deadline_s: float, headers: dict[str, str]) -> Result:
+    body = {"model": model, "prompt": prompt, "max_tokens": out_tokens, "ignore_eos": True, "temperature": 0.0, "stream": True, "stream_options": {"include_usage": True}}
+    r = Result()
+    t0 = time.perf_counter()
+    last = None
+
+    async def run() -> None:
+        nonlocal last
+        async with client.stream("POST", f"{url}/v1/completions", json=body, headers=headers) as resp:
+            r.path = resp.headers.get("x-disagg-path", "")
+            if resp.status_code != 200:
+                r.error = f"HTTP {resp.status_code}"
+                await resp.aread()
+                return
+            async for line in resp.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                obj = json.loads(line[6:])
+                if obj.get("choices") and obj["choices"][0].get("text"):
+                    now = time.perf_counter()
+                    if last is None:
+                        r.ttft = now - t0
+                    else:
+                        r.itls.append(now - last)
+                    last = now
+                if obj.get("usage"):
+                    details = obj["usage"].get("prompt_tokens_details") or {}
+                    r.cached = int(details.get("cached_tokens") or 0)
+            r.ok = last is not None
+
+    try:
+        await asyncio.wait_for(run(), deadline_s)
+    except asyncio.TimeoutError:
+        r.error = f"no answer within {deadline_s:.0f}s"
+    except (httpx.HTTPError, ValueError) as exc:
+        r.error = repr(exc)[:200]
+    return r
+
+
+async def sweep_point(urls: list[str], model: str, rate: float, duration_s: float, in_tokens: int, out_tokens: int,
+                      vocab: int, seed: int, deadline_s: float, headers: dict[str, str]) -> list[Result]:
+    rng = random.Random(seed)
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=512)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(None, connect=10), limits=limits, trust_env=False) as client:
+        async def arrivals(url: str, sub_rate: float, sub_seed: int) -> list[Result]:
+            r = random.Random(sub_seed)
+            tasks = []
+            t_end = time.perf_counter() + duration_s
+            next_at = time.perf_counter()
+            while True:
+                next_at += r.expovariate(sub_rate)
+                if next_at >= t_end:
+                    break
+                await asyncio.sleep(max(0.0, next_at - time.perf_counter()))
+                prompt = [r.randrange(min(1000, vocab // 4), vocab) for _ in range(in_tokens)]
+                tasks.append(asyncio.create_task(one_request(client, url, model, prompt, out_tokens, deadline_s,
+                                                             headers)))
+            return list(await asyncio.gather(*tasks))
+
+        per_url = await asyncio.gather(*(arrivals(u, rate / len(urls), rng.randrange(1 << 30)) for u in urls))
+    return [res for results in per_url for res in results]
+
+
+def summarize(results: list[Result], ttft_s: float, itl_s: float) -> dict[str, Any]:
+    ok = [r for r in results if r.ok]
+    attained = [r for r in ok if r.ttft <= ttft_s and r.itl_p90() <= itl_s]
+
+    def pct(values: list[float], q: float) -> float:
+        if not values:
+            return float("nan")
+        s = sorted(values)
+        return round(s[int(q * (len(s) - 1))], 4)
+
+    ttfts = [r.ttft for r in ok]
+    itl_p90s = [r.itl_p90() for r in ok]
+    all_itls = [x for r in ok for x in r.itls]
+    paths: dict[str, int] = {}
+    for r in results:
+        paths[r.path or "-"] = paths.get(r.path or "-", 0) + 1
+    errors = [r.error for r in results if r.error]
+    return {
+        "sent": len(results), "ok": len(ok), "attainment": round(len(attained) / len(results), 3) if results else 0,
+        "ttft_p50": pct(ttfts, 0.5), "ttft_p90": pct(ttfts, 0.9), "ttft_p99": pct(ttfts, 0.99),
+        "itl_p50": pct(all_itls, 0.5), "itl_p99": pct(all_itls, 0.99),
+        "request_itl_p90_median": round(statistics.median(itl_p90s), 4) if itl_p90s else float("nan"),
+        "met_ttft": sum(1 for r in ok if r.ttft <= ttft_s), "met_itl": sum(1 for r in ok if r.itl_p90() <= itl_s),
+        "cached_tokens_median": statistics.median([r.cached for r in ok]) if ok else 0,
+        "paths": paths, "errors": errors[:3], "n_errors": len(errors),
+    }
+
+
+def goodput(points: list[dict[str, Any]]) -> float:
+    """The highest swept rate whose attainment (and every lower rate's) is >= 90 %."""
+    best = 0.0
+    for p in sorted(points, key=lambda p: p["rate"]):
+        if p["attainment"] < ATTAIN:
+            break
+        best = p["rate"]
+    return best
+
+
+def plot(jsonl: Path, png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()]
+    workloads = sorted({r["workload"] for r in rows})
+    fig, axes = plt.subplots(1, len(workloads), figsize=(6 * len(workloads), 4.2), squeeze=False)
+    for ax, workload in zip(axes[0], workloads):
+        for label in sorted({r["label"] for r in rows if r["workload"] == workload}):
+            pts = sorted((r for r in rows if r["workload"] == workload and r["label"] == label),
+                         key=lambda r: r["rate"])
+            g = goodput(pts)
+            ax.plot([p["rate"] for p in pts], [100 * p["attainment"] for p in pts], marker="o",
+                    label=f"{label} (goodput {g:g} req/s)")
+            print(f"{workload} {label}: goodput {g:g} req/s")
+        t = rows[0]
+        ax.axhline(100 * ATTAIN, color="grey", linestyle="--", linewidth=1)
+        ax.set_title(f"{workload} tokens in/out; TTFT <= {t['ttft_target_s']} s, ITL p90 <= "
+                     f"{1000 * t['itl_target_s']:.0f} ms")
+        ax.set_xlabel("request rate (req/s, Poisson)")
+        ax.set_ylabel("requests meeting both targets (%)")
+        ax.set_ylim(0, 105)
+        ax.grid(alpha=0.3)
+        ax.legend(loc="lower left")
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--url", help="comma-separated base URLs; load is split evenly between them")
+    p.add_argument("--label", default="system")
+    p.add_argument("--model", default="m")
+    p.add_argument("--in", dest="in_tokens", type=int, default=4000)
+    p.add_argument("--out", dest="out_tokens", type=int, default=200)
+    p.add_argument("--rates", default="1,2,4")
+    p.add_argument("--duration", type=float, default=30, help="seconds of arrivals per rate")
+    p.add_argument("--ttft-s", type=float, default=2.0)
+    p.add_argument("--itl-s", type=float, default=0.05)
+    p.add_argument("--vocab", type=int, default=30000, help="prompt token ids are drawn below this")
+    p.add_argument("--deadline", type=float, default=120, help="a request unanswered by then failed")
+    p.add_argument("--api-key")
+    p.add_argument("--warmup", type=int, default=4, help="requests sent (and ignored) before the sweep")
+    p.add_argument("--stop-below", type=float, default=0.5,
+                   help="stop the sweep after a rate whose attainment is below this (past goodput)")
+    p.add_argument("--json", type=Path, help="append one line per rate here")
+    p.add_argument("--plot", type=Path, help="draw this --json file instead of measuring")
+    p.add_argument("--png", type=Path, default=Path("goodput.png"))
+    args = p.parse_args()
+    if args.plot:
+        plot(args.plot, args.png)
+        return 0
+    urls = args.url.split(",")
+    headers = {"authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    workload = f"{args.in_tokens}/{args.out_tokens}"
+    asyncio.run(sweep_point(urls, args.model, args.warmup / 2, 2, args.in_tokens, args.out_tokens, args.vocab, 1,
+                            args.deadline, headers))
+    points = []
+    for i, rate in enumerate(float(x) for x in args.rates.split(",")):
+        t0 = time.time()
+        results = asyncio.run(sweep_point(urls, args.model, rate, args.duration, args.in_tokens, args.out_tokens,
+                                          args.vocab, 1000 + i, args.deadline, headers))
+        point = {"label": args.label, "workload": workload, "rate": rate, "duration_s": args.duration,
+                 "ttft_target_s": args.ttft_s, "itl_target_s": args.itl_s, "wall_s": round(time.time() - t0, 1),
+                 **summarize(results, args.ttft_s, args.itl_s)}
+        points.append(point)
+        print(json.dumps(point), flush=True)
+        if args.json:
+            with args.json.open("a") as f:
+                f.write(json.dumps(point) + "\n")
+        if point["attainment"] < args.stop_below:
+            break
+    print(f"goodput {args.label} {workload}: {goodput(points):g} req/s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
