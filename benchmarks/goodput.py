@@ -27,11 +27,15 @@ import random
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from daemons.sse_relay import has_token  # noqa: E402  (a token's text can be empty: presence counts)
 
 ATTAIN = 0.9
 
@@ -71,7 +75,7 @@ async def one_request(client: httpx.AsyncClient, url: str, model: str, prompt: l
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
                 obj = json.loads(line[6:])
-                if obj.get("choices") and obj["choices"][0].get("text"):
+                if has_token(obj):
                     now = time.perf_counter()
                     if last is None:
                         r.ttft = now - t0
@@ -194,7 +198,7 @@ def main() -> int:
     p.add_argument("--rates", default="1,2,4")
     p.add_argument("--duration", type=float, default=30, help="seconds of arrivals per rate")
     p.add_argument("--ttft-s", type=float, default=2.0)
-    p.add_argument("--itl-s", type=float, default=0.05)
+    p.add_argument("--itl-s", type=float, default=0.1)
     p.add_argument("--vocab", type=int, default=30000, help="prompt token ids are drawn below this")
     p.add_argument("--deadline", type=float, default=120, help="a request unanswered by then failed")
     p.add_argument("--api-key")

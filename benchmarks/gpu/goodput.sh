@@ -7,7 +7,7 @@
 set -u
 . "$(dirname "$0")/env.sh"
 PART=${PART:-both}
-RATES_LONG=${RATES_LONG:-1,2,3,4,5,6}
+RATES_LONG=${RATES_LONG:-1,2,3,4,6,8}
 RATES_SHORT=${RATES_SHORT:-2,4,6,8,10,12}
 DUR=${DUR:-20}
 sweep() {  # label urls
@@ -26,7 +26,7 @@ if [ $PART != plain ]; then
   python3 -m daemons.ctl --config $CFG wait-ready --fail-fast --timeout ${READY_TIMEOUT:-300}; rc=$?
   echo "== our stack ready after $(( $(date +%s) - t0 ))s (rc $rc)" | tee -a $OUT/goodput.txt
   if [ $rc -eq 0 ]; then
-    timeout 120 python3 benchmarks/kv_reuse.py --config $CFG --lengths ${CROSS:-500,1000,1500,2000,3000} --repeat 3 \
+    [ "${CROSS:-}" = none ] || timeout 120 python3 benchmarks/kv_reuse.py --config $CFG --lengths ${CROSS:-500,1000,1500,2000,3000} --repeat 3 \
       | tee $OUT/crossover.txt
     sweep disagg http://127.0.0.1:8000
     curl -s 127.0.0.1:9102/metrics | grep -E "^disagg_(request_paths_total|fallbacks_total)" | grep -v " 0.0$" | tee -a $OUT/goodput.txt
