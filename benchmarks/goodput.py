@@ -145,16 +145,26 @@ def summarize(results: list[Result], ttft_s: float, itl_s: float) -> dict[str, A
         "met_ttft": sum(1 for r in ok if r.ttft <= ttft_s), "met_itl": sum(1 for r in ok if r.itl_p90() <= itl_s),
         "cached_tokens_median": statistics.median([r.cached for r in ok]) if ok else 0,
         "paths": paths, "errors": errors[:3], "n_errors": len(errors),
+        # per request (TTFT s, its ITL p90 s; null when it failed): attainment for other targets, later
+        "requests": [[round(r.ttft, 4), round(r.itl_p90(), 4)] if r.ok else None for r in results],
     }
+
+
+def by_rate(points: list[dict[str, Any]]) -> list[tuple[float, float]]:
+    """(rate, worst attainment measured at that rate), ascending: a rate measured twice counts its worse run."""
+    worst: dict[float, float] = {}
+    for p in points:
+        worst[p["rate"]] = min(worst.get(p["rate"], 1.0), p["attainment"])
+    return sorted(worst.items())
 
 
 def goodput(points: list[dict[str, Any]]) -> float:
     """The highest swept rate whose attainment (and every lower rate's) is >= 90 %."""
     best = 0.0
-    for p in sorted(points, key=lambda p: p["rate"]):
-        if p["attainment"] < ATTAIN:
+    for rate, attainment in by_rate(points):
+        if attainment < ATTAIN:
             break
-        best = p["rate"]
+        best = rate
     return best
 
 
@@ -169,11 +179,13 @@ def plot(jsonl: Path, png: Path) -> None:
     fig, axes = plt.subplots(1, len(workloads), figsize=(6 * len(workloads), 4.2), squeeze=False)
     for ax, workload in zip(axes[0], workloads):
         for label in sorted({r["label"] for r in rows if r["workload"] == workload}):
-            pts = sorted((r for r in rows if r["workload"] == workload and r["label"] == label),
-                         key=lambda r: r["rate"])
+            pts = [r for r in rows if r["workload"] == workload and r["label"] == label]
             g = goodput(pts)
-            ax.plot([p["rate"] for p in pts], [100 * p["attainment"] for p in pts], marker="o",
-                    label=f"{label} (goodput {g:g} req/s)")
+            worst = by_rate(pts)
+            line, = ax.plot([r for r, _ in worst], [100 * a for _, a in worst], marker="o",
+                            label=f"{label} (goodput {g:g} req/s)")
+            ax.scatter([p["rate"] for p in pts], [100 * p["attainment"] for p in pts], color=line.get_color(),
+                       marker="x", s=30)  # every run, where a rate was measured more than once
             print(f"{workload} {label}: goodput {g:g} req/s")
         t = rows[0]
         ax.axhline(100 * ATTAIN, color="grey", linestyle="--", linewidth=1)

@@ -192,6 +192,10 @@ class DecodeWorkerConfig(WorkerConfig):
         "decode engine computes them (path short_prompt). Below the crossover where loading KV from LMCache "
         "costs the decode engine more than computing it, the prefill round trip only adds TTFT. 257 = one "
         "256-token chunk + 1, the shortest prompt with any KV to load; 0 sends every prompt to prefill.")
+    short_prompt_max_in_flight: Annotated[int, Field(ge=0)] = Field(
+        default=8, description="Short prompts stay on the decode engine only while the front door has at most "
+        "this many requests in progress: under load the prefill engine's capacity matters more than one "
+        "request's TTFT, and a prompt computed on the decode engine stalls every stream decoding there.")
     max_body_bytes: Annotated[int, Field(gt=0)] = Field(
         default=8 << 20, description="Larger request bodies get 413 before they are read into memory.")
     api_keys_file: Path | None = Field(

@@ -80,6 +80,7 @@ class DecodeWorker(EngineDaemon):
             keys=self.keys,
             max_body_bytes=w.max_body_bytes,
             disaggregate_min_tokens=w.disaggregate_min_tokens,
+            short_prompt_max_in_flight=w.short_prompt_max_in_flight,
         )
 
     def _health(self) -> tuple[str, bool, str]:

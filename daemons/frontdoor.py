@@ -17,8 +17,10 @@ Responses carry ``x-disagg-path``, truthfully:
   ``kv_not_loaded``, ``no_full_chunk``);
 - ``fallback``: prefill was skipped or failed (``x-disagg-fallback-reason``);
 - ``short_prompt``: the prompt is shorter than ``disaggregate_min_tokens``, where
-  loading its KV would cost the decode engine more than computing it: no prefill
-  call is made (estimated length: :mod:`daemons.prompt_size`). Not a fallback.
+  loading its KV would cost the decode engine more than computing it, and at most
+  ``short_prompt_max_in_flight`` requests are in progress: no prefill call is made
+  (estimated length: :mod:`daemons.prompt_size`). Not a fallback. Under load every
+  prompt goes to prefill: the prefill engine's capacity then matters more.
 
 A streamed response's headers leave before the decode engine has reported
 what it loaded: there the header is prefill's verdict (``disaggregated`` when
@@ -87,6 +89,7 @@ class FrontDoor:
         keys: ApiKeys | None = None,
         max_body_bytes: int = 8 << 20,
         disaggregate_min_tokens: int = 0,
+        short_prompt_max_in_flight: int = 8,
         sizer: PromptSizer | None = None,
     ) -> None:
         self.engine_url = engine_url
@@ -101,12 +104,19 @@ class FrontDoor:
         self.keys = keys if keys is not None else ApiKeys(None, env={})
         self.max_body_bytes = max_body_bytes
         self.disaggregate_min_tokens = disaggregate_min_tokens
+        self.short_prompt_max_in_flight = short_prompt_max_in_flight
         self.sizer = sizer if sizer is not None else PromptSizer()
 
     # -- prefill ---------------------------------------------------------------------
+    def short_prompt(self, route: str, body: dict[str, Any]) -> bool:
+        """Leave this prompt to the decode engine: shorter than the crossover, and the box is not busy."""
+        return (self.disaggregate_min_tokens > 0
+                and self.admission.active <= self.short_prompt_max_in_flight
+                and self.sizer.estimate(route, body) < self.disaggregate_min_tokens)
+
     async def prefill(self, route: str, body: dict[str, Any], request_id: str) -> PrefillOutcome:
         """Have a prefill-worker compute the prompt (its KV goes to LMCache); the router counts the outcome."""
-        if self.disaggregate_min_tokens and self.sizer.estimate(route, body) < self.disaggregate_min_tokens:
+        if self.short_prompt(route, body):
             return PrefillOutcome("short_prompt")
         choice = self.router.choose()
         if choice.url is None:

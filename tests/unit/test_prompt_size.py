@@ -96,3 +96,21 @@ def test_the_front_door_learns_bytes_per_token_from_the_engines_answers(tmp_path
     assert door.sizer.bytes_per_token(ROUTE) == 10.0
     resp = asyncio.run(post(door, json.dumps({"model": "m", "prompt": "abcd " * 500}).encode()))
     assert resp.headers["x-disagg-path"] == "short_prompt"  # 2,500 bytes: ~250 tokens
+
+
+def test_under_load_short_prompts_go_to_prefill_too(tmp_path: Path) -> None:
+    door = front_door(tmp_path, disaggregate_min_tokens=257, short_prompt_max_in_flight=1)
+    router = CountingRouter(door.router)
+    door.router = router  # type: ignore[assignment]
+    short = {"model": "m", "prompt": list(range(100))}
+    assert door.short_prompt("/v1/completions", short)  # nothing else in progress
+
+    async def while_busy() -> httpx.Response:
+        await door.admission.acquire()  # another request in progress: 2 with this one
+        try:
+            return await post(door, json.dumps(short).encode())
+        finally:
+            door.admission.release()
+
+    resp = asyncio.run(while_busy())
+    assert router.asked == 1 and resp.headers["x-disagg-path"] == "fallback"  # it asked for prefill
