@@ -240,3 +240,19 @@ def test_sigterm_drains_in_flight_requests(stack):
         stack.complete("hello", max_tokens=1)
     assert "started" in stack.supervisorctl("start", "decode-worker")
     stack.wait_ready()
+
+
+def test_a_short_prompt_skips_the_prefill_call(stack):
+    def prefill_calls() -> float:  # the front door's calls to prefill-worker (canaries are not counted here)
+        return metric_value(stack.metrics("decode-worker"), "disagg_prefill_call_duration_seconds_count")
+
+    before = prefill_calls()
+    resp = stack.complete(words_prompt(11, 60), max_tokens=4)  # ~70 tokens: no full chunk to load
+    assert resp.status_code == 200, resp.text
+    assert resp.headers["x-disagg-path"] == "short_prompt"
+    assert resp.json()["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+    assert prefill_calls() == before, "a short prompt still went to prefill-worker"
+    assert metric_value(stack.metrics("decode-worker"), "disagg_request_paths_total", 'path="short_prompt"') >= 1
+    resp = stack.complete(words_prompt(12, 1200), max_tokens=4)  # long: disaggregated as before
+    assert resp.headers["x-disagg-path"] == "disaggregated"
+    assert prefill_calls() == before + 1
