@@ -67,6 +67,7 @@ def disagg_proxy() -> None:
     from daemons.metrics import FrontDoorMetrics
     from daemons.peers import Peers
     from daemons.prefill_router import PrefillChoice, PrefillRouter
+    from daemons.upstream import Upstream
 
     class FixedRouter(PrefillRouter):
         def choose(self) -> PrefillChoice:
@@ -74,7 +75,7 @@ def disagg_proxy() -> None:
 
     metrics = FrontDoorMetrics(CollectorRegistry())
     router = FixedRouter([], Peers(Path("/tmp"), 5, expect_digest=None), metrics)
-    client = httpx.AsyncClient(trust_env=False, limits=httpx.Limits(max_connections=None))
+    client = Upstream()
     door = FrontDoor(engine_url=f"http://127.0.0.1:{ENGINE_PORT}", client=client, metrics=metrics, router=router,
                      prefill_timeout_s=30, health=lambda: ("ready", True, ""))
     uvicorn.run(door.app(), host="127.0.0.1", port=PROXY_PORT, log_level="warning", access_log=False)

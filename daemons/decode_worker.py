@@ -36,6 +36,7 @@ from .lifecycle import DaemonFailed
 from .metrics import FrontDoorMetrics
 from .prefill_router import LMCACHE, PrefillRouter
 from .states import State
+from .upstream import Upstream
 from .worker import EngineDaemon
 
 log = logging.getLogger(__name__)
@@ -67,9 +68,10 @@ class DecodeWorker(EngineDaemon):
         self._fatal: str | None = None
         self.keys = ApiKeys(self.worker.api_keys_file)  # ApiKeyError (a ConfigError): exit 78
         w = self.worker
+        self.upstream = Upstream(w.max_concurrent_requests)  # the proxied calls' own pool (probes use httpx)
         self.front_door = FrontDoor(
             engine_url=self.engine_url,
-            client=self.proxy_client(w.max_concurrent_requests),
+            client=self.upstream,
             metrics=self.front_metrics,
             router=self.router,
             prefill_timeout_s=self.worker.prefill_timeout_s,
@@ -190,6 +192,7 @@ class DecodeWorker(EngineDaemon):
             self._canary_task.cancel()
             await asyncio.gather(self._canary_task, return_exceptions=True)
         await super().shut_down()
+        await self.upstream.aclose()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -41,7 +41,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import httpx
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -56,7 +55,8 @@ from .prefill_router import PrefillOutcome, PrefillRouter
 from .prompt_size import PromptSizer
 from .request_limits import BadRequest, parse_json_object, read_body
 from .request_limits import request_id as checked_request_id
-from .sse_relay import RelayedResponse, StreamRelay, sse_events
+from .sse_relay import RelayedResponse, StreamRelay
+from .upstream import Answer, Stream, Upstream, UpstreamError, UpstreamTimeout
 from .worker import openai_error
 
 log = logging.getLogger(__name__)
@@ -66,7 +66,7 @@ RETRY_AFTER_S = 5
 __all__ = ["FrontDoor", "PrefillOutcome"]
 
 
-def _int_header(resp: httpx.Response, name: str) -> int | None:
+def _int_header(resp: Answer, name: str) -> int | None:
     try:
         return int(resp.headers[name])
     except (KeyError, ValueError):
@@ -78,7 +78,7 @@ class FrontDoor:
         self,
         *,
         engine_url: str,
-        client: httpx.AsyncClient,
+        client: Upstream,
         metrics: FrontDoorMetrics,
         router: PrefillRouter,
         prefill_timeout_s: float,
@@ -124,14 +124,12 @@ class FrontDoor:
         prefill_body = {k: v for k, v in body.items() if k not in ("stream", "stream_options")}
         t0 = time.monotonic()
         try:
-            resp = await self.client.post(
-                f"{choice.url}{route}", json=prefill_body, timeout=self.prefill_timeout_s,
-                headers={"x-request-id": request_id},
-            )
-        except httpx.TimeoutException:
+            resp = await self.client.post(f"{choice.url}{route}", prefill_body, timeout_s=self.prefill_timeout_s,
+                                          headers={"x-request-id": request_id})
+        except UpstreamTimeout:
             outcome = PrefillOutcome("fallback", "prefill_timeout", time.monotonic() - t0)
-        except httpx.HTTPError as exc:
-            log.warning("[%s] prefill-worker unreachable: %r", request_id, exc)
+        except UpstreamError as exc:
+            log.warning("[%s] prefill-worker unreachable: %s", request_id, exc)
             outcome = PrefillOutcome("fallback", "prefill_unreachable", time.monotonic() - t0)
         else:
             elapsed = time.monotonic() - t0
@@ -229,14 +227,13 @@ class FrontDoor:
     async def _complete(self, route: str, body: dict[str, Any], request_id: str, outcome: PrefillOutcome) -> Response:
         try:
             resp = await asyncio.wait_for(self.client.post(
-                f"{self.engine_url}{route}", json=body, timeout=httpx.Timeout(None, connect=5.0),
-                headers={"x-request-id": request_id},
+                f"{self.engine_url}{route}", body, headers={"x-request-id": request_id},
             ), self.request_timeout_s)
         except asyncio.TimeoutError:
             return self._decode_timeout(f"no answer within {self.request_timeout_s:.0f}s", request_id)
-        except httpx.HTTPError as exc:
+        except UpstreamError as exc:
             self.metrics.errors.labels(kind="engine_unavailable").inc()
-            return openai_error(503, f"decode engine unavailable: {exc!r}", "service_unavailable",
+            return openai_error(503, f"decode engine unavailable: {exc}", "service_unavailable",
                                 headers={"retry-after": str(RETRY_AFTER_S)})
         cached: int | None = None
         if resp.status_code == 200:
@@ -262,28 +259,29 @@ class FrontDoor:
         opts = body.get("stream_options") if isinstance(body.get("stream_options"), dict) else {}
         client_wants_usage = bool(opts.get("include_usage"))
         upstream_body = {**body, "stream_options": {**opts, "include_usage": True}}
-        req = self.client.build_request(
-            "POST", f"{self.engine_url}{route}", json=upstream_body,
-            timeout=httpx.Timeout(None, connect=5.0), headers={"x-request-id": request_id},
-        )
         deadline = time.monotonic() + self.first_token_timeout_s
         try:
-            upstream = await asyncio.wait_for(self.client.send(req, stream=True), self.first_token_timeout_s)
+            upstream: Stream = await asyncio.wait_for(self.client.stream(
+                f"{self.engine_url}{route}", upstream_body, headers={"x-request-id": request_id},
+            ), self.first_token_timeout_s)
         except asyncio.TimeoutError:
             return self._decode_timeout(f"no first token within {self.first_token_timeout_s:.0f}s", request_id)
-        except httpx.HTTPError as exc:
+        except UpstreamError as exc:
             self.metrics.errors.labels(kind="engine_unavailable").inc()
-            return openai_error(503, f"decode engine unavailable: {exc!r}", "service_unavailable",
+            return openai_error(503, f"decode engine unavailable: {exc}", "service_unavailable",
                                 headers={"retry-after": str(RETRY_AFTER_S)})
         if upstream.status_code != 200:
-            content = await upstream.aread()
+            try:
+                content = await upstream.aread()
+            except UpstreamError:
+                content = b""
             await upstream.aclose()
             self.metrics.errors.labels(kind=f"engine_{upstream.status_code}").inc()
             return Response(content, status_code=upstream.status_code, media_type="application/json",
                             headers=outcome.headers())
         # Hold the response until the first event is in: a decode engine that
         # produces nothing gets the request a clean 503, not a silent stream.
-        events = sse_events(upstream)
+        events = upstream.events()
         try:
             first_event = await asyncio.wait_for(anext(events), max(0.0, deadline - time.monotonic()))
         except asyncio.TimeoutError:
@@ -291,10 +289,10 @@ class FrontDoor:
             return self._decode_timeout(f"no first token within {self.first_token_timeout_s:.0f}s", request_id)
         except StopAsyncIteration:
             first_event = None
-        except httpx.HTTPError as exc:
+        except UpstreamError as exc:
             await upstream.aclose()
             self.metrics.errors.labels(kind="engine_unavailable").inc()
-            return openai_error(503, f"decode engine stream broke: {exc!r}", "service_unavailable",
+            return openai_error(503, f"decode engine stream broke: {exc}", "service_unavailable",
                                 headers={"retry-after": str(RETRY_AFTER_S)})
         except asyncio.CancelledError:  # the client went away: abort the engine's request
             await upstream.aclose()
@@ -316,9 +314,9 @@ class FrontDoor:
             return self._refuse(request.url.path, 401, "unauthorized", "missing or invalid API key "
                                 "(send Authorization: Bearer <key>)", "authentication_error")
         try:
-            resp = await self.client.get(f"{self.engine_url}/v1/models", timeout=10.0)
-        except httpx.HTTPError as exc:
-            return openai_error(503, f"decode engine unavailable: {exc!r}", "service_unavailable")
+            resp = await self.client.get(f"{self.engine_url}/v1/models", timeout_s=10.0)
+        except UpstreamError as exc:
+            return openai_error(503, f"decode engine unavailable: {exc}", "service_unavailable")
         return Response(resp.content, status_code=resp.status_code, media_type="application/json")
 
     async def health(self, _: Request) -> Response:

@@ -15,29 +15,16 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-import httpx
 from starlette.responses import StreamingResponse
 
 from .canary import cached_tokens
 from .metrics import FrontDoorMetrics
+from .upstream import Stream, UpstreamError
 
 log = logging.getLogger(__name__)
 
 BROKEN_STREAM_EVENT = json.dumps(
     {"error": {"message": "decode engine stream broke", "type": "service_unavailable", "code": 503}})
-
-
-async def sse_events(upstream: httpx.Response) -> AsyncIterator[str]:
-    """The server-sent events of a response, one string each (without the blank line)."""
-    buffer = ""
-    async for text in upstream.aiter_text():
-        buffer += text
-        while "\n\n" in buffer:
-            event, buffer = buffer.split("\n\n", 1)
-            yield event
-    if buffer.strip():
-        # The engine's stream ended inside an event: never pass a truncated event on.
-        raise httpx.RemoteProtocolError(f"decode engine stream ended inside an event ({len(buffer)} bytes)")
 
 
 def has_token(obj: dict[str, Any]) -> bool:
@@ -58,7 +45,7 @@ class StreamRelay:
     """One streamed response: iterate :meth:`body` to relay it; ``on_end(completed, cached)`` runs once at the end
     (``cached``: prompt tokens the decode engine loaded, from the usage chunk; None when it never came)."""
 
-    def __init__(self, upstream: httpx.Response, first_event: str | None, events: AsyncIterator[str], *,
+    def __init__(self, upstream: Stream, first_event: str | None, events: AsyncIterator[str], *,
                  metrics: FrontDoorMetrics, client_wants_usage: bool, t0: float, request_id: str,
                  on_end: Callable[[bool, int | None], None]) -> None:
         self.upstream = upstream
@@ -116,8 +103,8 @@ class StreamRelay:
                 self._completed = self._completed or event == "data: [DONE]"
                 if forward:
                     yield (event + "\n\n").encode()
-        except httpx.HTTPError as exc:
-            log.warning("[%s] decode engine stream broke: %r", self.request_id, exc)
+        except UpstreamError as exc:
+            log.warning("[%s] decode engine stream broke: %s", self.request_id, exc)
             self.metrics.errors.labels(kind="stream_broken").inc()
             yield f"data: {BROKEN_STREAM_EVENT}\n\n".encode()
         finally:

@@ -19,6 +19,8 @@ from daemons.prefill_router import PrefillChoice
 from daemons.stall import EngineLoad
 from daemons.statefile import PeerView, State, StateRecord
 
+from .fakes import FakeUpstream
+
 P0, P1 = "prefill-worker@p0", "prefill-worker@p1"
 
 
@@ -154,7 +156,7 @@ def fallbacks(worker: DecodeWorker, reason: str) -> float:
 def test_every_prefill_outcome_is_counted_once_by_the_router(worker: DecodeWorker, answer, path, reason) -> None:
     worker.router.canary_results = {P0: ok(), P1: ok()}
     door = worker.front_door
-    door.client = httpx.AsyncClient(transport=httpx.MockTransport(answer))
+    door.client = FakeUpstream(answer)
     before = {r: fallbacks(worker, r) for r in FALLBACK_REASONS}
     outcome = asyncio.run(door.prefill("/v1/completions", {"prompt": "x"}, "req"))
     assert outcome.headers()["x-disagg-path"] == path

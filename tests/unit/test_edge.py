@@ -20,6 +20,9 @@ from daemons.frontdoor import FrontDoor
 from daemons.metrics import FrontDoorMetrics
 from daemons.peers import Peers
 from daemons.prefill_router import PrefillRouter
+from daemons.upstream import Upstream
+
+from .fakes import FakeUpstream
 
 ENGINE_ANSWER = {"choices": [{"text": "hi"}], "usage": {"prompt_tokens": 3, "completion_tokens": 1}}
 
@@ -28,7 +31,7 @@ def front_door(tmp_path: Path, engine: httpx.MockTransport | None = None, **kw: 
     metrics = FrontDoorMetrics(CollectorRegistry())
     router = PrefillRouter([], Peers(tmp_path, 5, expect_digest=None), metrics)  # no prefill: fallback
     transport = engine or httpx.MockTransport(lambda r: httpx.Response(200, json=ENGINE_ANSWER))
-    return FrontDoor(engine_url="http://engine", client=httpx.AsyncClient(transport=transport), metrics=metrics,
+    return FrontDoor(engine_url="http://engine", client=FakeUpstream(transport.handler), metrics=metrics,
                      router=router, prefill_timeout_s=5, health=lambda: ("ready", True, ""), **kw)
 
 
@@ -284,7 +287,7 @@ def test_a_prefill_call_past_its_deadline_closes_the_connection_to_prefill_worke
         server = await asyncio.start_server(slow_prefill_worker, "127.0.0.1", 0)
         port = server.sockets[0].getsockname()[1]
         door = front_door(tmp_path)
-        door.client = httpx.AsyncClient()  # a real connection to the fake prefill-worker
+        door.client = Upstream()  # a real connection to the fake prefill-worker
         door.prefill_timeout_s = 0.5
         door.router.choose = lambda: PrefillChoice(url=f"http://127.0.0.1:{port}")  # type: ignore[method-assign]
         async with server:
