@@ -16,6 +16,7 @@ connection closes.
 from __future__ import annotations
 
 import asyncio
+import codecs
 import json
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
@@ -70,9 +71,10 @@ class Stream:
         """The server-sent events, one string each (without the blank line); a stream that ends inside an
         event raises :class:`UpstreamError` (never pass a truncated event on)."""
         buffer = ""
+        decoder = codecs.getincrementaldecoder("utf-8")("replace")  # a character may span two chunks
         try:
             async for chunk in self._response.content.iter_any():
-                buffer += chunk.decode("utf-8", "replace")
+                buffer += decoder.decode(chunk)
                 while "\n\n" in buffer:
                     event, buffer = buffer.split("\n\n", 1)
                     yield event

@@ -298,3 +298,37 @@ def test_a_prefill_call_past_its_deadline_closes_the_connection_to_prefill_worke
         await door.client.aclose()
 
     asyncio.run(scenario())
+
+
+def test_upstream_relays_events_whole_even_when_a_character_spans_two_chunks() -> None:
+    """A real aiohttp round trip: an engine that sends an event split inside a multi-byte character."""
+    from daemons.upstream import UpstreamError
+
+    event = 'data: {"choices": [{"text": "caf\u00e9 \u2603"}]}'.encode()
+    cut = event.index("\u2603".encode()) + 1  # inside the snowman's three bytes
+
+    async def scenario() -> None:
+        async def engine(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n")
+            writer.write(event[:cut])
+            await writer.drain()
+            await asyncio.sleep(0.05)
+            writer.write(event[cut:] + b"\n\ndata: {\"trunc")  # then a stream that ends inside an event
+            await writer.drain()
+            writer.close()
+
+        server = await asyncio.start_server(engine, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        upstream = Upstream()
+        async with server:
+            stream = await upstream.stream(f"http://127.0.0.1:{port}/v1/completions", {"prompt": "x"})
+            got = []
+            with pytest.raises(UpstreamError, match="inside an event"):
+                async for e in stream.events():
+                    got.append(e)
+            assert got == [event.decode()]
+            await stream.aclose()
+        await upstream.aclose()
+
+    asyncio.run(scenario())
