@@ -45,6 +45,7 @@ from .request_limits import BadRequest, parse_json_object, read_body
 from .request_limits import request_id as checked_request_id
 from .lifecycle import DaemonFailed
 from .states import State
+from .upstream import Upstream, UpstreamError
 from .worker import EngineDaemon, openai_error
 
 log = logging.getLogger(__name__)
@@ -99,7 +100,7 @@ class PrefillWorker(EngineDaemon):
             heartbeat_interval_s=config.lmcache.heartbeat_interval_s,
             log_path=Path(config.log_dir) / f"{self.name}-kv-lookup.log",
         )
-        self.proxy = self.proxy_client()
+        self.proxy = Upstream()  # the prefill calls' own pool, on aiohttp (probes use httpx)
         self.max_body_bytes = config.decode_worker.max_body_bytes
         self.missed_stores = 0  # prefills in a row whose KV was not in LMCache by the deadline
         self.last_miss = ""
@@ -168,6 +169,7 @@ class PrefillWorker(EngineDaemon):
             await asyncio.gather(self._self_test, return_exceptions=True)
         await self.kv.stop()
         await super().shut_down()
+        await self.proxy.aclose()
 
     async def confirm_stored(self, answer: Any, request_id: str) -> dict[str, str]:
         """Wait until LMCache holds the prompt's full chunks (bounded); the headers that say how it went."""
@@ -215,9 +217,7 @@ class PrefillWorker(EngineDaemon):
             self.prefill_metrics.in_flight.inc()
             try:
                 resp = await unless_disconnected(request, self.proxy.post(
-                    f"{self.engine_url}{route}", json=as_prefill(body),
-                    timeout=httpx.Timeout(None, connect=5.0),
-                    headers={"x-request-id": request_id},
+                    f"{self.engine_url}{route}", as_prefill(body), headers={"x-request-id": request_id},
                 ))
             except ClientGone:
                 # The front door gave up (its prefill deadline) or its client left: the engine's
@@ -225,9 +225,9 @@ class PrefillWorker(EngineDaemon):
                 log.info("[%s] caller went away after %.1fs: prefill aborted", request_id, time.monotonic() - t0)
                 self.prefill_metrics.requests.labels(status="499").inc()
                 return Response(status_code=499)
-            except httpx.HTTPError as exc:
+            except UpstreamError as exc:
                 self.prefill_metrics.requests.labels(status="503").inc()
-                return openai_error(503, f"prefill engine unavailable: {exc!r}", "service_unavailable")
+                return openai_error(503, f"prefill engine unavailable: {exc}", "service_unavailable")
             finally:
                 self.prefill_metrics.in_flight.dec()
             elapsed = time.monotonic() - t0

@@ -44,7 +44,6 @@ class EngineDaemon(ChildDaemon):
         self.child_metrics_url = f"{self.engine_url}/metrics"
         self.stall = StallDetector(config.kv_path.engine_stall_timeout_s)
         self.engine_problem = ""  # why the engine is not fit to serve now ("" when it is)
-        self._proxy_clients: list[httpx.AsyncClient] = []
 
     @property
     def endpoint(self) -> str:
@@ -53,20 +52,6 @@ class EngineDaemon(ChildDaemon):
     @property
     def metrics_address(self) -> tuple[str, int]:
         return self.worker.metrics_host, self.worker.metrics_port
-
-    def proxy_client(self, max_connections: int | None = None) -> httpx.AsyncClient:
-        """A connection pool of its own for proxied requests: health probes (``self.http``) never
-        wait behind a hundred streams for a connection, so the watchdog keeps being fed under load."""
-        client = httpx.AsyncClient(timeout=httpx.Timeout(10.0), trust_env=False, limits=httpx.Limits(
-            max_connections=None if max_connections is None else max_connections + 8,
-            max_keepalive_connections=64))
-        self._proxy_clients.append(client)
-        return client
-
-    async def shut_down(self) -> None:
-        await super().shut_down()
-        for client in self._proxy_clients:
-            await client.aclose()
 
     async def child_healthy(self, timeout: float = 2.0) -> bool:
         try:

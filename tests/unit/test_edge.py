@@ -235,7 +235,7 @@ def test_prefill_worker_aborts_the_engine_request_when_its_caller_gives_up(tmp_p
     started, cancelled, endless_engine = hanging_engine()
 
     async def scenario() -> None:
-        worker.proxy = httpx.AsyncClient(transport=httpx.MockTransport(endless_engine))
+        worker.proxy = FakeUpstream(endless_engine)  # type: ignore[assignment]
         gone, call = asgi_post_then_disconnect(worker.app(), json.dumps({"model": "m", "prompt": "p"}).encode())
         task = asyncio.create_task(call)
         await asyncio.wait_for(started.wait(), 5)
