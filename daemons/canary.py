@@ -8,7 +8,9 @@ that broke:
 - ``prefill``: the prefill API/engine did not answer (in time, or at all);
 - ``lmcache_store``: prefill answered but LMCache holds none of its KV;
 - ``decode_engine``: the decode engine did not answer (in time, or at all);
-- ``decode_load``: LMCache held the KV but the decode engine did not load it.
+- ``decode_load``: LMCache held the KV but the decode engine did not load it;
+- ``p2p_fetch`` (several hosts; decided by decode-worker): as ``decode_load``, with the prefill-worker on
+  another host and this host's LMCache holding no P2P link to that host's.
 
 The prompt is token ids drawn at random from the model's vocabulary: one full
 LMCache chunk plus a few tokens, never the same twice (so an earlier canary's
@@ -31,6 +33,7 @@ HOPS = {
     "lmcache_store": "LMCache has no chunks for it",
     "decode_engine": "decode engine did not answer with a token",
     "decode_load": "decode engine did not load the chunks",
+    "p2p_fetch": "the chunks did not travel from the prefill host's LMCache to this host's",
 }
 
 

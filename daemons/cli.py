@@ -1,5 +1,5 @@
 """The daemons' command line: ``disagg-lmcache-server``, ``disagg-prefill-worker``,
-``disagg-decode-worker`` [``--config``] [``--instance``].
+``disagg-decode-worker``, ``disagg-lmcache-coordinator`` [``--config``] [``--instance``] [``--host-id``].
 
 Loads the config (exit 78, EX_CONFIG, when it is bad: a supervisor must not
 restart-loop on it), sets up logging and runs the daemon to the end.
@@ -38,12 +38,17 @@ def run_daemon(cls: type[Daemon], argv: list[str] | None = None) -> int:
     parser.add_argument("--config", help="config file (default: $DISAGG_CONFIG or etc/disagg.yaml)")
     if cls.kind in WORKER_KINDS:
         parser.add_argument("--instance", help="which of the config's instances of this worker to run")
+    parser.add_argument("--host-id", help="which host of the config's cluster.hosts this is (default: "
+                        "$DISAGG_HOST_ID, else the host whose address this machine has)")
     args = parser.parse_args(argv)
     daemon_id = DaemonId(cls.kind, getattr(args, "instance", None))
     setup_logging(str(daemon_id))
     path = config_path(args.config)
     try:
-        config = load_config(path)
+        config = load_config(path).on_host(args.host_id)
+        if config.host is not None and str(daemon_id) not in config.host.daemons:
+            raise ConfigError(f"{path}: cluster.hosts.{config.host_id}.daemons: {daemon_id} does not run on this "
+                              f"host (it runs {', '.join(config.host.daemons)})")
         if cls.kind in WORKER_KINDS:
             config.worker(cls.kind, daemon_id.instance)
         try:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -252,6 +253,127 @@ class ReadinessConfig(_Section):
 
 
 _INSTANCE_RE = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
+HOST_ID_ENV = "DISAGG_HOST_ID"
+COORDINATOR = "lmcache-coordinator"
+_HOST_DAEMON_RE = re.compile(r"^(lmcache-server|lmcache-coordinator|(prefill|decode)-worker(@[A-Za-z0-9_-]{1,32})?)$")
+
+
+class LMCacheCoordinatorConfig(DaemonConfig):
+    metrics_port: Port = 9103
+
+
+class HostConfig(_Section):
+    address: str = Field(description="This host's address on the private network (what its peers connect to).")
+    daemons: list[str] = Field(description="The daemons this host runs: lmcache-server, lmcache-coordinator, "
+                               "prefill-worker[@instance], decode-worker[@instance].")
+
+    @field_validator("address")
+    @classmethod
+    def _ip(cls, address: str) -> str:
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            raise ValueError(f"not an IP address: {address!r}") from None
+        if ip.is_loopback or ip.is_unspecified:
+            raise ValueError(f"{address} cannot be reached from another host")
+        return address
+
+    @field_validator("daemons")
+    @classmethod
+    def _names(cls, daemons: list[str]) -> list[str]:
+        for name in daemons:
+            if not _HOST_DAEMON_RE.match(name):
+                raise ValueError(f"unknown daemon {name!r} (lmcache-server, lmcache-coordinator, "
+                                 "prefill-worker[@instance], decode-worker[@instance])")
+        if len(set(daemons)) != len(daemons):
+            raise ValueError("a daemon is listed twice")
+        return daemons
+
+
+class ClusterConfig(_Section):
+    """Several hosts: which runs what, and how their LMCache servers share KV (LMCache's P2P layer)."""
+
+    private_network: str = Field(description="CIDR of the network the hosts share. LMCache's request, P2P and "
+                                 "coordinator ports and the prefill API bind only on addresses in it: none of "
+                                 "them has authentication.")
+    hosts: dict[str, HostConfig]
+    coordinator_port: Port = Field(default=9300, description="LMCache's coordinator (membership only, no KV).")
+    p2p_port: Port = Field(default=8555, description="Each lmcache-server's P2P transfer-channel port.")
+    p2p_transfer_engine: Literal["mooncake_te", "nixl"] = Field(
+        default="mooncake_te", description="How KV moves between LMCache servers: mooncake_te (TCP, or RDMA "
+        "with MC_TE_PROTOCOL=rdma) or nixl (RDMA/UCX on GPU clusters).")
+    p2p_lookup_timeout_s: PositiveFloat = Field(
+        default=1.0, description="A peer's lookup answer later than this counts as a miss (LMCache's default: "
+        "30 s, past the engines' control-message deadline).")
+    p2p_load_timeout_s: PositiveFloat = Field(default=20.0, description="A peer's KV load slower than this fails "
+                                              "(the decode engine then recomputes).")
+    instance_timeout_s: PositiveFloat = Field(
+        default=10.0, description="The coordinator forgets an lmcache-server silent this long.")
+    heartbeat_interval_s: PositiveFloat = Field(
+        default=2.0, description="lmcache-servers heartbeat the coordinator and re-read its peer list this often.")
+
+    @field_validator("private_network")
+    @classmethod
+    def _network(cls, network: str) -> str:
+        try:
+            net = ipaddress.ip_network(network, strict=False)
+        except ValueError:
+            raise ValueError(f"not a network (CIDR): {network!r}") from None
+        if not net.is_private or net.is_loopback or net.prefixlen < 8:
+            raise ValueError(f"{network} is not a private network (e.g. 10.0.0.0/24): the ports it opens have no auth")
+        return str(net)
+
+    @model_validator(mode="after")
+    def _layout(self) -> "ClusterConfig":
+        net = ipaddress.ip_network(self.private_network)
+        where: dict[str, str] = {}
+        for host_id, host in self.hosts.items():
+            if not _INSTANCE_RE.match(host_id):
+                raise ValueError(f"hosts: name {host_id!r} must be 1-32 of A-Z a-z 0-9 _ -")
+            if ipaddress.ip_address(host.address) not in net:
+                raise ValueError(f"hosts.{host_id}.address: {host.address} is not in private_network {net}")
+            for name in host.daemons:
+                if name != "lmcache-server" and name in where:
+                    raise ValueError(f"hosts.{host_id}.daemons: {name} already runs on {where[name]}")
+                where.setdefault(name, host_id)
+            if any(n.endswith("-worker") or "-worker@" in n for n in host.daemons) and \
+                    "lmcache-server" not in host.daemons:
+                raise ValueError(f"hosts.{host_id}.daemons: a host with workers runs its own lmcache-server")
+        addresses = [h.address for h in self.hosts.values()]
+        if len(set(addresses)) != len(addresses):
+            raise ValueError("hosts: two hosts have the same address")
+        coordinators = [h for h, c in self.hosts.items() if COORDINATOR in c.daemons]
+        if len(coordinators) != 1:
+            raise ValueError(f"hosts: exactly one host runs {COORDINATOR} (found {len(coordinators)})")
+        return self
+
+    @property
+    def coordinator_host(self) -> str:
+        return next(h for h, c in self.hosts.items() if COORDINATOR in c.daemons)
+
+    @property
+    def coordinator_url(self) -> str:
+        return f"http://{self.hosts[self.coordinator_host].address}:{self.coordinator_port}"
+
+    def host_of(self, daemon: str) -> str | None:
+        """The host that runs ``daemon`` (lmcache-server runs on several: None)."""
+        return next((h for h, c in self.hosts.items() if daemon in c.daemons), None)
+
+
+def local_addresses(candidates: list[str]) -> list[str]:
+    """Those of ``candidates`` that are addresses of this machine (a socket can bind them)."""
+    found = []
+    for address in candidates:
+        family = socket.AF_INET6 if ":" in address else socket.AF_INET
+        with socket.socket(family, socket.SOCK_DGRAM) as sock:
+            try:
+                sock.bind((address, 0))
+            except OSError:
+                continue
+        found.append(address)
+    return found
+
+
 WORKER_KINDS = {"prefill-worker": "prefill_worker", "decode-worker": "decode_worker"}
 
 
@@ -287,7 +409,73 @@ class Config(_Section):
     decode_worker: DecodeWorkerConfig = DecodeWorkerConfig(device="cpu", kv_cache_memory_bytes=268435456)
     kv_path: KVPathConfig = KVPathConfig()
     readiness: ReadinessConfig = ReadinessConfig()
+    lmcache_coordinator: LMCacheCoordinatorConfig = LMCacheCoordinatorConfig()
+    cluster: ClusterConfig | None = Field(
+        default=None, description="Several hosts (README: Several hosts). None: everything on this one.")
     source: Path | None = Field(default=None, exclude=True)
+    host_id: str | None = Field(default=None, exclude=True)  # which of cluster.hosts this process runs on
+
+    @model_validator(mode="after")
+    def _cluster_names_workers(self) -> "Config":
+        if self.cluster is None:
+            return self
+        workers = [n for kind in WORKER_KINDS for n in self.workers(kind)]
+        placed = {n for h in self.cluster.hosts.values() for n in h.daemons if n.endswith("-worker") or "@" in n}
+        for name in sorted(placed - set(workers)):
+            raise ValueError(f"cluster.hosts: {name} is not a worker this config defines ({', '.join(workers)})")
+        for name in workers:
+            if name not in placed:
+                raise ValueError(f"cluster.hosts: no host runs {name}")
+        return self
+
+    # -- which host, which daemons ---------------------------------------------------------
+    def on_host(self, host_id: str | None = None) -> "Config":
+        """This config as seen from one host of the cluster: ``host_id``, else $DISAGG_HOST_ID, else the
+        host whose address this machine has. Unchanged without a cluster. ConfigError when it cannot tell."""
+        if self.cluster is None:
+            return self
+        hosts = self.cluster.hosts
+        host_id = host_id or os.environ.get(HOST_ID_ENV) or None
+        if host_id is None:
+            mine = local_addresses([h.address for h in hosts.values()])
+            matches = [h for h, c in hosts.items() if c.address in mine]
+            if len(matches) != 1:
+                raise ConfigError(
+                    f"{self.source}: cluster.hosts: cannot tell which host this is ({len(matches)} of the hosts' "
+                    f"addresses are this machine's): pass --host-id NAME or set ${HOST_ID_ENV}")
+            host_id = matches[0]
+        if host_id not in hosts:
+            raise ConfigError(f"{self.source}: cluster.hosts: no host {host_id!r} (defined: {', '.join(hosts)})")
+        return self.model_copy(update={"host_id": host_id})
+
+    @property
+    def host(self) -> "HostConfig | None":
+        """This host's entry in the cluster (None: one box)."""
+        if self.cluster is None:
+            return None
+        if self.host_id is None:
+            raise RuntimeError("cluster config used before on_host()")
+        return self.cluster.hosts[self.host_id]
+
+    @property
+    def lmcache_address(self) -> str:
+        """Where this host's LMCache server takes requests (engines, lookups and, in a cluster, its peers)."""
+        host = self.host
+        return host.address if host is not None else self.lmcache.host
+
+    def address_of(self, daemon: str) -> str:
+        """The address a worker's API listens on: its host's on the private network, else the config's."""
+        if self.cluster is not None:
+            host_id = self.cluster.host_of(daemon)
+            if host_id is not None and daemon != "lmcache-server":
+                return self.cluster.hosts[host_id].address
+        kind = DaemonId.parse(daemon).kind
+        return self.workers(kind)[daemon].host
+
+    def is_local(self, daemon: str) -> bool:
+        """Does ``daemon`` run on this machine (its state file is here)?"""
+        host = self.host
+        return host is None or daemon in host.daemons
 
     @model_validator(mode="after")
     def _resolve_instances(self) -> "Config":
@@ -329,9 +517,16 @@ class Config(_Section):
                               f"(defined: {', '.join(names) or 'none'})")
         return self.workers(kind)[worker_name(kind, instance)]
 
+    def cluster_daemon_names(self) -> list[str]:
+        """Every daemon of the whole deployment, dependencies first."""
+        names = ["lmcache-server", *self.workers("prefill-worker"), *self.workers("decode-worker")]
+        return [COORDINATOR, *names] if self.cluster is not None else names
+
     def daemon_names(self) -> list[str]:
-        """Every daemon this config runs, dependencies first."""
-        return ["lmcache-server", *self.workers("prefill-worker"), *self.workers("decode-worker")]
+        """The daemons this machine runs, dependencies first (in a cluster: this host's)."""
+        host = self.host
+        names = self.cluster_daemon_names()
+        return names if host is None else [n for n in names if n in host.daemons]
 
     @model_validator(mode="after")
     def _no_port_clash(self) -> "Config":
@@ -349,6 +544,10 @@ class Config(_Section):
             "lmcache.http_port": self.lmcache.http_port,
             "lmcache_server.metrics_port": self.lmcache_server.metrics_port,
         }
+        if self.cluster is not None:
+            ports["cluster.coordinator_port"] = self.cluster.coordinator_port
+            ports["cluster.p2p_port"] = self.cluster.p2p_port
+            ports["lmcache_coordinator.metrics_port"] = self.lmcache_coordinator.metrics_port
         for kind, section in WORKER_KINDS.items():
             for name, worker in self.workers(kind).items():
                 instance = DaemonId.parse(name).instance

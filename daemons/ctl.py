@@ -22,7 +22,8 @@ from pathlib import Path
 
 from . import __version__
 from .auth import client_key
-from .config import EX_CONFIG, Config, ConfigError, check_model_present, config_path, load_config
+from .config import (COORDINATOR, EX_CONFIG, HOST_ID_ENV, Config, ConfigError, check_model_present, config_path,
+                     load_config)
 from .statefile import PeerView, State, assess, pid_alive
 
 log = logging.getLogger("disaggctl")
@@ -38,7 +39,8 @@ def _out(text: str = "") -> None:
 
 
 def _load(args: argparse.Namespace, *, require_model: bool = True) -> Config:
-    return load_config(config_path(args.config), require_model=require_model)
+    config = load_config(config_path(args.config), require_model=require_model)
+    return config.on_host(getattr(args, "host_id", None)) if config.cluster is not None else config
 
 
 # -- status ------------------------------------------------------------------------------
@@ -133,7 +135,27 @@ def supervisor_env(config: Config) -> dict[str, str]:
         DISAGG_RUN_DIR=str(config.runtime_dir),
         DISAGG_LOG_DIR=str(config.log_dir),
     )
+    if config.host_id is not None:
+        env[HOST_ID_ENV] = config.host_id  # the daemons run as this host of the cluster
     return env
+
+
+def supervisor_conf(config: Config) -> Path:
+    """The supervisord config for this machine: the shipped one on one box; on a host of a cluster, one
+    written to the runtime dir with only this host's programs (plus lmcache-coordinator where it runs)."""
+    if config.cluster is None:
+        return SUPERVISOR_CONF
+    return config.runtime_dir / "supervisord.conf"
+
+
+def render_supervisor_conf(config: Config) -> str:
+    """The shipped config cut to this host's daemons; lmcache-coordinator is lmcache-server's program, renamed."""
+    head, *programs = SUPERVISOR_CONF.read_text().split("\n[program:")
+    sections = {p.split("]", 1)[0]: "[program:" + p for p in programs}
+    sections[COORDINATOR] = sections["lmcache-server"].replace("[program:lmcache-server]", f"[program:{COORDINATOR}]") \
+        .replace("disagg-lmcache-server", f"disagg-{COORDINATOR}").replace("priority=10", "priority=5")
+    local = config.daemon_names()
+    return head.rstrip() + "\n\n" + "\n".join(sections[name].rstrip() + "\n" for name in local if name in sections)
 
 
 def _supervisord_pid(config: Config) -> int | None:
@@ -144,30 +166,36 @@ def _supervisord_pid(config: Config) -> int | None:
     return pid if pid_alive(pid) else None
 
 
-def supervisorctl(config: Config, *words: str, conf: Path = SUPERVISOR_CONF) -> subprocess.CompletedProcess[str]:
+def supervisorctl(config: Config, *words: str, conf: Path | None = None) -> subprocess.CompletedProcess[str]:
     exe = str(Path(sys.executable).parent / "supervisorctl")
+    conf = conf or supervisor_conf(config)
     return subprocess.run(
         [exe, "-c", str(conf), *words], env=supervisor_env(config), capture_output=True, text=True, timeout=120
     )
 
 
-def up(config: Config, conf: Path = SUPERVISOR_CONF) -> int:
+def up(config: Config, conf: Path | None = None) -> int:
     check_model_present(config)
     if _supervisord_pid(config):
         _out(f"already running (supervisord pid {_supervisord_pid(config)})")
         return 0
     config.runtime_dir.mkdir(parents=True, exist_ok=True)
     config.log_dir.mkdir(parents=True, exist_ok=True)
+    if conf is None:
+        conf = supervisor_conf(config)
+        if config.cluster is not None:
+            conf.write_text(render_supervisor_conf(config))
     exe = str(Path(sys.executable).parent / "supervisord")
     proc = subprocess.run([exe, "-c", str(conf)], env=supervisor_env(config), capture_output=True, text=True)
     if proc.returncode != 0:
         _out(f"supervisord failed to start: {proc.stderr.strip() or proc.stdout.strip()}")
         return 1
-    _out(f"started the three daemons under supervisord (logs in {config.log_dir})")
+    where = f" on host {config.host_id}" if config.host_id else ""
+    _out(f"started {', '.join(config.daemon_names())}{where} under supervisord (logs in {config.log_dir})")
     return 0
 
 
-def down(config: Config, conf: Path = SUPERVISOR_CONF, timeout_s: float = 180.0) -> int:
+def down(config: Config, conf: Path | None = None, timeout_s: float = 180.0) -> int:
     pid = _supervisord_pid(config)
     if pid is None:
         _out("not running")
@@ -326,9 +354,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dry-run", action="store_true")
     p.set_defaults(func=cmd_uninstall)
 
-    # Subcommand options may also carry --config.
+    parser.add_argument("--host-id", help="on several hosts: which host of cluster.hosts this is (default: "
+                        "$DISAGG_HOST_ID, else the host whose address this machine has)")
+    # Subcommand options may also carry --config and --host-id.
     for action in sub.choices.values():
         action.add_argument("--config", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        action.add_argument("--host-id", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s disaggctl: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)

@@ -25,16 +25,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
+from dataclasses import replace
 
 from .admission import Admission
 from .auth import ApiKeys
-from .canary import PathCanary, vocabulary
+from .canary import CanaryResult, PathCanary, vocabulary
 from .cli import run_daemon
 from .config import Config
 from .frontdoor import FrontDoor
 from .lifecycle import DaemonFailed
 from .metrics import FrontDoorMetrics
 from .prefill_router import LMCACHE, PrefillRouter
+from .remote_state import state_url
+from .statefile import PeerView
 from .states import State
 from .upstream import Upstream
 from .worker import EngineDaemon
@@ -43,6 +46,15 @@ log = logging.getLogger(__name__)
 
 # While the canary fails, it runs at least this often.
 CANARY_RETRY_S = 5.0
+
+
+def p2p_peers(view: PeerView | None) -> set[str]:
+    """The hosts whose LMCache servers this host's lmcache-server has a P2P link to (from its state record)."""
+    if view is None or view.record is None:
+        return set()
+    p2p = view.record.details.get("p2p")
+    peers = p2p.get("peers") if isinstance(p2p, dict) else None
+    return {str(p).split(".", 1)[0] for p in peers} if isinstance(peers, list) else set()
 
 
 class DecodeWorker(EngineDaemon):
@@ -55,6 +67,11 @@ class DecodeWorker(EngineDaemon):
         super().__init__(config, **kw)
         self.prefill_names = list(config.workers("prefill-worker"))
         self.peers.names = [LMCACHE, *self.prefill_names]
+        # Prefill-workers on other hosts: judged from the record they serve (readiness over a socket).
+        self.remote_prefills = {n: config.cluster.host_of(n) for n in self.prefill_names
+                                if config.cluster is not None and not config.is_local(n)}
+        self.peers.remote = {n: state_url(config.address_of(n), config.workers("prefill-worker")[n].port)
+                             for n in self.remote_prefills}
         self.front_metrics = FrontDoorMetrics(self.registry)
         self.router = PrefillRouter(self.prefill_names, self.peers, self.front_metrics, on_change=self._update_state)
         kv = config.kv_path
@@ -137,8 +154,20 @@ class DecodeWorker(EngineDaemon):
             if view.record is None:
                 continue
             result = await self.canary.run(f"http://{view.record.endpoint}")
-            self.router.record_canary(view.daemon, result)
+            self.router.record_canary(view.daemon, self._blame_p2p(view.daemon, result))
         self.router.forget_unready()
+
+    def _blame_p2p(self, prefill: str, result: CanaryResult) -> CanaryResult:
+        """A canary via another host whose KV did not arrive, while this host's LMCache has no P2P link to
+        that host: the hop that broke is between the hosts (``p2p_fetch``), not this decode engine."""
+        host = self.remote_prefills.get(prefill)
+        if result.ok or result.hop != "decode_load" or host is None:
+            return result
+        peers = p2p_peers(self.peers.views.get(LMCACHE))
+        if host in peers:
+            return result
+        return replace(result, hop="p2p_fetch", detail=f"{result.detail}; lmcache-server here has no P2P link "
+                       f"to host {host} (its peers: {', '.join(sorted(peers)) or 'none'})")
 
     async def _canary_loop(self) -> None:
         interval = self.config.kv_path.canary_interval_s

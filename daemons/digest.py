@@ -5,7 +5,7 @@ weights) silently produces different tokens, so the digest covers the model's
 identity, not just its name: config.json, the tokenizer files, and the size and
 first MiB of every weights file (enough to tell random-weight models apart
 without hashing gigabytes at every start), plus the KV dtype and LMCache's
-chunking and address.
+chunking and address, and, on several hosts, the cluster's layout.
 """
 
 from __future__ import annotations
@@ -48,4 +48,6 @@ def config_digest(config: Config) -> str:
             "chunk_size": config.lmcache.chunk_size,
         },
     }
+    if config.cluster is not None:  # every host must run the same layout
+        parts["cluster"] = config.cluster.model_dump(mode="json")
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]

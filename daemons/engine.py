@@ -27,7 +27,7 @@ def kv_transfer_config(config: Config, role: KVRole) -> dict[str, object]:
         # missing blocks instead of failing the request (vLLM's default).
         "kv_load_failure_policy": "recompute",
         "kv_connector_extra_config": {
-            "lmcache.mp.host": f"tcp://{config.lmcache.host}",
+            "lmcache.mp.host": f"tcp://{config.lmcache_address}",
             "lmcache.mp.port": config.lmcache.port,
             "lmcache.mp.mq_timeout": config.lmcache.mq_timeout_s,
             "lmcache.mp.heartbeat_interval": config.lmcache.heartbeat_interval_s,

@@ -27,6 +27,7 @@ import time
 
 import httpx
 from prometheus_client import CollectorRegistry
+from starlette.routing import Route
 
 from . import __version__
 from .config import Config, DaemonId
@@ -34,6 +35,7 @@ from .digest import config_digest
 from .httpserver import EmbeddedServer
 from .metrics import DaemonMetrics, metrics_app
 from .peers import Peers
+from .remote_state import state_route
 from .sdnotify import SystemdNotifier, watchdog_interval_s
 from .statefile import PeerView, StateRecord, read_state
 from .states import Lifecycle, State, strict_from_env
@@ -131,6 +133,10 @@ class Daemon:
             details=dict(self.details),
         )
 
+    def state_route(self) -> Route:
+        """``GET /disagg/state``: this daemon's record for peers on other hosts (:mod:`daemons.remote_state`)."""
+        return state_route(lambda: self.status.last)
+
     async def wait_for(self, daemon: str | list[str], timeout_s: float | None = None) -> PeerView | None:
         """Wait (``waiting``) until ``daemon``, or any one of a list, is ready; None if asked to stop first."""
         names = [daemon] if isinstance(daemon, str) else list(daemon)
@@ -155,7 +161,8 @@ class Daemon:
     async def _start_metrics(self) -> None:
         host, port = self.metrics_address
         self._metrics_server = EmbeddedServer(
-            metrics_app(self.registry, self.scrape_extra), host, port, name=f"{self.name} metrics", drain_s=1
+            metrics_app(self.registry, self.scrape_extra, [self.state_route()]), host, port,
+            name=f"{self.name} metrics", drain_s=1
         )
         await self._metrics_server.start()
 

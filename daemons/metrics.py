@@ -263,7 +263,8 @@ def filter_families(text: str, prefixes: tuple[str, ...], rename: dict[str, str]
     return "\n".join(out) + ("\n" if out else "")
 
 
-def metrics_app(registry: CollectorRegistry, extra: Callable[[], Awaitable[str]]) -> Starlette:
+def metrics_app(registry: CollectorRegistry, extra: Callable[[], Awaitable[str]],
+                routes: list[Route] | None = None) -> Starlette:
     async def metrics(_: Request) -> Response:
         body = generate_latest(registry).decode()
         try:
@@ -275,7 +276,7 @@ def metrics_app(registry: CollectorRegistry, extra: Callable[[], Awaitable[str]]
     async def root(_: Request) -> Response:
         return PlainTextResponse("metrics at /metrics\n")
 
-    return Starlette(routes=[Route("/metrics", metrics), Route("/", root)])
+    return Starlette(routes=[Route("/metrics", metrics), Route("/", root), *(routes or [])])
 
 
 async def scrape(

@@ -1,4 +1,5 @@
-"""What a daemon knows of the daemons it depends on, judged from their state files.
+"""What a daemon knows of the daemons it depends on, judged from their state files
+(or, for a daemon on another host, from the record it serves: :mod:`daemons.remote_state`).
 
 Judging a peer reads its state file and opens a TCP connection to its endpoint
 (:func:`daemons.statefile.assess`): both run in a thread, never on the event
@@ -18,6 +19,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .remote_state import assess_remote
 from .statefile import PeerView, assess
 
 log = logging.getLogger(__name__)
@@ -41,11 +43,14 @@ class Peers:
         self.heartbeat_timeout_s = heartbeat_timeout_s
         self.expect_digest = expect_digest
         self.names = list(names)
+        self.remote: dict[str, str] = {}  # peers on other hosts: name -> their /disagg/state URL
         self.views: dict[str, PeerView] = {}
         self.generations: dict[str, tuple[int, float] | None] = {}
 
     def assess(self, name: str) -> PeerView:
-        """Judge one peer now (blocking: file read and TCP connect)."""
+        """Judge one peer now (blocking: file read and TCP connect, or an HTTP call to another host)."""
+        if name in self.remote:
+            return assess_remote(self.remote[name], name, self.heartbeat_timeout_s, expect_digest=self.expect_digest)
         return assess(self.runtime_dir, name, self.heartbeat_timeout_s, expect_digest=self.expect_digest)
 
     async def view(self, name: str) -> PeerView:

@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 LMCACHE = "lmcache-server"
 # After a failed prefill call, decode-worker stays degraded (and keeps trying per request) this long.
 PREFILL_FAILURE_MEMORY_S = 30.0
-PREFILL_SIDE_HOPS = ("prefill", "lmcache_store")
+PREFILL_SIDE_HOPS = ("prefill", "lmcache_store", "p2p_fetch")
 DECODE_SIDE_HOPS = ("decode_engine", "decode_load")
 # Fallbacks decided before any call, from what status already says (no news: logged at INFO), and
 # a request the prefill-worker rejected (the client's error, not the path's).

@@ -94,7 +94,7 @@ class PrefillWorker(EngineDaemon):
         self.chunk_size = config.lmcache.chunk_size
         self.store_timeout_s = config.kv_path.store_timeout_s
         self.kv = KVLookup(
-            server_url=f"tcp://{config.lmcache.host}:{config.lmcache.port}",
+            server_url=f"tcp://{config.lmcache_address}:{config.lmcache.port}",
             model=str(config.model.path),
             mq_timeout_s=config.lmcache.mq_timeout_s,
             heartbeat_interval_s=config.lmcache.heartbeat_interval_s,
@@ -108,6 +108,11 @@ class PrefillWorker(EngineDaemon):
         self._vocab = vocabulary(config.model.path)
         self._self_test: asyncio.Task[None] | None = None
         self.failed_self_tests = 0  # in a row, while LMCache answered lookups
+
+    @property
+    def api_host(self) -> str:
+        # One box: loopback (config check). Several hosts: the private address, for the decode hosts.
+        return self.config.address_of(self.name)
 
     async def start_up(self) -> None:
         if not await self.start_serving(self.app(), "prefill API"):
@@ -251,6 +256,7 @@ class PrefillWorker(EngineDaemon):
             Route("/v1/completions", prefill, methods=["POST"]),
             Route("/v1/chat/completions", prefill, methods=["POST"]),
             Route("/health", health),
+            self.state_route(),
         ])
 
 

@@ -46,8 +46,13 @@ class EngineDaemon(ChildDaemon):
         self.engine_problem = ""  # why the engine is not fit to serve now ("" when it is)
 
     @property
+    def api_host(self) -> str:
+        """Where the worker's API listens (a prefill-worker in a cluster: its host's private address)."""
+        return self.worker.host
+
+    @property
     def endpoint(self) -> str:
-        return f"{self.worker.host}:{self.worker.port}"
+        return f"{self.api_host}:{self.worker.port}"
 
     @property
     def metrics_address(self) -> tuple[str, int]:
@@ -67,7 +72,7 @@ class EngineDaemon(ChildDaemon):
             return False
         if not await self.start_child(f"loading {self.config.model.name} on {self.worker.device}"):
             return False
-        await self.serve_http(EmbeddedServer(app, self.worker.host, self.worker.port, name=api_name,
+        await self.serve_http(EmbeddedServer(app, self.api_host, self.worker.port, name=api_name,
                                              drain_s=self.config.readiness.drain_timeout_s))
         return True
 
