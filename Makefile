@@ -11,8 +11,9 @@ install:
 demo: install
 	$(PY) -m daemons.ctl --config $(CONFIG) demo
 
-test: install
+test:
 	bash scripts/install-system.sh
+	bash scripts/install.sh
 	$(PY) -m pytest
 
 unit: install

@@ -98,9 +98,10 @@ def main() -> int:
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--tokens", type=int, default=256)
     p.add_argument("--graphs", action="store_true", help="also rounds with CUDA graphs (no --enforce-eager)")
+    p.add_argument("--graphs-only", action="store_true", help="only the rounds with CUDA graphs")
     args = p.parse_args()
     config = load_config(Path(args.config))
-    modes = [True] + ([False] if args.graphs else [])
+    modes = [False] if args.graphs_only else [True] + ([False] if args.graphs else [])
     for eager in modes:
         summary: dict[str, list[float]] = {"connector_p50": [], "plain_p50": [], "connector_p99": [], "plain_p99": []}
         for gpus in ({"connector": 0, "plain": 1}, {"connector": 1, "plain": 0}):

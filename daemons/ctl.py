@@ -1,6 +1,7 @@
 """disaggctl: the operator's tool.
 
   check-config     validate the config without starting anything (exit 78 if bad)
+  runs-here D      exit 0 if this machine (this host of a cluster) runs daemon D
   make-model DIR   write the small local random-weight model the embedded default uses
   status           the three daemons' state at a glance (--json); exit 0 only if all ready
   wait-ready       block until all three are ready, or --timeout
@@ -112,6 +113,19 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     config = _load(args)
     _out(f"{config.source}: OK (model {config.model.name} at {config.model.path})")
     return 0
+
+
+def cmd_runs_here(args: argparse.Namespace) -> int:
+    """Exit 0 if this machine runs ``args.daemon`` (always, on one box, except lmcache-coordinator), else 1.
+
+    The systemd units' ExecCondition=: on a host of a cluster, the units of other hosts' daemons are
+    skipped (inactive, not failed), so every host installs the same units and target."""
+    config = _load(args, require_model=False)
+    here = args.daemon in config.daemon_names()
+    if not here:
+        where = f"host {config.host_id}" if config.host_id else "one box (no cluster section)"
+        _out(f"{args.daemon} does not run on {where}")
+    return 0 if here else 1
 
 
 def cmd_make_model(args: argparse.Namespace) -> int:
@@ -320,6 +334,9 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
 
     sub.add_parser("check-config", help="validate the config").set_defaults(func=cmd_check_config)
+    p = sub.add_parser("runs-here", help="exit 0 if this host runs DAEMON (systemd's ExecCondition=)")
+    p.add_argument("daemon")
+    p.set_defaults(func=cmd_runs_here)
     p = sub.add_parser("make-model", help="write a small local random-weight model")
     p.add_argument("dir")
     p.add_argument("--force", action="store_true")

@@ -77,6 +77,7 @@ def plan_install(prefix: Path, config: Path | None, bin_dir: str) -> list[Action
         content = render_unit(unit, bin_dir)
         if not target.exists() or target.read_text() != content:
             actions.append(Action("write unit", target, content))
+    actions += plan_cluster_dropins(prefix, config)
     cfg_target = prefix / "etc/disagg/disagg.yaml"
     if not cfg_target.exists():
         source = config or (REPO_ROOT / "etc" / "disagg-gpu.yaml")
@@ -95,12 +96,44 @@ def plan_install(prefix: Path, config: Path | None, bin_dir: str) -> list[Action
     return actions
 
 
+DROPIN = "cluster.conf"
+
+
+def cluster_dropin(private_network: str) -> str:
+    return ("# Written by `disaggctl install` from the config's cluster section: the LMCache request, P2P and\n"
+            "# coordinator ports and the prefill API talk to the other hosts on this network only.\n"
+            f"[Service]\nIPAddressAllow={private_network}\n")
+
+
+def plan_cluster_dropins(prefix: Path, config: Path | None) -> list[Action]:
+    """Several hosts: let the units that are confined to localhost reach the cluster's private network."""
+    if config is None:
+        return []
+    from .config import load_config
+
+    cluster = load_config(config, require_model=False).cluster
+    if cluster is None:
+        return []
+    actions = []
+    for unit in unit_files():
+        if unit.suffix != ".service" or "IPAddressDeny=any" not in unit.read_text():
+            continue
+        target = prefix / "etc/systemd/system" / f"{unit.name}.d" / DROPIN
+        content = cluster_dropin(cluster.private_network)
+        if not target.exists() or target.read_text() != content:
+            actions.append(Action("write drop-in (cluster network)", target, content))
+    return actions
+
+
 def plan_uninstall(prefix: Path, purge: bool) -> list[Action]:
     actions: list[Action] = []
     for unit in unit_files():
         target = prefix / "etc/systemd/system" / unit.name
         if target.exists():
             actions.append(Action("remove unit", target))
+        dropin = prefix / "etc/systemd/system" / f"{unit.name}.d" / DROPIN
+        if dropin.exists():
+            actions.append(Action("remove drop-in", dropin))
     if purge:
         for path in (prefix / "etc/disagg/disagg.yaml", prefix / "etc/default/disagg",
                      prefix / API_KEYS_PATH.relative_to("/")):

@@ -7,7 +7,14 @@ cd "$(dirname "$0")/.."
 EXTRA="${EXTRA:-cpu}"
 PY="${PYTHON:-python3}"
 STAMP=.venv/.disagg-installed
-want="$(cat pyproject.toml scripts/install.sh | sha256sum | cut -d' ' -f1) $EXTRA"
+EXTRAS="$EXTRA,test,bench"
+# LMCache's P2P layer over TCP (several hosts; the multi-host test) needs the Mooncake wheel, which
+# breaks every `lmcache server` start unless libibverbs.so.1 is there: install it only then
+# (scripts/install-system.sh installs the library).
+if [ "$EXTRA" = cpu ] && ldconfig -p 2>/dev/null | grep -q 'libibverbs.so.1 '; then
+    EXTRAS="$EXTRAS,p2p"
+fi
+want="$(cat pyproject.toml scripts/install.sh | sha256sum | cut -d' ' -f1) $EXTRAS"
 
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ]; then
     echo "install: .venv is up to date"
@@ -15,8 +22,8 @@ if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ]; then
 fi
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install --quiet --upgrade pip
-echo "install: pip install -e .[$EXTRA,test,bench] (vLLM + LMCache: a few minutes the first time)"
-.venv/bin/python -m pip install --quiet --progress-bar off -e ".[$EXTRA,test,bench]"
+echo "install: pip install -e .[$EXTRAS] (vLLM + LMCache: a few minutes the first time)"
+.venv/bin/python -m pip install --quiet --progress-bar off -e ".[$EXTRAS]"
 if [ "$EXTRA" = cpu ]; then
     # PyPI's torchvision/torchaudio break beside the CPU torch
     # ("operator torchvision::nms does not exist"); vLLM runs without them.

@@ -22,7 +22,8 @@ def test_install_is_idempotent_and_reversible(tmp_path):
     assert first.returncode == 0, first.stderr
     units = tmp_path / "etc/systemd/system"
     assert sorted(p.name for p in units.iterdir()) == [
-        "disagg-decode-worker.service", "disagg-decode-worker@.service", "disagg-lmcache-server.service",
+        "disagg-decode-worker.service", "disagg-decode-worker@.service", "disagg-lmcache-coordinator.service",
+        "disagg-lmcache-server.service",
         "disagg-prefill-worker.service", "disagg-prefill-worker@.service", "disagg.target"]
     assert "ExecStart=/srv/disagg/bin/disagg-decode-worker --config ${DISAGG_CONFIG}" in \
         (units / "disagg-decode-worker.service").read_text()
