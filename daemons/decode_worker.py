@@ -115,6 +115,7 @@ class DecodeWorker(EngineDaemon):
             log.warning("lmcache-server came back as a new process (pid %s): checking the KV path now",
                         self.peers.generations[LMCACHE][0])  # type: ignore[index]
         self.router.peers_changed(changes)
+        self.router.prefills_judged()
 
     def problems(self) -> list[str]:
         return ([self.engine_problem] if self.engine_problem else []) + self.router.problems()

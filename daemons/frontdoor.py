@@ -38,7 +38,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from starlette.applications import Starlette
@@ -58,6 +58,10 @@ from .request_limits import request_id as checked_request_id
 from .sse_relay import RelayedResponse, StreamRelay
 from .upstream import Answer, Stream, Upstream, UpstreamError, UpstreamTimeout
 from .worker import openai_error
+
+
+class PrefillLost(Exception):
+    """The prefill-worker a call went to was found unusable while the call was in flight."""
 
 log = logging.getLogger(__name__)
 
@@ -124,8 +128,12 @@ class FrontDoor:
         prefill_body = {k: v for k, v in body.items() if k not in ("stream", "stream_options")}
         t0 = time.monotonic()
         try:
-            resp = await self.client.post(f"{choice.url}{route}", prefill_body, timeout_s=self.prefill_timeout_s,
-                                          headers={"x-request-id": request_id})
+            resp = await self._unless_lost(choice.daemon, self.client.post(
+                f"{choice.url}{route}", prefill_body, timeout_s=self.prefill_timeout_s,
+                headers={"x-request-id": request_id}))
+        except PrefillLost as exc:
+            log.warning("[%s] prefill call abandoned: %s", request_id, exc)
+            outcome = PrefillOutcome("fallback", "prefill_lost", time.monotonic() - t0)
         except UpstreamTimeout:
             outcome = PrefillOutcome("fallback", "prefill_timeout", time.monotonic() - t0)
         except UpstreamError as exc:
@@ -145,6 +153,24 @@ class FrontDoor:
                 log.warning("[%s] prefill-worker answered %d: %s", request_id, resp.status_code, resp.text[:200])
                 outcome = PrefillOutcome("fallback", "prefill_error", elapsed)
         return self.router.report(outcome, request_id)
+
+    async def _unless_lost(self, prefill: str, call: Awaitable[Answer]) -> Answer:
+        """``call``, abandoned (its connection closed) if ``prefill`` is found unusable meanwhile."""
+        if not prefill:
+            return await call
+        lost = self.router.lost_signal(prefill)
+        task = asyncio.ensure_future(call)
+        waiter = asyncio.ensure_future(lost.wait())
+        try:
+            await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waiter.cancel()
+            if not task.done():
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        if task.cancelled():
+            raise PrefillLost(f"{prefill} was found unusable while the call was in flight")
+        return task.result()
 
     # -- what reached the decode engine ------------------------------------------------------------
     def _count_path(self, outcome: PrefillOutcome, cached: int | None, request_id: str) -> None:

@@ -41,7 +41,7 @@ TOKEN_BUCKETS = (16, 64, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
 
 
 FALLBACK_REASONS = (
-    "lmcache_unavailable", "prefill_unavailable", "prefill_timeout", "prefill_unreachable",
+    "lmcache_unavailable", "prefill_unavailable", "prefill_timeout", "prefill_unreachable", "prefill_lost",
     "prefill_error", "prefill_rejected", "kv_path_broken",
 )
 ERROR_KINDS = ("bad_request", "too_large", "unauthorized", "overloaded", "client_gone", "engine_unavailable",
@@ -49,7 +49,7 @@ ERROR_KINDS = ("bad_request", "too_large", "unauthorized", "overloaded", "client
 # How a request's prompt reached the decode engine (x-disagg-path).
 PATHS = ("disaggregated", "recomputed", "fallback", "short_prompt")
 RECOMPUTE_REASONS = ("kv_not_stored", "kv_not_loaded", "no_full_chunk")
-CANARY_RESULTS = ("ok", "prefill", "lmcache_store", "decode_engine", "decode_load")
+CANARY_RESULTS = ("ok", "prefill", "lmcache_store", "decode_engine", "decode_load", "p2p_fetch")
 
 
 class DaemonMetrics:

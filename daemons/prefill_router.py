@@ -67,6 +67,7 @@ class PrefillOutcome:
 class PrefillChoice:
     url: str | None = None  # where to send the prefill call
     skip: str = ""  # why no call is made (a fallback reason) when url is None
+    daemon: str = ""  # the prefill-worker it goes to
 
 
 class PrefillRouter:
@@ -79,6 +80,7 @@ class PrefillRouter:
         self.canary_results: dict[str, CanaryResult] = {}  # by prefill-worker
         self.last_failure: tuple[float, str] | None = None
         self.check_now = asyncio.Event()  # the KV path needs a canary now
+        self._lost: dict[str, asyncio.Event] = {}  # by prefill-worker: set when it stops being usable
         self._next = 0
 
     # -- what the front door asks ------------------------------------------------------------
@@ -106,7 +108,7 @@ class PrefillRouter:
         self._next += 1
         if view.record is None:
             return PrefillChoice(skip="prefill_unavailable")
-        return PrefillChoice(url=f"http://{view.record.endpoint}")
+        return PrefillChoice(url=f"http://{view.record.endpoint}", daemon=view.daemon)
 
     def report(self, outcome: PrefillOutcome, request_id: str) -> PrefillOutcome:
         """How a request's prefill went: counted, logged, remembered. Returns ``outcome``."""
@@ -130,6 +132,24 @@ class PrefillRouter:
             self.last_failure = (time.monotonic(), reason)
             self.on_change()
         return outcome
+
+    def lost_signal(self, prefill: str) -> asyncio.Event:
+        """Set once ``prefill`` is found unusable (dead, hung, unreachable): calls in flight to it give up
+        then instead of waiting out their deadline (a cut link drops packets silently)."""
+        event = self._lost.get(prefill)
+        if event is None or event.is_set():
+            event = self._lost[prefill] = asyncio.Event()
+        return event
+
+    def prefills_judged(self) -> None:
+        """After the peers were judged: wake the calls waiting on prefill-workers found unusable."""
+        for name, event in self._lost.items():
+            if not event.is_set() and not self.peers.ready(name):
+                view = self.peers.views.get(name)
+                if view is not None and not view.usable:
+                    log.warning("%s is %s (%s): its prefill calls in flight fall back now", name, view.state,
+                                view.reason)
+                    event.set()
 
     def kv_missed(self, reason: str) -> None:
         """A request's KV did not arrive (or the decode engine timed out): check the path now."""

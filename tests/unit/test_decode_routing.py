@@ -177,3 +177,35 @@ def test_proxied_requests_have_their_own_connection_pool(worker: DecodeWorker) -
     """Probes (engine /health, canary, peers) never wait behind a hundred streams for a connection."""
     assert worker.front_door.client is not worker.http
     assert worker.front_door.admission.max_concurrent == worker.worker.max_concurrent_requests
+
+
+def test_a_prefill_call_to_a_worker_found_unusable_falls_back_at_once(worker: DecodeWorker) -> None:
+    """A cut link drops packets silently: the call would wait out prefill_timeout_s. It falls back as soon as
+    the heartbeat finds its prefill-worker unusable."""
+    worker.router.canary_results = {P0: ok(), P1: ok()}
+    hung = asyncio.Event()
+
+    async def hang(request: httpx.Request) -> httpx.Response:
+        hung.set()
+        await asyncio.sleep(3600)
+        raise AssertionError("unreachable")
+
+    door = worker.front_door
+    door.client = FakeUpstream(hang)
+
+    async def scenario() -> tuple[object, float]:
+        t0 = asyncio.get_running_loop().time()
+        call = asyncio.create_task(door.prefill("/v1/completions", {"prompt": "x"}, "req"))
+        await asyncio.wait_for(hung.wait(), 5)
+        target = door.client.requests[-1].url.port
+        name = P0 if target == 8100 else P1
+        views = {n: worker.peers.views[n] for n in worker.peers.names}
+        views[name] = PeerView(name, "unreachable", False, "ConnectTimeout", None)
+        worker.peers.assess = lambda n: views[n]  # type: ignore[method-assign]
+        await worker.refresh_peers()
+        outcome = await asyncio.wait_for(call, 5)
+        return outcome, asyncio.get_running_loop().time() - t0
+
+    outcome, took = asyncio.run(scenario())
+    assert outcome.headers() == {"x-disagg-path": "fallback", "x-disagg-fallback-reason": "prefill_lost"}  # type: ignore[attr-defined]
+    assert took < 5 and fallbacks(worker, "prefill_lost") == 1
