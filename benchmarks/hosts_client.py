@@ -24,7 +24,8 @@ def ask(client: httpx.Client, url: str, model: str, prompt: list[int]) -> tuple[
     t0 = time.perf_counter()
     resp = client.post(url, json=body, timeout=300)
     took = time.perf_counter() - t0
-    resp.raise_for_status()
+    if resp.status_code != 200:
+        raise SystemExit(f"{url}: HTTP {resp.status_code}: {resp.text[:300]}")
     details = resp.json()["usage"].get("prompt_tokens_details") or {}
     return took, int(details.get("cached_tokens") or 0)
 

@@ -25,6 +25,11 @@ from typing import Any
 import aiohttp
 
 CONNECT_TIMEOUT_S = 5.0
+# Idle pooled connections are dropped after this long: below the 5 s after which uvicorn (vLLM's
+# API server, our prefill API) closes an idle keep-alive connection. aiohttp's default (15 s) let a
+# call go out on a connection the server was closing: ServerDisconnectedError, a spurious 503 from
+# prefill-worker (seen on a prefill call sent 5 s after the previous one).
+KEEPALIVE_S = 3.0
 
 
 class UpstreamError(Exception):
@@ -101,7 +106,8 @@ class Upstream:
         if self._session is None or self._session.closed:
             limit = 0 if self.max_connections is None else self.max_connections + 8
             self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=limit, limit_per_host=0, ttl_dns_cache=None),
+                connector=aiohttp.TCPConnector(limit=limit, limit_per_host=0, ttl_dns_cache=None,
+                                               keepalive_timeout=KEEPALIVE_S),
                 trust_env=False, auto_decompress=False, skip_auto_headers=("User-Agent",))
         return self._session
 
