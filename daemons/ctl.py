@@ -116,11 +116,18 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_runs_here(args: argparse.Namespace) -> int:
-    """Exit 0 if this machine runs ``args.daemon`` (always, on one box, except lmcache-coordinator), else 1.
+    """Exit 0 if this machine runs ``args.daemon`` (always, on one box, except lmcache-coordinator; and when
+    the config is not valid, so the daemon itself reports it), else 1.
 
     The systemd units' ExecCondition=: on a host of a cluster, the units of other hosts' daemons are
     skipped (inactive, not failed), so every host installs the same units and target."""
-    config = _load(args, require_model=False)
+    try:
+        config = _load(args, require_model=False)
+    except ConfigError as exc:
+        # Not this command's to judge: the daemon starts, names the problem and exits 78 (a skipped
+        # unit would hide a bad config).
+        _out(f"config not valid ({str(exc).splitlines()[0]}): starting {args.daemon} to report it")
+        return 0
     here = args.daemon in config.daemon_names()
     if not here:
         where = f"host {config.host_id}" if config.host_id else "one box (no cluster section)"

@@ -234,6 +234,8 @@ def test_runs_here_decides_which_units_start(tmp_path, model_dir, capsys):
     path.write_text(yaml.safe_dump(one))
     assert main(["--config", str(path), "runs-here", "decode-worker"]) == 0
     assert main(["--config", str(path), "runs-here", "lmcache-coordinator"]) == 1
+    path.write_text("model: [")  # a bad config is the daemon's to report (exit 78), not a skipped unit
+    assert main(["--config", str(path), "runs-here", "decode-worker"]) == 0
 
 
 def test_the_shipped_cluster_example_is_valid():
