@@ -23,14 +23,6 @@ from daemons.states import State
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture
-def model_dir(tmp_path: Path) -> Path:
-    d = tmp_path / "model"
-    d.mkdir()
-    (d / "config.json").write_text('{"vocab_size": 1000}')
-    return d
-
-
 def doc(model_dir: Path, **cluster_overrides: object) -> dict:
     d = yaml.safe_load((REPO / "etc" / "disagg.yaml").read_text())
     d["model"]["path"] = str(model_dir)

@@ -10,14 +10,6 @@ from daemons.config import ConfigError, load_config
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture
-def model_dir(tmp_path: Path) -> Path:
-    d = tmp_path / "model"
-    d.mkdir()
-    (d / "config.json").write_text("{}")
-    return d
-
-
 def write(tmp_path: Path, doc: object) -> Path:
     p = tmp_path / "disagg.yaml"
     p.write_text(doc if isinstance(doc, str) else yaml.safe_dump(doc))
