@@ -21,8 +21,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from .statefile import PeerView, StateRecord
-from .states import State
+from .statefile import PeerView, StateRecord, judge_record
 
 STATE_PATH = "/disagg/state"
 # A peer on another host that has not answered in this long is unreachable (a cut link drops
@@ -56,17 +55,7 @@ def judge(daemon: str, answer: Any, heartbeat_timeout_s: float, expect_digest: s
         return PeerView(daemon, "stale", False, f"not a valid state answer ({exc})", None)
     if record.daemon != daemon:
         return PeerView(daemon, "stale", False, f"the address answers as {record.daemon}, not {daemon}", None)
-    if record.state in (State.STOPPED, State.FAILED):
-        return PeerView(daemon, record.state.value, False, record.reason or record.state.value, record)
-    if age > heartbeat_timeout_s:
-        return PeerView(daemon, "stale", False, f"heartbeat is {age:.0f}s old (hung?)", record)
-    if not record.state.serving:
-        return PeerView(daemon, record.state.value, False, record.reason or record.state.value, record)
-    if expect_digest is not None and record.config_digest != expect_digest:
-        return PeerView(daemon, record.state.value, False,
-                        f"config digest {record.config_digest} differs from ours ({expect_digest}): "
-                        "the hosts run different configs, models or LMCache settings", record)
-    return PeerView(daemon, record.state.value, True, record.reason, record)
+    return judge_record(daemon, record, age, heartbeat_timeout_s, expect_digest=expect_digest)
 
 
 def assess_remote(url: str, daemon: str, heartbeat_timeout_s: float, *, expect_digest: str | None,

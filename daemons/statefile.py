@@ -22,7 +22,8 @@ from .states import State
 
 log = logging.getLogger(__name__)
 
-__all__ = ["PeerView", "State", "StateRecord", "assess", "endpoint_accepts", "pid_alive", "read_state", "write_state"]
+__all__ = ["PeerView", "State", "StateRecord", "assess", "endpoint_accepts", "judge_record", "pid_alive", "read_state",
+           "write_state"]
 
 
 _FIELD_TYPES: dict[str, type | tuple[type, ...]] = {
@@ -196,22 +197,32 @@ def assess(
     if record is None:
         return PeerView(daemon, "absent", False, "no state file", None)
     now = time.time() if now is None else now
+    gone = "" if pid_alive(record.pid) else f"pid {record.pid} is not running (left by a crash?)"
+    view = judge_record(daemon, record, now - record.heartbeat, heartbeat_timeout_s, expect_digest=expect_digest,
+                        process_gone=gone)
+    if view.usable and check_endpoint and not endpoint_accepts(record.endpoint):
+        return PeerView(daemon, record.state.value, False, f"endpoint {record.endpoint} refuses connections", record)
+    return view
+
+
+def judge_record(daemon: str, record: StateRecord, age_s: float, heartbeat_timeout_s: float, *,
+                 expect_digest: str | None, process_gone: str = "") -> PeerView:
+    """The readiness rules on one record, wherever it came from (a state file, or a peer on another host
+    that served it): not stopped or failed, its process there (``process_gone``: why not), heartbeat
+    younger than ``heartbeat_timeout_s``, serving, same config digest."""
     if record.state in (State.STOPPED, State.FAILED):
         return PeerView(daemon, record.state.value, False, record.reason or record.state.value, record)
-    if not pid_alive(record.pid):
-        return PeerView(daemon, "stale", False, f"pid {record.pid} is not running (left by a crash?)", record)
-    age = now - record.heartbeat
-    if age > heartbeat_timeout_s:
-        return PeerView(daemon, "stale", False, f"heartbeat is {age:.0f}s old (hung?)", record)
+    if process_gone:
+        return PeerView(daemon, "stale", False, process_gone, record)
+    if age_s > heartbeat_timeout_s:
+        return PeerView(daemon, "stale", False, f"heartbeat is {age_s:.0f}s old (hung?)", record)
     if not record.state.serving:
         return PeerView(daemon, record.state.value, False, record.reason or record.state.value, record)
     if expect_digest is not None and record.config_digest != expect_digest:
         return PeerView(
             daemon, record.state.value, False,
             f"config digest {record.config_digest} differs from ours ({expect_digest}): "
-            "the daemons run different models or LMCache settings",
+            "the daemons run different models, LMCache settings or (several hosts) cluster layouts",
             record,
         )
-    if check_endpoint and not endpoint_accepts(record.endpoint):
-        return PeerView(daemon, record.state.value, False, f"endpoint {record.endpoint} refuses connections", record)
     return PeerView(daemon, record.state.value, True, record.reason, record)
