@@ -178,17 +178,16 @@ def test_a_cut_link_falls_back_then_recovers(cluster: Cluster) -> None:
         finally:
             cluster.prefill.link(True)
         t_up = time.monotonic()
-        took = wait_until("KV path back over the restored link", lambda: kv_path_back(cluster, 90_000),
-                          RECOVERY_S, cluster)
-        time.sleep(3)
+        # Back for good, not once: right after the link returns LMCache's P2P links are re-made and a canary
+        # may still miss (measured: one probe disaggregated, then seconds of kv_path_broken).
+        took = wait_until("KV path back over the restored link (three probes in a row)",
+                          lambda: all(kv_path_back(cluster, 90_000 + i) for i in range(3)), RECOVERY_S, cluster)
     assert not clients.errors, clients.errors[:5]
     assert all(status == 200 for _, status, *_ in clients.results), clients.results
     cut = [r for r in clients.results if t_known < r[0] < t_up - 1]
     assert cut and all(path == "fallback" for _, _, path, _, _ in cut), cut
     # With the link down, a fallback costs what the decode engine's own compute costs, not a timeout.
     assert max(s for _, _, _, _, s in cut) < 30, cut
-    assert any(path == "disaggregated" and c > 0 for t, _, path, c, _ in clients.results if t > t_up + took), \
-        clients.results[-10:]
     first = [r for r in clients.results if t_cut < r[0] < t_known]
     print(f"cut link: unreachable seen after {t_known - t_cut:.1f}s; requests then: slowest {max(s for *_, s in first):.1f}s; "
           f"{len(cut)} answered by fallback while cut (slowest {max(s for *_, s in cut):.2f}s); "
