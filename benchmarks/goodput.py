@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from daemons.sse_relay import has_token  # noqa: E402  (a token's text can be empty: presence counts)
 
 ATTAIN = 0.9
+REQUEST_FIELDS = ("ttft", "itl_p50", "itl_p90", "itl_p99", "itl_max")
 
 
 @dataclass
@@ -49,11 +50,15 @@ class Result:
     path: str = ""
     error: str = ""
 
-    def itl_p90(self) -> float:
+    def itl_q(self, q: float) -> float:
+        """This request's own inter-token latency quantile (0 when it produced one token)."""
         if not self.itls:
             return 0.0
         s = sorted(self.itls)
-        return s[int(0.9 * (len(s) - 1))]
+        return s[int(q * (len(s) - 1))]
+
+    def itl_p90(self) -> float:
+        return self.itl_q(0.9)
 
 
 async def one_request(client: httpx.AsyncClient, url: str, model: str, prompt: list[int], out_tokens: int,
@@ -145,9 +150,38 @@ def summarize(results: list[Result], ttft_s: float, itl_s: float) -> dict[str, A
         "met_ttft": sum(1 for r in ok if r.ttft <= ttft_s), "met_itl": sum(1 for r in ok if r.itl_p90() <= itl_s),
         "cached_tokens_median": statistics.median([r.cached for r in ok]) if ok else 0,
         "paths": paths, "errors": errors[:3], "n_errors": len(errors),
-        # per request (TTFT s, its ITL p90 s; null when it failed): attainment for other targets, later
-        "requests": [[round(r.ttft, 4), round(r.itl_p90(), 4)] if r.ok else None for r in results],
+        # per request (TTFT s and its own ITL p50, p90, p99, max in s; null when it failed): attainment
+        # for other targets, later (--plot --slo)
+        "request_fields": list(REQUEST_FIELDS),
+        "requests": [[round(r.ttft, 4)] + [round(r.itl_q(q), 4) for q in (0.5, 0.9, 0.99, 1.0)] if r.ok else None
+                     for r in results],
     }
+
+
+def attainment_for(point: dict[str, Any], ttft_s: float, itl_field: str, itl_s: float) -> float:
+    """The point's attainment under another SLO, from its per-request numbers (its own when it has none)."""
+    fields = point.get("request_fields")
+    if not fields or itl_field not in fields:
+        if itl_field == "itl_p90" and ttft_s == point["ttft_target_s"] and itl_s == point["itl_target_s"]:
+            return point["attainment"]
+        raise ValueError(f"this point has no per-request {itl_field} (measured before it was recorded)")
+    i = fields.index(itl_field)
+    reqs = point["requests"]
+    met = sum(1 for r in reqs if r is not None and r[0] <= ttft_s and r[i] <= itl_s)
+    return round(met / len(reqs), 3) if reqs else 0.0
+
+
+def parse_slo(text: str) -> tuple[float, str, float]:
+    """'2:p90:0.05' -> (TTFT target s, per-request ITL statistic, ITL target s)."""
+    ttft, stat, itl = text.split(":")
+    field = f"itl_{stat}"
+    if field not in REQUEST_FIELDS:
+        raise ValueError(f"ITL statistic must be one of p50, p90, p99, max, not {stat!r}")
+    return float(ttft), field, float(itl)
+
+
+def with_slo(points: list[dict[str, Any]], slo: tuple[float, str, float]) -> list[dict[str, Any]]:
+    return [dict(p, attainment=attainment_for(p, *slo)) for p in points]
 
 
 def by_rate(points: list[dict[str, Any]]) -> list[tuple[float, float]]:
@@ -168,34 +202,67 @@ def goodput(points: list[dict[str, Any]]) -> float:
     return best
 
 
-def plot(jsonl: Path, png: Path) -> None:
+def slo_title(slo: tuple[float, str, float]) -> str:
+    ttft, field, itl = slo
+    return f"TTFT <= {ttft:g} s, ITL {field[4:]} <= {1000 * itl:.0f} ms"
+
+
+def plot(jsonl: Path, png: Path, slos: list[tuple[float, str, float]]) -> None:
+    """Attainment against rate: one panel per (SLO, workload), one line per system."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()]
-    workloads = sorted({r["workload"] for r in rows})
-    fig, axes = plt.subplots(1, len(workloads), figsize=(6 * len(workloads), 4.2), squeeze=False)
-    for ax, workload in zip(axes[0], workloads):
-        for label in sorted({r["label"] for r in rows if r["workload"] == workload}):
-            pts = [r for r in rows if r["workload"] == workload and r["label"] == label]
-            g = goodput(pts)
-            worst = by_rate(pts)
-            line, = ax.plot([r for r, _ in worst], [100 * a for _, a in worst], marker="o",
-                            label=f"{label} (goodput {g:g} req/s)")
-            ax.scatter([p["rate"] for p in pts], [100 * p["attainment"] for p in pts], color=line.get_color(),
-                       marker="x", s=30)  # every run, where a rate was measured more than once
-            print(f"{workload} {label}: goodput {g:g} req/s")
-        t = rows[0]
-        ax.axhline(100 * ATTAIN, color="grey", linestyle="--", linewidth=1)
-        ax.set_title(f"{workload} tokens in/out; TTFT <= {t['ttft_target_s']} s, ITL p90 <= "
-                     f"{1000 * t['itl_target_s']:.0f} ms")
-        ax.set_xlabel("request rate (req/s, Poisson)")
-        ax.set_ylabel("requests meeting both targets (%)")
-        ax.set_ylim(0, 105)
-        ax.grid(alpha=0.3)
-        ax.legend(loc="lower left")
+    workloads = sorted({r["workload"] for r in rows}, key=lambda w: -int(w.split("/")[0]))
+    if not slos:
+        slos = [(rows[0]["ttft_target_s"], "itl_p90", rows[0]["itl_target_s"])]
+    fig, axes = plt.subplots(len(slos), len(workloads), figsize=(6 * len(workloads), 4.2 * len(slos)),
+                             squeeze=False)
+    for row, slo in zip(axes, slos):
+        for ax, workload in zip(row, workloads):
+            for label in sorted({r["label"] for r in rows if r["workload"] == workload}):
+                pts = with_slo([r for r in rows if r["workload"] == workload and r["label"] == label], slo)
+                g = goodput(pts)
+                worst = by_rate(pts)
+                line, = ax.plot([r for r, _ in worst], [100 * a for _, a in worst], marker="o",
+                                label=f"{label} (goodput {g:g} req/s)")
+                ax.scatter([p["rate"] for p in pts], [100 * p["attainment"] for p in pts],
+                           color=line.get_color(), marker="x", s=30)  # every run, where a rate was repeated
+                print(f"{slo_title(slo)} | {workload} {label}: goodput {g:g} req/s", flush=True)
+            ax.axhline(100 * ATTAIN, color="grey", linestyle="--", linewidth=1)
+            ax.set_title(f"{workload} tokens in/out; {slo_title(slo)}", fontsize=10)
+            ax.set_xlabel("request rate (req/s, Poisson)")
+            ax.set_ylabel("requests meeting both targets (%)")
+            ax.set_ylim(0, 105)
+            ax.grid(alpha=0.3)
+            ax.legend(loc="lower left")
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+
+
+def plot_itl_cdf(files: list[Path], png: Path) -> None:
+    """CDF of every inter-token latency in --itls-out files (one line per file: label, workload, rate)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for f in files:
+        d = json.loads(f.read_text())
+        xs = sorted(1000 * x for x in d["itls"])
+        if not xs:
+            continue
+        ys = [(i + 1) / len(xs) for i in range(len(xs))]
+        p99 = xs[int(0.99 * (len(xs) - 1))]
+        ax.plot(xs, ys, label=f"{d['label']}, {d['workload']} at {d['rate']:g} req/s (p99 {p99:.0f} ms)")
+    ax.set_xscale("log")
+    ax.set_xlabel("inter-token latency (ms, log scale)")
+    ax.set_ylabel("fraction of tokens")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     fig.savefig(png, dpi=110)
 
@@ -220,9 +287,17 @@ def main() -> int:
     p.add_argument("--json", type=Path, help="append one line per rate here")
     p.add_argument("--plot", type=Path, help="draw this --json file instead of measuring")
     p.add_argument("--png", type=Path, default=Path("goodput.png"))
+    p.add_argument("--slo", action="append", default=[], type=parse_slo,
+                   help="with --plot: TTFT_S:STAT:ITL_S (STAT p50|p90|p99|max of each request's ITLs), "
+                        "e.g. 2:p90:0.05; repeat for one row of panels each")
+    p.add_argument("--itls-out", type=Path, help="write every inter-token latency of each rate here (for a CDF)")
+    p.add_argument("--itl-cdf", type=Path, nargs="+", help="draw a CDF of these --itls-out files to --png")
     args = p.parse_args()
     if args.plot:
-        plot(args.plot, args.png)
+        plot(args.plot, args.png, args.slo)
+        return 0
+    if args.itl_cdf:
+        plot_itl_cdf(args.itl_cdf, args.png)
         return 0
     urls = args.url.split(",")
     headers = {"authorization": f"Bearer {args.api_key}"} if args.api_key else {}
@@ -242,6 +317,11 @@ def main() -> int:
         if args.json:
             with args.json.open("a") as f:
                 f.write(json.dumps(point) + "\n")
+        if args.itls_out:
+            args.itls_out.mkdir(parents=True, exist_ok=True)
+            (args.itls_out / f"itls-{args.label}-{args.in_tokens}-{rate:g}.json").write_text(json.dumps(
+                {"label": args.label, "workload": workload, "rate": rate,
+                 "itls": [round(x, 5) for r in results if r.ok for x in r.itls]}))
         if point["attainment"] < args.stop_below:
             break
     print(f"goodput {args.label} {workload}: {goodput(points):g} req/s", flush=True)

@@ -1,7 +1,9 @@
 """Print etc/disagg-gpu.yaml adapted to the lent GPU box: a Mistral-7B-shaped model
 with dummy weights in /tmp/model (no hub there), LMCache 0.5.3's server flags, and
-the Triton attention backend (FlashAttention is not carried)."""
+the Triton attention backend (FlashAttention is not carried). EAGER=1|0 overrides the
+config's enforce_eager (0: CUDA graphs)."""
 
+import os
 import sys
 from pathlib import Path
 
@@ -12,6 +14,8 @@ doc["runtime_dir"] = "/tmp/disagg/run"
 doc["log_dir"] = sys.argv[1] if len(sys.argv) > 1 else "/tmp/disagg/log"
 doc["model"].update(path="/tmp/model", load_format="dummy", dtype="bfloat16")
 doc["lmcache"]["transfer_mode"] = None
+if os.environ.get("EAGER") in ("0", "1"):
+    doc["model"]["enforce_eager"] = os.environ["EAGER"] == "1"
 for worker in ("prefill_worker", "decode_worker"):
     doc[worker]["extra_engine_args"] = ["--attention-backend", "TRITON_ATTN"]
 doc["decode_worker"]["host"] = "127.0.0.1"  # the bench client is local: no API keys
