@@ -197,6 +197,15 @@ class DecodeWorkerConfig(WorkerConfig):
         default=8, description="Short prompts stay on the decode engine only while the front door has at most "
         "this many requests in progress: under load the prefill engine's capacity matters more than one "
         "request's TTFT, and a prompt computed on the decode engine stalls every stream decoding there.")
+    overflow_backlog_tokens: Annotated[int, Field(ge=0)] = Field(
+        default=0, description="While prefill calls in flight hold at least this many (estimated) prompt "
+        "tokens, the decode engine computes new prompts itself (path prefill_busy), within "
+        "overflow_max_local_tokens: when the prefill GPU is the bottleneck, the decode GPU's spare time "
+        "shortens TTFT. Each such prompt stalls the streams decoding there for its prefill step. 0: off "
+        "(every prompt past the short-prompt rule goes to prefill).")
+    overflow_max_local_tokens: Annotated[int, Field(ge=0)] = Field(
+        default=4096, description="Prompt tokens the decode engine computes at once for prefill_busy "
+        "(sent to it, no first token yet): bounds how long one decode step can stall.")
     max_body_bytes: Annotated[int, Field(gt=0)] = Field(
         default=8 << 20, description="Larger request bodies get 413 before they are read into memory.")
     api_keys_file: Path | None = Field(

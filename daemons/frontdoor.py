@@ -21,6 +21,9 @@ Responses carry ``x-disagg-path``, truthfully:
   ``short_prompt_max_in_flight`` requests are in progress: no prefill call is made
   (estimated length: :mod:`daemons.prompt_size`). Not a fallback. Under load every
   prompt goes to prefill: the prefill engine's capacity then matters more.
+- ``prefill_busy``: prefill calls already in flight hold at least
+  ``overflow_backlog_tokens`` prompt tokens, so the decode engine computes this
+  prompt (a bounded amount at a time; :mod:`daemons.prefill_backlog`). Not a fallback.
 
 A streamed response's headers leave before the decode engine has reported
 what it loaded: there the header is prefill's verdict (``disaggregated`` when
@@ -51,6 +54,7 @@ from .auth import ApiKeys
 from .canary import cached_tokens
 from .disconnect import ClientGone, unless_disconnected
 from .metrics import FrontDoorMetrics
+from .prefill_backlog import Backlog
 from .prefill_router import PrefillOutcome, PrefillRouter
 from .prompt_size import PromptSizer
 from .request_limits import BadRequest, parse_json_object, read_body
@@ -95,6 +99,7 @@ class FrontDoor:
         disaggregate_min_tokens: int = 0,
         short_prompt_max_in_flight: int = 8,
         sizer: PromptSizer | None = None,
+        backlog: Backlog | None = None,
     ) -> None:
         self.engine_url = engine_url
         self.client = client
@@ -110,6 +115,9 @@ class FrontDoor:
         self.disaggregate_min_tokens = disaggregate_min_tokens
         self.short_prompt_max_in_flight = short_prompt_max_in_flight
         self.sizer = sizer if sizer is not None else PromptSizer()
+        self.backlog = backlog if backlog is not None else Backlog()
+        metrics.prompt_tokens_in_flight.labels(where="prefill").set_function(lambda: self.backlog.prefill_tokens)
+        metrics.prompt_tokens_in_flight.labels(where="decode").set_function(lambda: self.backlog.local_tokens)
 
     # -- prefill ---------------------------------------------------------------------
     def short_prompt(self, route: str, body: dict[str, Any]) -> bool:
@@ -122,6 +130,13 @@ class FrontDoor:
         """Have a prefill-worker compute the prompt (its KV goes to LMCache); the router counts the outcome."""
         if self.short_prompt(route, body):
             return PrefillOutcome("short_prompt")
+        tokens = self.sizer.estimate(route, body)
+        if self.backlog.overflow(tokens):
+            return PrefillOutcome("prefill_busy", local_tokens=tokens)
+        with self.backlog.at_prefill(tokens):
+            return await self._prefill_call(route, body, request_id)
+
+    async def _prefill_call(self, route: str, body: dict[str, Any], request_id: str) -> PrefillOutcome:
         choice = self.router.choose()
         if choice.url is None:
             return self.router.report(PrefillOutcome("fallback", choice.skip), request_id)
@@ -214,13 +229,14 @@ class FrontDoor:
                 # the decode engine would too. The client hears why, and no decode work is done.
                 status, content = outcome.rejection
                 return Response(content, status_code=status, media_type="application/json")
-            if body.get("stream"):
-                response = await unless_disconnected(request, self._stream(route, body, request_id, outcome, t0))
-                streamed = isinstance(response, StreamingResponse)
-            else:
-                response = await unless_disconnected(request, self._complete(route, body, request_id, outcome))
-                if response.status_code == 200:
-                    self.metrics.e2e.observe(time.monotonic() - t0)
+            with self.backlog.on_decode(outcome.local_tokens):  # until the first token: the decode engine's prefill
+                if body.get("stream"):
+                    response = await unless_disconnected(request, self._stream(route, body, request_id, outcome, t0))
+                    streamed = isinstance(response, StreamingResponse)
+                else:
+                    response = await unless_disconnected(request, self._complete(route, body, request_id, outcome))
+                    if response.status_code == 200:
+                        self.metrics.e2e.observe(time.monotonic() - t0)
             status = response.status_code
             return response
         except ClientGone:

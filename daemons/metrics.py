@@ -47,7 +47,7 @@ FALLBACK_REASONS = (
 ERROR_KINDS = ("bad_request", "too_large", "unauthorized", "overloaded", "client_gone", "engine_unavailable",
                "stream_broken", "decode_timeout")
 # How a request's prompt reached the decode engine (x-disagg-path).
-PATHS = ("disaggregated", "recomputed", "fallback", "short_prompt")
+PATHS = ("disaggregated", "recomputed", "fallback", "short_prompt", "prefill_busy")
 RECOMPUTE_REASONS = ("kv_not_stored", "kv_not_loaded", "no_full_chunk")
 CANARY_RESULTS = ("ok", "prefill", "lmcache_store", "decode_engine", "decode_load", "p2p_fetch")
 
@@ -112,11 +112,18 @@ class FrontDoorMetrics:
     """The decode-worker's front door, as clients see it."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
         self.requests = Counter(
             "disagg_requests", "Requests by route and HTTP status.", ["route", "status"], registry=registry
         )
         self.errors = Counter("disagg_request_errors", "Failed requests by kind.", ["kind"], registry=registry)
         self.in_flight = Gauge("disagg_requests_in_flight", "Requests being served.", registry=registry)
+        self.prompt_tokens_in_flight = Gauge(
+            "disagg_prompt_tokens_in_flight",
+            "Estimated prompt tokens being computed: where=prefill (prefill calls in flight), where=decode "
+            "(prompts the decode engine computes because prefill was busy, until their first token).",
+            ["where"], registry=registry,
+        )
         self.ttft = Histogram(
             "disagg_time_to_first_token_seconds",
             "Request arrival to first token, including the prefill call.",
@@ -152,6 +159,7 @@ class FrontDoorMetrics:
             "Answered requests by the path their prompt took: disaggregated (decode loaded every full chunk "
             "from LMCache), recomputed (prefill ran but decode computed the prompt anyway), fallback "
             "(decode computed it, prefill skipped or failed), short_prompt (shorter than disaggregate_min_tokens: "
+            "decode computed it, by design), prefill_busy (prefill calls in flight held overflow_backlog_tokens: "
             "decode computed it, by design).",
             ["path"], registry=registry,
         )

@@ -1,0 +1,128 @@
+"""Overflow: while prefill is backed up, the decode engine computes a bounded amount of prompt itself."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from prometheus_client import CollectorRegistry
+
+from daemons.frontdoor import FrontDoor
+from daemons.metrics import FrontDoorMetrics
+from daemons.prefill_backlog import Backlog
+from daemons.prefill_router import PrefillChoice, PrefillOutcome
+
+from .fakes import FakeUpstream
+
+ANSWER = {"choices": [{"text": "x"}], "usage": {"prompt_tokens": 1000, "completion_tokens": 1,
+                                                "prompt_tokens_details": {"cached_tokens": 768}}}
+
+
+def test_overflow_needs_a_backlog_at_prefill_and_room_on_the_decode_engine() -> None:
+    b = Backlog(overflow_backlog_tokens=2000, overflow_max_local_tokens=1500)
+    assert not b.overflow(1000)  # nothing queued at prefill
+    with b.at_prefill(1000):
+        assert not b.overflow(1000)  # 1,000 < 2,000
+        with b.at_prefill(1000):
+            assert b.overflow(1000)
+            with b.on_decode(1000):
+                assert not b.overflow(1000)  # 2,000 > 1,500 on the decode engine
+                assert b.overflow(500)
+            assert b.overflow(1500)
+        assert (b.prefill_tokens, b.local_tokens) == (1000, 0)
+    assert (b.prefill_tokens, b.local_tokens) == (0, 0)
+
+
+def test_off_by_default_and_counts_survive_exceptions() -> None:
+    b = Backlog()
+    with b.at_prefill(10**6):
+        assert not b.overflow(1)
+    with pytest.raises(RuntimeError), b.on_decode(5):
+        raise RuntimeError("engine gone")
+    assert b.local_tokens == 0
+    with pytest.raises(ValueError):
+        Backlog(-1, 0)
+
+
+def sample(metrics: FrontDoorMetrics, where: str) -> float | None:
+    return metrics.registry.get_sample_value("disagg_prompt_tokens_in_flight", {"where": where})
+
+
+class OnePrefill:
+    """Stands in for PrefillRouter: always the one prefill-worker; counts what it is asked."""
+
+    def __init__(self) -> None:
+        self.asked = 0
+
+    def choose(self) -> PrefillChoice:
+        self.asked += 1
+        return PrefillChoice(url="http://prefill")
+
+    def report(self, outcome: PrefillOutcome, request_id: str) -> PrefillOutcome:
+        return outcome
+
+    def kv_missed(self, reason: str) -> None:
+        pass
+
+
+def test_the_front_door_overflows_while_prefill_calls_are_stuck_and_stops_after(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        release = asyncio.Event()
+        decode_gate = asyncio.Event()
+
+        async def handler(request: httpx.Request) -> httpx.Response:
+            if request.url.host == "prefill":
+                await release.wait()  # the prefill GPU is busy until the test says otherwise
+                return httpx.Response(200, json=ANSWER, headers={"x-disagg-kv-expected-tokens": "768",
+                                                                 "x-disagg-kv-stored-tokens": "768"})
+            if json.loads(request.content).get("max_tokens") == 7:  # the overflowed prompts
+                await decode_gate.wait()
+            return httpx.Response(200, json=ANSWER)
+
+        metrics = FrontDoorMetrics(CollectorRegistry())
+        router = OnePrefill()
+        door = FrontDoor(engine_url="http://engine", client=FakeUpstream(handler), metrics=metrics,
+                         router=router, prefill_timeout_s=30, health=lambda: ("ready", True, ""),  # type: ignore
+                         backlog=Backlog(overflow_backlog_tokens=2000, overflow_max_local_tokens=1000))
+        transport = httpx.ASGITransport(door.app())
+        async with httpx.AsyncClient(transport=transport, base_url="http://door", timeout=10) as client:
+            def send(max_tokens: int = 1) -> asyncio.Task[httpx.Response]:
+                body: dict[str, Any] = {"model": "m", "prompt": list(range(1000)), "max_tokens": max_tokens}
+                return asyncio.create_task(client.post("/v1/completions", json=body))
+
+            stuck = [send(), send()]  # 2,000 tokens at prefill: the backlog is reached
+            for _ in range(100):
+                if door.backlog.prefill_tokens == 2000:
+                    break
+                await asyncio.sleep(0.01)
+            assert door.backlog.prefill_tokens == 2000
+            local = send(7)  # overflows: the decode engine computes it (held at the decode engine)
+            for _ in range(100):
+                if door.backlog.local_tokens == 1000:
+                    break
+                await asyncio.sleep(0.01)
+            assert door.backlog.local_tokens == 1000 and router.asked == 2
+            assert sample(metrics, "prefill") == 2000 and sample(metrics, "decode") == 1000
+            third = send()  # the decode engine's share is full: this one queues at prefill
+            for _ in range(100):
+                if door.backlog.prefill_tokens == 3000:
+                    break
+                await asyncio.sleep(0.01)
+            assert router.asked == 3
+            decode_gate.set()
+            resp = await asyncio.wait_for(local, 5)
+            assert resp.status_code == 200 and resp.headers["x-disagg-path"] == "prefill_busy"
+            release.set()
+            for r in await asyncio.wait_for(asyncio.gather(*stuck, third), 5):
+                assert r.status_code == 200 and r.headers["x-disagg-path"] == "disaggregated"
+        assert (door.backlog.prefill_tokens, door.backlog.local_tokens) == (0, 0)
+        assert metrics.paths.labels(path="prefill_busy")._value.get() == 1
+        assert metrics.paths.labels(path="disaggregated")._value.get() == 3
+        assert metrics.fallbacks.labels(reason="prefill_timeout")._value.get() == 0
+        assert sample(metrics, "prefill") == 0 and sample(metrics, "decode") == 0
+
+    asyncio.run(asyncio.wait_for(scenario(), 30))
