@@ -32,12 +32,12 @@ if [ $PART != plain ]; then
     [ "${CROSS:-}" = none ] || timeout 120 python3 benchmarks/kv_reuse.py --config $CFG --lengths ${CROSS:-500,1000,1500,2000,3000} --repeat 3 \
       | tee $OUT/crossover.txt
     # LMCache's own L1 (CPU) -> L0 (GPU) load and store rates, per request, GB/s
-    curl -s 127.0.0.1:9100/metrics | grep -E "^lmcache_mp_l0_l1_(load|store)_throughput_(sum|count|bucket)" | tee $OUT/lmcache-l0l1.txt
+    curl -s 127.0.0.1:9100/metrics | grep -E "^lmcache_mp_l0_l1_" | tee $OUT/lmcache-l0l1.txt
     timeout 60 python3 benchmarks/gpu_interference.py copy-rate | tee -a $OUT/goodput.txt
     sweep disagg http://127.0.0.1:8000
     curl -s 127.0.0.1:9102/metrics | grep -E "^disagg_(request_paths_total|fallbacks_total)" | grep -v " 0.0$" | tee -a $OUT/goodput.txt
     curl -s 127.0.0.1:9101/metrics | grep -E "^disagg_prefill_store_wait_seconds_(sum|count)" | tee -a $OUT/goodput.txt
-    curl -s 127.0.0.1:9100/metrics | grep -E "^lmcache_mp_l0_l1_(load|store)_throughput_(sum|count)" | tee -a $OUT/goodput.txt
+    curl -s 127.0.0.1:9100/metrics | grep -E "^lmcache_mp_l0_l1_.*(sum|count)" | tee -a $OUT/goodput.txt
   fi
   pkill -TERM -f "daemons\.(lmcache_server|prefill_worker|decode_worker)"
   for i in $(seq 1 60); do pgrep -f "daemons\.(lmcache|prefill|decode)" >/dev/null || break; sleep 1; done
