@@ -14,7 +14,7 @@ RATES_LONG=${RATES_LONG:-1,2,3,4,6,8}
 RATES_SHORT=${RATES_SHORT:-2,4,6,8,10,12}
 DUR=${DUR:-20}
 sweep() {  # label urls
-  timeout ${SWEEP_TIMEOUT:-200} python3 benchmarks/goodput.py --url "$2" --label "$1" --in 4000 --out 200 \
+  [ "${RATES_LONG}" = none ] || timeout ${SWEEP_TIMEOUT:-200} python3 benchmarks/goodput.py --url "$2" --label "$1" --in 4000 --out 200 \
     --rates $RATES_LONG --duration $DUR --json $OUT/goodput.jsonl --itls-out $OUT/itls --model m | tee -a $OUT/goodput.txt
   timeout ${SWEEP_TIMEOUT:-200} python3 benchmarks/goodput.py --url "$2" --label "$1" --in 1000 --out 200 \
     --rates $RATES_SHORT --duration $DUR --json $OUT/goodput.jsonl --itls-out $OUT/itls --model m | tee -a $OUT/goodput.txt

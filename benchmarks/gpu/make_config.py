@@ -1,7 +1,8 @@
 """Print etc/disagg-gpu.yaml adapted to the lent GPU box: a Mistral-7B-shaped model
 with dummy weights in /tmp/model (no hub there), LMCache 0.5.3's server flags, and
 the Triton attention backend (FlashAttention is not carried). EAGER=1|0 overrides the
-config's enforce_eager (0: CUDA graphs)."""
+config's enforce_eager (0: CUDA graphs); OVERFLOW_BACKLOG / OVERFLOW_LOCAL override
+decode_worker.overflow_backlog_tokens / overflow_max_local_tokens."""
 
 import os
 import sys
@@ -18,6 +19,9 @@ if os.environ.get("EAGER") in ("0", "1"):
     doc["model"]["enforce_eager"] = os.environ["EAGER"] == "1"
 for worker in ("prefill_worker", "decode_worker"):
     doc[worker]["extra_engine_args"] = ["--attention-backend", "TRITON_ATTN"]
+for env, key in (("OVERFLOW_BACKLOG", "overflow_backlog_tokens"), ("OVERFLOW_LOCAL", "overflow_max_local_tokens")):
+    if os.environ.get(env):
+        doc["decode_worker"][key] = int(os.environ[env])
 doc["decode_worker"]["host"] = "127.0.0.1"  # the bench client is local: no API keys
 doc["decode_worker"].pop("api_keys_file", None)
 print(yaml.safe_dump(doc, sort_keys=False))
