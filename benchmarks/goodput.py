@@ -202,6 +202,14 @@ def goodput(points: list[dict[str, Any]]) -> float:
     return best
 
 
+def goodput_text(points: list[dict[str, Any]]) -> str:
+    """Goodput as a reader should see it: below the lowest swept rate is not 0, it is unknown below it."""
+    g = goodput(points)
+    if g == 0 and points:
+        return f"< {min(p['rate'] for p in points):g} req/s"
+    return f"{g:g} req/s"
+
+
 def slo_title(slo: tuple[float, str, float]) -> str:
     ttft, field, itl = slo
     return f"TTFT <= {ttft:g} s, ITL {field[4:]} <= {1000 * itl:.0f} ms"
@@ -218,19 +226,20 @@ def plot(jsonl: Path, png: Path, slos: list[tuple[float, str, float]]) -> None:
     workloads = sorted({r["workload"] for r in rows}, key=lambda w: -int(w.split("/")[0]))
     if not slos:
         slos = [(rows[0]["ttft_target_s"], "itl_p90", rows[0]["itl_target_s"])]
+    colors = {label: f"C{i}" for i, label in enumerate(sorted({r["label"] for r in rows}))}  # same in every panel
     fig, axes = plt.subplots(len(slos), len(workloads), figsize=(6 * len(workloads), 4.2 * len(slos)),
                              squeeze=False)
     for row, slo in zip(axes, slos):
         for ax, workload in zip(row, workloads):
             for label in sorted({r["label"] for r in rows if r["workload"] == workload}):
                 pts = with_slo([r for r in rows if r["workload"] == workload and r["label"] == label], slo)
-                g = goodput(pts)
+                g = goodput_text(pts)
                 worst = by_rate(pts)
-                line, = ax.plot([r for r, _ in worst], [100 * a for _, a in worst], marker="o",
-                                label=f"{label} (goodput {g:g} req/s)")
+                ax.plot([r for r, _ in worst], [100 * a for _, a in worst], marker="o", color=colors[label],
+                        label=f"{label} (goodput {g})")
                 ax.scatter([p["rate"] for p in pts], [100 * p["attainment"] for p in pts],
-                           color=line.get_color(), marker="x", s=30)  # every run, where a rate was repeated
-                print(f"{slo_title(slo)} | {workload} {label}: goodput {g:g} req/s", flush=True)
+                           color=colors[label], marker="x", s=30)  # every run, where a rate was repeated
+                print(f"{slo_title(slo)} | {workload} {label}: goodput {g}", flush=True)
             ax.axhline(100 * ATTAIN, color="grey", linestyle="--", linewidth=1)
             ax.set_title(f"{workload} tokens in/out; {slo_title(slo)}", fontsize=10)
             ax.set_xlabel("request rate (req/s, Poisson)")
@@ -243,26 +252,31 @@ def plot(jsonl: Path, png: Path, slos: list[tuple[float, str, float]]) -> None:
 
 
 def plot_itl_cdf(files: list[Path], png: Path) -> None:
-    """CDF of every inter-token latency in --itls-out files (one line per file: label, workload, rate)."""
+    """Tail of every inter-token latency in --itls-out files: the share of tokens slower than x (log-log)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    fig, ax = plt.subplots(figsize=(7.5, 4.4))
     for f in files:
         d = json.loads(f.read_text())
         xs = sorted(1000 * x for x in d["itls"])
         if not xs:
             continue
-        ys = [(i + 1) / len(xs) for i in range(len(xs))]
-        p99 = xs[int(0.99 * (len(xs) - 1))]
-        ax.plot(xs, ys, label=f"{d['label']}, {d['workload']} at {d['rate']:g} req/s (p99 {p99:.0f} ms)")
+        n = len(xs)
+        q = lambda p: xs[int(p * (n - 1))]  # noqa: E731
+        ys = [1 - i / n for i in range(n)]  # share of tokens with an ITL >= xs[i]
+        ax.step(xs, ys, where="post",
+                label=f"{d['label']}, {d['workload']} at {d['rate']:g} req/s (p50 {q(0.5):.0f}, p99 {q(0.99):.0f} ms)")
     ax.set_xscale("log")
-    ax.set_xlabel("inter-token latency (ms, log scale)")
-    ax.set_ylabel("fraction of tokens")
+    ax.set_yscale("log")
+    ax.set_xlim(left=1)
+    ax.set_ylim(1e-4, 1.05)
+    ax.set_xlabel("inter-token latency (ms)")
+    ax.set_ylabel("share of tokens at least this slow")
     ax.grid(alpha=0.3, which="both")
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="lower left", fontsize=8)
     fig.tight_layout()
     fig.savefig(png, dpi=110)
 
@@ -291,7 +305,7 @@ def main() -> int:
                    help="with --plot: TTFT_S:STAT:ITL_S (STAT p50|p90|p99|max of each request's ITLs), "
                         "e.g. 2:p90:0.05; repeat for one row of panels each")
     p.add_argument("--itls-out", type=Path, help="write every inter-token latency of each rate here (for a CDF)")
-    p.add_argument("--itl-cdf", type=Path, nargs="+", help="draw a CDF of these --itls-out files to --png")
+    p.add_argument("--itl-cdf", type=Path, nargs="+", help="draw the ITL tail (1 - CDF) of these --itls-out files to --png")
     args = p.parse_args()
     if args.plot:
         plot(args.plot, args.png, args.slo)
@@ -324,7 +338,7 @@ def main() -> int:
                  "itls": [round(x, 5) for r in results if r.ok for x in r.itls]}))
         if point["attainment"] < args.stop_below:
             break
-    print(f"goodput {args.label} {workload}: {goodput(points):g} req/s", flush=True)
+    print(f"goodput {args.label} {workload}: {goodput_text(points)}", flush=True)
     return 0
 
 

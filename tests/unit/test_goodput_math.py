@@ -51,3 +51,12 @@ def test_summary_records_each_requests_own_itl_quantiles() -> None:
     assert s["requests"][1] is None
     ttft, p50, p90, p99, mx = s["requests"][0]
     assert (ttft, p50, p90, mx) == (0.3, 0.01, 0.01, 0.5) and p99 == 0.2
+
+
+def test_a_sweep_failing_at_its_lowest_rate_says_so_instead_of_zero() -> None:
+    from benchmarks.goodput import goodput_text
+
+    bad = [5.0, 0.01, 0.01, 0.01, 0.01]
+    slo = parse_slo("2:p90:0.1")
+    assert goodput_text(with_slo([point(32, [bad] * 10), point(40, [bad] * 10)], slo)) == "< 32 req/s"
+    assert goodput_text(with_slo([point(1, [[0.1, 0.01, 0.01, 0.01, 0.01]] * 10)], slo)) == "1 req/s"
