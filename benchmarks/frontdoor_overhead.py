@@ -6,7 +6,10 @@ generator. Proxies: ``disagg`` (our FrontDoor, routed to the fake prefill and
 decode) and ``toy`` (a faithful rewrite of vLLM's example PD proxy,
 ``toy_proxy_server.py``: FastAPI + one httpx client, prefill with
 ``max_tokens=1``, then decode, streamed through). ``direct`` is the fake engine without a proxy: the added
-latency of a proxy is its latency minus direct's, measured in the same run.
+latency of a proxy is its latency minus direct's, measured in the same run: under
+saturation (--clients closed-loop clients: there latency is mostly the queue for
+the CPU) and with one client (a request alone: the proxy's own time, two engine
+calls included).
 
   python benchmarks/frontdoor_overhead.py --clients 16 --duration 15
 """
@@ -60,10 +63,11 @@ def fake_engine() -> None:
 
 
 def disagg_proxy() -> None:
-    import uvicorn
     from prometheus_client import CollectorRegistry
 
+    from daemons.cli import run_loop
     from daemons.frontdoor import FrontDoor
+    from daemons.httpserver import EmbeddedServer
     from daemons.metrics import FrontDoorMetrics
     from daemons.peers import Peers
     from daemons.prefill_router import PrefillChoice, PrefillRouter
@@ -73,12 +77,17 @@ def disagg_proxy() -> None:
         def choose(self) -> PrefillChoice:
             return PrefillChoice(url=f"http://127.0.0.1:{ENGINE_PORT}")
 
-    metrics = FrontDoorMetrics(CollectorRegistry())
-    router = FixedRouter([], Peers(Path("/tmp"), 5, expect_digest=None), metrics)
-    client = Upstream()
-    door = FrontDoor(engine_url=f"http://127.0.0.1:{ENGINE_PORT}", client=client, metrics=metrics, router=router,
-                     prefill_timeout_s=30, health=lambda: ("ready", True, ""))
-    uvicorn.run(door.app(), host="127.0.0.1", port=PROXY_PORT, log_level="warning", access_log=False)
+    async def serve() -> int:  # as decode-worker serves it: an EmbeddedServer on the daemon's loop (run_loop)
+        metrics = FrontDoorMetrics(CollectorRegistry())
+        router = FixedRouter([], Peers(Path("/tmp"), 5, expect_digest=None), metrics)
+        door = FrontDoor(engine_url=f"http://127.0.0.1:{ENGINE_PORT}", client=Upstream(), metrics=metrics,
+                         router=router, prefill_timeout_s=30, health=lambda: ("ready", True, ""))
+        server = EmbeddedServer(door.app(), "127.0.0.1", PROXY_PORT, name="front door")
+        await server.start()
+        await asyncio.Event().wait()  # until the benchmark terminates this process
+        return 0
+
+    run_loop(serve())
 
 
 def toy_proxy() -> None:
@@ -137,16 +146,23 @@ def wait_port(port: int) -> None:
 
 
 def measure(port: int, args: argparse.Namespace, stream: bool) -> dict[str, float]:
+    """Saturated (--clients at once: requests/s and latency) and alone (one client: the latency a request
+    sees when the CPU is not the queue)."""
     lat = asyncio.run(load(port, args.clients, args.duration, stream))
     lat.sort()
+    solo = asyncio.run(load(port, 1, args.solo_duration, stream))
+    solo.sort()
     return {"rps": round(len(lat) / args.duration, 1), "p50_ms": round(statistics.median(lat) * 1000, 2),
-            "p99_ms": round(lat[int(0.99 * (len(lat) - 1))] * 1000, 2)}
+            "p99_ms": round(lat[int(0.99 * (len(lat) - 1))] * 1000, 2),
+            "solo_p50_ms": round(statistics.median(solo) * 1000, 3),
+            "solo_p99_ms": round(solo[int(0.99 * (len(solo) - 1))] * 1000, 3)}
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--clients", type=int, default=16)
     p.add_argument("--duration", type=float, default=15)
+    p.add_argument("--solo-duration", type=float, default=5, help="seconds of the one-client latency run")
     args = p.parse_args()
     ctx = multiprocessing.get_context("spawn")
     engine = ctx.Process(target=fake_engine, daemon=True)
@@ -170,6 +186,8 @@ def main() -> int:
             for name in ("disagg", "toy"):
                 r = results[mode][name]
                 r["added_p50_ms"] = round(r["p50_ms"] - direct["p50_ms"], 2)
+                r["solo_added_p50_ms"] = round(r["solo_p50_ms"] - direct["solo_p50_ms"], 3)
+                r["solo_added_p99_ms"] = round(r["solo_p99_ms"] - direct["solo_p99_ms"], 3)
             results[mode]["ratio rps disagg/toy"] = round(  # type: ignore[assignment]
                 results[mode]["disagg"]["rps"] / results[mode]["toy"]["rps"], 2)
             print(mode, json.dumps(results[mode]), flush=True)

@@ -30,7 +30,8 @@ from daemons.make_model import _WORDS  # noqa: E402
 from daemons.statefile import read_state  # noqa: E402
 
 
-def ttft(client: httpx.Client, url: str, model: str, prompt: str) -> tuple[float, dict]:
+def ttft(client: httpx.Client, url: str, model: str, prompt: str) -> tuple[float, dict, str]:
+    """(TTFT s, usage, x-disagg-path: the front door's path, "" from an engine)."""
     body = {"model": model, "prompt": prompt, "max_tokens": 2, "temperature": 0.0, "stream": True,
             "stream_options": {"include_usage": True}}
     t0 = time.perf_counter()
@@ -38,6 +39,7 @@ def ttft(client: httpx.Client, url: str, model: str, prompt: str) -> tuple[float
     usage: dict = {}
     with client.stream("POST", f"{url}/v1/completions", json=body) as resp:
         resp.raise_for_status()
+        path = resp.headers.get("x-disagg-path", "")
         for line in resp.iter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
@@ -46,7 +48,7 @@ def ttft(client: httpx.Client, url: str, model: str, prompt: str) -> tuple[float
                 first = time.perf_counter() - t0
             if obj.get("usage"):
                 usage = obj["usage"]
-    return first or float("nan"), usage
+    return first or float("nan"), usage, path
 
 
 def prompt_of(tokens_wanted: int, seed: int) -> str:
@@ -84,27 +86,28 @@ def main() -> int:
         model = config.model.name
         print(f"model {model}; chunk size {config.lmcache.chunk_size}; {args.repeat} prompts per length\n")
         print("| prompt tokens | cached from LMCache | decode TTFT, KV from LMCache (s) | decode TTFT, "
-              "recompute (s) | ratio | front-door TTFT incl. prefill (s) |")
-        print("|---|---|---|---|---|---|")
+              "recompute (s) | ratio | front-door TTFT incl. prefill (s) | front-door path |")
+        print("|---|---|---|---|---|---|---|")
         with httpx.Client(timeout=600, trust_env=False) as client:
             ttft(client, engine, model, prompt_of(300, 0))  # warm-up
             for n in (int(x) for x in args.lengths.split(",")):
-                hit, miss, front_t, cached, ptoks = [], [], [], [], []
+                hit, miss, front_t, cached, ptoks, paths = [], [], [], [], [], []
                 for r in range(args.repeat):
                     p = prompt_of(n, 1000 * n + r)
                     client.post(f"{prefill}/v1/completions", json={"model": model, "prompt": p}).raise_for_status()
-                    t, usage = ttft(client, engine, model, p)
+                    t, usage, _ = ttft(client, engine, model, p)
                     hit.append(t)
                     cached.append(usage["prompt_tokens_details"]["cached_tokens"])
                     ptoks.append(usage["prompt_tokens"])
-                    t, usage = ttft(client, engine, model, prompt_of(n, 7000 * n + r))
+                    t, usage, _ = ttft(client, engine, model, prompt_of(n, 7000 * n + r))
                     assert usage["prompt_tokens_details"]["cached_tokens"] == 0
                     miss.append(t)
-                    t, _ = ttft(client, front, model, prompt_of(n, 9000 * n + r))
+                    t, _, path = ttft(client, front, model, prompt_of(n, 9000 * n + r))
                     front_t.append(t)
+                    paths.append(path)
                 h, m = statistics.median(hit), statistics.median(miss)
                 print(f"| {int(statistics.median(ptoks))} | {int(statistics.median(cached))} | {h:.3f} | {m:.3f} "
-                      f"| {m / h:.2f}x | {statistics.median(front_t):.3f} |")
+                      f"| {m / h:.2f}x | {statistics.median(front_t):.3f} | {', '.join(sorted(set(paths)))} |")
         print("\n| daemon | start to ready (s) | RSS incl. children (MB) |")
         print("|---|---|---|")
         for name in config.daemon_names():
