@@ -65,7 +65,6 @@ def fake_engine() -> None:
 def disagg_proxy() -> None:
     from prometheus_client import CollectorRegistry
 
-    from daemons.cli import run_loop
     from daemons.frontdoor import FrontDoor
     from daemons.httpserver import EmbeddedServer
     from daemons.metrics import FrontDoorMetrics
@@ -77,7 +76,7 @@ def disagg_proxy() -> None:
         def choose(self) -> PrefillChoice:
             return PrefillChoice(url=f"http://127.0.0.1:{ENGINE_PORT}")
 
-    async def serve() -> int:  # as decode-worker serves it: an EmbeddedServer on the daemon's loop (run_loop)
+    async def serve() -> int:  # as decode-worker serves it: an EmbeddedServer on asyncio's loop
         metrics = FrontDoorMetrics(CollectorRegistry())
         router = FixedRouter([], Peers(Path("/tmp"), 5, expect_digest=None), metrics)
         door = FrontDoor(engine_url=f"http://127.0.0.1:{ENGINE_PORT}", client=Upstream(), metrics=metrics,
@@ -87,7 +86,7 @@ def disagg_proxy() -> None:
         await asyncio.Event().wait()  # until the benchmark terminates this process
         return 0
 
-    run_loop(serve())
+    asyncio.run(serve())
 
 
 def toy_proxy() -> None:

@@ -12,8 +12,6 @@ import asyncio
 import logging
 import os
 import sys
-from collections.abc import Coroutine
-from typing import Any
 
 from . import __version__
 from .config import EX_CONFIG, WORKER_KINDS, ConfigError, DaemonId, config_path, load_config
@@ -64,15 +62,4 @@ def run_daemon(cls: type[Daemon], argv: list[str] | None = None) -> int:
         log.error("exiting with status %d (EX_CONFIG): fix the config, then start again", EX_CONFIG)
         return EX_CONFIG
     log.info("%s %s starting (config %s)", daemon_id, __version__, path)
-    return run_loop(daemon.run())
-
-
-def run_loop(main: Coroutine[Any, Any, int]) -> int:
-    """Run a daemon's main coroutine to its end on uvloop (uvicorn's and vLLM's loop: the front door
-    spends less CPU per request on it), or asyncio's own loop where uvloop is not installed."""
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(main)
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(main)
+    return asyncio.run(daemon.run())
