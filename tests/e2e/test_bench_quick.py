@@ -27,3 +27,8 @@ def test_make_bench_quick_mode_runs_to_the_end(stack, tmp_path) -> None:  # type
     table = rows((tmp_path / "kv_reuse-cpu.txt").read_text())
     assert [n for n, *_ in table] and all(hit > 0 and miss > 0 for _, hit, miss, _ in table)
     assert (tmp_path / "ttft-cpu.png").stat().st_size > 10_000
+    points = [json.loads(line) for line in (tmp_path / "goodput-cpu.jsonl").read_text().splitlines()]
+    assert [p["rate"] for p in points] and all(p["sent"] > 0 for p in points)
+    assert all(p["ok"] == p["sent"] for p in points), [p["errors"] for p in points]  # the stack answered them all
+    assert all(len(r) == 5 for p in points for r in p["requests"])  # TTFT + each request's ITL quantiles
+    assert (tmp_path / "goodput-cpu.png").stat().st_size > 10_000
