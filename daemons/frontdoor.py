@@ -120,17 +120,18 @@ class FrontDoor:
         metrics.prompt_tokens_in_flight.labels(where="decode").set_function(lambda: self.backlog.local_tokens)
 
     # -- prefill ---------------------------------------------------------------------
-    def short_prompt(self, route: str, body: dict[str, Any]) -> bool:
-        """Leave this prompt to the decode engine: shorter than the crossover, and the box is not busy."""
+    def short_prompt(self, route: str, body: dict[str, Any], tokens: int | None = None) -> bool:
+        """Leave this prompt (``tokens`` long, estimated if not given) to the decode engine: shorter than the
+        crossover, and the box is not busy."""
         return (self.disaggregate_min_tokens > 0
                 and self.admission.active <= self.short_prompt_max_in_flight
-                and self.sizer.estimate(route, body) < self.disaggregate_min_tokens)
+                and (self.sizer.estimate(route, body) if tokens is None else tokens) < self.disaggregate_min_tokens)
 
     async def prefill(self, route: str, body: dict[str, Any], request_id: str) -> PrefillOutcome:
         """Have a prefill-worker compute the prompt (its KV goes to LMCache); the router counts the outcome."""
-        if self.short_prompt(route, body):
-            return PrefillOutcome("short_prompt")
         tokens = self.sizer.estimate(route, body)
+        if self.short_prompt(route, body, tokens):
+            return PrefillOutcome("short_prompt")
         if self.backlog.overflow(tokens):
             return PrefillOutcome("prefill_busy", local_tokens=tokens)
         with self.backlog.at_prefill(tokens):
