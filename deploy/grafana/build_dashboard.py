@@ -32,6 +32,8 @@ ROWS: list[tuple[str, list[tuple[str, str, list[dict]]]]] = [
         ("End-to-end latency", "s", quantiles("disagg_request_duration_seconds", qs=(0.5, 0.99))),
         ("Errors per second by kind", "reqps", [q(f"sum by (kind) (rate(disagg_request_errors_total[{RI}]))", "{{kind}}")]),
         ("Requests in flight", "short", [q("sum(disagg_requests_in_flight)", "in flight")]),
+        ("Prompt tokens in flight: at prefill / computed on decode (overflow)", "short",
+         [q("sum by (where) (disagg_prompt_tokens_in_flight)", "{{where}}")]),
     ]),
     ("KV path", [
         ("KV path canary (1 = KV flows prefill -> LMCache -> decode)", "short",
