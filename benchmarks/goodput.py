@@ -50,15 +50,15 @@ class Result:
     path: str = ""
     error: str = ""
 
-    def itl_q(self, q: float) -> float:
-        """This request's own inter-token latency quantile (0 when it produced one token)."""
+    def itl_qs(self, qs: tuple[float, ...]) -> list[float]:
+        """This request's own inter-token latency quantiles, from one sort (0 when it produced one token)."""
         if not self.itls:
-            return 0.0
+            return [0.0] * len(qs)
         s = sorted(self.itls)
-        return s[int(q * (len(s) - 1))]
+        return [s[int(q * (len(s) - 1))] for q in qs]
 
     def itl_p90(self) -> float:
-        return self.itl_q(0.9)
+        return self.itl_qs((0.9,))[0]
 
 
 async def one_request(client: httpx.AsyncClient, url: str, model: str, prompt: list[int], out_tokens: int,
@@ -153,7 +153,7 @@ def summarize(results: list[Result], ttft_s: float, itl_s: float) -> dict[str, A
         # per request (TTFT s and its own ITL p50, p90, p99, max in s; null when it failed): attainment
         # for other targets, later (--plot --slo)
         "request_fields": list(REQUEST_FIELDS),
-        "requests": [[round(r.ttft, 4)] + [round(r.itl_q(q), 4) for q in (0.5, 0.9, 0.99, 1.0)] if r.ok else None
+        "requests": [[round(r.ttft, 4)] + [round(x, 4) for x in r.itl_qs((0.5, 0.9, 0.99, 1.0))] if r.ok else None
                      for r in results],
     }
 

@@ -2,8 +2,9 @@
 # `make bench`: the CPU benchmarks, in one run on this machine, results and plots in
 # $BENCH_OUT (var/bench): the front door's own cost against vLLM's toy PD proxy
 # (benchmarks/frontdoor_overhead.py), decode TTFT with KV from LMCache vs recompute per
-# prompt length (benchmarks/kv_reuse.py; starts the stack unless it is up) and its plot, and
-# the stack's SLO attainment under Poisson arrivals (benchmarks/goodput.py) and its plot.
+# prompt length (benchmarks/kv_reuse.py) and its plot, and the stack's SLO attainment under
+# Poisson arrivals (benchmarks/goodput.py) and its plot. It starts the stack unless it is up
+# (and stops what it started).
 # QUICK=1: a short smoke run of the same (CI runs it untimed). The GPU parts are recipes
 # for the GPU machine: benchmarks/gpu/README.md.
 set -euo pipefail
@@ -19,11 +20,9 @@ else
     FD_ARGS="--clients 16 --duration 15"; LENGTHS=300,600,1000,2000,4000; REPEAT=3
     GP_ARGS="--in 1000 --out 32 --rates 0.25,0.5,1,2 --duration 30"
 fi
-STARTED=0
 if ! $PY -m daemons.ctl --config "$CONFIG" wait-ready --timeout 1 >/dev/null 2>&1; then
     echo "== starting the stack ($CONFIG)"
     $PY -m daemons.ctl --config "$CONFIG" up
-    STARTED=1
     trap '$PY -m daemons.ctl --config "$CONFIG" down' EXIT
     $PY -m daemons.ctl --config "$CONFIG" wait-ready --fail-fast --timeout 900
 fi
@@ -33,8 +32,8 @@ echo "== KV reuse: decode TTFT with KV from LMCache vs recompute"
 $PY benchmarks/kv_reuse.py --config "$CONFIG" --lengths $LENGTHS --repeat $REPEAT | tee "$OUT/kv_reuse-cpu.txt"
 $PY benchmarks/plot_ttft.py --png "$OUT/ttft-cpu.png" "CPU ($(nproc) cores)=$OUT/kv_reuse-cpu.txt"
 echo "== goodput of the stack's front door (Poisson arrivals; CPU: ours only, no colocated baseline)"
-PORT=$($PY -c "from daemons.config import load_config, config_path; print(load_config(config_path('$CONFIG')).decode_worker.port)")
-MODEL=$($PY -c "from daemons.config import load_config, config_path; print(load_config(config_path('$CONFIG')).model.name)")
+read -r PORT MODEL < <($PY -c "from daemons.config import load_config, config_path
+c = load_config(config_path('$CONFIG')); print(c.decode_worker.port, c.model.name)")
 rm -f "$OUT/goodput-cpu.jsonl"
 $PY benchmarks/goodput.py --url "http://127.0.0.1:$PORT" --model "$MODEL" --label "ours (CPU)" --ttft-s 10 --itl-s 1 \
     --vocab 900 $GP_ARGS --json "$OUT/goodput-cpu.jsonl" | grep -v '^{'
