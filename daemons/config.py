@@ -197,6 +197,13 @@ class DecodeWorkerConfig(WorkerConfig):
         default=8, description="Short prompts stay on the decode engine only while the front door has at most "
         "this many requests in progress: under load the prefill engine's capacity matters more than one "
         "request's TTFT, and a prompt computed on the decode engine stalls every stream decoding there.")
+    balance_short_prompts: bool = Field(
+        default=False, description="Under load (past short_prompt_max_in_flight), a prompt shorter than "
+        "disaggregate_min_tokens is served start to end by whichever side has fewer requests in progress: the "
+        "decode engine (path short_prompt) or a prefill engine (path decode_busy), instead of being "
+        "disaggregated. Where short prompts make decoding the bottleneck, two engines that each prefill and "
+        "decode their own serve more than one prefilling for the other (README, Performance). The price: those "
+        "streams share the prefill engine's steps with long prompts' prefill calls.")
     overflow_backlog_tokens: Annotated[int, Field(ge=0)] = Field(
         default=0, description="While prefill calls in flight hold at least this many (estimated) prompt "
         "tokens, the decode engine computes new prompts itself (path prefill_busy), within "

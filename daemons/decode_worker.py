@@ -35,6 +35,7 @@ from .config import Config
 from .frontdoor import FrontDoor
 from .lifecycle import DaemonFailed
 from .metrics import FrontDoorMetrics
+from .engine_share import EngineShare
 from .prefill_backlog import Backlog
 from .prefill_router import LMCACHE, PrefillRouter
 from .remote_state import state_url
@@ -102,6 +103,7 @@ class DecodeWorker(EngineDaemon):
             disaggregate_min_tokens=w.disaggregate_min_tokens,
             short_prompt_max_in_flight=w.short_prompt_max_in_flight,
             backlog=Backlog(w.overflow_backlog_tokens, w.overflow_max_local_tokens),
+            share=EngineShare(w.balance_short_prompts),
         )
 
     def _health(self) -> tuple[str, bool, str]:

@@ -24,6 +24,11 @@ Responses carry ``x-disagg-path``, truthfully:
 - ``prefill_busy``: prefill calls already in flight hold at least
   ``overflow_backlog_tokens`` prompt tokens, so the decode engine computes this
   prompt (a bounded amount at a time; :mod:`daemons.prefill_backlog`). Not a fallback.
+- ``decode_busy``: with ``balance_short_prompts`` on, a short prompt that arrives
+  under load goes whole to whichever side has fewer requests in progress; this one
+  went to a prefill engine, which computed the prompt and decoded it (no KV moved;
+  :mod:`daemons.engine_share`). Were that prefill-worker unreachable, the decode
+  engine serves the request (``fallback``, ``prefill_unreachable``). Not a fallback.
 
 A streamed response's headers leave before the decode engine has reported
 what it loaded: there the header is prefill's verdict (``disaggregated`` when
@@ -54,6 +59,7 @@ from .auth import ApiKeys
 from .canary import cached_tokens
 from .disconnect import ClientGone, unless_disconnected
 from .metrics import FrontDoorMetrics
+from .engine_share import EngineShare
 from .prefill_backlog import Backlog
 from .prefill_router import PrefillOutcome, PrefillRouter
 from .prompt_size import PromptSizer
@@ -66,6 +72,10 @@ from .worker import openai_error
 
 class PrefillLost(Exception):
     """The prefill-worker a call went to was found unusable while the call was in flight."""
+
+
+class WholeCallFailed(Exception):
+    """A request sent whole to a prefill-worker (path decode_busy) got no answer from it: not served there."""
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +110,7 @@ class FrontDoor:
         short_prompt_max_in_flight: int = 8,
         sizer: PromptSizer | None = None,
         backlog: Backlog | None = None,
+        share: EngineShare | None = None,
     ) -> None:
         self.engine_url = engine_url
         self.client = client
@@ -116,22 +127,35 @@ class FrontDoor:
         self.short_prompt_max_in_flight = short_prompt_max_in_flight
         self.sizer = sizer if sizer is not None else PromptSizer()
         self.backlog = backlog if backlog is not None else Backlog()
+        self.share = share if share is not None else EngineShare()
         metrics.prompt_tokens_in_flight.labels(where="prefill").set_function(lambda: self.backlog.prefill_tokens)
         metrics.prompt_tokens_in_flight.labels(where="decode").set_function(lambda: self.backlog.local_tokens)
 
     # -- prefill ---------------------------------------------------------------------
-    def short_prompt(self, route: str, body: dict[str, Any], tokens: int | None = None) -> bool:
-        """Leave this prompt (``tokens`` long, estimated if not given) to the decode engine: shorter than the
-        crossover, and the box is not busy."""
-        return (self.disaggregate_min_tokens > 0
-                and self.admission.active <= self.short_prompt_max_in_flight
-                and (self.sizer.estimate(route, body) if tokens is None else tokens) < self.disaggregate_min_tokens)
+    def short_prompt(self, tokens: int) -> PrefillOutcome | None:
+        """Where a prompt of ``tokens`` (estimated) goes if it is too short to disaggregate: the decode engine
+        while the box is quiet; under load, the decode engine or (balance_short_prompts) a prefill engine,
+        whichever is less busy, else the prefill call. None: not short, or disaggregate it."""
+        if self.disaggregate_min_tokens <= 0 or tokens >= self.disaggregate_min_tokens:
+            return None
+        others = self.admission.active - 1
+        if others < self.short_prompt_max_in_flight:
+            return PrefillOutcome("short_prompt")
+        if not self.share.enabled:
+            return None
+        if self.share.to_prefill(others, self.backlog.prefill_calls, len(self.router.working_prefills())):
+            choice = self.router.choose()
+            if choice.url is not None:
+                self.share.taken()
+                return PrefillOutcome("decode_busy", engine_url=f"{choice.url}/whole")
+        return PrefillOutcome("short_prompt")
 
     async def prefill(self, route: str, body: dict[str, Any], request_id: str) -> PrefillOutcome:
         """Have a prefill-worker compute the prompt (its KV goes to LMCache); the router counts the outcome."""
         tokens = self.sizer.estimate(route, body)
-        if self.short_prompt(route, body, tokens):
-            return PrefillOutcome("short_prompt")
+        short = self.short_prompt(tokens)
+        if short is not None:
+            return short
         if self.backlog.overflow(tokens):
             return PrefillOutcome("prefill_busy", local_tokens=tokens)
         with self.backlog.at_prefill(tokens):
@@ -223,6 +247,7 @@ class FrontDoor:
         self.metrics.in_flight.inc()
         streamed = False
         status = 499
+        outcome: PrefillOutcome | None = None
         try:
             outcome = await unless_disconnected(request, self.prefill(route, body, request_id))
             if outcome.rejection is not None:
@@ -231,13 +256,15 @@ class FrontDoor:
                 status, content = outcome.rejection
                 return Response(content, status_code=status, media_type="application/json")
             with self.backlog.on_decode(outcome.local_tokens):  # until the first token: the decode engine's prefill
-                if body.get("stream"):
-                    response = await unless_disconnected(request, self._stream(route, body, request_id, outcome, t0))
-                    streamed = isinstance(response, StreamingResponse)
-                else:
-                    response = await unless_disconnected(request, self._complete(route, body, request_id, outcome))
-                    if response.status_code == 200:
-                        self.metrics.e2e.observe(time.monotonic() - t0)
+                try:
+                    response = await unless_disconnected(request, self._answer(route, body, request_id, outcome, t0))
+                except WholeCallFailed as exc:
+                    log.warning("[%s] prefill-worker did not serve the request (%s): the decode engine does",
+                                request_id, exc)
+                    self.share.released()
+                    outcome = self.router.report(PrefillOutcome("fallback", "prefill_unreachable"), request_id)
+                    response = await unless_disconnected(request, self._answer(route, body, request_id, outcome, t0))
+                streamed = isinstance(response, StreamingResponse)
             status = response.status_code
             return response
         except ClientGone:
@@ -247,9 +274,21 @@ class FrontDoor:
             return Response(status_code=499)
         finally:
             if not streamed:  # a stream ends (and counts itself) when its relay ends
-                self._finished(route, status)
+                self._finished(route, status, outcome)
 
-    def _finished(self, route: str, status: int) -> None:
+    async def _answer(self, route: str, body: dict[str, Any], request_id: str, outcome: PrefillOutcome,
+                      t0: float) -> Response:
+        """Generate on the decode engine (or, decode_busy, whole on a prefill engine)."""
+        if body.get("stream"):
+            return await self._stream(route, body, request_id, outcome, t0)
+        response = await self._complete(route, body, request_id, outcome)
+        if response.status_code == 200:
+            self.metrics.e2e.observe(time.monotonic() - t0)
+        return response
+
+    def _finished(self, route: str, status: int, outcome: PrefillOutcome | None) -> None:
+        if outcome is not None and outcome.path == "decode_busy":
+            self.share.released()
         self.metrics.in_flight.dec()
         self.metrics.requests.labels(route=route, status=str(status)).inc()
         self.admission.release()
@@ -268,16 +307,21 @@ class FrontDoor:
                             headers={"retry-after": str(RETRY_AFTER_S)})
 
     async def _complete(self, route: str, body: dict[str, Any], request_id: str, outcome: PrefillOutcome) -> Response:
+        engine_url = outcome.engine_url or self.engine_url
         try:
             resp = await asyncio.wait_for(self.client.post(
-                f"{self.engine_url}{route}", body, headers={"x-request-id": request_id},
+                f"{engine_url}{route}", body, headers={"x-request-id": request_id},
             ), self.request_timeout_s)
         except asyncio.TimeoutError:
             return self._decode_timeout(f"no answer within {self.request_timeout_s:.0f}s", request_id)
         except UpstreamError as exc:
+            if outcome.engine_url:
+                raise WholeCallFailed(str(exc)) from exc
             self.metrics.errors.labels(kind="engine_unavailable").inc()
             return openai_error(503, f"decode engine unavailable: {exc}", "service_unavailable",
                                 headers={"retry-after": str(RETRY_AFTER_S)})
+        if resp.status_code == 503 and outcome.engine_url:
+            raise WholeCallFailed(f"prefill-worker answered 503: {resp.text[:200]}")
         cached: int | None = None
         if resp.status_code == 200:
             try:
@@ -305,11 +349,13 @@ class FrontDoor:
         deadline = time.monotonic() + self.first_token_timeout_s
         try:
             upstream: Stream = await asyncio.wait_for(self.client.stream(
-                f"{self.engine_url}{route}", upstream_body, headers={"x-request-id": request_id},
+                f"{outcome.engine_url or self.engine_url}{route}", upstream_body, headers={"x-request-id": request_id},
             ), self.first_token_timeout_s)
         except asyncio.TimeoutError:
             return self._decode_timeout(f"no first token within {self.first_token_timeout_s:.0f}s", request_id)
         except UpstreamError as exc:
+            if outcome.engine_url:
+                raise WholeCallFailed(str(exc)) from exc
             self.metrics.errors.labels(kind="engine_unavailable").inc()
             return openai_error(503, f"decode engine unavailable: {exc}", "service_unavailable",
                                 headers={"retry-after": str(RETRY_AFTER_S)})
@@ -319,6 +365,8 @@ class FrontDoor:
             except UpstreamError:
                 content = b""
             await upstream.aclose()
+            if upstream.status_code == 503 and outcome.engine_url:
+                raise WholeCallFailed(f"prefill-worker answered 503: {content[:200]!r}")
             self.metrics.errors.labels(kind=f"engine_{upstream.status_code}").inc()
             return Response(content, status_code=upstream.status_code, media_type="application/json",
                             headers=outcome.headers())
@@ -342,7 +390,7 @@ class FrontDoor:
             raise
 
         def on_end(completed: bool, cached: int | None) -> None:
-            self._finished(route, 200 if completed else 499)
+            self._finished(route, 200 if completed else 499, outcome)
             if completed:
                 self.metrics.e2e.observe(time.monotonic() - t0)
                 self._count_path(outcome, cached, request_id)

@@ -47,7 +47,7 @@ FALLBACK_REASONS = (
 ERROR_KINDS = ("bad_request", "too_large", "unauthorized", "overloaded", "client_gone", "engine_unavailable",
                "stream_broken", "decode_timeout")
 # How a request's prompt reached the decode engine (x-disagg-path).
-PATHS = ("disaggregated", "recomputed", "fallback", "short_prompt", "prefill_busy")
+PATHS = ("disaggregated", "recomputed", "fallback", "short_prompt", "prefill_busy", "decode_busy")
 RECOMPUTE_REASONS = ("kv_not_stored", "kv_not_loaded", "no_full_chunk")
 CANARY_RESULTS = ("ok", "prefill", "lmcache_store", "decode_engine", "decode_load", "p2p_fetch")
 
@@ -103,7 +103,13 @@ class PrefillMetrics:
             "Full-chunk prompt tokens at answer time: stored (in LMCache) or missing (not there by the deadline).",
             ["state"], registry=registry,
         )
+        self.whole_requests = Counter(
+            "disagg_prefill_whole_requests",
+            "Requests this engine served start to end (path decode_busy: short prompts while the decode engine "
+            "was busier), by status.", ["status"], registry=registry,
+        )
         self.requests.labels(status="200")
+        self.whole_requests.labels(status="200")
         for state in ("stored", "missing"):
             self.kv_tokens.labels(state=state)
 
@@ -160,7 +166,8 @@ class FrontDoorMetrics:
             "from LMCache), recomputed (prefill ran but decode computed the prompt anyway), fallback "
             "(decode computed it, prefill skipped or failed), short_prompt (shorter than disaggregate_min_tokens: "
             "decode computed it, by design), prefill_busy (prefill calls in flight held overflow_backlog_tokens: "
-            "decode computed it, by design).",
+            "decode computed it, by design), decode_busy (short, under load, the decode engine busier: a prefill "
+            "engine served it start to end, by design).",
             ["path"], registry=registry,
         )
         self.recomputes = Counter(

@@ -33,6 +33,7 @@ class Backlog:
         self.overflow_backlog_tokens = overflow_backlog_tokens  # 0: never overflow
         self.overflow_max_local_tokens = overflow_max_local_tokens
         self.prefill_tokens = 0
+        self.prefill_calls = 0
         self.local_tokens = 0
 
     def overflow(self, prompt_tokens: int) -> bool:
@@ -45,10 +46,12 @@ class Backlog:
     def at_prefill(self, prompt_tokens: int) -> Iterator[None]:
         """Count a prefill call's prompt while the call is in flight."""
         self.prefill_tokens += prompt_tokens
+        self.prefill_calls += 1
         try:
             yield
         finally:
             self.prefill_tokens -= prompt_tokens
+            self.prefill_calls -= 1
 
     @contextmanager
     def on_decode(self, prompt_tokens: int) -> Iterator[None]:

@@ -36,8 +36,9 @@ KNOWN_FALLBACKS = ("lmcache_unavailable", "kv_path_broken", "prefill_unavailable
 
 @dataclass
 class PrefillOutcome:
-    # "disaggregated" (prefill ran), "fallback", "short_prompt" (no prefill call: not worth it) or
-    # "prefill_busy" (no prefill call: prefill is backed up, the decode engine has room)
+    # "disaggregated" (prefill ran), "fallback", "short_prompt" (no prefill call: not worth it),
+    # "prefill_busy" (no prefill call: prefill is backed up, the decode engine has room) or
+    # "decode_busy" (a short prompt served start to end by a prefill engine: daemons.engine_share)
     path: str
     reason: str = ""  # fallback reason
     seconds: float = 0.0  # the prefill call's duration (0: no call was made)
@@ -45,10 +46,11 @@ class PrefillOutcome:
     stored: int | None = None  # of those, in LMCache when prefill answered
     rejection: tuple[int, bytes] | None = None  # the prefill engine refused the request: (status, body)
     local_tokens: int = 0  # prefill_busy: the prompt tokens the decode engine computes instead
+    engine_url: str = ""  # decode_busy: the prefill-worker route that serves the whole request
 
     def verdict(self, cached: int | None) -> tuple[str, str]:
         """(path, reason) once the decode engine said how many prompt tokens it loaded (None: not yet)."""
-        if self.path in ("fallback", "short_prompt", "prefill_busy"):
+        if self.path in ("fallback", "short_prompt", "prefill_busy", "decode_busy"):
             return self.path, self.reason
         if self.expected is not None and self.expected == 0:
             return "recomputed", "no_full_chunk"

@@ -3,7 +3,10 @@
 Its API takes the same bodies as OpenAI's /v1/completions and
 /v1/chat/completions and always runs them with one output token and no
 streaming: computing the prompt pushes its KV into LMCache, where the decode
-engine picks it up.
+engine picks it up. ``/whole/v1/...`` passes a request to the engine as it is
+(streamed or not) and relays the answer untouched: the front door's path
+``decode_busy``, a short prompt served start to end here while the decode engine
+is busier (:mod:`daemons.engine_share`).
 
 The engine answers as soon as it has computed the prompt, but its connector
 stores the KV into LMCache asynchronously: on a GPU the store lands a few
@@ -27,12 +30,13 @@ import random
 import sys
 import time
 from pathlib import Path
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from .canary import canary_prompt, vocabulary
@@ -248,6 +252,49 @@ class PrefillWorker(EngineDaemon):
             headers = await self.confirm_stored(answer, request_id)
             return Response(resp.content, status_code=200, media_type="application/json", headers=headers)
 
+        async def whole(request: Request) -> Response:
+            route = request.url.path.removeprefix("/whole")
+            count = self.prefill_metrics.whole_requests
+            try:
+                request_id = checked_request_id(request)
+                raw = await read_body(request, self.max_body_bytes)
+                streamed = parse_json_object(raw).get("stream") is True
+            except BadRequest as exc:
+                count.labels(status=str(exc.status)).inc()
+                return openai_error(exc.status, exc.message, exc.kind)
+            url, headers = f"{self.engine_url}{route}", {"x-request-id": request_id}
+            try:
+                if not streamed:
+                    resp = await unless_disconnected(request, self.proxy.post(url, raw, headers=headers))
+                    count.labels(status=str(resp.status_code)).inc()
+                    return Response(resp.content, status_code=resp.status_code, media_type="application/json")
+                upstream = await unless_disconnected(request, self.proxy.stream(url, raw, headers=headers))
+            except ClientGone:
+                count.labels(status="499").inc()
+                return Response(status_code=499)
+            except UpstreamError as exc:
+                count.labels(status="503").inc()
+                return openai_error(503, f"prefill engine unavailable: {exc}", "service_unavailable")
+            count.labels(status=str(upstream.status_code)).inc()
+            if upstream.status_code != 200:
+                try:
+                    content = await upstream.aread()
+                except UpstreamError:
+                    content = b""
+                await upstream.aclose()
+                return Response(content, status_code=upstream.status_code, media_type="application/json")
+
+            async def relay() -> AsyncIterator[bytes]:
+                try:
+                    async for chunk in upstream.chunks():
+                        yield chunk
+                except UpstreamError as exc:  # the engine's stream broke: the caller sees it end unfinished
+                    log.warning("[%s] engine stream broke: %s", request_id, exc)
+                finally:
+                    await upstream.aclose()  # a caller gone mid-stream: the engine aborts the request
+
+            return StreamingResponse(relay(), media_type="text/event-stream", headers={"cache-control": "no-cache"})
+
         async def health(_: Request) -> Response:
             return JSONResponse({"state": self.state.value, "reason": self.reason},
                                 status_code=200 if self.state.serving else 503)
@@ -255,6 +302,8 @@ class PrefillWorker(EngineDaemon):
         return Starlette(routes=[
             Route("/v1/completions", prefill, methods=["POST"]),
             Route("/v1/chat/completions", prefill, methods=["POST"]),
+            Route("/whole/v1/completions", whole, methods=["POST"]),
+            Route("/whole/v1/chat/completions", whole, methods=["POST"]),
             Route("/health", health),
             self.state_route(),
         ])

@@ -72,6 +72,14 @@ class Stream:
         finally:
             self._response.release()
 
+    async def chunks(self) -> AsyncIterator[bytes]:
+        """The body as it arrives, untouched (a pass-through relay)."""
+        try:
+            async for chunk in self._response.content.iter_any():
+                yield chunk
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            raise UpstreamError(repr(exc)) from exc
+
     async def events(self) -> AsyncIterator[str]:
         """The server-sent events, one string each (without the blank line); a stream that ends inside an
         event raises :class:`UpstreamError` (never pass a truncated event on)."""

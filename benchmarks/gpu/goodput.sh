@@ -5,7 +5,8 @@
 # (benchmarks/goodput.py). Also the short-prompt crossover (decode TTFT, KV from LMCache
 # vs recompute) on our stack, LMCache's own CPU->GPU load rate and the pinned copy rate.
 # PART=ours|plain|both (default both); EAGER=0 runs both systems with CUDA graphs (the
-# config's enforce_eager otherwise). Results: $OUT/goodput.jsonl, every ITL per rate in
+# config's enforce_eager otherwise); OURS_LABEL names our stack's rows (default disagg);
+# RATES_LONG=none skips the 4,000-token workload. Results: $OUT/goodput.jsonl, every ITL per rate in
 # $OUT/itls/ (for a CDF), $OUT/goodput.txt.
 set -u
 . "$(dirname "$0")/env.sh"
@@ -34,7 +35,7 @@ if [ $PART != plain ]; then
     # LMCache's own L1 (CPU) -> L0 (GPU) load and store rates, per request, GB/s
     curl -s 127.0.0.1:9100/metrics | grep -E "^lmcache_mp_l0_l1_" | tee $OUT/lmcache-l0l1.txt
     timeout 60 python3 benchmarks/gpu_interference.py copy-rate | tee -a $OUT/goodput.txt
-    sweep disagg http://127.0.0.1:8000
+    sweep "${OURS_LABEL:-disagg}" http://127.0.0.1:8000
     curl -s 127.0.0.1:9102/metrics | grep -E "^disagg_(request_paths_total|fallbacks_total)" | grep -v " 0.0$" | tee -a $OUT/goodput.txt
     curl -s 127.0.0.1:9101/metrics | grep -E "^disagg_prefill_store_wait_seconds_(sum|count)" | tee -a $OUT/goodput.txt
     curl -s 127.0.0.1:9100/metrics | grep -E "^lmcache_mp_l0_l1_.*(sum|count)" | tee -a $OUT/goodput.txt

@@ -2,7 +2,8 @@
 with dummy weights in /tmp/model (no hub there), LMCache 0.5.3's server flags, and
 the Triton attention backend (FlashAttention is not carried). EAGER=1|0 overrides the
 config's enforce_eager (0: CUDA graphs); OVERFLOW_BACKLOG / OVERFLOW_LOCAL override
-decode_worker.overflow_backlog_tokens / overflow_max_local_tokens."""
+decode_worker.overflow_backlog_tokens / overflow_max_local_tokens, BALANCE=1|0
+decode_worker.balance_short_prompts."""
 
 import os
 import sys
@@ -22,6 +23,8 @@ for worker in ("prefill_worker", "decode_worker"):
 for env, key in (("OVERFLOW_BACKLOG", "overflow_backlog_tokens"), ("OVERFLOW_LOCAL", "overflow_max_local_tokens")):
     if os.environ.get(env):
         doc["decode_worker"][key] = int(os.environ[env])
+if os.environ.get("BALANCE") in ("0", "1"):
+    doc["decode_worker"]["balance_short_prompts"] = os.environ["BALANCE"] == "1"
 doc["decode_worker"]["host"] = "127.0.0.1"  # the bench client is local: no API keys
 doc["decode_worker"].pop("api_keys_file", None)
 print(yaml.safe_dump(doc, sort_keys=False))

@@ -19,7 +19,7 @@ from daemons.config import load_config
 from daemons.engine import engine_argv, engine_env
 from daemons.statefile import read_state
 
-from .conftest import metric_value, wait_http_ok, words_prompt
+from .conftest import PORTS, metric_value, wait_http_ok, words_prompt
 
 CHUNK = 256
 PLAIN_PORT = 18201
@@ -240,6 +240,36 @@ def test_sigterm_drains_in_flight_requests(stack):
         stack.complete("hello", max_tokens=1)
     assert "started" in stack.supervisorctl("start", "decode-worker")
     stack.wait_ready()
+
+
+def test_prefill_worker_serves_a_whole_request_for_a_busy_decode_engine(stack):
+    """Path decode_busy's other end: /whole/... passes the request to the prefill engine as it is and relays
+    the answer, streamed or not; a caller gone mid-stream aborts the engine's request."""
+    url = f"http://127.0.0.1:{PORTS['prefill_worker']['port']}/whole/v1/completions"
+    body = {"model": "tiny-llama", "prompt": words_prompt(13, 60), "max_tokens": 12, "ignore_eos": True}
+    resp = httpx.post(url, json=body, headers={"x-request-id": "whole-1"}, timeout=120)
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["usage"]["completion_tokens"] == 12  # generated, not cut to one prefill token
+    with httpx.stream("POST", url, json={**body, "stream": True, "stream_options": {"include_usage": True}},
+                      timeout=120) as streamed:
+        assert streamed.status_code == 200
+        events = [line for line in streamed.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "data: [DONE]"
+    assert json.loads(events[-2][6:])["usage"]["completion_tokens"] == 12
+    assert len(events) >= 12
+    bad = httpx.post(url, json={**body, "max_tokens": -1}, timeout=60)
+    assert bad.status_code == 400  # the engine's own refusal, relayed
+    with httpx.stream("POST", url, json={**body, "max_tokens": 4000, "stream": True}, timeout=120) as gone:
+        assert gone.status_code == 200
+        next(gone.iter_lines())
+    # The caller went away: the prefill engine aborts the request (nothing left running there).
+    engine_metrics = f"http://127.0.0.1:{PORTS['prefill_worker']['engine_port']}/metrics"
+    deadline = time.monotonic() + 60
+    while metric_value(httpx.get(engine_metrics, timeout=10).text, "vllm:num_requests_running") > 0:
+        assert time.monotonic() < deadline, "the prefill engine kept generating for a caller that left"
+        time.sleep(0.5)
+    counted = metric_value(stack.metrics("prefill-worker"), "disagg_prefill_whole_requests_total", 'status="200"')
+    assert counted >= 3
 
 
 def test_a_short_prompt_skips_the_prefill_call(stack):

@@ -103,7 +103,8 @@ def test_under_load_short_prompts_go_to_prefill_too(tmp_path: Path) -> None:
     router = CountingRouter(door.router)
     door.router = router  # type: ignore[assignment]
     short = {"model": "m", "prompt": list(range(100))}
-    assert door.short_prompt("/v1/completions", short)  # nothing else in progress
+    quiet = door.short_prompt(door.sizer.estimate("/v1/completions", short))  # nothing else in progress
+    assert quiet is not None and quiet.path == "short_prompt"
 
     async def while_busy() -> httpx.Response:
         await door.admission.acquire()  # another request in progress: 2 with this one

@@ -1,0 +1,179 @@
+"""Short prompts under load go whole to the less busy engine (daemons.engine_share), with fakes:
+the rule itself, and a front door whose engines hold their requests until the test lets them go."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import httpx
+import pytest
+from prometheus_client import CollectorRegistry
+
+from daemons.admission import Admission
+from daemons.engine_share import EngineShare
+from daemons.frontdoor import FrontDoor
+from daemons.metrics import FrontDoorMetrics
+from daemons.prefill_router import PrefillChoice, PrefillOutcome
+
+from .fakes import FakeUpstream
+
+ANSWER = {"choices": [{"text": "x"}], "usage": {"prompt_tokens": 100, "completion_tokens": 3}}
+STREAM = ('data: {"choices":[{"text":"x"}]}\n\n'
+          'data: {"choices":[],"usage":{"prompt_tokens":100,"completion_tokens":1}}\n\ndata: [DONE]\n\n')
+
+
+def test_the_rule_balances_requests_in_progress_and_is_off_by_default() -> None:
+    assert not EngineShare().to_prefill(10, 0, 1)
+    share = EngineShare(enabled=True)
+    assert not share.to_prefill(10, 0, 0)  # no working prefill engine
+    assert not share.to_prefill(0, 0, 1)  # nothing in progress: the decode engine (no extra hop)
+    assert share.to_prefill(1, 0, 1)  # the decode engine holds one, the prefill engine none
+    share.taken()
+    assert not share.to_prefill(2, 0, 1)  # one each
+    assert share.to_prefill(3, 0, 1)
+    assert not share.to_prefill(4, 1, 1)  # a prefill call in flight is the prefill engine's too
+    assert share.to_prefill(4, 1, 2)  # ...shared among the working prefill engines
+    share.released()
+    with pytest.raises(RuntimeError):
+        share.released()
+
+
+class OnePrefill:
+    """Stands in for PrefillRouter: one working prefill-worker; counts what it is told."""
+
+    def __init__(self) -> None:
+        self.reports: list[PrefillOutcome] = []
+
+    def working_prefills(self) -> list[str]:
+        return ["p0"]
+
+    def choose(self) -> PrefillChoice:
+        return PrefillChoice(url="http://prefill")
+
+    def report(self, outcome: PrefillOutcome, request_id: str) -> PrefillOutcome:
+        self.reports.append(outcome)
+        return outcome
+
+    def kv_missed(self, reason: str) -> None:
+        pass
+
+
+def door_with(handler: Any, *, balance: bool = True) -> tuple[FrontDoor, FrontDoorMetrics, OnePrefill]:
+    metrics = FrontDoorMetrics(CollectorRegistry())
+    router = OnePrefill()
+    door = FrontDoor(engine_url="http://engine", client=FakeUpstream(handler), metrics=metrics,
+                     router=router, prefill_timeout_s=30, health=lambda: ("ready", True, ""),  # type: ignore
+                     admission=Admission(64, 64, 10.0), disaggregate_min_tokens=500, short_prompt_max_in_flight=1,
+                     share=EngineShare(balance))
+    return door, metrics, router
+
+
+async def until(condition: Any, what: str) -> None:
+    for _ in range(200):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"not reached within 2 s: {what}")
+
+
+def test_under_load_short_prompts_alternate_between_the_engines_streamed_or_not() -> None:
+    async def scenario() -> None:
+        gate = asyncio.Event()
+        seen: list[str] = []
+
+        async def handler(request: httpx.Request) -> httpx.Response:
+            seen.append(f"{request.url.host}{request.url.path}")
+            assert request.url.path.endswith("/v1/completions")
+            await gate.wait()  # every engine is busy until the test says otherwise
+            if json.loads(request.content).get("stream"):
+                return httpx.Response(200, text=STREAM, headers={"content-type": "text/event-stream"})
+            return httpx.Response(200, json=ANSWER)
+
+        door, metrics, router = door_with(handler)
+        transport = httpx.ASGITransport(door.app())
+        async with httpx.AsyncClient(transport=transport, base_url="http://door", timeout=10) as client:
+            tasks = []
+            for i in range(4):
+                body = {"model": "m", "prompt": list(range(100)), "max_tokens": 3, "stream": i % 2 == 1}
+                tasks.append(asyncio.create_task(client.post("/v1/completions", json=body)))
+                await until(lambda: len(seen) == i + 1, f"request {i} at an engine")
+            # quiet -> decode engine; then the less busy side each time: prefill, decode, prefill
+            assert seen == ["engine/v1/completions", "prefill/whole/v1/completions",
+                            "engine/v1/completions", "prefill/whole/v1/completions"]
+            assert door.share.on_prefill == 2
+            gate.set()
+            answers = await asyncio.wait_for(asyncio.gather(*tasks), 5)
+        assert [r.status_code for r in answers] == [200] * 4
+        assert [r.headers["x-disagg-path"] for r in answers] == ["short_prompt", "decode_busy"] * 2
+        assert "x" in answers[3].text  # the streamed answer came through the prefill-worker
+        assert door.share.on_prefill == 0 and door.admission.active == 0
+        assert metrics.paths.labels(path="decode_busy")._value.get() == 2
+        assert metrics.paths.labels(path="short_prompt")._value.get() == 2
+        assert router.reports == []  # no prefill call, no fallback
+
+    asyncio.run(asyncio.wait_for(scenario(), 30))
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("failure", ["refused", "503"])
+def test_a_prefill_worker_that_cannot_serve_the_whole_request_leaves_it_to_the_decode_engine(
+        stream: bool, failure: str) -> None:
+    async def scenario() -> None:
+        gate = asyncio.Event()
+
+        async def handler(request: httpx.Request) -> httpx.Response:
+            if request.url.host == "prefill":
+                if failure == "refused":
+                    raise httpx.ConnectError("connection refused")
+                return httpx.Response(503, json={"error": {"message": "prefill engine unavailable"}})
+            await gate.wait()
+            if json.loads(request.content).get("stream"):
+                return httpx.Response(200, text=STREAM, headers={"content-type": "text/event-stream"})
+            return httpx.Response(200, json=ANSWER)
+
+        door, metrics, router = door_with(handler)
+        transport = httpx.ASGITransport(door.app())
+        async with httpx.AsyncClient(transport=transport, base_url="http://door", timeout=10) as client:
+            body = {"model": "m", "prompt": list(range(100)), "max_tokens": 3, "stream": stream}
+            first = asyncio.create_task(client.post("/v1/completions", json=body))
+            await until(lambda: door.admission.active == 1, "the first request in progress")
+            second = asyncio.create_task(client.post("/v1/completions", json=body))
+            await until(lambda: len(router.reports) == 1, "the second request's fallback")
+            gate.set()
+            answers = await asyncio.wait_for(asyncio.gather(first, second), 5)
+        assert [r.status_code for r in answers] == [200, 200]
+        assert answers[1].headers["x-disagg-path"] == "fallback"
+        assert answers[1].headers["x-disagg-fallback-reason"] == "prefill_unreachable"
+        assert door.share.on_prefill == 0 and door.admission.active == 0
+        assert metrics.paths.labels(path="decode_busy")._value.get() == 0
+
+    asyncio.run(asyncio.wait_for(scenario(), 30))
+
+
+def test_without_balancing_short_prompts_under_load_are_disaggregated() -> None:
+    async def scenario() -> None:
+        gate = asyncio.Event()
+        seen: list[str] = []
+
+        async def handler(request: httpx.Request) -> httpx.Response:
+            seen.append(f"{request.url.host}{request.url.path}")
+            if request.url.host == "prefill":
+                return httpx.Response(200, json=ANSWER, headers={"x-disagg-kv-expected-tokens": "0"})
+            await gate.wait()
+            return httpx.Response(200, json=ANSWER)
+
+        door, _, _ = door_with(handler, balance=False)
+        transport = httpx.ASGITransport(door.app())
+        async with httpx.AsyncClient(transport=transport, base_url="http://door", timeout=10) as client:
+            body = {"model": "m", "prompt": list(range(100)), "max_tokens": 3}
+            tasks = [asyncio.create_task(client.post("/v1/completions", json=body))]
+            await until(lambda: len(seen) == 1, "the first request at the decode engine")
+            tasks.append(asyncio.create_task(client.post("/v1/completions", json=body)))
+            await until(lambda: len(seen) == 3, "the second request's prefill call and decode")
+            gate.set()
+            await asyncio.wait_for(asyncio.gather(*tasks), 5)
+        assert seen == ["engine/v1/completions", "prefill/v1/completions", "engine/v1/completions"]
+
+    asyncio.run(asyncio.wait_for(scenario(), 30))
