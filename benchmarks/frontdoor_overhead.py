@@ -9,9 +9,11 @@ decode) and ``toy`` (a faithful rewrite of vLLM's example PD proxy,
 latency of a proxy is its latency minus direct's, measured in the same run: under
 saturation (--clients closed-loop clients: there latency is mostly the queue for
 the CPU) and with one client (a request alone: the proxy's own time, two engine
-calls included).
+calls included). Under saturation each proxy's own CPU time per request is measured
+too (its process's user + system time over the requests served): on two cores shared
+by all three processes requests/s swing with the machine, CPU per request much less.
 
-  python benchmarks/frontdoor_overhead.py --clients 16 --duration 15
+  python benchmarks/frontdoor_overhead.py --clients 16 --duration 10 --repeat 3
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -144,17 +147,26 @@ def wait_port(port: int) -> None:
     raise SystemExit(f"nothing answers on port {port}")
 
 
-def measure(port: int, args: argparse.Namespace, stream: bool) -> dict[str, float]:
-    """Saturated (--clients at once: requests/s and latency) and alone (one client: the latency a request
-    sees when the CPU is not the queue)."""
+def cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) a process has used so far."""
+    t = psutil.Process(pid).cpu_times()
+    return t.user + t.system
+
+
+def measure(port: int, args: argparse.Namespace, stream: bool, pid: int | None = None) -> dict[str, float]:
+    """Saturated (--clients at once: requests/s and latency; with ``pid``, that process's CPU time per request)
+    and alone (one client: the latency a request sees when the CPU is not the queue)."""
+    cpu0 = cpu_s(pid) if pid is not None else 0.0
     lat = asyncio.run(load(port, args.clients, args.duration, stream))
+    cpu_ms = 1000 * (cpu_s(pid) - cpu0) / max(1, len(lat)) if pid is not None else None
     lat.sort()
     solo = asyncio.run(load(port, 1, args.solo_duration, stream))
     solo.sort()
     return {"rps": round(len(lat) / args.duration, 1), "p50_ms": round(statistics.median(lat) * 1000, 2),
             "p99_ms": round(lat[int(0.99 * (len(lat) - 1))] * 1000, 2),
             "solo_p50_ms": round(statistics.median(solo) * 1000, 3),
-            "solo_p99_ms": round(solo[int(0.99 * (len(solo) - 1))] * 1000, 3)}
+            "solo_p99_ms": round(solo[int(0.99 * (len(solo) - 1))] * 1000, 3),
+            **({"cpu_ms_per_request": round(cpu_ms, 3)} if cpu_ms is not None else {})}
 
 
 def main() -> int:
@@ -162,34 +174,46 @@ def main() -> int:
     p.add_argument("--clients", type=int, default=16)
     p.add_argument("--duration", type=float, default=15)
     p.add_argument("--solo-duration", type=float, default=5, help="seconds of the one-client latency run")
+    p.add_argument("--repeat", type=int, default=1, help="runs of every measurement, one after the other: this "
+                   "machine's own speed drifts between runs (direct's requests/s by up to 2x), so compare within a run")
     args = p.parse_args()
     ctx = multiprocessing.get_context("spawn")
     engine = ctx.Process(target=fake_engine, daemon=True)
     engine.start()
     wait_port(ENGINE_PORT)
-    results: dict[str, dict[str, dict[str, float]]] = {}
+    ratios: dict[str, list[float]] = {"non-stream": [], "stream": []}
+    cpu_ratios: dict[str, list[float]] = {"non-stream": [], "stream": []}
     try:
-        for stream in (False, True):
-            mode = "stream" if stream else "non-stream"
-            results[mode] = {"direct": measure(ENGINE_PORT, args, stream)}
-            for name, target in (("disagg", disagg_proxy), ("toy", toy_proxy)):
-                proxy = ctx.Process(target=target, daemon=True)
-                proxy.start()
-                try:
-                    wait_port(PROXY_PORT)
-                    results[mode][name] = measure(PROXY_PORT, args, stream)
-                finally:
-                    proxy.terminate()
-                    proxy.join(10)
-            direct = results[mode]["direct"]
-            for name in ("disagg", "toy"):
-                r = results[mode][name]
-                r["added_p50_ms"] = round(r["p50_ms"] - direct["p50_ms"], 2)
-                r["solo_added_p50_ms"] = round(r["solo_p50_ms"] - direct["solo_p50_ms"], 3)
-                r["solo_added_p99_ms"] = round(r["solo_p99_ms"] - direct["solo_p99_ms"], 3)
-            results[mode]["ratio rps disagg/toy"] = round(  # type: ignore[assignment]
-                results[mode]["disagg"]["rps"] / results[mode]["toy"]["rps"], 2)
-            print(mode, json.dumps(results[mode]), flush=True)
+        for run in range(1, args.repeat + 1):
+            for stream in (False, True):
+                mode = "stream" if stream else "non-stream"
+                result: dict[str, dict[str, float]] = {"direct": measure(ENGINE_PORT, args, stream)}
+                for name, target in (("disagg", disagg_proxy), ("toy", toy_proxy)):
+                    proxy = ctx.Process(target=target, daemon=True)
+                    proxy.start()
+                    try:
+                        wait_port(PROXY_PORT)
+                        result[name] = measure(PROXY_PORT, args, stream, proxy.pid)
+                    finally:
+                        proxy.terminate()
+                        proxy.join(10)
+                direct = result["direct"]
+                for name in ("disagg", "toy"):
+                    r = result[name]
+                    r["added_p50_ms"] = round(r["p50_ms"] - direct["p50_ms"], 2)
+                    r["solo_added_p50_ms"] = round(r["solo_p50_ms"] - direct["solo_p50_ms"], 3)
+                    r["solo_added_p99_ms"] = round(r["solo_p99_ms"] - direct["solo_p99_ms"], 3)
+                ratio = round(result["disagg"]["rps"] / result["toy"]["rps"], 2)
+                ratios[mode].append(ratio)
+                result["ratio rps disagg/toy"] = ratio  # type: ignore[assignment]
+                cpu_ratio = round(result["toy"]["cpu_ms_per_request"] / result["disagg"]["cpu_ms_per_request"], 2)
+                cpu_ratios[mode].append(cpu_ratio)
+                result["ratio cpu per request toy/disagg"] = cpu_ratio  # type: ignore[assignment]
+                print(f"run {run}", mode, json.dumps(result), flush=True)
+        for mode, rs in ratios.items():
+            print(f"{mode}: requests/s disagg/toy per run {rs}, median {statistics.median(rs):.2f}, "
+                  f"lowest {min(rs):.2f}; CPU time per request toy/disagg per run {cpu_ratios[mode]}, "
+                  f"median {statistics.median(cpu_ratios[mode]):.2f}, lowest {min(cpu_ratios[mode]):.2f}", flush=True)
     finally:
         engine.terminate()
         engine.join(10)

@@ -17,7 +17,7 @@ if [ "${QUICK:-0}" = 1 ]; then
     FD_ARGS="--clients 4 --duration 2 --solo-duration 1"; LENGTHS=600,1200; REPEAT=1
     GP_ARGS="--in 300 --out 8 --rates 0.5,1 --duration 4 --warmup 1"
 else
-    FD_ARGS="--clients 16 --duration 15"; LENGTHS=300,600,1000,2000,4000; REPEAT=3
+    FD_ARGS="--clients 16 --duration 10 --repeat 3"; LENGTHS=300,600,1000,2000,4000; REPEAT=3
     GP_ARGS="--in 1000 --out 32 --rates 0.25,0.5,1,2 --duration 30"
 fi
 if ! $PY -m daemons.ctl --config "$CONFIG" wait-ready --timeout 1 >/dev/null 2>&1; then

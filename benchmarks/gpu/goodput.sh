@@ -6,7 +6,8 @@
 # vs recompute) on our stack, LMCache's own CPU->GPU load rate and the pinned copy rate.
 # PART=ours|plain|both (default both); EAGER=0 runs both systems with CUDA graphs (the
 # config's enforce_eager otherwise); OURS_LABEL names our stack's rows (default disagg);
-# RATES_LONG=none skips the 4,000-token workload. Results: $OUT/goodput.jsonl, every ITL per rate in
+# RATES_LONG=none / RATES_SHORT=none skip a workload; CROSS=none skips the crossover
+# (CROSS_REPEAT prompts per length, default 3). Results: $OUT/goodput.jsonl, every ITL per rate in
 # $OUT/itls/ (for a CDF), $OUT/goodput.txt.
 set -u
 . "$(dirname "$0")/env.sh"
@@ -17,7 +18,7 @@ DUR=${DUR:-20}
 sweep() {  # label urls
   [ "${RATES_LONG}" = none ] || timeout ${SWEEP_TIMEOUT:-200} python3 benchmarks/goodput.py --url "$2" --label "$1" --in 4000 --out 200 \
     --rates $RATES_LONG --duration $DUR --json $OUT/goodput.jsonl --itls-out $OUT/itls --model m | tee -a $OUT/goodput.txt
-  timeout ${SWEEP_TIMEOUT:-200} python3 benchmarks/goodput.py --url "$2" --label "$1" --in 1000 --out 200 \
+  [ "${RATES_SHORT}" = none ] || timeout ${SWEEP_TIMEOUT:-200} python3 benchmarks/goodput.py --url "$2" --label "$1" --in 1000 --out 200 \
     --rates $RATES_SHORT --duration $DUR --json $OUT/goodput.jsonl --itls-out $OUT/itls --model m | tee -a $OUT/goodput.txt
 }
 if [ $PART != plain ]; then
@@ -30,7 +31,7 @@ if [ $PART != plain ]; then
   python3 -m daemons.ctl --config $CFG wait-ready --fail-fast --timeout ${READY_TIMEOUT:-300}; rc=$?
   echo "== our stack ready after $(( $(date +%s) - t0 ))s (rc $rc)" | tee -a $OUT/goodput.txt
   if [ $rc -eq 0 ]; then
-    [ "${CROSS:-}" = none ] || timeout 120 python3 benchmarks/kv_reuse.py --config $CFG --lengths ${CROSS:-500,1000,1500,2000,3000} --repeat 3 \
+    [ "${CROSS:-}" = none ] || timeout 120 python3 benchmarks/kv_reuse.py --config $CFG --lengths ${CROSS:-500,1000,1500,2000,3000} --repeat ${CROSS_REPEAT:-3} \
       | tee $OUT/crossover.txt
     # LMCache's own L1 (CPU) -> L0 (GPU) load and store rates, per request, GB/s
     curl -s 127.0.0.1:9100/metrics | grep -E "^lmcache_mp_l0_l1_" | tee $OUT/lmcache-l0l1.txt

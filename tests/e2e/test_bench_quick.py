@@ -21,8 +21,8 @@ def test_make_bench_quick_mode_runs_to_the_end(stack, tmp_path) -> None:  # type
     proc = subprocess.run(["bash", str(REPO / "scripts" / "bench.sh")], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    overhead = [json.loads(line.split(" ", 1)[1]) for line in (tmp_path / "frontdoor_overhead.txt").read_text()
-                .splitlines() if line.startswith(("non-stream ", "stream "))]
+    overhead = [json.loads(line.split(" ", 3)[3]) for line in (tmp_path / "frontdoor_overhead.txt").read_text()
+                .splitlines() if line.startswith(("run 1 non-stream ", "run 1 stream "))]
     assert len(overhead) == 2 and all(r["disagg"]["rps"] > 0 and r["toy"]["rps"] > 0 for r in overhead)
     table = rows((tmp_path / "kv_reuse-cpu.txt").read_text())
     assert [n for n, *_ in table] and all(hit > 0 and miss > 0 for _, hit, miss, _ in table)
