@@ -125,6 +125,9 @@ class DecodeWorker(EngineDaemon):
         return ([self.engine_problem] if self.engine_problem else []) + self.router.problems()
 
     def _update_state(self) -> None:
+        # In the state file (disaggctl status): the prefill-workers whose KV path the last canary verified.
+        self.details["prefills_checked"] = sorted(
+            name for name, result in self.router.canary_results.items() if result.ok and self.peers.ready(name))
         if not self.state.serving:
             return
         problems = self.problems()

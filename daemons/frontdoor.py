@@ -130,6 +130,7 @@ class FrontDoor:
         self.share = share if share is not None else EngineShare()
         metrics.prompt_tokens_in_flight.labels(where="prefill").set_function(lambda: self.backlog.prefill_tokens)
         metrics.prompt_tokens_in_flight.labels(where="decode").set_function(lambda: self.backlog.local_tokens)
+        metrics.on_prefill_engines.set_function(lambda: self.share.on_prefill)
 
     # -- prefill ---------------------------------------------------------------------
     def short_prompt(self, tokens: int) -> PrefillOutcome | None:

@@ -130,6 +130,12 @@ class FrontDoorMetrics:
             "(prompts the decode engine computes because prefill was busy, until their first token).",
             ["where"], registry=registry,
         )
+        self.on_prefill_engines = Gauge(
+            "disagg_requests_on_prefill_engines",
+            "Requests in progress that prefill engines serve start to end (path decode_busy, "
+            "balance_short_prompts); the rest of disagg_requests_in_flight is the decode engine's or waits on "
+            "a prefill call.", registry=registry,
+        )
         self.ttft = Histogram(
             "disagg_time_to_first_token_seconds",
             "Request arrival to first token, including the prefill call.",

@@ -3,6 +3,7 @@ decode-worker, each daemon started as its template unit would start it."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -31,6 +32,9 @@ def two_prefills(tmp_path_factory, model_dir):
         "a": pf,
         "b": {"port": pf["port"] + 10, "engine_port": pf["engine_port"] + 10, "metrics_port": pf["metrics_port"] + 10},
     }}
+    # Short prompts under load go whole to the less busy side (test_short_prompts_under_load_...): here
+    # "under load" is any other request in progress.
+    ports["decode_worker"] = {**ports["decode_worker"], "balance_short_prompts": True, "short_prompt_max_in_flight": 0}
     config = write_config(d, **ports)
     commands = [
         [str(BIN / "disagg-lmcache-server"), "--config", str(config)],
@@ -45,6 +49,12 @@ def two_prefills(tmp_path_factory, model_dir):
     try:
         proc = ctl(config, "wait-ready", "--timeout", "900", timeout=930)
         assert proc.returncode == 0, proc.stdout + proc.stderr
+        # Ready may come before decode-worker has seen the second instance: wait until its canary passed too.
+        runtime_dir, deadline = load_config(config).runtime_dir, time.monotonic() + 300
+        while (rec := read_state(runtime_dir, "decode-worker")) is None or rec.details.get("prefills_checked") != [
+                "prefill-worker@a", "prefill-worker@b"] or rec.state.value != "ready":
+            assert time.monotonic() < deadline, rec
+            time.sleep(0.5)
         yield config, pf
     finally:
         for p in procs:
@@ -55,6 +65,47 @@ def two_prefills(tmp_path_factory, model_dir):
                 p.wait(120)
             except subprocess.TimeoutExpired:
                 p.kill()
+
+
+def engine_running(port: int) -> float:
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10, trust_env=False).text
+    return metric_value(text, "vllm:num_requests_running")
+
+
+def test_short_prompts_under_load_are_served_whole_by_the_less_busy_side(two_prefills):
+    """balance_short_prompts on the real stack: six short streamed prompts held open one after the other go
+    decode, prefill, prefill, decode, prefill, prefill (requests in progress, the prefill side shared by the
+    two instances); the prefill engines generate them; clients leaving abort every engine's request."""
+    config_path, pf = two_prefills
+    url = f"http://127.0.0.1:{PORTS['decode_worker']['port'] + OFFSET}"
+    decode_metrics = f"http://127.0.0.1:{PORTS['decode_worker']['metrics_port'] + OFFSET}/metrics"
+    engine_ports = [PORTS["decode_worker"]["engine_port"] + OFFSET, pf["engine_port"], pf["engine_port"] + 10]
+    paths, readers = [], []
+    with httpx.Client(timeout=120, trust_env=False) as client, contextlib.ExitStack() as streams:
+        for i in range(6):
+            # Long enough to stay in progress for the whole test (~70 prompt tokens, 4,000 to generate).
+            body = {"model": "tiny-llama", "prompt": words_prompt(400 + i, 60), "max_tokens": 4000,
+                    "ignore_eos": True, "stream": True}
+            resp = streams.enter_context(client.stream("POST", f"{url}/v1/completions", json=body))
+            assert resp.status_code == 200, resp.read()
+            lines = resp.iter_lines()
+            assert next(line for line in lines if line.startswith("data: "))  # generating
+            paths.append(resp.headers["x-disagg-path"])
+            readers.append(lines)  # a line iterator dropped closes its stream (the engine would abort it)
+        assert paths == ["short_prompt", "decode_busy", "decode_busy", "short_prompt", "decode_busy", "decode_busy"]
+        text = httpx.get(decode_metrics, timeout=10, trust_env=False).text
+        assert metric_value(text, "disagg_requests_on_prefill_engines") == 4
+        # Each engine generates two of them (a canary passing through may add one for a moment).
+        assert all(engine_running(p) >= 2 for p in engine_ports), [engine_running(p) for p in engine_ports]
+        for port in (pf["metrics_port"], pf["metrics_port"] + 10):
+            text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10, trust_env=False).text
+            assert metric_value(text, "disagg_prefill_whole_requests_total", 'status="200"') == 2
+    # The clients went away mid-stream: every engine aborts its requests, the counts go back to 0.
+    deadline = time.monotonic() + 60
+    while any(engine_running(p) for p in engine_ports) or metric_value(
+            httpx.get(decode_metrics, timeout=10, trust_env=False).text, "disagg_requests_on_prefill_engines"):
+        assert time.monotonic() < deadline, [engine_running(p) for p in engine_ports]
+        time.sleep(0.5)
 
 
 def test_decode_spreads_prefill_over_instances_and_survives_one_going(two_prefills):
