@@ -46,6 +46,7 @@ from .kv_lookup import KVLookup
 from .cli import run_daemon
 from .metrics import PrefillMetrics
 from .request_limits import BadRequest, parse_json_object, read_body
+from .sse_relay import BROKEN_STREAM_EVENT
 from .request_limits import request_id as checked_request_id
 from .lifecycle import DaemonFailed
 from .states import State
@@ -288,8 +289,9 @@ class PrefillWorker(EngineDaemon):
                 try:
                     async for chunk in upstream.chunks():
                         yield chunk
-                except UpstreamError as exc:  # the engine's stream broke: the caller sees it end unfinished
+                except UpstreamError as exc:  # the engine's stream broke: one error event, as the front door's relay
                     log.warning("[%s] engine stream broke: %s", request_id, exc)
+                    yield f"data: {BROKEN_STREAM_EVENT}\n\n".encode()
                 finally:
                     await upstream.aclose()  # a caller gone mid-stream: the engine aborts the request
 

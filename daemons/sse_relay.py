@@ -24,7 +24,7 @@ from .upstream import Stream, UpstreamError
 log = logging.getLogger(__name__)
 
 BROKEN_STREAM_EVENT = json.dumps(
-    {"error": {"message": "decode engine stream broke", "type": "service_unavailable", "code": 503}})
+    {"error": {"message": "engine stream broke", "type": "service_unavailable", "code": 503}})
 
 
 def has_token(obj: dict[str, Any]) -> bool:

@@ -5,6 +5,7 @@ against the real stack in tests/e2e/test_edge.py."""
 from __future__ import annotations
 
 import asyncio
+import socket
 import json
 import os
 from pathlib import Path
@@ -332,3 +333,58 @@ def test_upstream_relays_events_whole_even_when_a_character_spans_two_chunks() -
         await upstream.aclose()
 
     asyncio.run(scenario())
+
+
+def test_prefill_worker_relays_a_whole_request_and_ends_a_broken_stream_with_an_error_event(tmp_path: Path) -> None:
+    """/whole/v1/... (path decode_busy) through a real aiohttp round trip: the engine's events pass untouched,
+    and an engine whose stream breaks mid-way leaves the caller one error event, not a silent end."""
+    from daemons.config import parse_config
+    from daemons.prefill_worker import PrefillWorker
+    from daemons.httpserver import EmbeddedServer
+    from daemons.sse_relay import BROKEN_STREAM_EVENT
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"vocab_size": 1000}))
+    worker = PrefillWorker(parse_config({"runtime_dir": str(tmp_path / "run"), "log_dir": str(tmp_path / "log"),
+                                         "model": {"path": str(model)}}, tmp_path / "d.yaml"), strict=True)
+    event = b'data: {"choices":[{"index":0,"text":" hi"}]}\n\n'
+    seen: list[bytes] = []
+
+    async def scenario() -> None:
+        break_now = asyncio.Event()
+
+        async def engine(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                              if line.lower().startswith(b"content-length")))
+            seen.append(await reader.readexactly(length))
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
+            writer.write(b"%x\r\n%s\r\n" % (len(event), event))
+            await writer.drain()
+            await break_now.wait()  # the caller has the first event
+            writer.close()  # no terminating chunk: the stream broke
+
+        server = await asyncio.start_server(engine, "127.0.0.1", 0)
+        worker.engine_url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        body = {"model": "m", "prompt": "p", "max_tokens": 50, "stream": True}
+        with socket.socket() as probe:  # a free port for prefill-worker's API (httpx's ASGI transport buffers)
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        api = EmbeddedServer(worker.app(), "127.0.0.1", port, name="prefill API", drain_s=1)
+        await api.start()
+        async with server:
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10, trust_env=False) as client:
+                async with client.stream("POST", "/whole/v1/completions", json=body) as resp:
+                    assert resp.status_code == 200
+                    received = b""
+                    async for chunk in resp.aiter_raw():
+                        received += chunk
+                        if received == event:
+                            break_now.set()
+        await api.stop()
+        await worker.proxy.aclose()
+        assert received == event + f"data: {BROKEN_STREAM_EVENT}\n\n".encode()
+        assert json.loads(seen[0]) == body  # passed on as it came: 50 tokens, streamed (not cut to a prefill)
+
+    asyncio.run(asyncio.wait_for(scenario(), 20))
