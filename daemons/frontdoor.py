@@ -361,11 +361,7 @@ class FrontDoor:
             return openai_error(503, f"decode engine unavailable: {exc}", "service_unavailable",
                                 headers={"retry-after": str(RETRY_AFTER_S)})
         if upstream.status_code != 200:
-            try:
-                content = await upstream.aread()
-            except UpstreamError:
-                content = b""
-            await upstream.aclose()
+            content = await upstream.error_body()
             if upstream.status_code == 503 and outcome.engine_url:
                 raise WholeCallFailed(f"prefill-worker answered 503: {content[:200]!r}")
             self.metrics.errors.labels(kind=f"engine_{upstream.status_code}").inc()

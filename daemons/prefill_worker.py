@@ -278,12 +278,8 @@ class PrefillWorker(EngineDaemon):
                 return openai_error(503, f"prefill engine unavailable: {exc}", "service_unavailable")
             count.labels(status=str(upstream.status_code)).inc()
             if upstream.status_code != 200:
-                try:
-                    content = await upstream.aread()
-                except UpstreamError:
-                    content = b""
-                await upstream.aclose()
-                return Response(content, status_code=upstream.status_code, media_type="application/json")
+                return Response(await upstream.error_body(), status_code=upstream.status_code,
+                                media_type="application/json")
 
             async def relay() -> AsyncIterator[bytes]:
                 try:

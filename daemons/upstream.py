@@ -72,6 +72,15 @@ class Stream:
         finally:
             self._response.release()
 
+    async def error_body(self) -> bytes:
+        """The body of an answer that is not a stream (an error), or b"" if it cannot be read; closed after."""
+        try:
+            return await self.aread()
+        except UpstreamError:
+            return b""
+        finally:
+            await self.aclose()
+
     async def chunks(self) -> AsyncIterator[bytes]:
         """The body as it arrives, untouched (a pass-through relay)."""
         try:

@@ -39,6 +39,10 @@ class FakeStream:
     async def aclose(self) -> None:
         self.closed = True
 
+    async def error_body(self) -> bytes:
+        self.closed = True
+        return self._response.content
+
 
 class FakeUpstream:
     def __init__(self, handler: Callable[[httpx.Request], Any]) -> None:
