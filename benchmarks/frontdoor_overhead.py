@@ -33,7 +33,7 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-ENGINE_PORT, PROXY_PORT = 47001, 47002
+ENGINE_PORT, PROXY_PORT = 17001, 17002  # below the ephemeral range (32768+)
 ANSWER = {"id": "x", "object": "text_completion", "model": "m",
           "choices": [{"index": 0, "text": " hello", "finish_reason": "length"}],
           "usage": {"prompt_tokens": 300, "completion_tokens": 16, "total_tokens": 316,

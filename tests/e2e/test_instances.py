@@ -20,7 +20,7 @@ from daemons.statefile import read_state
 from .conftest import PORTS, ctl, metric_value, words_prompt, write_config
 
 BIN = Path(sys.executable).parent
-OFFSET = 20000
+OFFSET = 3000  # ports 21000-22112: below the ephemeral range (32768+), where vLLM binds random ports
 
 
 @pytest.fixture(scope="module")

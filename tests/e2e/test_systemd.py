@@ -31,7 +31,7 @@ from daemons.install import render_unit, unit_files
 from .conftest import PORTS, REPO, write_config
 
 SYSTEMD = "/lib/systemd/systemd"
-OFFSET = 30000
+OFFSET = 5000  # ports 23000-24112: below the ephemeral range (32768+), where vLLM binds random ports
 UNITS = ("disagg-lmcache-server.service", "disagg-prefill-worker.service", "disagg-decode-worker.service")
 MASKED = ("systemd-tmpfiles-setup.service", "systemd-tmpfiles-setup-dev.service",
           "systemd-tmpfiles-setup-dev-early.service", "systemd-tmpfiles-clean.service",
