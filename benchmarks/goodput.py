@@ -104,7 +104,9 @@ async def one_request(client: httpx.AsyncClient, url: str, model: str, prompt: l
 async def sweep_point(urls: list[str], model: str, rate: float, duration_s: float, in_tokens: int, out_tokens: int,
                       vocab: int, seed: int, deadline_s: float, headers: dict[str, str]) -> list[Result]:
     rng = random.Random(seed)
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=512)
+    # Idle connections dropped after 2 s: below the servers' keep-alive timeout (uvicorn's 5 s), so no request
+    # goes out on a connection the server is closing (benchmarks/load.py).
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=512, keepalive_expiry=2.0)
     async with httpx.AsyncClient(timeout=httpx.Timeout(None, connect=10), limits=limits, trust_env=False) as client:
         async def arrivals(url: str, sub_rate: float, sub_seed: int) -> list[Result]:
             r = random.Random(sub_seed)
