@@ -36,7 +36,7 @@ from typing import Any
 import httpx
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from .canary import canary_prompt, vocabulary
@@ -46,7 +46,7 @@ from .kv_lookup import KVLookup
 from .cli import run_daemon
 from .metrics import PrefillMetrics
 from .request_limits import BadRequest, parse_json_object, read_body
-from .sse_relay import BROKEN_STREAM_EVENT
+from .sse_relay import BROKEN_STREAM_EVENT, ClosingStreamingResponse
 from .request_limits import request_id as checked_request_id
 from .lifecycle import DaemonFailed
 from .states import State
@@ -291,7 +291,7 @@ class PrefillWorker(EngineDaemon):
                 finally:
                     await upstream.aclose()  # a caller gone mid-stream: the engine aborts the request
 
-            return StreamingResponse(relay(), media_type="text/event-stream", headers={"cache-control": "no-cache"})
+            return ClosingStreamingResponse(relay(), upstream.aclose, headers={"cache-control": "no-cache"})
 
         async def health(_: Request) -> Response:
             return JSONResponse({"state": self.state.value, "reason": self.reason},

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from starlette.responses import StreamingResponse
@@ -121,16 +121,25 @@ class StreamRelay:
             self.on_end(self._completed, self._cached)
 
 
-class RelayedResponse(StreamingResponse):
-    """The client's streaming response: the relay is closed however the response ends, even when the
-    client went away before the first byte (then the body is never iterated and its cleanup never runs)."""
+class ClosingStreamingResponse(StreamingResponse):
+    """An event stream whose engine side is closed however the response ends, even when the client went away
+    before the first byte (then the body is never iterated and its own cleanup never runs)."""
 
-    def __init__(self, relay: StreamRelay, headers: dict[str, str]) -> None:
-        super().__init__(relay.body(), media_type="text/event-stream", headers=headers)
-        self.relay = relay
+    def __init__(self, body: AsyncIterator[bytes], close: Callable[[], Awaitable[None]],
+                 headers: dict[str, str]) -> None:
+        super().__init__(body, media_type="text/event-stream", headers=headers)
+        self._close = close
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
-            await self.relay.close()
+            await self._close()
+
+
+class RelayedResponse(ClosingStreamingResponse):
+    """The client's streaming response of one :class:`StreamRelay`."""
+
+    def __init__(self, relay: StreamRelay, headers: dict[str, str]) -> None:
+        super().__init__(relay.body(), relay.close, headers)
+        self.relay = relay
