@@ -13,7 +13,7 @@ calls included). Under saturation each proxy's own CPU time per request is measu
 too (its process's user + system time over the requests served): on two cores shared
 by all three processes requests/s swing with the machine, CPU per request much less.
 
-  python benchmarks/frontdoor_overhead.py --clients 16 --duration 10 --repeat 3
+  python -m benchmarks.frontdoor_overhead --clients 16 --duration 10 --repeat 3
 """
 
 from __future__ import annotations
@@ -30,8 +30,6 @@ from typing import Any
 
 import httpx
 import psutil
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 ENGINE_PORT, PROXY_PORT = 17001, 17002  # below the ephemeral range (32768+)
 ANSWER = {"id": "x", "object": "text_completion", "model": "m",
@@ -68,12 +66,12 @@ def fake_engine() -> None:
 def disagg_proxy() -> None:
     from prometheus_client import CollectorRegistry
 
-    from daemons.frontdoor import FrontDoor
-    from daemons.httpserver import EmbeddedServer
+    from daemons.edge.frontdoor import FrontDoor, FrontDoorSettings
+    from daemons.edge.upstream import Upstream
     from daemons.metrics import FrontDoorMetrics
-    from daemons.peers import Peers
-    from daemons.prefill_router import PrefillChoice, PrefillRouter
-    from daemons.upstream import Upstream
+    from daemons.routing.prefill_router import PrefillChoice, PrefillRouter
+    from daemons.runtime.httpserver import EmbeddedServer
+    from daemons.runtime.peers import Peers
 
     class FixedRouter(PrefillRouter):
         def choose(self) -> PrefillChoice:
@@ -82,8 +80,10 @@ def disagg_proxy() -> None:
     async def serve() -> int:  # as decode-worker serves it: an EmbeddedServer on asyncio's loop
         metrics = FrontDoorMetrics(CollectorRegistry())
         router = FixedRouter([], Peers(Path("/tmp"), 5, expect_digest=None), metrics)
-        door = FrontDoor(engine_url=f"http://127.0.0.1:{ENGINE_PORT}", client=Upstream(), metrics=metrics,
-                         router=router, prefill_timeout_s=30, health=lambda: ("ready", True, ""))
+        settings = FrontDoorSettings(engine_url=f"http://127.0.0.1:{ENGINE_PORT}", disaggregate_min_tokens=0,
+                                     max_concurrent_requests=64, queue_timeout_s=30)
+        door = FrontDoor(settings, client=Upstream(), metrics=metrics, router=router,
+                         health=lambda: ("ready", True, ""))
         server = EmbeddedServer(door.app(), "127.0.0.1", PROXY_PORT, name="front door")
         await server.start()
         await asyncio.Event().wait()  # until the benchmark terminates this process

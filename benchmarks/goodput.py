@@ -9,10 +9,10 @@ Several --url values split the load evenly: each gets its own Poisson process
 at rate / len(urls) (an exact stand-in for random routing between replicas).
 
     # our stack (the front door) against two plain engines, one per GPU:
-    python benchmarks/goodput.py --url http://127.0.0.1:8000 --label disagg --in 4000 --out 200 \\
+    python -m benchmarks.goodput --url http://127.0.0.1:8000 --label disagg --in 4000 --out 200 \\
         --rates 1,2,3,4,5 --duration 30 --json results.jsonl
-    python benchmarks/goodput.py --url http://127.0.0.1:8201,http://127.0.0.1:8202 --label colocated ...
-    python benchmarks/goodput.py --plot results.jsonl --png attainment.png
+    python -m benchmarks.goodput --url http://127.0.0.1:8201,http://127.0.0.1:8202 --label colocated ...
+    python -m benchmarks.goodput --plot results.jsonl --png attainment.png
 
 Each line of --json is one (system, workload, rate) point; --plot draws attainment
 against rate per system and workload and prints the goodput of each.
@@ -24,80 +24,45 @@ import argparse
 import asyncio
 import json
 import random
-import statistics
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import httpx
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from daemons.sse_relay import has_token  # noqa: E402  (a token's text can be empty: presence counts)
-
-ATTAIN = 0.9
-REQUEST_FIELDS = ("ttft", "itl_p50", "itl_p90", "itl_p99", "itl_max")
-
-
-@dataclass
-class Result:
-    ok: bool = False
-    ttft: float = float("nan")
-    itls: list[float] = field(default_factory=list)
-    cached: int = 0
-    path: str = ""
-    error: str = ""
-
-    def itl_qs(self, qs: tuple[float, ...]) -> list[float]:
-        """This request's own inter-token latency quantiles, from one sort (0 when it produced one token)."""
-        if not self.itls:
-            return [0.0] * len(qs)
-        s = sorted(self.itls)
-        return [s[int(q * (len(s) - 1))] for q in qs]
-
-    def itl_p90(self) -> float:
-        return self.itl_qs((0.9,))[0]
+from benchmarks.harness.goodput_math import (
+    ATTAIN,
+    Result,
+    by_rate,
+    goodput_text,
+    parse_slo,
+    slo_title,
+    summarize,
+    with_slo,
+)
+from daemons.ops.openai_client import acomplete, completion_body
 
 
 async def one_request(client: httpx.AsyncClient, url: str, model: str, prompt: list[int], out_tokens: int,
                       deadline_s: float, headers: dict[str, str]) -> Result:
-    body = {"model": model, "prompt": prompt, "max_tokens": out_tokens, "ignore_eos": True, "temperature": 0.0, "stream": True, "stream_options": {"include_usage": True}}
+    body = completion_body(model, prompt, out_tokens, ignore_eos=True)
     r = Result()
-    t0 = time.perf_counter()
-    last = None
-
-    async def run() -> None:
-        nonlocal last
-        async with client.stream("POST", f"{url}/v1/completions", json=body, headers=headers) as resp:
-            r.path = resp.headers.get("x-disagg-path", "")
-            if resp.status_code != 200:
-                r.error = f"HTTP {resp.status_code}"
-                await resp.aread()
-                return
-            async for line in resp.aiter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                obj = json.loads(line[6:])
-                if has_token(obj):
-                    now = time.perf_counter()
-                    if last is None:
-                        r.ttft = now - t0
-                    else:
-                        r.itls.append(now - last)
-                    last = now
-                if obj.get("usage"):
-                    details = obj["usage"].get("prompt_tokens_details") or {}
-                    r.cached = int(details.get("cached_tokens") or 0)
-            r.ok = last is not None
-
     try:
-        await asyncio.wait_for(run(), deadline_s)
-    except asyncio.TimeoutError:
+        got = await asyncio.wait_for(acomplete(client, url, body, headers=headers), deadline_s)
+    except TimeoutError:
         r.error = f"no answer within {deadline_s:.0f}s"
+        return r
     except (httpx.HTTPError, ValueError) as exc:
         r.error = repr(exc)[:200]
+        return r
+    r.path = got.path
+    if got.status != 200:
+        r.error = f"HTTP {got.status}"
+        return r
+    r.ttft = got.ttft_s
+    r.itls = got.itls
+    r.cached = got.cached_tokens
+    r.ok = bool(got.token_times)
     return r
 
 
@@ -105,7 +70,7 @@ async def sweep_point(urls: list[str], model: str, rate: float, duration_s: floa
                       vocab: int, seed: int, deadline_s: float, headers: dict[str, str]) -> list[Result]:
     rng = random.Random(seed)
     # Idle connections dropped after 2 s: below the servers' keep-alive timeout (uvicorn's 5 s), so no request
-    # goes out on a connection the server is closing (benchmarks/load.py).
+    # goes out on a connection the server is closing (benchmarks/harness/load.py).
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=512, keepalive_expiry=2.0)
     async with httpx.AsyncClient(timeout=httpx.Timeout(None, connect=10), limits=limits, trust_env=False) as client:
         async def arrivals(url: str, sub_rate: float, sub_seed: int) -> list[Result]:
@@ -127,96 +92,6 @@ async def sweep_point(urls: list[str], model: str, rate: float, duration_s: floa
     return [res for results in per_url for res in results]
 
 
-def summarize(results: list[Result], ttft_s: float, itl_s: float) -> dict[str, Any]:
-    ok = [r for r in results if r.ok]
-    attained = [r for r in ok if r.ttft <= ttft_s and r.itl_p90() <= itl_s]
-
-    def pct(values: list[float], q: float) -> float:
-        if not values:
-            return float("nan")
-        s = sorted(values)
-        return round(s[int(q * (len(s) - 1))], 4)
-
-    ttfts = [r.ttft for r in ok]
-    itl_p90s = [r.itl_p90() for r in ok]
-    all_itls = [x for r in ok for x in r.itls]
-    paths: dict[str, int] = {}
-    for r in results:
-        paths[r.path or "-"] = paths.get(r.path or "-", 0) + 1
-    errors = [r.error for r in results if r.error]
-    return {
-        "sent": len(results), "ok": len(ok), "attainment": round(len(attained) / len(results), 3) if results else 0,
-        "ttft_p50": pct(ttfts, 0.5), "ttft_p90": pct(ttfts, 0.9), "ttft_p99": pct(ttfts, 0.99),
-        "itl_p50": pct(all_itls, 0.5), "itl_p99": pct(all_itls, 0.99),
-        "request_itl_p90_median": round(statistics.median(itl_p90s), 4) if itl_p90s else float("nan"),
-        "met_ttft": sum(1 for r in ok if r.ttft <= ttft_s), "met_itl": sum(1 for r in ok if r.itl_p90() <= itl_s),
-        "cached_tokens_median": statistics.median([r.cached for r in ok]) if ok else 0,
-        "paths": paths, "errors": errors[:3], "n_errors": len(errors),
-        # per request (TTFT s and its own ITL p50, p90, p99, max in s; null when it failed): attainment
-        # for other targets, later (--plot --slo)
-        "request_fields": list(REQUEST_FIELDS),
-        "requests": [[round(r.ttft, 4)] + [round(x, 4) for x in r.itl_qs((0.5, 0.9, 0.99, 1.0))] if r.ok else None
-                     for r in results],
-    }
-
-
-def attainment_for(point: dict[str, Any], ttft_s: float, itl_field: str, itl_s: float) -> float:
-    """The point's attainment under another SLO, from its per-request numbers (its own when it has none)."""
-    fields = point.get("request_fields")
-    if not fields or itl_field not in fields:
-        if itl_field == "itl_p90" and ttft_s == point["ttft_target_s"] and itl_s == point["itl_target_s"]:
-            return point["attainment"]
-        raise ValueError(f"this point has no per-request {itl_field} (measured before it was recorded)")
-    i = fields.index(itl_field)
-    reqs = point["requests"]
-    met = sum(1 for r in reqs if r is not None and r[0] <= ttft_s and r[i] <= itl_s)
-    return round(met / len(reqs), 3) if reqs else 0.0
-
-
-def parse_slo(text: str) -> tuple[float, str, float]:
-    """'2:p90:0.05' -> (TTFT target s, per-request ITL statistic, ITL target s)."""
-    ttft, stat, itl = text.split(":")
-    field = f"itl_{stat}"
-    if field not in REQUEST_FIELDS:
-        raise ValueError(f"ITL statistic must be one of p50, p90, p99, max, not {stat!r}")
-    return float(ttft), field, float(itl)
-
-
-def with_slo(points: list[dict[str, Any]], slo: tuple[float, str, float]) -> list[dict[str, Any]]:
-    return [dict(p, attainment=attainment_for(p, *slo)) for p in points]
-
-
-def by_rate(points: list[dict[str, Any]]) -> list[tuple[float, float]]:
-    """(rate, worst attainment measured at that rate), ascending: a rate measured twice counts its worse run."""
-    worst: dict[float, float] = {}
-    for p in points:
-        worst[p["rate"]] = min(worst.get(p["rate"], 1.0), p["attainment"])
-    return sorted(worst.items())
-
-
-def goodput(points: list[dict[str, Any]]) -> float:
-    """The highest swept rate whose attainment (and every lower rate's) is >= 90 %."""
-    best = 0.0
-    for rate, attainment in by_rate(points):
-        if attainment < ATTAIN:
-            break
-        best = rate
-    return best
-
-
-def goodput_text(points: list[dict[str, Any]]) -> str:
-    """Goodput as a reader should see it: below the lowest swept rate is not 0, it is unknown below it."""
-    g = goodput(points)
-    if g == 0 and points:
-        return f"< {min(p['rate'] for p in points):g} req/s"
-    return f"{g:g} req/s"
-
-
-def slo_title(slo: tuple[float, str, float]) -> str:
-    ttft, field, itl = slo
-    return f"TTFT <= {ttft:g} s, ITL {field[4:]} <= {1000 * itl:.0f} ms"
-
-
 def plot(jsonl: Path, png: Path, slos: list[tuple[float, str, float]]) -> None:
     """Attainment against rate: one panel per (SLO, workload), one line per system."""
     import matplotlib
@@ -231,8 +106,8 @@ def plot(jsonl: Path, png: Path, slos: list[tuple[float, str, float]]) -> None:
     colors = {label: f"C{i}" for i, label in enumerate(sorted({r["label"] for r in rows}))}  # same in every panel
     fig, axes = plt.subplots(len(slos), len(workloads), figsize=(6 * len(workloads), 4.2 * len(slos)),
                              squeeze=False)
-    for row, slo in zip(axes, slos):
-        for ax, workload in zip(row, workloads):
+    for row, slo in zip(axes, slos, strict=True):
+        for ax, workload in zip(row, workloads, strict=True):
             for label in sorted({r["label"] for r in rows if r["workload"] == workload}):
                 pts = with_slo([r for r in rows if r["workload"] == workload and r["label"] == label], slo)
                 g = goodput_text(pts)
@@ -267,7 +142,7 @@ def plot_itl_cdf(files: list[Path], png: Path) -> None:
         if not xs:
             continue
         n = len(xs)
-        q = lambda p: xs[int(p * (n - 1))]  # noqa: E731
+        q = lambda p, xs=xs, n=n: xs[int(p * (n - 1))]  # noqa: E731
         ys = [1 - i / n for i in range(n)]  # share of tokens with an ITL >= xs[i]
         ax.step(xs, ys, where="post",
                 label=f"{d['label']}, {d['workload']} at {d['rate']:g} req/s (p50 {q(0.5):.0f}, p99 {q(0.99):.0f} ms)")

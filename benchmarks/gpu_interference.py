@@ -1,8 +1,8 @@
 """Decode inter-token latency while long prompts are prefilled, and KV transfer rate.
 
-    python benchmarks/gpu_interference.py disagg --config CONFIG      # against the running stack
-    python benchmarks/gpu_interference.py colocated --url URL         # one plain engine doing both
-    python benchmarks/gpu_interference.py copy-rate                   # host and host->GPU copy rates
+    python -m benchmarks.gpu_interference disagg --config CONFIG      # against the running stack
+    python -m benchmarks.gpu_interference colocated --url URL         # one plain engine doing both
+    python -m benchmarks.gpu_interference copy-rate                   # host and host->GPU copy rates
 
 `disagg`: a long streaming decode runs on the decode engine while prompts of
 --prefill-tokens are sent to prefill-worker (another GPU); `colocated`: the same
@@ -14,19 +14,18 @@ JSON line per measurement (prefixed `RESULT `).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import random
 import statistics
 import sys
 import threading
 import time
-from pathlib import Path
 
 import httpx
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from daemons.make_model import _WORDS  # noqa: E402
+from daemons.ops.make_model import _WORDS
+from daemons.ops.openai_client import complete, completion_body
 
 
 def words(n_tokens: int, seed: int) -> str:
@@ -35,20 +34,16 @@ def words(n_tokens: int, seed: int) -> str:
 
 
 def stream_itl(url: str, model: str, max_tokens: int, out: dict) -> None:
-    body = {"model": model, "prompt": words(64, 1), "max_tokens": max_tokens, "temperature": 0.0,
-            "stream": True, "ignore_eos": True}
-    stamps = []
+    body = completion_body(model, words(64, 1), max_tokens, ignore_eos=True)
     with httpx.Client(timeout=600, trust_env=False) as client:
-        with client.stream("POST", f"{url}/v1/completions", json=body) as resp:
-            resp.raise_for_status()
-            for line in resp.iter_lines():
-                if line.startswith("data: ") and line != "data: [DONE]":
-                    stamps.append(time.perf_counter())
-    out["stamps"] = stamps
+        got = complete(client, url, body)
+    if got.status != 200:
+        raise RuntimeError(f"{url} answered {got.status}")
+    out["stamps"] = got.token_times
 
 
 def itl_stats(stamps: list[float], start: float, end: float) -> dict:
-    gaps = [b - a for a, b in zip(stamps, stamps[1:]) if start <= a and b <= end]
+    gaps = [b - a for a, b in itertools.pairwise(stamps) if start <= a and b <= end]
     if not gaps:
         return {"n": 0}
     gaps.sort()

@@ -8,7 +8,7 @@ cards cannot pass for the connector's. Per round, ``--runs`` quiet streams of
 ``--tokens`` tokens each, alternating the engines; per stream ITL p50 and p99.
 ``--graphs`` adds rounds with CUDA graphs (no ``--enforce-eager``) for both.
 
-  python benchmarks/gpu_itl_overhead.py --config /tmp/disagg-gpu.yaml --runs 5
+  python -m benchmarks.gpu_itl_overhead --config /tmp/disagg-gpu.yaml --runs 5
 """
 
 from __future__ import annotations
@@ -24,11 +24,10 @@ from pathlib import Path
 
 import httpx
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.gpu_interference import itl_stats, stream_itl  # noqa: E402
-from daemons.child import ChildProcess  # noqa: E402
-from daemons.config import load_config  # noqa: E402
-from daemons.engine import engine_argv, engine_env  # noqa: E402
+from benchmarks.gpu_interference import itl_stats, stream_itl
+from daemons.children.child import ChildProcess
+from daemons.children.engine import engine_argv, engine_env
+from daemons.config import load_config
 
 PORTS = {"connector": 8301, "plain": 8302}
 

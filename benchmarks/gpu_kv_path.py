@@ -21,11 +21,11 @@ import sys
 
 import httpx
 
-from benchmarks.faults import HEADER, Fault, run_fault
-from benchmarks.load import Load, summary
-from daemons.canary import cached_tokens, vocabulary
+from benchmarks.harness.faults import HEADER, Fault, run_fault
+from benchmarks.harness.load import Load, summary
 from daemons.config import load_config
-from daemons.statefile import read_state
+from daemons.kv.canary import cached_tokens, vocabulary
+from daemons.runtime.statefile import read_state
 
 
 def race(cfg, vocab: list[int], n: int, tokens: int) -> dict[str, int]:  # type: ignore[no-untyped-def]

@@ -23,12 +23,11 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from benchmarks.harness.netns import available
+from benchmarks.harness.scrape import metric_value
+from benchmarks.harness.two_hosts import DECODE_ADDR, PREFILL_ADDR, PY, Cluster
 
-from tests.e2e.conftest import metric_value  # noqa: E402
-from tests.e2e.netns import available  # noqa: E402
-from tests.e2e.two_hosts import DECODE_ADDR, PREFILL_ADDR, PY, Cluster  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 RAW_BYTES = 1 << 30
 RECEIVER = """
@@ -110,8 +109,8 @@ def main() -> int:
     finally:
         cluster.down()
     loads = after[1] - before[1]
-    import vllm  # noqa: PLC0415 - only for the versions line
-    import lmcache  # noqa: PLC0415
+    import lmcache
+    import vllm  # only for the versions line
 
     result = {
         "date": datetime.date.today().isoformat(), "machine": f"{platform.machine()}, CPU only, network namespaces",

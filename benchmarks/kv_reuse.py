@@ -2,7 +2,7 @@
 recomputing it, at several prompt lengths, in one run on one machine; plus each
 daemon's start-to-ready time and resident memory.
 
-    .venv/bin/python benchmarks/kv_reuse.py [--config etc/disagg.yaml] [--lengths 1000,2000,4000,6000]
+    .venv/bin/python -m benchmarks.kv_reuse [--config etc/disagg.yaml] [--lengths 1000,2000,4000,6000]
 
 It starts the stack with `disaggctl up` (unless it is already up), measures and
 stops what it started. Numbers are reported as ratios against the recompute
@@ -12,43 +12,27 @@ baseline measured in the same run: these machines are noisy.
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import httpx
 import psutil
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from daemons.config import config_path, load_config  # noqa: E402
-from daemons.ctl import all_ready, collect_status, down, up, wait_ready  # noqa: E402
-from daemons.make_model import _WORDS  # noqa: E402
-from daemons.statefile import read_state  # noqa: E402
+from daemons.config import config_path, load_config
+from daemons.ops.ctl import all_ready, collect_status, down, up, wait_ready
+from daemons.ops.make_model import _WORDS
+from daemons.ops.openai_client import complete, completion_body
+from daemons.runtime.statefile import read_state
 
 
 def ttft(client: httpx.Client, url: str, model: str, prompt: str) -> tuple[float, dict, str]:
     """(TTFT s, usage, x-disagg-path: the front door's path, "" from an engine)."""
-    body = {"model": model, "prompt": prompt, "max_tokens": 2, "temperature": 0.0, "stream": True,
-            "stream_options": {"include_usage": True}}
-    t0 = time.perf_counter()
-    first = None
-    usage: dict = {}
-    with client.stream("POST", f"{url}/v1/completions", json=body) as resp:
-        resp.raise_for_status()
-        path = resp.headers.get("x-disagg-path", "")
-        for line in resp.iter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            obj = json.loads(line[6:])
-            if obj.get("choices") and first is None:
-                first = time.perf_counter() - t0
-            if obj.get("usage"):
-                usage = obj["usage"]
-    return first or float("nan"), usage, path
+    got = complete(client, url, completion_body(model, prompt, 2))
+    if got.status != 200:
+        raise RuntimeError(f"{url} answered {got.status}: {got.body[:200]!r}")
+    return got.ttft_s, got.usage, got.path
 
 
 def prompt_of(tokens_wanted: int, seed: int) -> str:

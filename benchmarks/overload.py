@@ -9,7 +9,7 @@ admitted and served per second, 429s, latency percentiles of the served requests
 how their prompts reached the decode engine, and decode-worker's state at the end;
 then the ratios (on / off) measured in this one run on this machine.
 
-  python benchmarks/overload.py --clients 160 --duration 60
+  python -m benchmarks.overload --clients 160 --duration 60
 """
 
 from __future__ import annotations
@@ -26,10 +26,9 @@ from pathlib import Path
 
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.load import Load, Record  # noqa: E402
-from daemons.canary import vocabulary  # noqa: E402
-from daemons.config import load_config  # noqa: E402
+from benchmarks.harness.load import Load, Record
+from daemons.config import load_config
+from daemons.kv.canary import vocabulary
 
 REPO = Path(__file__).resolve().parents[1]
 PORTS = {"lmcache": {"port": 38555, "http_port": 38080}, "lmcache_server": {"metrics_port": 39100},
@@ -38,7 +37,7 @@ PORTS = {"lmcache": {"port": 38555, "http_port": 38080}, "lmcache_server": {"met
 
 
 def ctl(config: Path, *words: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "daemons.ctl", "--config", str(config), *words],
+    return subprocess.run([sys.executable, "-m", "daemons.ops.ctl", "--config", str(config), *words],
                           capture_output=True, text=True, cwd=REPO, timeout=1200)
 
 

@@ -1,27 +1,16 @@
 """TTFT against prompt length from `benchmarks/kv_reuse.py` output (its markdown table):
 decode engine with the KV from LMCache, decode engine recomputing, and the front door.
 
-    python benchmarks/plot_ttft.py --png ttft.png cpu=results/kv_reuse-cpu.txt gpu=results/crossover.txt
+    python -m benchmarks.plot_ttft --png ttft.png cpu=results/kv_reuse-cpu.txt gpu=results/crossover.txt
 """
 
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 from pathlib import Path
 
-ROW = re.compile(r"^\|\s*([\d,]+)\s*\|\s*([\d,]+)\s*\|\s*([\d.]+)\s*s?\s*\|\s*([\d.]+)\s*s?\s*\|[^|]*\|\s*([\d.]+)\s*s?\s*\|")
-
-
-def rows(text: str) -> list[tuple[int, float, float, float]]:
-    """(prompt tokens, TTFT with KV from LMCache, TTFT recomputing, front-door TTFT) per table row."""
-    out = []
-    for line in text.splitlines():
-        m = ROW.match(line.strip())
-        if m:
-            out.append((int(m.group(1).replace(",", "")), float(m.group(3)), float(m.group(4)), float(m.group(5))))
-    return sorted(out)
+from benchmarks.harness.kv_reuse_table import rows
 
 
 def main() -> int:
@@ -35,7 +24,7 @@ def main() -> int:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(args.inputs), figsize=(6 * len(args.inputs), 4.2), squeeze=False)
-    for ax, item in zip(axes[0], args.inputs):
+    for ax, item in zip(axes[0], args.inputs, strict=True):
         label, _, path = item.partition("=")
         data = rows(Path(path).read_text())
         if not data:

@@ -39,12 +39,18 @@ class _Section(BaseModel):
 
 
 class ModelConfig(_Section):
+    """The model both engines serve, from a local directory (the daemons never contact a model hub)."""
+
     path: Path = Field(description="Local directory with config.json, weights and tokenizer.")
     served_name: str = Field(default="", description="Name clients use; defaults to the directory name.")
-    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
-    max_model_len: Annotated[int, Field(gt=0)] = 8192
-    enforce_eager: bool = True
-    load_format: Literal["auto", "safetensors", "dummy"] = "auto"
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        default="auto", description="The engines' --dtype; both must agree (part of the digest).")
+    max_model_len: Annotated[int, Field(gt=0)] = Field(
+        default=8192, description="Longest prompt + output in tokens (--max-model-len); a longer prompt gets the engine's 400.")
+    enforce_eager: bool = Field(
+        default=True, description="No CUDA graphs (--enforce-eager): a faster start, a slower decode on GPUs.")
+    load_format: Literal["auto", "safetensors", "dummy"] = Field(
+        default="auto", description="vLLM's --load-format; dummy: random weights of the model's shape (benchmarks).")
 
     @property
     def name(self) -> str:
@@ -52,16 +58,22 @@ class ModelConfig(_Section):
 
 
 class LMCacheConfig(_Section):
+    """LMCache: the server both engines' connectors talk to, and what they must agree on."""
+
     backend: Literal["mp"] = Field(default="mp", description="LMCache multi-process server.")
-    host: str = "127.0.0.1"
-    port: Port = 5555
-    http_port: Port = 8080
-    chunk_size: Annotated[int, Field(gt=0)] = 256
-    l1_size_gb: PositiveFloat = 1.0
-    eviction_policy: Literal["LRU"] = "LRU"
+    host: str = Field(default="127.0.0.1", description="Where lmcache-server listens (loopback only: its HTTP API has no auth).")
+    port: Port = Field(default=5555, description="LMCache's request port: the engines' connectors and the lookup client.")
+    http_port: Port = Field(default=8080, description="LMCache's HTTP API (health, metrics), on loopback.")
+    chunk_size: Annotated[int, Field(gt=0)] = Field(
+        default=256, description="Tokens per KV chunk; only full chunks are stored and loaded (part of the digest).")
+    l1_size_gb: PositiveFloat = Field(
+        default=1.0, description="LMCache's memory for KV (allocated at start); the oldest chunks are evicted past it.")
+    eviction_policy: Literal["LRU"] = Field(default="LRU", description="Which chunks go first when L1 is full.")
     # LMCache >= 0.5.4 needs "auto" on CPU; null leaves the flag out (LMCache 0.5.3 has none).
-    transfer_mode: Literal["auto", "lmcache_driven", "engine_driven"] | None = "auto"
-    startup_timeout_s: PositiveFloat = 120.0
+    transfer_mode: Literal["auto", "lmcache_driven", "engine_driven"] | None = Field(
+        default="auto", description="LMCache's --transfer-mode; null leaves the flag out (LMCache 0.5.3 has none).")
+    startup_timeout_s: PositiveFloat = Field(
+        default=120.0, description="lmcache-server fails if LMCache is not healthy this long after its start.")
     # The engines' connector (vLLM's LMCacheMPConnector): how long one control
     # message to the server (lookup, lookup status, registration) may take, and
     # how often it pings the server. LMCache's defaults (300 s, 10 s) left an
@@ -100,24 +112,33 @@ def _is_loopback(host: str) -> bool:
 
 
 class DaemonConfig(_Section):
-    metrics_host: str = "127.0.0.1"
-    metrics_port: Port
+    metrics_host: str = Field(
+        default="127.0.0.1", description="Where the daemon serves /metrics and its state record (no secrets there).")
+    metrics_port: Port = Field(description="The daemon's /metrics port.")
 
 
 class LMCacheServerConfig(DaemonConfig):
+    """The lmcache-server daemon."""
+
     metrics_port: Port = 9100
 
 
 class WorkerConfig(DaemonConfig):
-    host: str = "127.0.0.1"
-    port: Port
-    engine_port: Port
-    device: str = "cpu"
-    kv_cache_memory_bytes: Annotated[int, Field(gt=0)] | None = None
-    gpu_memory_utilization: Annotated[float, Field(gt=0, le=1)] | None = None
-    max_num_seqs: Annotated[int, Field(gt=0)] | None = None
-    engine_startup_timeout_s: PositiveFloat = 900.0
-    extra_engine_args: list[str] = Field(default_factory=list)
+    host: str = Field(default="127.0.0.1", description="Where the worker's API listens.")
+    port: Port = Field(description="The worker's API port (decode-worker: the public front door).")
+    engine_port: Port = Field(description="The engine's port, on loopback (only the worker calls it).")
+    device: str = Field(default="cpu", description="cpu or cuda:N (sets CUDA_VISIBLE_DEVICES for the engine).")
+    kv_cache_memory_bytes: Annotated[int, Field(gt=0)] | None = Field(
+        default=None, description="The engine's KV cache size (--kv-cache-memory-bytes); required on CPU, and for two "
+        "engines on one GPU.")
+    gpu_memory_utilization: Annotated[float, Field(gt=0, le=1)] | None = Field(
+        default=None, description="vLLM's --gpu-memory-utilization (null: vLLM's default).")
+    max_num_seqs: Annotated[int, Field(gt=0)] | None = Field(
+        default=None, description="vLLM's --max-num-seqs: requests the engine batches (null: vLLM's default).")
+    engine_startup_timeout_s: PositiveFloat = Field(
+        default=900.0, description="The worker fails if its engine is not healthy this long after its start.")
+    extra_engine_args: list[str] = Field(
+        default_factory=list, description="More vLLM flags, as a list of strings (not the ones the worker sets).")
     instances: dict[str, dict[str, Any]] = Field(
         default_factory=dict,
         description="Several workers of this kind on one box: name -> the keys that differ "
@@ -142,7 +163,7 @@ class WorkerConfig(DaemonConfig):
         return device
 
     @model_validator(mode="after")
-    def _memory(self) -> "WorkerConfig":
+    def _memory(self) -> WorkerConfig:
         if self.device == "cpu" and self.kv_cache_memory_bytes is None:
             raise ValueError(
                 "kv_cache_memory_bytes is required when device is 'cpu' "
@@ -152,6 +173,8 @@ class WorkerConfig(DaemonConfig):
 
 
 class PrefillWorkerConfig(WorkerConfig):
+    """prefill-worker: its engine (KV producer) and the prefill API that decode-worker calls."""
+
     port: Port = 8100
     engine_port: Port = 8101
     metrics_port: Port = 9101
@@ -165,6 +188,8 @@ class PrefillWorkerConfig(WorkerConfig):
 
 
 class DecodeWorkerConfig(WorkerConfig):
+    """decode-worker: its engine (KV consumer) and the public front door: routing, deadlines, the edge."""
+
     port: Port = 8000
     engine_port: Port = 8001
     metrics_port: Port = 9102
@@ -202,7 +227,7 @@ class DecodeWorkerConfig(WorkerConfig):
         "disaggregate_min_tokens is served start to end by whichever side has fewer requests in progress: the "
         "decode engine (path short_prompt) or a prefill engine (path decode_busy), instead of being "
         "disaggregated. Where short prompts make decoding the bottleneck, two engines that each prefill and "
-        "decode their own serve more than one prefilling for the other (README, Performance). The price: those "
+        "decode their own serve more than one prefilling for the other (docs/performance.md). The price: those "
         "streams share the prefill engine's steps with long prompts' prefill calls.")
     overflow_backlog_tokens: Annotated[int, Field(ge=0)] = Field(
         default=0, description="While prefill calls in flight hold at least this many (estimated) prompt "
@@ -213,8 +238,36 @@ class DecodeWorkerConfig(WorkerConfig):
     overflow_max_local_tokens: Annotated[int, Field(ge=0)] = Field(
         default=4096, description="Prompt tokens the decode engine computes at once for prefill_busy "
         "(sent to it, no first token yet): bounds how long one decode step can stall.")
+    failover_max_in_flight: Annotated[int, Field(ge=0)] = Field(
+        default=64, description="While the decode engine cannot serve (loading, reloading, wedged), requests go "
+        "whole to a ready prefill engine (path failover), at most this many at once; past that, and with no "
+        "prefill-worker ready, 503 + Retry-After. 0: no failover.")
+    migration_attempts: Annotated[int, Field(ge=0)] = Field(
+        default=2, description="A stream whose engine dies mid-way is continued on another engine that can serve "
+        "it (the prompt plus the tokens generated so far, max_tokens reduced), at most this many times; 0: off "
+        "(it ends with an error event).")
+    engine_restart_limit: Annotated[int, Field(ge=0)] = Field(
+        default=5, description="decode-worker restarts a dead or wedged decode engine itself, keeping its front "
+        "door open, at most this many times within engine_restart_window_s; one more and it exits non-zero (for "
+        "systemd/supervisord to restart it).")
+    engine_restart_window_s: PositiveFloat = Field(
+        default=600.0, description="The window of engine_restart_limit.")
     max_body_bytes: Annotated[int, Field(gt=0)] = Field(
         default=8 << 20, description="Larger request bodies get 413 before they are read into memory.")
+    keep_alive_timeout_s: PositiveFloat = Field(
+        default=75.0, description="The front door closes a keep-alive connection idle this long. Behind a load "
+        "balancer it must exceed the balancer's own idle timeout (60 s on most), or a request races the close.")
+    header_timeout_s: PositiveFloat = Field(
+        default=10.0, description="A request's headers must be complete this long after its first byte, or the "
+        "connection is closed (slow-header clients hold no connection for good).")
+    body_timeout_s: PositiveFloat = Field(
+        default=30.0, description="A request's body must arrive within this long of its headers (else 408).")
+    write_timeout_s: PositiveFloat = Field(
+        default=30.0, description="A streamed answer whose client takes none of its bytes for this long is dropped: "
+        "its engine request is aborted and its admission slot freed.")
+    max_connections: Annotated[int, Field(gt=0)] = Field(
+        default=4096, description="Open connections to the front door at once; past it, 503 (keep it below the "
+        "unit's LimitNOFILE).")
     api_keys_file: Path | None = Field(
         default=None, description="API keys for the front door, one per line (root:disagg 0640); "
         "$DISAGG_API_KEYS (comma-separated) adds more. None and no env: no authentication.")
@@ -223,7 +276,7 @@ class DecodeWorkerConfig(WorkerConfig):
         "Without this, that is a config error.")
 
     @model_validator(mode="after")
-    def _no_open_front_door(self) -> "DecodeWorkerConfig":
+    def _no_open_front_door(self) -> DecodeWorkerConfig:
         if (not _is_loopback(self.host) and self.api_keys_file is None and not os.environ.get("DISAGG_API_KEYS")
                 and not self.allow_unauthenticated):
             raise ValueError(
@@ -255,14 +308,25 @@ class KVPathConfig(_Section):
 
 
 class ReadinessConfig(_Section):
-    heartbeat_interval_s: PositiveFloat = 2.0
-    heartbeat_timeout_s: PositiveFloat = 15.0
-    dependency_timeout_s: PositiveFloat = 900.0
-    drain_timeout_s: PositiveFloat = 30.0
-    watchdog: bool = True
+    """The readiness protocol: state files, heartbeats, drains."""
+
+    heartbeat_interval_s: PositiveFloat = Field(
+        default=2.0, description="Each daemon rewrites its state file (and checks its child) this often.")
+    heartbeat_timeout_s: PositiveFloat = Field(
+        default=15.0, description="A state file whose heartbeat is older than this is stale (its daemon hung or gone).")
+    dependency_timeout_s: PositiveFloat = Field(
+        default=900.0, description="A daemon fails if a dependency is not ready this long after its start.")
+    drain_grace_s: float = Field(
+        default=0.0, ge=0, description="On SIGTERM, /health answers 503 this long while requests are still served "
+        "and accepted, then the daemon stops accepting and drains: long enough for a load balancer's health "
+        "checks to move traffic away (its interval times its unhealthy threshold).")
+    drain_timeout_s: PositiveFloat = Field(
+        default=30.0, description="On SIGTERM, in-flight requests get this long to finish; the child as long to exit.")
+    watchdog: bool = Field(
+        default=True, description="Under systemd, send WATCHDOG=1 each heartbeat while the child is healthy.")
 
     @model_validator(mode="after")
-    def _timeout_exceeds_interval(self) -> "ReadinessConfig":
+    def _timeout_exceeds_interval(self) -> ReadinessConfig:
         if self.heartbeat_timeout_s <= 2 * self.heartbeat_interval_s:
             raise ValueError("heartbeat_timeout_s must exceed twice heartbeat_interval_s")
         return self
@@ -275,10 +339,14 @@ _HOST_DAEMON_RE = re.compile(r"^(lmcache-server|lmcache-coordinator|(prefill|dec
 
 
 class LMCacheCoordinatorConfig(DaemonConfig):
+    """lmcache-coordinator (several hosts only)."""
+
     metrics_port: Port = 9103
 
 
 class HostConfig(_Section):
+    """One host of a cluster."""
+
     address: str = Field(description="This host's address on the private network (what its peers connect to).")
     daemons: list[str] = Field(description="The daemons this host runs: lmcache-server, lmcache-coordinator, "
                                "prefill-worker[@instance], decode-worker[@instance].")
@@ -340,7 +408,7 @@ class ClusterConfig(_Section):
         return str(net)
 
     @model_validator(mode="after")
-    def _layout(self) -> "ClusterConfig":
+    def _layout(self) -> ClusterConfig:
         net = ipaddress.ip_network(self.private_network)
         where: dict[str, str] = {}
         for host_id, host in self.hosts.items():
@@ -405,7 +473,7 @@ class DaemonId:
         return f"{self.kind}@{self.instance}" if self.instance else self.kind
 
     @classmethod
-    def parse(cls, name: str) -> "DaemonId":
+    def parse(cls, name: str) -> DaemonId:
         kind, _, instance = name.partition("@")
         return cls(kind, instance or None)
 
@@ -416,8 +484,10 @@ def worker_name(kind: str, instance: str | None) -> str:
 
 
 class Config(_Section):
-    runtime_dir: Path
-    log_dir: Path
+    """The whole file: every daemon of the deployment reads it."""
+
+    runtime_dir: Path = Field(description="Where the daemons' state files live (one per daemon; owned by the daemons' user).")
+    log_dir: Path = Field(description="Where the children's output goes (engines, LMCache, lookups).")
     model: ModelConfig
     lmcache: LMCacheConfig = LMCacheConfig()
     lmcache_server: LMCacheServerConfig = LMCacheServerConfig()
@@ -427,12 +497,12 @@ class Config(_Section):
     readiness: ReadinessConfig = ReadinessConfig()
     lmcache_coordinator: LMCacheCoordinatorConfig = LMCacheCoordinatorConfig()
     cluster: ClusterConfig | None = Field(
-        default=None, description="Several hosts (README: Several hosts). None: everything on this one.")
+        default=None, description="Several hosts (docs/hosts.md). None: everything on this one.")
     source: Path | None = Field(default=None, exclude=True)
     host_id: str | None = Field(default=None, exclude=True)  # which of cluster.hosts this process runs on
 
     @model_validator(mode="after")
-    def _cluster_names_workers(self) -> "Config":
+    def _cluster_names_workers(self) -> Config:
         if self.cluster is None:
             return self
         workers = [n for kind in WORKER_KINDS for n in self.workers(kind)]
@@ -445,7 +515,7 @@ class Config(_Section):
         return self
 
     # -- which host, which daemons ---------------------------------------------------------
-    def on_host(self, host_id: str | None = None) -> "Config":
+    def on_host(self, host_id: str | None = None) -> Config:
         """This config as seen from one host of the cluster: ``host_id``, else $DISAGG_HOST_ID, else the
         host whose address this machine has. Unchanged without a cluster. ConfigError when it cannot tell."""
         if self.cluster is None:
@@ -465,7 +535,7 @@ class Config(_Section):
         return self.model_copy(update={"host_id": host_id})
 
     @property
-    def host(self) -> "HostConfig | None":
+    def host(self) -> HostConfig | None:
         """This host's entry in the cluster (None: one box)."""
         if self.cluster is None:
             return None
@@ -488,13 +558,19 @@ class Config(_Section):
         kind = DaemonId.parse(daemon).kind
         return self.workers(kind)[daemon].host
 
+    def listen_address(self, daemon: str) -> str:
+        """Where a worker's API listens: a prefill-worker on its host's private address in a cluster (for the
+        decode hosts), a decode-worker's front door where its ``host`` says."""
+        kind = DaemonId.parse(daemon).kind
+        return self.address_of(daemon) if kind == "prefill-worker" else self.workers(kind)[daemon].host
+
     def is_local(self, daemon: str) -> bool:
         """Does ``daemon`` run on this machine (its state file is here)?"""
         host = self.host
         return host is None or daemon in host.daemons
 
     @model_validator(mode="after")
-    def _resolve_instances(self) -> "Config":
+    def _resolve_instances(self) -> Config:
         for section in WORKER_KINDS.values():
             base: WorkerConfig = getattr(self, section)
             for name, override in base.instances.items():
@@ -545,7 +621,7 @@ class Config(_Section):
         return names if host is None else [n for n in names if n in host.daemons]
 
     @model_validator(mode="after")
-    def _no_port_clash(self) -> "Config":
+    def _no_port_clash(self) -> Config:
         owners: dict[int, str] = {}
         for key, port in self.listening_ports().items():
             if port in owners:
@@ -571,6 +647,21 @@ class Config(_Section):
                 for key in ("port", "engine_port", "metrics_port"):
                     ports[f"{prefix}.{key}"] = getattr(worker, key)
         return ports
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for key, sub in value.items():
+            out.update(_flatten(sub, f"{prefix}{key}."))
+        return out
+    return {prefix.rstrip("."): value}
+
+
+def config_changes(old: Config, new: Config) -> dict[str, str]:
+    """The keys whose values differ between two configs: dotted key -> "old -> new"."""
+    a, b = _flatten(old.model_dump(mode="json")), _flatten(new.model_dump(mode="json"))
+    return {key: f"{a.get(key)!r} -> {b.get(key)!r}" for key in sorted(set(a) | set(b)) if a.get(key) != b.get(key)}
 
 
 def _describe(err: Any, prefix: str = "") -> str:

@@ -1,23 +1,21 @@
 """decode-worker: a vLLM engine as LMCache KV consumer plus the public front door.
 
-Start: wait for lmcache-server (the engine's connector registers with it),
-load the engine, open the front door, then wait up to ``prefill_wait_s`` for
-prefill-worker, then send the KV-path canary (:mod:`daemons.canary`) through
-the whole path. Ready only while the dependencies are ready *and* the last
-canary got its KV from LMCache; degraded (still serving, the decode engine
-computing prompts itself) otherwise, with the broken hop in the reason. The
-canary runs every ``kv_path.canary_interval_s`` (more often while it fails),
-at once when lmcache-server comes back as a new process, and when a request
-saw its KV go missing. While it fails at a prefill-side hop, requests skip
+Start: open the front door first, then wait for lmcache-server (the engine's connector registers with it),
+load the engine, wait up to ``prefill_wait_s`` for prefill-worker, then send the KV-path canary
+(:mod:`daemons.kv.canary`) through the whole path. Ready only while the dependencies are ready *and* the
+last canary got its KV from LMCache; degraded (still serving) otherwise, with the broken hop in the reason.
+The canary runs every ``kv_path.canary_interval_s`` (more often while it fails), at once when
+lmcache-server comes back as a new process, and when a request saw its KV go missing. While it fails at a
+prefill-side hop, or at the decode side through one prefill-worker while another passes, requests skip
 that prefill-worker instead of waiting on it.
 
-Recovery: the decode engine failing the canary at the decode side
-(``decode_engine``/``decode_load``) ``restart_after_failures`` times in a row,
-without computing anything meanwhile, makes decode-worker exit non-zero:
-systemd/supervisord restart it with a fresh engine (see :mod:`daemons.stall`
-for the other wedge rule). Exiting, rather than restarting the engine inside
-the daemon, keeps one place that restarts things (with its start limits and
-its process-group kill) and costs the front door the same engine load time.
+The service outlives its engine: while the decode engine cannot serve — loading, reloading, silent — the
+front door stays open and requests go whole to a ready prefill engine (path ``failover``, bounded by
+``failover_max_in_flight``); only with no engine to serve them do they get 503 + Retry-After. A decode
+engine that died, is wedged (:mod:`daemons.children.stall`), or failed the canary at the decode side
+through every prefill-worker ``restart_after_failures`` times in a row without computing anything, is
+restarted here, in place, with a backoff; past ``engine_restart_limit`` restarts within
+``engine_restart_window_s`` the daemon exits non-zero, for systemd/supervisord to restart it.
 """
 
 from __future__ import annotations
@@ -25,29 +23,35 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
-from dataclasses import replace
+import time
+from collections import deque
+from dataclasses import fields, replace
 
-from .admission import Admission
-from .auth import ApiKeys
-from .canary import CanaryResult, PathCanary, vocabulary
-from .cli import run_daemon
-from .config import Config
-from .frontdoor import FrontDoor
-from .lifecycle import DaemonFailed
-from .metrics import FrontDoorMetrics
-from .engine_share import EngineShare
-from .prefill_backlog import Backlog
-from .prefill_router import LMCACHE, PrefillRouter
-from .remote_state import state_url
-from .statefile import PeerView
-from .states import State
-from .upstream import Upstream
-from .worker import EngineDaemon
+from daemons.children.stall import StallDetector
+from daemons.children.worker import EngineDaemon
+from daemons.config import Config, ConfigError, DecodeWorkerConfig
+from daemons.edge.auth import ApiKeys
+from daemons.edge.frontdoor import FrontDoor, FrontDoorSettings
+from daemons.edge.upstream import Upstream
+from daemons.kv.canary import CanaryResult, PathCanary, vocabulary
+from daemons.metrics import FrontDoorMetrics
+from daemons.routing.prefill_router import LMCACHE, PrefillRouter
+from daemons.runtime.cli import run_daemon
+from daemons.runtime.httpserver import EdgeLimits, EmbeddedServer
+from daemons.runtime.lifecycle import DaemonFailed
+from daemons.runtime.listen import inherited_socket
+from daemons.runtime.remote_state import state_url
+from daemons.runtime.statefile import PeerView
+from daemons.runtime.states import State
 
 log = logging.getLogger(__name__)
 
 # While the canary fails, it runs at least this often.
 CANARY_RETRY_S = 5.0
+# An engine that has not answered its worker for this long is taken out of serving: requests fail over.
+DECODE_SILENT_S = 10.0
+# The longest wait between two failed engine starts.
+ENGINE_BACKOFF_MAX_S = 30.0
 
 
 def p2p_peers(view: PeerView | None) -> set[str]:
@@ -64,6 +68,7 @@ class DecodeWorker(EngineDaemon):
 
     kind = "decode-worker"
     role = "kv_consumer"
+    worker: DecodeWorkerConfig
 
     def __init__(self, config: Config, **kw: object) -> None:
         super().__init__(config, **kw)
@@ -85,32 +90,42 @@ class DecodeWorker(EngineDaemon):
         self._progress_at_first_failure: float | None = None
         self._canary_task: asyncio.Task[None] | None = None
         self._fatal: str | None = None
+        self.engine_serving = False  # the decode engine is up and was healthy since its (re)start
+        self._reload_task: asyncio.Task[None] | None = None
+        self._reload_reason = ""  # why the engine is being restarted ("" when it is not)
+        self._reloads: deque[float] = deque()  # when the engine was restarted in place (the budget's window)
         self.keys = ApiKeys(self.worker.api_keys_file)  # ApiKeyError (a ConfigError): exit 78
         w = self.worker
         self.upstream = Upstream(w.max_concurrent_requests)  # the proxied calls' own pool (probes use httpx)
         self.front_door = FrontDoor(
-            engine_url=self.engine_url,
-            client=self.upstream,
-            metrics=self.front_metrics,
-            router=self.router,
-            prefill_timeout_s=self.worker.prefill_timeout_s,
-            health=self._health,
-            first_token_timeout_s=self.worker.first_token_timeout_s,
-            request_timeout_s=self.worker.request_timeout_s,
-            admission=Admission(w.max_concurrent_requests, w.max_queued_requests, w.queue_timeout_s),
-            keys=self.keys,
-            max_body_bytes=w.max_body_bytes,
-            disaggregate_min_tokens=w.disaggregate_min_tokens,
-            short_prompt_max_in_flight=w.short_prompt_max_in_flight,
-            backlog=Backlog(w.overflow_backlog_tokens, w.overflow_max_local_tokens),
-            share=EngineShare(w.balance_short_prompts),
+            FrontDoorSettings.from_config(w, self.engine_url),
+            client=self.upstream, metrics=self.front_metrics, router=self.router, health=self._health, keys=self.keys,
+            decode_down=self.decode_down,
         )
+        self.front_metrics.decode_engine_up.set_function(lambda: 0 if self.decode_down() else 1)
+
+    def decode_down(self) -> str:
+        """Why the decode engine cannot serve a request now ("" when it can): the front door fails over then."""
+        if self._reload_reason:
+            return f"reloading: {self._reload_reason}"
+        if not self.engine_serving:
+            return "loading"
+        silent = self.stall.silent_for(time.monotonic())
+        if silent >= DECODE_SILENT_S:
+            return f"not answering for {silent:.0f}s"
+        broken = self.router.decode_side_failure()
+        if broken is not None and broken.hop == "decode_engine":
+            return f"failing the canary ({broken.describe()})"
+        return ""
 
     def _health(self) -> tuple[str, bool, str]:
-        """What /health says: serving unless the decode engine itself fails the canary."""
-        broken = self.router.decode_side_failure()
-        serving = self.state.serving and not (broken is not None and broken.hop == "decode_engine")
-        return self.state.value, serving, self.reason
+        """What /health says: 200 while some engine can serve a request (the decode engine, or a prefill engine
+        by failover), so a load balancer keeps sending what can be served."""
+        if self.stopping or self.state.terminal:
+            return self.state.value, False, self.reason
+        down = self.decode_down()
+        can_fail_over = self.worker.failover_max_in_flight > 0 and bool(self.router.ready_prefills())
+        return self.state.value, not down or can_fail_over, self.reason
 
     # -- state -----------------------------------------------------------------------
     async def refresh_peers(self) -> None:
@@ -121,8 +136,11 @@ class DecodeWorker(EngineDaemon):
         self.router.peers_changed(changes)
         self.router.prefills_judged()
 
-    def problems(self) -> list[str]:
-        return ([self.engine_problem] if self.engine_problem else []) + self.router.problems()
+    def degraded_reason(self, problems: list[str]) -> str:
+        """What degraded means now: the decode engine computing prompts itself, or failing requests over."""
+        if self.decode_down():
+            return "; ".join(problems)
+        return "decode computes prompts itself: " + "; ".join(problems)
 
     def _update_state(self) -> None:
         # In the state file (disaggctl status): the prefill-workers whose KV path the last canary verified.
@@ -132,12 +150,24 @@ class DecodeWorker(EngineDaemon):
             return
         problems = self.problems()
         if problems:
-            self.set_state(State.DEGRADED, "decode computes prompts itself: " + "; ".join(problems))
+            self.set_state(State.DEGRADED, self.degraded_reason(problems))
         else:
             self.set_state(State.READY)
 
     async def start_up(self) -> None:
-        if not await self.start_serving(self.front_door.app(), "front door"):
+        # The front door first: from here on it answers (failover, or 503 + Retry-After) whatever the engine does.
+        w = self.worker
+        limits = EdgeLimits(keep_alive_s=w.keep_alive_timeout_s, header_timeout_s=w.header_timeout_s,
+                            max_connections=w.max_connections)
+        sock = await asyncio.to_thread(inherited_socket, self.name, self.api_host, w.port)
+        # The peers first: the requests waiting in a held socket's backlog fail over to a ready prefill engine
+        # the moment the front door opens (a restarted decode-worker knows nothing of them before this).
+        await self.refresh_peers()
+        await self.serve_http(EmbeddedServer(self.front_door.app(), self.api_host, w.port, name="front door",
+                                             drain_s=self.config.readiness.drain_timeout_s, limits=limits, sock=sock))
+        if await self.wait_for("lmcache-server") is None:
+            return
+        if not await self._engine_until_up(f"loading {self.config.model.name} on {self.worker.device}"):
             return
         try:
             waited = await self.wait_for(self.prefill_names, timeout_s=self.worker.prefill_wait_s)
@@ -153,7 +183,7 @@ class DecodeWorker(EngineDaemon):
         # Serving from here on: ready if the peers and the KV path are, degraded otherwise.
         problems = self.problems() if waited else ["prefill-worker not ready"]
         self.set_state(State.DEGRADED if problems else State.READY,
-                       "decode computes prompts itself: " + "; ".join(problems) if problems else "")
+                       self.degraded_reason(problems) if problems else "")
         self._canary_task = asyncio.create_task(self._canary_loop(), name="canary")
 
     async def run_canaries(self) -> None:
@@ -184,10 +214,10 @@ class DecodeWorker(EngineDaemon):
             failing = any(not r.ok for r in self.router.canary_results.values())
             try:
                 await asyncio.wait_for(check_now.wait(), min(interval, CANARY_RETRY_S) if failing else interval)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
             check_now.clear()
-            if self.stopping or not self.state.serving:
+            if self.stopping or not self.state.serving or not self.engine_serving:
                 continue
             try:
                 await self.run_canaries()
@@ -212,19 +242,128 @@ class DecodeWorker(EngineDaemon):
         if progress is not None and progress != self._progress_at_first_failure and broken.hop == "decode_engine":
             return  # busy, not wedged: it computes, only slower than the canary's deadline
         if self.decode_side_failures >= self.config.kv_path.restart_after_failures:
-            self._fatal = (f"decode engine failed {self.decode_side_failures} canaries in a row "
-                           f"({broken.describe()}); exiting to be restarted with a fresh engine")
+            self.reload_engine(f"it failed {self.decode_side_failures} canaries in a row ({broken.describe()})")
+
+    def apply_config(self, new: Config, changed: dict[str, str]) -> set[str]:
+        """Live: the front door's settings (deadlines, admission limits, routing thresholds, failover, migration)
+        and the API keys (the file re-read, or another file)."""
+        worker = new.worker(self.kind, self.id.instance)
+        assert isinstance(worker, DecodeWorkerConfig)
+        prefix = f"decode_worker.instances.{self.id.instance}." if self.id.instance else "decode_worker."
+        live = {f"{prefix}{f.name}" for f in fields(FrontDoorSettings) if f.name != "engine_url"}
+        live |= {f"decode_worker.{f.name}" for f in fields(FrontDoorSettings)}
+        door = self.front_door
+        door.settings = FrontDoorSettings.from_config(worker, self.engine_url)
+        s = door.settings
+        door.admission.resize(s.max_concurrent_requests, s.max_queued_requests, s.queue_timeout_s)
+        door.backlog.overflow_backlog_tokens = s.overflow_backlog_tokens
+        door.backlog.overflow_max_local_tokens = s.overflow_max_local_tokens
+        door.share.enabled = s.balance_short_prompts
+        applied = {key for key in changed if key in live}
+        keys_key = f"{prefix}api_keys_file"
+        try:
+            keys = ApiKeys(worker.api_keys_file) if keys_key in changed else self.keys
+            if keys is self.keys and keys.path is not None:
+                keys.reload()
+        except ConfigError as exc:
+            log.error("reload: API keys: %s; the keys loaded before stay", exc)
+        else:
+            self.keys = door.keys = keys
+            applied |= {keys_key} & set(changed)
+        self.worker = worker
+        return applied
 
     async def check(self) -> bool:
         if self._fatal:
             raise DaemonFailed(self._fatal)
         self.keys.reload_if_changed()
-        ok = await self.engine_ok()
+        ok = True
+        if self.engine_serving and self._reload_task is None:
+            try:
+                ok = await self.engine_ok()
+            except DaemonFailed as exc:  # the engine died or is wedged: restart it here, the front door stays open
+                self.reload_engine(str(exc))
         await self.refresh_peers()
         self._update_state()
         return ok
 
+    # -- the engine, kept up in place ----------------------------------------------------------
+    def problems(self) -> list[str]:
+        down = self.decode_down() if self.engine_serving or self._reload_reason else ""
+        engine = [f"decode engine {down}: requests fail over to prefill engines"] if down else []
+        if not down and self.engine_problem:
+            engine = [self.engine_problem]
+        return engine + self.router.problems()
+
+    def reload_engine(self, why: str) -> None:
+        """Restart the decode engine in the background (once at a time); the front door fails over meanwhile."""
+        if self._reload_task is not None or self.stopping:
+            return
+        log.warning("decode engine must restart: %s", why)
+        self._reload_reason = why
+        self.engine_serving = False
+        self.decode_side_failures = 0
+        self._progress_at_first_failure = None
+        self._update_state()
+        self._reload_task = asyncio.create_task(self._reload(why), name="engine-reload")
+
+    async def _reload(self, why: str) -> None:
+        try:
+            self.front_metrics.engine_reloads.inc()
+            await self.child.stop(self.config.readiness.drain_timeout_s)
+            if await self._engine_until_up(f"reloading the decode engine ({why})"):
+                log.info("decode engine back after a restart in place: checking the KV path")
+                self.router.check_now.set()
+        except DaemonFailed as exc:
+            self._fatal = str(exc)
+        except Exception as exc:  # noqa: BLE001 - whatever it was, the daemon cannot go on without an engine
+            log.exception("engine reload failed")
+            self._fatal = f"decode engine reload failed: {type(exc).__name__}: {exc}"
+        finally:
+            self._reload_reason = ""
+            self._reload_task = None
+            self._update_state()
+
+    def _spend_restart(self, why: str) -> None:
+        """Count one engine (re)start against the budget; DaemonFailed when it is spent."""
+        now = time.monotonic()
+        window = self.worker.engine_restart_window_s
+        while self._reloads and now - self._reloads[0] > window:
+            self._reloads.popleft()
+        if len(self._reloads) >= self.worker.engine_restart_limit:
+            raise DaemonFailed(f"decode engine restarted {len(self._reloads)} times within {window:.0f}s "
+                               f"(engine_restart_limit), now: {why}; exiting to be restarted")
+        self._reloads.append(now)
+
+    async def _engine_until_up(self, what: str) -> bool:
+        """Start the engine until it is healthy; each failed start costs one restart of the budget (then a
+        backoff: 1, 2, 4, ... 30 s). False if asked to stop first; DaemonFailed when the budget is spent."""
+        failures = 0
+        while not self.stopping:
+            try:
+                if not await self.start_child(what):
+                    return False
+            except (DaemonFailed, TimeoutError) as exc:
+                failures += 1
+                self._spend_restart(str(exc))
+                backoff = min(ENGINE_BACKOFF_MAX_S, 2.0 ** (failures - 1))
+                log.warning("decode engine did not start (%s): again in %.0fs", exc, backoff)
+                self._reload_reason = self._reload_reason or str(exc)
+                await self.child.stop(self.config.readiness.drain_timeout_s)
+                if await self.sleep_unless_stopped(backoff):
+                    return False
+                continue
+            self.stall = StallDetector(self.config.kv_path.engine_stall_timeout_s)
+            self.engine_problem = ""
+            self.engine_serving = True
+            self._reload_reason = ""
+            return True
+        return False
+
     async def shut_down(self) -> None:
+        if self._reload_task is not None:
+            self._reload_task.cancel()
+            await asyncio.gather(self._reload_task, return_exceptions=True)
         if self._canary_task is not None:
             self._canary_task.cancel()
             await asyncio.gather(self._canary_task, return_exceptions=True)

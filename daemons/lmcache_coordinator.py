@@ -16,12 +16,12 @@ from pathlib import Path
 
 import httpx
 
-from .child import ChildProcess
-from .child_daemon import ChildDaemon
-from .cli import run_daemon
-from .config import Config, ConfigError
-from .engine import engine_env
-from .states import State
+from daemons.children.child import ChildProcess
+from daemons.children.child_daemon import ChildDaemon
+from daemons.children.engine import engine_env
+from daemons.config import Config, ConfigError
+from daemons.runtime.cli import run_daemon
+from daemons.runtime.states import State
 
 
 def coordinator_argv(config: Config) -> list[str]:

@@ -13,13 +13,13 @@ from pathlib import Path
 
 import httpx
 
-from .child import ChildProcess
-from .child_daemon import ChildDaemon
-from .cli import run_daemon
-from .config import Config
-from .engine import engine_env
-from .statefile import endpoint_accepts
-from .states import State
+from daemons.children.child import ChildProcess
+from daemons.children.child_daemon import ChildDaemon
+from daemons.children.engine import engine_env
+from daemons.config import Config
+from daemons.runtime.cli import run_daemon
+from daemons.runtime.statefile import endpoint_accepts
+from daemons.runtime.states import State
 
 
 def lmcache_argv(config: Config, instance_id: str = "") -> list[str]:
@@ -68,7 +68,8 @@ class LMCacheServer(ChildDaemon):
         # last process (and its transfer engine's port) connects afresh instead of keeping a stale link.
         self.instance_id = f"{config.host_id}.{int(time.time() * 1000):x}" if config.cluster is not None else ""
         self.child = ChildProcess(
-            "lmcache", lmcache_argv(config, self.instance_id), log_path=Path(config.log_dir) / "lmcache-server.log", env=env
+            "lmcache", lmcache_argv(config, self.instance_id), log_path=Path(config.log_dir) / "lmcache-server.log",
+            env=env, port=config.lmcache.port,
         )
         self.child_startup_timeout_s = config.lmcache.startup_timeout_s
         self.http_url = f"http://{config.lmcache.host}:{config.lmcache.http_port}"

@@ -1,33 +1,18 @@
-"""Prometheus metrics: one registry per daemon, injected so tests get a fresh one.
+"""The metric catalogue of the request path: what prefill-worker and the front door export.
 
-Each daemon's /metrics serves its own registry plus, re-exposed, the metric
-families of its child (an engine's ``vllm:*`` as ``vllm_*``, LMCache's
-``lmcache_*``), filtered by prefix so that names never collide.
+Label values come from :mod:`daemons.names`; every metric here is listed, with its help text, in the generated
+``docs/reference/metrics.md``. What every daemon exports and the /metrics page are in
+:mod:`daemons.runtime.exposition`. Registries are injected, so tests get a fresh one.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
 
-import httpx
 import prometheus_client
-from prometheus_client import (
-    CONTENT_TYPE_LATEST,
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    Info,
-    ProcessCollector,
-    generate_latest,
-)
-from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import PlainTextResponse, Response
-from starlette.routing import Route
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from .statefile import State
+from daemons.names import CanaryHop, ErrorKind, FallbackReason, RecomputeReason, RequestPath
 
 log = logging.getLogger(__name__)
 
@@ -40,46 +25,11 @@ ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1
 TOKEN_BUCKETS = (16, 64, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
 
 
-FALLBACK_REASONS = (
-    "lmcache_unavailable", "prefill_unavailable", "prefill_timeout", "prefill_unreachable", "prefill_lost",
-    "prefill_error", "prefill_rejected", "kv_path_broken",
-)
-ERROR_KINDS = ("bad_request", "too_large", "unauthorized", "overloaded", "client_gone", "engine_unavailable",
-               "stream_broken", "decode_timeout")
-# How a request's prompt reached the decode engine (x-disagg-path).
-PATHS = ("disaggregated", "recomputed", "fallback", "short_prompt", "prefill_busy", "decode_busy")
-RECOMPUTE_REASONS = ("kv_not_stored", "kv_not_loaded", "no_full_chunk")
-CANARY_RESULTS = ("ok", "prefill", "lmcache_store", "decode_engine", "decode_load", "p2p_fetch")
-
-
-class DaemonMetrics:
-    """What every daemon exports."""
-
-    def __init__(self, daemon: str, registry: CollectorRegistry, *, version: str, digest: str) -> None:
-        self.registry = registry
-        ProcessCollector(registry=registry)
-        Info("disagg_build", "Version and config digest of this daemon.", registry=registry).info(
-            {"daemon": daemon, "version": version, "config_digest": digest}
-        )
-        self.ready = Gauge("disagg_ready", "1 when the daemon serves (ready or degraded), else 0.", registry=registry)
-        self.state = Gauge(
-            "disagg_state", "1 for the daemon's current state, 0 for the others.", ["state"], registry=registry
-        )
-        self.readiness_seconds = Gauge(
-            "disagg_readiness_seconds", "Seconds from process start to first ready.", registry=registry
-        )
-        self.dependency_wait_seconds = Gauge(
-            "disagg_dependency_wait_seconds", "Seconds spent waiting for a dependency at start.",
-            ["dependency"], registry=registry,
-        )
-        self.starts = Gauge(
-            "disagg_starts", "Times this daemon has started with this runtime dir (restarts + 1).", registry=registry
-        )
-
-    def set_state(self, state: State) -> None:
-        self.ready.set(1 if state.serving else 0)
-        for s in State:
-            self.state.labels(state=s.value).set(1 if s is state else 0)
+FALLBACK_REASONS = tuple(r.value for r in FallbackReason)
+ERROR_KINDS = tuple(k.value for k in ErrorKind)
+PATHS = tuple(p.value for p in RequestPath)
+RECOMPUTE_REASONS = tuple(r.value for r in RecomputeReason)
+CANARY_RESULTS = tuple(h.value for h in CanaryHop)
 
 
 class PrefillMetrics:
@@ -168,12 +118,8 @@ class FrontDoorMetrics:
         )
         self.paths = Counter(
             "disagg_request_paths",
-            "Answered requests by the path their prompt took: disaggregated (decode loaded every full chunk "
-            "from LMCache), recomputed (prefill ran but decode computed the prompt anyway), fallback "
-            "(decode computed it, prefill skipped or failed), short_prompt (shorter than disaggregate_min_tokens: "
-            "decode computed it, by design), prefill_busy (prefill calls in flight held overflow_backlog_tokens: "
-            "decode computed it, by design), decode_busy (short, under load, the decode engine busier: a prefill "
-            "engine served it start to end, by design).",
+            "Answered requests by the path their prompt took (x-disagg-path; its values are listed in "
+            "docs/reference/metrics.md).",
             ["path"], registry=registry,
         )
         self.recomputes = Counter(
@@ -191,6 +137,19 @@ class FrontDoorMetrics:
             "disagg_kv_path_canary_duration_seconds", "Time of one KV-path canary.",
             buckets=LATENCY_BUCKETS, registry=registry,
         )
+        self.decode_engine_up = Gauge(
+            "disagg_decode_engine_up", "1 while the decode engine serves; 0 while it loads, reloads or is "
+            "silent (requests then fail over to a prefill engine).", registry=registry)
+        self.engine_reloads = Counter(
+            "disagg_decode_engine_reloads", "Times decode-worker restarted its engine in place (it died, was wedged "
+            "or failed the canary at the decode side).", registry=registry)
+        self.failover_in_flight = Gauge(
+            "disagg_failover_in_flight", "Requests being served whole by a prefill engine because the decode engine "
+            "cannot (path failover).", registry=registry)
+        self.migrations = Counter(
+            "disagg_request_migrations", "Streams whose engine broke mid-way, by outcome: continued on another "
+            "engine from the tokens generated so far, or failed (ended with an error event).", ["outcome"],
+            registry=registry)
         self.lmcache_restarts = Counter(
             "disagg_lmcache_server_restarts_seen",
             "Times this decode-worker saw lmcache-server come back as a new process.", registry=registry,
@@ -210,6 +169,8 @@ class FrontDoorMetrics:
             self.prefill_call.labels(outcome=outcome)
         for kind in ERROR_KINDS:
             self.errors.labels(kind=kind)
+        for outcome in ("continued", "failed"):
+            self.migrations.labels(outcome=outcome)
 
     def count_usage(self, usage: object) -> None:
         """Count one answer's ``usage``: prompt tokens by source (LMCache or computed), generated tokens."""
@@ -228,82 +189,3 @@ class FrontDoorMetrics:
         self.generated_tokens.inc(generated)
 
 
-_SAMPLE_SUFFIXES = ("", "_bucket", "_sum", "_count", "_total", "_created", "_info")
-
-
-def _family_names(text: str) -> dict[str, str]:
-    """Family name -> type, from the ``# TYPE`` lines."""
-    types = {}
-    for line in text.splitlines():
-        if line.startswith("# TYPE "):
-            parts = line.split(" ")
-            if len(parts) >= 4:
-                types[parts[2]] = parts[3]
-    return types
-
-
-def _exposed_name(family: str, kind: str, rename: dict[str, str]) -> str:
-    for old, new in rename.items():
-        if family.startswith(old):
-            family = new + family[len(old):]
-            break
-    if kind != "counter" and family.endswith("_total"):
-        family = family[: -len("_total")]  # `_total` is for counters only
-    return family
-
-
-def filter_families(text: str, prefixes: tuple[str, ...], rename: dict[str, str] | None = None) -> str:
-    """Keep only the metric families whose names start with one of ``prefixes``.
-
-    Names are made to follow Prometheus naming on the way: ``rename`` maps a name
-    prefix to another (vLLM's ``vllm:`` becomes ``vllm_``: colons are reserved for
-    recording rules), a non-counter family loses a ``_total`` suffix, and
-    ``*_created`` series are dropped."""
-    types = _family_names(text)
-    exposed = {f: _exposed_name(f, t, rename or {}) for f, t in types.items() if f.startswith(prefixes)}
-    out = []
-    for line in text.splitlines():
-        if line.startswith("# HELP ") or line.startswith("# TYPE "):
-            name = line.split(" ", 3)[2]
-            family = name
-        elif line.startswith("#") or not line.strip():
-            continue
-        else:
-            name = line.split("{", 1)[0].split(" ", 1)[0]
-            family = next((f for f in exposed if name.startswith(f) and name[len(f):] in _SAMPLE_SUFFIXES), name)
-        if not name.startswith(prefixes) or name.endswith("_created"):
-            continue
-        if family in exposed:
-            line = line.replace(name, exposed[family] + name[len(family):], 1)
-        elif rename:
-            for old, new in rename.items():
-                if name.startswith(old):
-                    line = line.replace(name, new + name[len(old):], 1)
-                    break
-        out.append(line)
-    return "\n".join(out) + ("\n" if out else "")
-
-
-def metrics_app(registry: CollectorRegistry, extra: Callable[[], Awaitable[str]],
-                routes: list[Route] | None = None) -> Starlette:
-    async def metrics(_: Request) -> Response:
-        body = generate_latest(registry).decode()
-        try:
-            body += await extra()
-        except Exception as exc:  # noqa: BLE001 - our own metrics must still be served
-            log.debug("bridged metrics unavailable: %s", exc)
-        return Response(body, media_type=CONTENT_TYPE_LATEST)
-
-    async def root(_: Request) -> Response:
-        return PlainTextResponse("metrics at /metrics\n")
-
-    return Starlette(routes=[Route("/metrics", metrics), Route("/", root), *(routes or [])])
-
-
-async def scrape(
-    client: httpx.AsyncClient, url: str, prefixes: tuple[str, ...], rename: dict[str, str] | None = None
-) -> str:
-    """Fetch a child's /metrics and filter it."""
-    resp = await client.get(url, timeout=3.0)
-    resp.raise_for_status()
-    return filter_families(resp.text, prefixes, rename)

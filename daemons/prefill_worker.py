@@ -6,14 +6,14 @@ streaming: computing the prompt pushes its KV into LMCache, where the decode
 engine picks it up. ``/whole/v1/...`` passes a request to the engine as it is
 (streamed or not) and relays the answer untouched: the front door's path
 ``decode_busy``, a short prompt served start to end here while the decode engine
-is busier (:mod:`daemons.engine_share`).
+is busier (:mod:`daemons.routing.engine_share`).
 
 The engine answers as soon as it has computed the prompt, but its connector
 stores the KV into LMCache asynchronously: on a GPU the store lands a few
 milliseconds *after* the answer, and a decode engine that looked then found
 nothing and recomputed the whole prompt. So a prefill call is answered only
 once LMCache holds the prompt's full chunks (asked with LMCache's own lookup,
-see :mod:`daemons.kv_lookup`), or when ``kv_path.store_timeout_s`` has passed;
+see :mod:`daemons.kv.kv_lookup`), or when ``kv_path.store_timeout_s`` has passed;
 either way the answer says how many tokens are stored:
 
   x-disagg-kv-expected-tokens: full-chunk tokens of the prompt
@@ -29,8 +29,8 @@ import logging
 import random
 import sys
 import time
-from pathlib import Path
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -39,19 +39,20 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from .canary import canary_prompt, vocabulary
-from .config import Config
-from .disconnect import ClientGone, unless_disconnected
-from .kv_lookup import KVLookup
-from .cli import run_daemon
-from .metrics import PrefillMetrics
-from .request_limits import BadRequest, parse_json_object, read_body
-from .sse_relay import BROKEN_STREAM_EVENT, ClosingStreamingResponse
-from .request_limits import request_id as checked_request_id
-from .lifecycle import DaemonFailed
-from .states import State
-from .upstream import Upstream, UpstreamError
-from .worker import EngineDaemon, openai_error
+from daemons.children.worker import EngineDaemon
+from daemons.config import Config
+from daemons.edge.disconnect import ClientGone, unless_disconnected
+from daemons.edge.errors import openai_error
+from daemons.edge.request_limits import BadRequest, parse_json_object, read_body
+from daemons.edge.request_limits import request_id as checked_request_id
+from daemons.edge.sse_relay import BROKEN_STREAM_EVENT, ClosingStreamingResponse
+from daemons.edge.upstream import Upstream, UpstreamError
+from daemons.kv.canary import canary_prompt, vocabulary
+from daemons.kv.kv_lookup import KVLookup
+from daemons.metrics import PrefillMetrics
+from daemons.runtime.cli import run_daemon
+from daemons.runtime.lifecycle import DaemonFailed
+from daemons.runtime.states import State
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +118,7 @@ class PrefillWorker(EngineDaemon):
     @property
     def api_host(self) -> str:
         # One box: loopback (config check). Several hosts: the private address, for the decode hosts.
-        return self.config.address_of(self.name)
+        return self.config.listen_address(self.name)
 
     async def start_up(self) -> None:
         if not await self.start_serving(self.app(), "prefill API"):

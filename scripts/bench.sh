@@ -20,22 +20,22 @@ else
     FD_ARGS="--clients 16 --duration 10 --repeat 3"; LENGTHS=300,600,1000,2000,4000; REPEAT=3
     GP_ARGS="--in 1000 --out 32 --rates 0.25,0.5,1,2 --duration 30"
 fi
-if ! $PY -m daemons.ctl --config "$CONFIG" wait-ready --timeout 1 >/dev/null 2>&1; then
+if ! $PY -m daemons.ops.ctl --config "$CONFIG" wait-ready --timeout 1 >/dev/null 2>&1; then
     echo "== starting the stack ($CONFIG)"
-    $PY -m daemons.ctl --config "$CONFIG" up
-    trap '$PY -m daemons.ctl --config "$CONFIG" down' EXIT
-    $PY -m daemons.ctl --config "$CONFIG" wait-ready --fail-fast --timeout 900
+    $PY -m daemons.ops.ctl --config "$CONFIG" up
+    trap '$PY -m daemons.ops.ctl --config "$CONFIG" down' EXIT
+    $PY -m daemons.ops.ctl --config "$CONFIG" wait-ready --fail-fast --timeout 900
 fi
 echo "== front door vs vLLM's toy PD proxy (fake engine)"
-$PY benchmarks/frontdoor_overhead.py $FD_ARGS | tee "$OUT/frontdoor_overhead.txt"
+$PY -m benchmarks.frontdoor_overhead $FD_ARGS | tee "$OUT/frontdoor_overhead.txt"
 echo "== KV reuse: decode TTFT with KV from LMCache vs recompute"
-$PY benchmarks/kv_reuse.py --config "$CONFIG" --lengths $LENGTHS --repeat $REPEAT | tee "$OUT/kv_reuse-cpu.txt"
-$PY benchmarks/plot_ttft.py --png "$OUT/ttft-cpu.png" "CPU ($(nproc) cores)=$OUT/kv_reuse-cpu.txt"
+$PY -m benchmarks.kv_reuse --config "$CONFIG" --lengths $LENGTHS --repeat $REPEAT | tee "$OUT/kv_reuse-cpu.txt"
+$PY -m benchmarks.plot_ttft --png "$OUT/ttft-cpu.png" "CPU ($(nproc) cores)=$OUT/kv_reuse-cpu.txt"
 echo "== goodput of the stack's front door (Poisson arrivals; CPU: ours only, no colocated baseline)"
 read -r PORT MODEL < <($PY -c "from daemons.config import load_config, config_path
 c = load_config(config_path('$CONFIG')); print(c.decode_worker.port, c.model.name)")
 rm -f "$OUT/goodput-cpu.jsonl"
-$PY benchmarks/goodput.py --url "http://127.0.0.1:$PORT" --model "$MODEL" --label "ours (CPU)" --ttft-s 10 --itl-s 1 \
+$PY -m benchmarks.goodput --url "http://127.0.0.1:$PORT" --model "$MODEL" --label "ours (CPU)" --ttft-s 10 --itl-s 1 \
     --vocab 900 $GP_ARGS --json "$OUT/goodput-cpu.jsonl" | grep -v '^{'
-$PY benchmarks/goodput.py --plot "$OUT/goodput-cpu.jsonl" --png "$OUT/goodput-cpu.png" --slo 10:p90:1
+$PY -m benchmarks.goodput --plot "$OUT/goodput-cpu.jsonl" --png "$OUT/goodput-cpu.png" --slo 10:p90:1
 echo "results in $OUT"

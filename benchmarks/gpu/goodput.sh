@@ -16,26 +16,26 @@ RATES_LONG=${RATES_LONG:-1,2,3,4,6,8}
 RATES_SHORT=${RATES_SHORT:-2,4,6,8,10,12}
 DUR=${DUR:-20}
 sweep() {  # label urls
-  [ "${RATES_LONG}" = none ] || timeout ${SWEEP_TIMEOUT:-200} python3 benchmarks/goodput.py --url "$2" --label "$1" --in 4000 --out 200 \
+  [ "${RATES_LONG}" = none ] || timeout ${SWEEP_TIMEOUT:-200} python3 -m benchmarks.goodput --url "$2" --label "$1" --in 4000 --out 200 \
     --rates $RATES_LONG --duration $DUR --json $OUT/goodput.jsonl --itls-out $OUT/itls --model m | tee -a $OUT/goodput.txt
-  [ "${RATES_SHORT}" = none ] || timeout ${SWEEP_TIMEOUT:-200} python3 benchmarks/goodput.py --url "$2" --label "$1" --in 1000 --out 200 \
+  [ "${RATES_SHORT}" = none ] || timeout ${SWEEP_TIMEOUT:-200} python3 -m benchmarks.goodput --url "$2" --label "$1" --in 1000 --out 200 \
     --rates $RATES_SHORT --duration $DUR --json $OUT/goodput.jsonl --itls-out $OUT/itls --model m | tee -a $OUT/goodput.txt
 }
 if [ $PART != plain ]; then
   sed -i 's|served_name: .*|served_name: m|' $CFG
-  python3 -m daemons.ctl --config $CFG check-config || exit 1
+  python3 -m daemons.ops.ctl --config $CFG check-config || exit 1
   t0=$(date +%s)
   for d in lmcache_server prefill_worker decode_worker; do
     setsid python3 -m daemons.$d --config $CFG > $LOG/$d.out 2>&1 &
   done
-  python3 -m daemons.ctl --config $CFG wait-ready --fail-fast --timeout ${READY_TIMEOUT:-300}; rc=$?
+  python3 -m daemons.ops.ctl --config $CFG wait-ready --fail-fast --timeout ${READY_TIMEOUT:-300}; rc=$?
   echo "== our stack ready after $(( $(date +%s) - t0 ))s (rc $rc)" | tee -a $OUT/goodput.txt
   if [ $rc -eq 0 ]; then
-    [ "${CROSS:-}" = none ] || timeout 120 python3 benchmarks/kv_reuse.py --config $CFG --lengths ${CROSS:-500,1000,1500,2000,3000} --repeat ${CROSS_REPEAT:-3} \
+    [ "${CROSS:-}" = none ] || timeout 120 python3 -m benchmarks.kv_reuse --config $CFG --lengths ${CROSS:-500,1000,1500,2000,3000} --repeat ${CROSS_REPEAT:-3} \
       | tee $OUT/crossover.txt
     # LMCache's own L1 (CPU) -> L0 (GPU) load and store rates, per request, GB/s
     curl -s 127.0.0.1:9100/metrics | grep -E "^lmcache_mp_l0_l1_" | tee $OUT/lmcache-l0l1.txt
-    timeout 60 python3 benchmarks/gpu_interference.py copy-rate | tee -a $OUT/goodput.txt
+    timeout 60 python3 -m benchmarks.gpu_interference copy-rate | tee -a $OUT/goodput.txt
     sweep "${OURS_LABEL:-disagg}" http://127.0.0.1:8000
     curl -s 127.0.0.1:9102/metrics | grep -E "^disagg_(request_paths_total|fallbacks_total)" | grep -v " 0.0$" | tee -a $OUT/goodput.txt
     curl -s 127.0.0.1:9101/metrics | grep -E "^disagg_prefill_store_wait_seconds_(sum|count)" | tee -a $OUT/goodput.txt

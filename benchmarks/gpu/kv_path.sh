@@ -1,26 +1,16 @@
 #!/bin/bash
 # Runs on the lent two-GPU machine (see README.md here): the three daemons from
 # etc/disagg-gpu.yaml, then benchmarks/gpu_kv_path.py (sequential, concurrent,
-# the store race, kill -9 of lmcache-server under load). Results: README, Performance.
+# the store race, kill -9 of lmcache-server under load). Results: docs/performance.md.
 set -u
 . "$(dirname "$0")/env.sh"
 # supervisord, as `disaggctl up` runs it: it looks for the console scripts beside
 # sys.executable, so put wrappers there (a symlinked python would lose the image's venv).
-PY=$(python3 -c 'import sys; print(sys.executable)'); B=$(dirname "$PY")
-for d in lmcache-server prefill-worker decode-worker; do
-  printf '#!/bin/sh\nexec %s -m daemons.%s "$@"\n' $PY ${d//-/_} > $B/disagg-$d
-done
-for s in supervisord supervisorctl; do printf '#!/bin/sh\nexec %s -m supervisor.%s "$@"\n' $PY $s > $B/$s; done
-chmod +x $B/disagg-* $B/supervisord $B/supervisorctl
-t0=$(date +%s)
-$PY -m daemons.ctl --config $CFG up || exit 1
-python3 -m daemons.ctl --config $CFG wait-ready --fail-fast --timeout ${READY_TIMEOUT:-420}; rc=$?
-echo "== start to all ready (canary included): $(( $(date +%s) - t0 ))s (rc $rc)"
-python3 -m daemons.ctl --config $CFG status
+. "$(dirname "$0")/stack.sh"
 grep -h "canary via" $LOG/decode-worker.out | head -3
 if [ $rc -eq 0 ]; then
   timeout 480 $PY -m benchmarks.gpu_kv_path --config $CFG
-  python3 -m daemons.ctl --config $CFG wait-ready --timeout 120 >/dev/null; python3 -m daemons.ctl --config $CFG status
+  python3 -m daemons.ops.ctl --config $CFG wait-ready --timeout 120 >/dev/null; python3 -m daemons.ops.ctl --config $CFG status
   echo "== connector health flips in the engines' logs (false trips of mq_timeout/heartbeat under load?)"
   grep -c "unhealthy" $LOG/*engine.log
   curl -s 127.0.0.1:9101/metrics | grep -E "^disagg_prefill_(store_wait_seconds_(sum|count)|kv_tokens_total)"
@@ -32,7 +22,7 @@ ss -ltnp 2>/dev/null | grep -E "python|lmcache|vllm" | awk '{print $4}' | sort -
 echo "== kill -9 of prefill-worker: no process of its engine tree may survive it"
 $PY - <<'PY'
 import json, os, signal, time
-from daemons.child import descendants
+from daemons.children.child import descendants
 rec = json.load(open("/tmp/disagg/run/prefill-worker.json"))
 tree = [rec["pid"], *descendants(rec["pid"])]
 os.kill(rec["pid"], signal.SIGKILL)
@@ -43,5 +33,5 @@ while alive() and time.monotonic() < deadline:
 print(f"tree of {len(tree)} processes; left after kill -9 of the daemon: {alive()} ({time.monotonic() - deadline + 30:.1f}s)")
 PY
 nvidia-smi --query-compute-apps=pid,used_memory --format=csv 2>/dev/null | head -5
-$PY -m daemons.ctl --config $CFG down
+$PY -m daemons.ops.ctl --config $CFG down
 cd $LOG && tar -czf $OUT/logs.tgz . 2>/dev/null; ls -la $OUT

@@ -30,7 +30,7 @@ os.environ["DISAGG_STRICT_TRANSITIONS"] = "1"
 
 def ctl(config: Path, *words: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "daemons.ctl", "--config", str(config), *words],
+        [sys.executable, "-m", "daemons.ops.ctl", "--config", str(config), *words],
         capture_output=True, text=True, timeout=timeout, cwd=REPO,
     )
 
@@ -52,7 +52,7 @@ def write_config(directory: Path, **overrides: dict) -> Path:
 @pytest.fixture(scope="session")
 def model_dir() -> Path:
     if not (MODEL_DIR / "config.json").exists():
-        from daemons.make_model import make_model
+        from daemons.ops.make_model import make_model
 
         make_model(MODEL_DIR)
     return MODEL_DIR
@@ -69,7 +69,7 @@ class Stack:
 
     def supervisorctl(self, *words: str) -> str:
         from daemons.config import load_config
-        from daemons.ctl import supervisorctl
+        from daemons.ops.ctl import supervisorctl
 
         proc = supervisorctl(load_config(self.config, require_model=False), *words)
         return proc.stdout + proc.stderr
@@ -138,21 +138,11 @@ def wait_http_ok(url: str, proc: subprocess.Popen, log: Path, timeout: float, wh
         time.sleep(0.5)
 
 
-def metric_value(text: str, name: str, labels: str = "") -> float:
-    """Sum of the samples of ``name`` whose label set contains ``labels``."""
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name + "{") or line.startswith(name + " "):
-            if labels in line:
-                total += float(line.rsplit(" ", 1)[1])
-    return total
-
-
 def words_prompt(seed: int, n_words: int) -> str:
     """A deterministic prompt of ordinary words, distinct per seed."""
     import random
 
-    from daemons.make_model import _WORDS
+    from daemons.ops.make_model import _WORDS
 
     rng = random.Random(seed)
     return f"Request {seed}. " + " ".join(rng.choice(_WORDS) for _ in range(n_words))

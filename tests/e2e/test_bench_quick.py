@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 
-from benchmarks.plot_ttft import rows
+from benchmarks.harness.kv_reuse_table import rows
 
 from .conftest import REPO
 

@@ -17,11 +17,12 @@ from pathlib import Path
 import httpx
 import pytest
 
-from daemons.child import descendants
+from benchmarks.harness.scrape import metric_value
+from daemons.children.child import descendants
 from daemons.config import load_config
-from daemons.statefile import read_state
+from daemons.runtime.statefile import read_state
 
-from .conftest import PORTS, metric_value, words_prompt
+from .conftest import PORTS, words_prompt
 
 pytestmark = pytest.mark.stack
 FRONT = ("127.0.0.1", PORTS["decode_worker"]["port"])

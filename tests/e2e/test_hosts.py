@@ -19,9 +19,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from .conftest import metric_value, words_prompt
-from .netns import available
-from .two_hosts import API_KEY, DECODE_ADDR, REQUEST_TIMEOUT_S, Cluster
+from benchmarks.harness.netns import available
+from benchmarks.harness.scrape import metric_value
+from benchmarks.harness.two_hosts import API_KEY, DECODE_ADDR, REQUEST_TIMEOUT_S, Cluster
+
+from .conftest import words_prompt
 
 pytestmark = pytest.mark.stack
 FRONT_DOOR = f"http://{DECODE_ADDR}:8000"
@@ -73,7 +75,7 @@ class Clients:
             i += 1
             self._stop.wait(self.pause_s)
 
-    def __enter__(self) -> "Clients":
+    def __enter__(self) -> Clients:
         for t in self._threads:
             t.start()
         return self

@@ -14,10 +14,11 @@ from pathlib import Path
 import httpx
 import pytest
 
+from benchmarks.harness.scrape import metric_value
 from daemons.config import load_config
-from daemons.statefile import read_state
+from daemons.runtime.statefile import read_state
 
-from .conftest import PORTS, ctl, metric_value, words_prompt, write_config
+from .conftest import PORTS, ctl, words_prompt, write_config
 
 BIN = Path(sys.executable).parent
 OFFSET = 3000  # ports 21000-22112: below the ephemeral range (32768+), where vLLM binds random ports

@@ -14,7 +14,9 @@ import httpx
 import pytest
 import yaml
 
-from .conftest import PORTS, REPO, metric_value, wait_http_ok, words_prompt
+from benchmarks.harness.scrape import metric_value
+
+from .conftest import PORTS, REPO, wait_http_ok, words_prompt
 
 PROM_DIR = REPO / "deploy" / "prometheus"
 DASHBOARD = REPO / "deploy" / "grafana" / "disagg-dashboard.json"

@@ -19,14 +19,17 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 import httpx
 import pytest
 import yaml
 
-from daemons.install import render_unit, unit_files
+from daemons.config import load_config
+from daemons.ops.install import render_unit, unit_files
 
 from .conftest import PORTS, REPO, write_config
 
@@ -101,8 +104,9 @@ def booted(tmp_path_factory):
 
 def stage_units(pid: int, staging: Path, config: Path) -> None:
     staging.mkdir()
+    loaded = load_config(config)
     for unit in unit_files():
-        (staging / unit.name).write_text(render_unit(unit, str(Path(sys.executable).parent)))
+        (staging / unit.name).write_text(render_unit(unit, str(Path(sys.executable).parent), loaded))
     drop_in = ["[Service]", f"Environment=DISAGG_CONFIG={config}", "User=root", "Group=root",
                "ProtectHome=read-only"]
     if str(REPO).startswith(("/tmp/", "/var/tmp/")):
@@ -147,6 +151,40 @@ def test_systemctl_start_target_gates_on_readiness_and_stop_drains(booted, model
                    json={"model": "tiny-llama", "prompt": "Hello, how are you?" * 300, "max_tokens": 2},
                    timeout=300, trust_env=False)
     assert r.status_code == 200 and r.headers["x-disagg-path"] == "disaggregated", r.text
+    journal = ns(pid, "journalctl", "--no-pager", "-u", "disagg-decode-worker").stdout
+    assert "from systemd socket activation" in journal, journal[-3000:]
+
+    # A planned restart of decode-worker under a client: its socket belongs to systemd, so connections made
+    # while no process listens wait in the backlog, and the new process (front door first, failover while its
+    # engine loads) answers them. Nothing is refused, nothing fails.
+    seen: list[str] = []
+    stop = threading.Event()
+
+    def client() -> None:
+        url = f"http://127.0.0.1:{PORTS['decode_worker']['port'] + OFFSET}/v1/completions"
+        body = {"model": "tiny-llama", "prompt": "Hello, how are you?" * 20, "max_tokens": 2}
+        with httpx.Client(trust_env=False, timeout=120) as c:
+            while not stop.is_set():
+                try:
+                    resp = c.post(url, json=body)
+                    seen.append(str(resp.status_code))
+                except httpx.ConnectError:
+                    seen.append("refused")
+                except httpx.HTTPError as exc:
+                    seen.append(type(exc).__name__)
+                time.sleep(0.2)
+
+    thread = threading.Thread(target=client, daemon=True)
+    thread.start()
+    time.sleep(2)
+    restart = ns(pid, "systemctl", "restart", "disagg-decode-worker.service", timeout=600)
+    time.sleep(3)
+    stop.set()
+    thread.join(130)
+    assert restart.returncode == 0, restart.stderr
+    assert show(pid, "disagg-decode-worker.socket", "ActiveState")["ActiveState"] == "active"
+    assert seen and set(seen) == {"200"}, Counter(seen)
+    print(f"restart of decode-worker under a client: {len(seen)} requests, {Counter(seen)}")
 
     assert ns(pid, "systemctl", "stop", "disagg.target", timeout=400).returncode == 0
     deadline = time.monotonic() + 180

@@ -4,6 +4,7 @@ ready, WATCHDOG=1 at half of WatchdogSec, STOPPING=1 then exit 0 on SIGTERM."""
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import shlex
@@ -40,7 +41,7 @@ class NotifyListener:
         while not self._stop.is_set():
             try:
                 data = self.sock.recv(65536)
-            except socket.timeout:
+            except TimeoutError:
                 continue
             for line in data.decode().splitlines():
                 self.messages.append((time.monotonic(), line))
@@ -120,7 +121,7 @@ def test_sd_notify_protocol_as_systemd_runs_the_units(notify_config, tmp_path):
         time.sleep(6)
         pings = [t for t, m in pf_listener.messages if m == "WATCHDOG=1" and t > pf_ready]
         assert len(pings) >= 4
-        gaps = [b - a for a, b in zip(pings, pings[1:])]
+        gaps = [b - a for a, b in itertools.pairwise(pings)]
         assert 0.7 < statistics.median(gaps) < 1.5, gaps
         # SIGTERM: STOPPING=1, then a clean exit; the engine child goes with it.
         for proc, listener in ((pf, pf_listener), (lm, lm_listener)):

@@ -15,7 +15,7 @@ from typing import Any
 
 import httpx
 
-from daemons.upstream import Answer, UpstreamError, UpstreamTimeout
+from daemons.edge.upstream import Answer, UpstreamError, UpstreamTimeout
 
 
 class FakeStream:
@@ -61,7 +61,7 @@ class FakeUpstream:
 
         try:
             return await asyncio.wait_for(call(), timeout_s)
-        except (httpx.TimeoutException, asyncio.TimeoutError) as exc:
+        except (TimeoutError, httpx.TimeoutException) as exc:
             raise UpstreamTimeout(repr(exc)) from exc
         except httpx.HTTPError as exc:
             raise UpstreamError(repr(exc)) from exc

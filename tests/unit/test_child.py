@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from daemons.child import ChildProcess, descendants
+from daemons.children.child import ChildProcess, descendants
 
 # A child that starts a grandchild and ignores SIGTERM, like a wedged engine.
 STUBBORN = ("import subprocess, signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
@@ -56,7 +56,7 @@ def test_stop_reaches_a_sigstopped_child(tmp_path: Path) -> None:
 DAEMON = """
 import asyncio, sys, time
 from pathlib import Path
-from daemons.child import ChildProcess, descendants
+from daemons.children.child import ChildProcess, descendants
 child = ChildProcess("engine", [sys.executable, "-c", {grandparent!r}], log_path=Path({log!r}))
 child.start()
 while len(descendants(child.pid)) < 3:
@@ -106,3 +106,108 @@ def test_when_the_engine_dies_its_orphans_die_with_it(tmp_path: Path) -> None:
     while child.alive() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not child.alive() and "killed by signal 9" in child.exit_reason()
+
+
+def wait_until(condition, what: str, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"not within {timeout:.0f}s: {what}"
+        time.sleep(0.05)
+
+
+def test_a_killed_keeper_takes_the_child_along_and_what_it_left_is_killed_before_the_next_start(
+        tmp_path: Path) -> None:
+    from daemons.children.strays import tagged
+
+    child, _ = start(tmp_path)
+    wait_until(lambda: len(descendants(child.pid or 0)) >= 2, "the child started its grandchild")
+    below = descendants(child.pid or 0)
+    main = child.main_pid
+    assert main is not None
+    os.kill(child.pid or 0, signal.SIGKILL)  # the keeper, as `kill -9` of it
+    wait_until(lambda: not running(main), "the child died with its keeper (parent-death signal)")
+    grandchild = [pid for pid in below if pid != main]
+    assert grandchild and tagged(child.tag) == [p for p in grandchild if running(p)]  # found by its tag
+    assert child.reap_strays() and not [p for p in grandchild if running(p)]
+    child.start()  # a new start finds nothing left
+    try:
+        assert all(p in child.tree() for p in tagged(child.tag))
+    finally:
+        asyncio.run(child.stop(grace_s=0.5))
+    assert tagged(child.tag) == []
+
+
+def test_a_stranger_on_the_childs_port_is_named_and_nothing_is_started(tmp_path: Path) -> None:
+    import socket
+
+    from daemons.children.child import PortHeld
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        port = sock.getsockname()[1]
+        child = ChildProcess("engine", [sys.executable, "-c", "pass"], log_path=tmp_path / "e.log", port=port)
+        try:
+            child.start()
+        except PortHeld as exc:
+            assert f"port {port} is held by pid {os.getpid()}" in str(exc)
+        else:
+            raise AssertionError("started against a stranger's port")
+        assert child.proc is None
+
+
+def test_sighup_stops_neither_the_keeper_nor_the_child(tmp_path: Path) -> None:
+    child, _ = start(tmp_path)
+    try:
+        main = child.main_pid
+        assert main is not None
+        os.kill(child.pid or 0, signal.SIGHUP)
+        os.kill(main, signal.SIGHUP)
+        time.sleep(0.5)
+        assert child.alive() and running(main)
+    finally:
+        asyncio.run(child.stop(grace_s=0.5))
+
+
+def test_a_failure_reason_quotes_only_this_starts_lines(tmp_path: Path) -> None:
+    log = tmp_path / "engine.log"
+    log.write_text("(APIServer pid=2057) ERROR EngineDeadError from an earlier process\n")
+    child = ChildProcess("engine", [sys.executable, "-c", "import sys; sys.exit(3)"], log_path=log)
+    child.start()
+    wait_until(lambda: not child.alive(), "the child exited")
+    reason = child.exit_reason()
+    assert "exited with status 3" in reason and "2057" not in reason
+
+
+def test_a_tagged_process_of_another_network_namespace_is_never_taken_for_ours(tmp_path: Path) -> None:
+    """Hosts simulated on one machine (tests/e2e/test_hosts.py) see each other's processes, with the same
+    paths bind-mounted: a child's tag alone would make one host's lmcache-server kill the other's."""
+    import pytest
+
+    from daemons.children.strays import TAG_ENV, tagged
+
+    tag = f"test-{os.getpid()}-{time.time_ns()}"
+    env = {**os.environ, TAG_ENV: tag}
+    other = subprocess.Popen(["unshare", "--net", "sleep", "30"], env=env)
+    try:
+        deadline = time.monotonic() + 5
+        while not below_any(other.pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if other.poll() is not None:
+            pytest.skip("unshare --net is not allowed here")
+        here = subprocess.Popen(["sleep", "30"], env=env)
+        try:
+            wait_until(lambda: tagged(tag) == [here.pid], "only the process of this namespace is ours")
+        finally:
+            here.kill()
+            here.wait()
+    finally:
+        other.kill()
+        other.wait()
+
+
+def below_any(pid: int) -> bool:
+    try:
+        return os.readlink(f"/proc/{pid}/ns/net") != os.readlink("/proc/self/ns/net")
+    except OSError:
+        return False

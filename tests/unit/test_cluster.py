@@ -9,16 +9,16 @@ from pathlib import Path
 import pytest
 import yaml
 
-from daemons.canary import CanaryResult
+from daemons.children.engine import kv_transfer_config
 from daemons.config import ConfigError, load_config
 from daemons.decode_worker import p2p_peers
-from daemons.digest import config_digest
-from daemons.engine import kv_transfer_config
+from daemons.kv.canary import CanaryResult
 from daemons.lmcache_coordinator import coordinator_argv
 from daemons.lmcache_server import lmcache_argv
-from daemons.remote_state import judge, state_route
-from daemons.statefile import PeerView, StateRecord
-from daemons.states import State
+from daemons.runtime.digest import config_digest
+from daemons.runtime.remote_state import judge, state_route
+from daemons.runtime.statefile import PeerView, StateRecord
+from daemons.runtime.states import State
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -58,7 +58,7 @@ def test_each_host_runs_only_its_daemons_and_binds_its_private_address(tmp_path,
     # The decode host reaches the prefill API at the prefill host's address; LMCache's HTTP API stays on loopback.
     assert decode.address_of("prefill-worker") == "10.9.0.2" and not decode.is_local("prefill-worker")
     argv = lmcache_argv(prefill, "p1.abc")
-    flags = dict(zip(argv[4::2], argv[5::2]))
+    flags = dict(zip(argv[4::2], argv[5::2], strict=True))
     assert flags["--host"] == "10.9.0.2" and flags["--http-host"] == "127.0.0.1"
     assert flags["--coordinator-url"] == "http://10.9.0.1:9300"
     assert flags["--p2p-advertise-url"] == "10.9.0.2:8555" and flags["--instance-id"] == "p1.abc"
@@ -119,8 +119,8 @@ def test_bad_cluster_layouts_are_config_errors(tmp_path, model_dir, change, mess
 
 
 def test_a_daemon_refuses_to_run_on_a_host_that_does_not_run_it(tmp_path, model_dir, monkeypatch):
-    from daemons.cli import run_daemon
     from daemons.decode_worker import DecodeWorker
+    from daemons.runtime.cli import run_daemon
 
     d = doc(model_dir)
     d["runtime_dir"] = str(tmp_path / "run")
@@ -130,7 +130,7 @@ def test_a_daemon_refuses_to_run_on_a_host_that_does_not_run_it(tmp_path, model_
 
 
 def test_supervisord_config_holds_only_this_hosts_programs(tmp_path, model_dir):
-    from daemons.ctl import render_supervisor_conf
+    from daemons.ops.ctl import render_supervisor_conf
 
     config = load(tmp_path, doc(model_dir))
     prefill = render_supervisor_conf(config.on_host("p1"))
@@ -200,7 +200,7 @@ def test_kv_that_does_not_cross_hosts_is_blamed_on_the_link_only_without_a_p2p_p
 
 
 def test_install_lets_confined_units_reach_the_private_network(tmp_path, model_dir):
-    from daemons.install import plan_install
+    from daemons.ops.install import plan_install
 
     path = tmp_path / "disagg.yaml"
     path.write_text(yaml.safe_dump(doc(model_dir)))
@@ -214,7 +214,7 @@ def test_install_lets_confined_units_reach_the_private_network(tmp_path, model_d
 
 
 def test_runs_here_decides_which_units_start(tmp_path, model_dir, capsys):
-    from daemons.ctl import main
+    from daemons.ops.ctl import main
 
     path = tmp_path / "disagg.yaml"
     path.write_text(yaml.safe_dump(doc(model_dir)))

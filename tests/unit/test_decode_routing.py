@@ -11,13 +11,13 @@ from pathlib import Path
 import httpx
 import pytest
 
-from daemons.canary import CanaryResult
+from daemons.children.stall import EngineLoad
 from daemons.config import parse_config
 from daemons.decode_worker import DecodeWorker
+from daemons.kv.canary import CanaryResult
 from daemons.metrics import FALLBACK_REASONS
-from daemons.prefill_router import PrefillChoice
-from daemons.stall import EngineLoad
-from daemons.statefile import PeerView, State, StateRecord
+from daemons.routing.prefill_router import PrefillChoice
+from daemons.runtime.statefile import PeerView, State, StateRecord
 
 from .fakes import FakeUpstream
 
@@ -40,6 +40,7 @@ def worker(tmp_path: Path) -> DecodeWorker:
     w = DecodeWorker(parse_config(doc, tmp_path / "disagg.yaml"), strict=True)
     for state in (State.LOADING, State.WAITING, State.READY):
         w.set_state(state)
+    w.engine_serving = True  # as if its engine had started
     set_peers(w)
     return w
 
@@ -79,12 +80,28 @@ def test_requests_skip_prefill_when_no_prefill_worker_works(worker: DecodeWorker
     assert worker.router.choose() == PrefillChoice(skip="kv_path_broken")
 
 
-def test_a_decode_side_break_skips_prefill_and_only_a_silent_engine_fails_health(worker: DecodeWorker) -> None:
+def test_a_decode_side_break_through_one_prefill_worker_takes_that_one_out_of_rotation(worker: DecodeWorker) -> None:
+    # The canary through p1 passed: the decode engine loads KV, so p0's path is what broke.
     worker.router.canary_results = {P0: broken("decode_load"), P1: ok()}
+    assert {worker.router.choose().url for _ in range(4)} == {"http://127.0.0.1:8110"}
+    assert worker.router.decode_side_failure() is None and worker.decode_down() == ""
+    assert worker._health()[1] is True
+
+
+def test_a_decode_side_break_through_every_prefill_worker_skips_prefill(worker: DecodeWorker) -> None:
+    worker.router.canary_results = {P0: broken("decode_load"), P1: broken("decode_load")}
     assert worker.router.choose().skip == "kv_path_broken"
-    assert worker._health()[1] is True  # it still serves (decode computes the prompts)
-    worker.router.canary_results = {P0: broken("decode_engine"), P1: ok()}
-    assert worker._health()[1] is False  # a load balancer should move away
+    assert worker.decode_down() == ""  # it answers: it computes the prompts itself
+    assert worker._health()[1] is True
+
+
+def test_a_decode_engine_that_does_not_answer_fails_over_and_health_says_whether_anything_can_serve(
+        worker: DecodeWorker, tmp_path: Path) -> None:
+    worker.router.canary_results = {P0: broken("decode_engine"), P1: broken("decode_engine")}
+    assert "failing the canary" in worker.decode_down()
+    assert worker._health()[1] is True  # prefill engines serve it whole (failover)
+    worker.worker = worker.worker.model_copy(update={"failover_max_in_flight": 0})
+    assert worker._health()[1] is False  # no engine can serve: a load balancer should move away
 
 
 def test_all_canaries_ok_means_no_problem(worker: DecodeWorker) -> None:
@@ -103,14 +120,22 @@ def judge(worker: DecodeWorker, loads: list[EngineLoad | None]) -> None:
         asyncio.run(worker._judge_decode_side())
 
 
-def test_decode_side_failures_with_no_progress_end_in_an_exit(worker: DecodeWorker) -> None:
+def test_decode_side_failures_with_no_progress_restart_the_engine_in_place(worker: DecodeWorker) -> None:
+    reloads: list[str] = []
+    worker.reload_engine = reloads.append  # type: ignore[method-assign]
     worker.router.canary_results = {P0: broken("decode_load"), P1: broken("decode_load")}
     judge(worker, [EngineLoad(1, 100.0)] * 2)
-    assert worker._fatal is None  # two in a row: not yet
+    assert reloads == []  # two in a row: not yet
     judge(worker, [EngineLoad(1, 100.0)])
-    assert worker._fatal is not None and "3 canaries in a row" in worker._fatal
-    with pytest.raises(Exception, match="exiting to be restarted"):
-        asyncio.run(worker.check())
+    assert len(reloads) == 1 and "3 canaries in a row" in reloads[0]
+    assert worker._fatal is None  # the daemon goes on: its front door stays open
+
+
+def test_the_engine_restart_budget_is_spent_then_the_daemon_exits(worker: DecodeWorker) -> None:
+    for i in range(worker.worker.engine_restart_limit):
+        worker._spend_restart(f"death {i}")
+    with pytest.raises(Exception, match="restarted 5 times within 600s"):
+        worker._spend_restart("one more")
 
 
 def test_a_busy_decode_engine_is_not_restarted_for_slow_canaries(worker: DecodeWorker) -> None:
@@ -209,3 +234,86 @@ def test_a_prefill_call_to_a_worker_found_unusable_falls_back_at_once(worker: De
     outcome, took = asyncio.run(scenario())
     assert outcome.headers() == {"x-disagg-path": "fallback", "x-disagg-fallback-reason": "prefill_lost"}  # type: ignore[attr-defined]
     assert took < 5 and fallbacks(worker, "prefill_lost") == 1
+
+
+def test_a_prefill_call_to_a_draining_worker_is_not_abandoned_and_no_new_call_goes_there(worker: DecodeWorker) -> None:
+    """A prefill-worker that drains (a deploy) finishes the calls it has; only new calls avoid it."""
+    worker.router.canary_results = {P0: ok(), P1: ok()}
+    release = asyncio.Event()
+    answer = {"choices": [{"text": "x"}], "usage": {"prompt_tokens": 1}}
+
+    async def held(request: httpx.Request) -> httpx.Response:
+        await release.wait()
+        return httpx.Response(200, json=answer, headers={"x-disagg-kv-expected-tokens": "0"})
+
+    door = worker.front_door
+    door.client = FakeUpstream(held)
+
+    async def scenario() -> tuple[object, set[str]]:
+        call = asyncio.create_task(door.prefill("/v1/completions", {"prompt": "x"}, "req"))
+        for _ in range(200):
+            if door.client.requests:
+                break
+            await asyncio.sleep(0.01)
+        target = door.client.requests[-1].url.port
+        name = P0 if target == 8100 else P1
+        views = {n: worker.peers.views[n] for n in worker.peers.names}
+        views[name] = PeerView(name, "draining", False, "finishing in-flight requests", views[name].record)
+        worker.peers.assess = lambda n: views[n]  # type: ignore[method-assign]
+        await worker.refresh_peers()
+        await asyncio.sleep(0.1)
+        assert not call.done()  # still waiting on the draining worker: not abandoned
+        chosen = {worker.router.choose().daemon for _ in range(4)}
+        release.set()
+        return await asyncio.wait_for(call, 5), chosen
+
+    outcome, chosen = asyncio.run(scenario())
+    assert outcome.path == "disaggregated"  # type: ignore[attr-defined]
+    assert fallbacks(worker, "prefill_lost") == 0 and len(chosen) == 1  # new calls go to the other one
+
+
+def test_sighup_applies_the_front_doors_settings_live_and_names_what_needs_a_restart(tmp_path: Path) -> None:
+    import yaml
+
+    from daemons.config import load_config
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"vocab_size": 1000}))
+    doc = {"runtime_dir": str(tmp_path / "run"), "log_dir": str(tmp_path / "log"), "model": {"path": str(model)},
+           "prefill_worker": {"kv_cache_memory_bytes": 1 << 28},
+           "decode_worker": {"kv_cache_memory_bytes": 1 << 28, "request_timeout_s": 600,
+                             "max_concurrent_requests": 8}}
+    path = tmp_path / "disagg.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    w = DecodeWorker(load_config(path), strict=True)
+    doc["decode_worker"].update(request_timeout_s=300, max_concurrent_requests=2, failover_max_in_flight=3)
+    doc["lmcache"] = {"chunk_size": 128}
+    path.write_text(yaml.safe_dump(doc))
+    pending = asyncio.run(w.reload_config())
+    assert pending == ["lmcache.chunk_size"] and w.details["restart_needed_for"] == pending
+    s = w.front_door.settings
+    assert (s.request_timeout_s, s.max_concurrent_requests, s.failover_max_in_flight) == (300, 2, 3)
+    assert w.front_door.admission.max_concurrent == 2
+    path.write_text("decode_worker: [not, a, mapping\n")  # a broken file: the running config stays
+    assert asyncio.run(w.reload_config()) == []
+    assert w.front_door.settings.request_timeout_s == 300
+
+
+def test_admission_limits_change_live() -> None:
+    from daemons.edge.admission import Admission, Overloaded
+
+    async def scenario() -> None:
+        adm = Admission(2, 0, 0.1)
+        await adm.acquire()
+        await adm.acquire()
+        adm.resize(1, 0, 0.1)  # lower than in use: the next release is withheld
+        adm.release()
+        with pytest.raises(Overloaded):
+            await adm.acquire()
+        adm.resize(3, 0, 0.1)
+        await adm.acquire()
+        await adm.acquire()
+        assert adm.active == 3
+
+    asyncio.run(scenario())

@@ -5,9 +5,9 @@ against the real stack in tests/e2e/test_edge.py."""
 from __future__ import annotations
 
 import asyncio
-import socket
 import json
 import os
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -15,13 +15,13 @@ import httpx
 import pytest
 from prometheus_client import CollectorRegistry
 
-from daemons.admission import Admission, Overloaded
-from daemons.auth import ApiKeyError, ApiKeys
-from daemons.frontdoor import FrontDoor
+from daemons.edge.admission import Admission, Overloaded
+from daemons.edge.auth import ApiKeyError, ApiKeys
+from daemons.edge.frontdoor import FrontDoor, FrontDoorSettings
+from daemons.edge.upstream import Upstream
 from daemons.metrics import FrontDoorMetrics
-from daemons.peers import Peers
-from daemons.prefill_router import PrefillRouter
-from daemons.upstream import Upstream
+from daemons.routing.prefill_router import PrefillRouter
+from daemons.runtime.peers import Peers
 
 from .fakes import FakeUpstream
 
@@ -32,8 +32,11 @@ def front_door(tmp_path: Path, engine: httpx.MockTransport | None = None, **kw: 
     metrics = FrontDoorMetrics(CollectorRegistry())
     router = PrefillRouter([], Peers(tmp_path, 5, expect_digest=None), metrics)  # no prefill: fallback
     transport = engine or httpx.MockTransport(lambda r: httpx.Response(200, json=ENGINE_ANSWER))
-    return FrontDoor(engine_url="http://engine", client=FakeUpstream(transport.handler), metrics=metrics,
-                     router=router, prefill_timeout_s=5, health=lambda: ("ready", True, ""), **kw)
+    keys = kw.pop("keys", None)
+    kw.setdefault("disaggregate_min_tokens", 0)  # these prompts are short: send them to prefill anyway
+    settings = FrontDoorSettings(engine_url="http://engine", prefill_timeout_s=5, **kw)
+    return FrontDoor(settings, client=FakeUpstream(transport.handler), metrics=metrics, router=router,
+                     health=lambda: ("ready", True, ""), keys=keys)
 
 
 async def post(door: FrontDoor, body: bytes | None = None, headers: dict[str, Any] | None = None,
@@ -63,7 +66,10 @@ def test_a_body_over_the_limit_is_413_before_it_is_read(tmp_path: Path) -> None:
 
 def test_deep_nesting_is_400_not_500(tmp_path: Path) -> None:
     door = front_door(tmp_path)
-    for body in (b"[" * 100_000, json.dumps({"prompt": "x", "a": [[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[1]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]}).encode()):
+    deep: object = 1
+    for _ in range(33):
+        deep = [deep]
+    for body in (b"[" * 100_000, json.dumps({"prompt": "x", "a": deep}).encode()):
         resp = asyncio.run(post(door, body))
         assert resp.status_code == 400 and "nested too deeply" in resp.json()["error"]["message"]
 
@@ -158,7 +164,8 @@ def test_overload_is_429_with_retry_after(tmp_path: Path) -> None:
         return httpx.Response(200, json=ENGINE_ANSWER)
 
     async def scenario() -> list[int]:
-        door = front_door(tmp_path, httpx.MockTransport(slow_engine), admission=Admission(2, 2, 30))
+        door = front_door(tmp_path, httpx.MockTransport(slow_engine), max_concurrent_requests=2, max_queued_requests=2,
+                          queue_timeout_s=30)
         tasks = [asyncio.create_task(post(door)) for _ in range(8)]
         await asyncio.sleep(0.3)
         release.set()
@@ -260,7 +267,7 @@ def test_lmcache_http_api_is_bound_to_loopback(tmp_path: Path) -> None:
 
 
 def test_a_local_client_finds_a_key_to_send(tmp_path: Path) -> None:
-    from daemons.auth import client_key
+    from daemons.edge.auth import client_key
 
     keys_file = tmp_path / "keys"
     keys_file.write_text("# header\nfile-key\n")
@@ -272,7 +279,7 @@ def test_a_local_client_finds_a_key_to_send(tmp_path: Path) -> None:
 def test_a_prefill_call_past_its_deadline_closes_the_connection_to_prefill_worker(tmp_path: Path) -> None:
     """The front door gives up on a slow prefill: prefill-worker must see its caller go (then it aborts
     the engine's request, tested above), or the prefill engine computes a prompt nobody will use."""
-    from daemons.prefill_router import PrefillChoice
+    from daemons.routing.prefill_router import PrefillChoice
 
     async def scenario() -> None:
         got_request, saw_close = asyncio.Event(), asyncio.Event()
@@ -303,7 +310,7 @@ def test_a_prefill_call_past_its_deadline_closes_the_connection_to_prefill_worke
 
 def test_upstream_relays_events_whole_even_when_a_character_spans_two_chunks() -> None:
     """A real aiohttp round trip: an engine that sends an event split inside a multi-byte character."""
-    from daemons.upstream import UpstreamError
+    from daemons.edge.upstream import UpstreamError
 
     event = 'data: {"choices": [{"text": "caf\u00e9 \u2603"}]}'.encode()
     cut = event.index("\u2603".encode()) + 1  # inside the snowman's three bytes
@@ -339,9 +346,9 @@ def test_prefill_worker_relays_a_whole_request_and_ends_a_broken_stream_with_an_
     """/whole/v1/... (path decode_busy) through a real aiohttp round trip: the engine's events pass untouched,
     and an engine whose stream breaks mid-way leaves the caller one error event, not a silent end."""
     from daemons.config import parse_config
+    from daemons.edge.sse_relay import BROKEN_STREAM_EVENT
     from daemons.prefill_worker import PrefillWorker
-    from daemons.httpserver import EmbeddedServer
-    from daemons.sse_relay import BROKEN_STREAM_EVENT
+    from daemons.runtime.httpserver import EmbeddedServer
 
     model = tmp_path / "model"
     model.mkdir()

@@ -1,4 +1,4 @@
-"""Short prompts under load go whole to the less busy engine (daemons.engine_share), with fakes:
+"""Short prompts under load go whole to the less busy engine (daemons.routing.engine_share), with fakes:
 the rule itself, and a front door whose engines hold their requests until the test lets them go."""
 
 from __future__ import annotations
@@ -11,11 +11,10 @@ import httpx
 import pytest
 from prometheus_client import CollectorRegistry
 
-from daemons.admission import Admission
-from daemons.engine_share import EngineShare
-from daemons.frontdoor import FrontDoor
+from daemons.edge.frontdoor import FrontDoor, FrontDoorSettings
 from daemons.metrics import FrontDoorMetrics
-from daemons.prefill_router import PrefillChoice, PrefillOutcome
+from daemons.routing.engine_share import EngineShare
+from daemons.routing.prefill_router import PrefillChoice, PrefillOutcome
 
 from .fakes import FakeUpstream
 
@@ -63,10 +62,11 @@ class OnePrefill:
 def door_with(handler: Any, *, balance: bool = True) -> tuple[FrontDoor, FrontDoorMetrics, OnePrefill]:
     metrics = FrontDoorMetrics(CollectorRegistry())
     router = OnePrefill()
-    door = FrontDoor(engine_url="http://engine", client=FakeUpstream(handler), metrics=metrics,
-                     router=router, prefill_timeout_s=30, health=lambda: ("ready", True, ""),  # type: ignore
-                     admission=Admission(64, 64, 10.0), disaggregate_min_tokens=500, short_prompt_max_in_flight=1,
-                     share=EngineShare(balance))
+    settings = FrontDoorSettings(engine_url="http://engine", prefill_timeout_s=30, max_concurrent_requests=64,
+                                 max_queued_requests=64, queue_timeout_s=10.0, disaggregate_min_tokens=500,
+                                 short_prompt_max_in_flight=1, balance_short_prompts=balance)
+    door = FrontDoor(settings, client=FakeUpstream(handler), metrics=metrics, router=router,  # type: ignore
+                     health=lambda: ("ready", True, ""))
     return door, metrics, router
 
 
@@ -78,6 +78,13 @@ async def until(condition: Any, what: str) -> None:
     raise AssertionError(f"not reached within 2 s: {what}")
 
 
+def engine_answer(request: httpx.Request) -> httpx.Response:
+    """An engine's answer to ``request``: a stream if it asked for one."""
+    if json.loads(request.content).get("stream"):
+        return httpx.Response(200, text=STREAM, headers={"content-type": "text/event-stream"})
+    return httpx.Response(200, json=ANSWER)
+
+
 def test_under_load_short_prompts_alternate_between_the_engines_streamed_or_not() -> None:
     async def scenario() -> None:
         gate = asyncio.Event()
@@ -87,9 +94,7 @@ def test_under_load_short_prompts_alternate_between_the_engines_streamed_or_not(
             seen.append(f"{request.url.host}{request.url.path}")
             assert request.url.path.endswith("/v1/completions")
             await gate.wait()  # every engine is busy until the test says otherwise
-            if json.loads(request.content).get("stream"):
-                return httpx.Response(200, text=STREAM, headers={"content-type": "text/event-stream"})
-            return httpx.Response(200, json=ANSWER)
+            return engine_answer(request)
 
         door, metrics, router = door_with(handler)
         transport = httpx.ASGITransport(door.app())
@@ -98,7 +103,7 @@ def test_under_load_short_prompts_alternate_between_the_engines_streamed_or_not(
             for i in range(4):
                 body = {"model": "m", "prompt": list(range(100)), "max_tokens": 3, "stream": i % 2 == 1}
                 tasks.append(asyncio.create_task(client.post("/v1/completions", json=body)))
-                await until(lambda: len(seen) == i + 1, f"request {i} at an engine")
+                await until(lambda i=i: len(seen) == i + 1, f"request {i} at an engine")
             # quiet -> decode engine; then the less busy side each time: prefill, decode, prefill
             assert seen == ["engine/v1/completions", "prefill/whole/v1/completions",
                             "engine/v1/completions", "prefill/whole/v1/completions"]
@@ -129,9 +134,7 @@ def test_a_prefill_worker_that_cannot_serve_the_whole_request_leaves_it_to_the_d
                     raise httpx.ConnectError("connection refused")
                 return httpx.Response(503, json={"error": {"message": "prefill engine unavailable"}})
             await gate.wait()
-            if json.loads(request.content).get("stream"):
-                return httpx.Response(200, text=STREAM, headers={"content-type": "text/event-stream"})
-            return httpx.Response(200, json=ANSWER)
+            return engine_answer(request)
 
         door, metrics, router = door_with(handler)
         transport = httpx.ASGITransport(door.app())

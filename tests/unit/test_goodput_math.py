@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from benchmarks.goodput import REQUEST_FIELDS, Result, attainment_for, goodput, parse_slo, summarize, with_slo
+from benchmarks.harness.goodput_math import (
+    REQUEST_FIELDS,
+    Result,
+    attainment_for,
+    goodput,
+    parse_slo,
+    summarize,
+    with_slo,
+)
 
 
 def point(rate: float, requests: list[list[float] | None], attainment: float = 0.0) -> dict:
@@ -54,7 +62,7 @@ def test_summary_records_each_requests_own_itl_quantiles() -> None:
 
 
 def test_a_sweep_failing_at_its_lowest_rate_says_so_instead_of_zero() -> None:
-    from benchmarks.goodput import goodput_text
+    from benchmarks.harness.goodput_math import goodput_text
 
     bad = [5.0, 0.01, 0.01, 0.01, 0.01]
     slo = parse_slo("2:p90:0.1")

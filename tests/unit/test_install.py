@@ -22,9 +22,13 @@ def test_install_is_idempotent_and_reversible(tmp_path):
     assert first.returncode == 0, first.stderr
     units = tmp_path / "etc/systemd/system"
     assert sorted(p.name for p in units.iterdir()) == [
-        "disagg-decode-worker.service", "disagg-decode-worker@.service", "disagg-lmcache-coordinator.service",
-        "disagg-lmcache-server.service",
-        "disagg-prefill-worker.service", "disagg-prefill-worker@.service", "disagg.target"]
+        "disagg-decode-worker.service", "disagg-decode-worker.socket", "disagg-decode-worker@.service",
+        "disagg-lmcache-coordinator.service", "disagg-lmcache-server.service",
+        "disagg-prefill-worker.service", "disagg-prefill-worker.socket", "disagg-prefill-worker@.service",
+        "disagg.target"]
+    # The sockets listen where the installed config has the workers listen (the GPU config's front door).
+    assert "ListenStream=0.0.0.0:8000" in (units / "disagg-decode-worker.socket").read_text()
+    assert "ListenStream=127.0.0.1:8100" in (units / "disagg-prefill-worker.socket").read_text()
     assert "ExecStart=/srv/disagg/bin/disagg-decode-worker --config ${DISAGG_CONFIG}" in \
         (units / "disagg-decode-worker.service").read_text()
     assert "cuda:1" in (tmp_path / "etc/disagg/disagg.yaml").read_text()  # the GPU config by default

@@ -9,10 +9,10 @@ import json
 import httpx
 import pytest
 
-from daemons.canary import PathCanary, cached_tokens, vocabulary
-from daemons.prefill_router import PrefillOutcome
+from daemons.children.stall import EngineLoad, StallDetector, engine_load
+from daemons.kv.canary import PathCanary, cached_tokens, vocabulary
 from daemons.prefill_worker import as_prefill, prompt_token_ids
-from daemons.stall import EngineLoad, StallDetector, engine_load
+from daemons.routing.prefill_router import PrefillOutcome
 
 VLLM_METRICS = """\
 # HELP vllm:num_requests_running Number of requests in model execution batches.

@@ -14,12 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from daemons import states
 from daemons.config import Config, parse_config
-from daemons.httpserver import EmbeddedServer
-from daemons.lifecycle import Daemon, DaemonFailed
-from daemons.statefile import PeerView, StateRecord, read_state
-from daemons.states import IllegalTransition, Lifecycle, State
+from daemons.runtime import states
+from daemons.runtime.httpserver import EmbeddedServer
+from daemons.runtime.lifecycle import Daemon, DaemonFailed
+from daemons.runtime.statefile import PeerView, StateRecord, read_state
+from daemons.runtime.states import IllegalTransition, Lifecycle, State
 
 DEADLINE_S = 20.0  # no test here may take longer: a hang is a failure
 
@@ -40,8 +40,8 @@ class FakeDaemon(Daemon):
 
     kind = "prefill-worker"
 
-    def __init__(self, config: Config, *, start_up: Callable[["FakeDaemon"], Awaitable[None]],
-                 check: Callable[["FakeDaemon"], Awaitable[bool]] | None = None) -> None:
+    def __init__(self, config: Config, *, start_up: Callable[[FakeDaemon], Awaitable[None]],
+                 check: Callable[[FakeDaemon], Awaitable[bool]] | None = None) -> None:
         super().__init__(config, strict=True)
         self._start_up, self._check = start_up, check
         self.walked: list[State] = [self.state]  # where every daemon begins
@@ -255,3 +255,90 @@ def test_illegal_transitions_are_logged_and_refused_in_production(caplog: pytest
 def test_every_state_can_fail_until_terminal() -> None:
     for state in State:
         assert (State.FAILED in states.TRANSITIONS[state]) != state.terminal
+
+
+def test_a_drain_grace_keeps_serving_while_health_says_503_then_stops_accepting(config: Config, tmp_path: Path) -> None:
+    import socket
+
+    import httpx
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    cfg = config.model_copy(update={"readiness": config.readiness.model_copy(update={"drain_grace_s": 1.5})})
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    seen: list[tuple[float, int, int]] = []  # (time since SIGTERM, /health status, /work status)
+
+    async def serve_and_probe(d: FakeDaemon) -> None:
+        async def health(_):  # type: ignore[no-untyped-def]
+            return JSONResponse({}, status_code=200 if d.state.serving else 503)
+
+        async def work(_):  # type: ignore[no-untyped-def]
+            return JSONResponse({"ok": True})
+
+        app = Starlette(routes=[Route("/health", health), Route("/work", work)])
+        d.set_state(State.LOADING, "loading")
+        await d.serve_http(EmbeddedServer(app, "127.0.0.1", port, name="api", drain_s=1))
+        d.set_state(State.READY)
+        t0 = asyncio.get_running_loop().time()
+        os.kill(os.getpid(), signal.SIGTERM)
+
+        async def probe() -> None:
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=1) as client:
+                while True:
+                    now = asyncio.get_running_loop().time() - t0
+                    try:
+                        h, w = (await client.get("/health")).status_code, (await client.get("/work")).status_code
+                    except httpx.TransportError:
+                        seen.append((now, 0, 0))
+                        return
+                    seen.append((now, h, w))
+                    await asyncio.sleep(0.1)
+
+        asyncio.get_running_loop().create_task(probe())
+
+    d = FakeDaemon(cfg, start_up=serve_and_probe)
+    assert run(d) == 0
+    served = [(t, h, w) for t, h, w in seen if h]
+    assert served and all(h == 503 and w == 200 for _, h, w in served[1:])  # 503 for balancers, still serving
+    assert served[-1][0] >= 1.0  # for the grace, then connections are refused
+    assert seen[-1][1] == 0
+    assert d.walked[-2:] == [State.DRAINING, State.STOPPED]
+
+
+def test_sighup_reloads_and_the_daemon_goes_on(config: Config, tmp_path: Path) -> None:
+    import yaml
+
+    path = tmp_path / "disagg.yaml"
+    path.write_text(yaml.safe_dump(config.model_dump(mode="json", exclude={"source", "host_id"})))
+    from daemons.config import load_config
+
+    cfg = load_config(path)
+    reloads: list[list[str]] = []
+
+    async def serve_hup_then_stop(d: FakeDaemon) -> None:
+        d.set_state(State.LOADING, "loading")
+        d.set_state(State.READY)
+        doc = yaml.safe_load(path.read_text())
+        doc["readiness"]["drain_timeout_s"] = 2
+        path.write_text(yaml.safe_dump(doc))
+        original = d.reload_config
+
+        async def recorded() -> list[str]:
+            reloads.append(await original())
+            return reloads[-1]
+
+        d.reload_config = recorded  # type: ignore[method-assign]
+        os.kill(os.getpid(), signal.SIGHUP)
+        for _ in range(100):
+            if reloads:
+                break
+            await asyncio.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    d = FakeDaemon(cfg, start_up=serve_hup_then_stop)
+    assert run(d) == 0  # SIGHUP did not stop it; SIGTERM did
+    assert reloads == [["readiness.drain_timeout_s"]]  # nothing of it changes live: needs a restart
+    assert d.walked[-2:] == [State.DRAINING, State.STOPPED]

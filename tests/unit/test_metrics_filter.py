@@ -1,6 +1,6 @@
 """Re-exposed engine/LMCache metrics are filtered by family prefix."""
 
-from daemons.metrics import filter_families
+from daemons.runtime.exposition import filter_families
 
 TEXT = """# HELP python_gc_objects_collected_total Objects collected during gc
 # TYPE python_gc_objects_collected_total counter

@@ -11,10 +11,10 @@ import httpx
 import pytest
 from prometheus_client import CollectorRegistry
 
-from daemons.frontdoor import FrontDoor
+from daemons.edge.frontdoor import FrontDoor, FrontDoorSettings
 from daemons.metrics import FrontDoorMetrics
-from daemons.prefill_backlog import Backlog
-from daemons.prefill_router import PrefillChoice, PrefillOutcome
+from daemons.routing.prefill_backlog import Backlog
+from daemons.routing.prefill_router import PrefillChoice, PrefillOutcome
 
 from .fakes import FakeUpstream
 
@@ -85,9 +85,10 @@ def test_the_front_door_overflows_while_prefill_calls_are_stuck_and_stops_after(
 
         metrics = FrontDoorMetrics(CollectorRegistry())
         router = OnePrefill()
-        door = FrontDoor(engine_url="http://engine", client=FakeUpstream(handler), metrics=metrics,
-                         router=router, prefill_timeout_s=30, health=lambda: ("ready", True, ""),  # type: ignore
-                         backlog=Backlog(overflow_backlog_tokens=2000, overflow_max_local_tokens=1000))
+        settings = FrontDoorSettings(engine_url="http://engine", prefill_timeout_s=30, disaggregate_min_tokens=0,
+                                     overflow_backlog_tokens=2000, overflow_max_local_tokens=1000)
+        door = FrontDoor(settings, client=FakeUpstream(handler), metrics=metrics, router=router,  # type: ignore
+                         health=lambda: ("ready", True, ""))
         transport = httpx.ASGITransport(door.app())
         async with httpx.AsyncClient(transport=transport, base_url="http://door", timeout=10) as client:
             def send(max_tokens: int = 1) -> asyncio.Task[httpx.Response]:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import httpx
 
-from daemons.prompt_size import DEFAULT_BYTES_PER_TOKEN, MIN_SAMPLES, PromptSizer
+from daemons.routing.prompt_size import DEFAULT_BYTES_PER_TOKEN, MIN_SAMPLES, PromptSizer
 
 from .test_edge import front_door, post
 

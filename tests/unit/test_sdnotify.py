@@ -6,7 +6,7 @@ import uuid
 
 import pytest
 
-from daemons.sdnotify import SystemdNotifier, watchdog_interval_s
+from daemons.runtime.sdnotify import SystemdNotifier, watchdog_interval_s
 
 
 @pytest.fixture

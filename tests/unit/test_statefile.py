@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from daemons.statefile import State, StateRecord, assess, check_runtime_dir, read_state, state_path, write_state
+from daemons.runtime.statefile import State, StateRecord, assess, check_runtime_dir, read_state, state_path, write_state
 
 
 def record(daemon: str = "prefill-worker", **kw) -> StateRecord:

@@ -8,12 +8,12 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
-from daemons.metrics import DaemonMetrics
-from daemons.peers import Peers
-from daemons.sdnotify import SystemdNotifier
-from daemons.statefile import PeerView, StateRecord, read_state
-from daemons.states import State
-from daemons.status import StatusReporter
+from daemons.runtime.exposition import DaemonMetrics
+from daemons.runtime.peers import Peers
+from daemons.runtime.sdnotify import SystemdNotifier
+from daemons.runtime.statefile import PeerView, StateRecord, read_state
+from daemons.runtime.states import State
+from daemons.runtime.status import StatusReporter
 
 
 def reporter(tmp_path: Path, holder: dict[str, object]) -> StatusReporter:

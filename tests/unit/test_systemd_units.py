@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from daemons.install import UNIT_DIR, render_unit, unit_files
+from daemons.ops.install import UNIT_DIR, render_unit, unit_files
 
 pytestmark = pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed")
 SERVICES = [p for p in unit_files() if p.suffix == ".service"]
@@ -46,7 +46,7 @@ def test_readiness_and_restart_settings(unit):
     text = unit.read_text()
     for line in ("Type=notify", "RestartPreventExitStatus=78", "KillMode=control-group", "PartOf=disagg.target",
                  "RuntimeDirectory=disagg", "RuntimeDirectoryPreserve=yes", "Restart=on-failure",
-                 "EnvironmentFile=-/etc/default/disagg", "User=disagg"):
+                 "EnvironmentFile=-/etc/default/disagg", "User=disagg", "ExecReload=/bin/kill -HUP $MAINPID"):
         assert re.search(rf"^{re.escape(line)}$", text, re.M), line
     assert "PrivateDevices=yes" not in text  # it would hide /dev/nvidia*
     stop = int(re.search(r"^TimeoutStopSec=(\d+)$", text, re.M).group(1))
@@ -58,6 +58,11 @@ def test_readiness_and_restart_settings(unit):
 def test_ordering_is_readiness_gated():
     prefill = (UNIT_DIR / "disagg-prefill-worker.service").read_text()
     decode = (UNIT_DIR / "disagg-decode-worker.service").read_text()
-    assert "Requires=disagg-lmcache-server.service" in prefill and "After=disagg-lmcache-server.service" in prefill
-    assert "Requires=disagg-lmcache-server.service" in decode
+    # Ordered after lmcache-server (its READY=1), but not stopped or restarted with it.
+    assert "Wants=disagg-lmcache-server.service" in prefill and "After=disagg-lmcache-server.service" in prefill
+    assert "Wants=disagg-lmcache-server.service" in decode and "Requires=disagg-lmcache-server" not in decode
+    for unit, text in (("prefill", prefill), ("decode", decode)):  # their listening sockets belong to systemd
+        assert f"Requires=disagg-{unit}-worker.socket" in text and f"After=disagg-{unit}-worker.socket" in text
+        sock = (UNIT_DIR / f"disagg-{unit}-worker.socket").read_text()
+        assert f"FileDescriptorName={unit}-worker" in sock and "ListenStream=" in sock
     assert re.search(r"^After=.*disagg-prefill-worker.service", decode, re.M)

@@ -1,0 +1,227 @@
+"""A supervised child process (a vLLM engine or LMCache's server) and its whole tree.
+
+The child writes its output to a log file; when it dies, the last lines of that
+file explain why. It runs under :mod:`daemons.children.keeper`, which dies with the
+daemon (even a ``kill -9`` of it), is the subreaper of everything the child
+starts, and kills that whole tree when the child exits, so no vLLM EngineCore
+outlives its API server or its daemon. Everything stays in the daemon's
+process group, so supervisord's ``killasgroup`` and systemd's
+``KillMode=control-group`` reach it too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+
+from daemons.children import keeper, strays
+from daemons.children.keeper import below as descendants
+
+log = logging.getLogger(__name__)
+
+__all__ = ["ChildExited", "ChildProcess", "PortHeld", "descendants", "kill_all"]
+
+
+def kill_all(pids: list[int]) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+class ChildExited(RuntimeError):
+    """The child process exited while we waited for it."""
+
+
+class PortHeld(RuntimeError):
+    """The child's port is held by a process that is not the child's (a stranger): it would not bind."""
+
+
+class ChildProcess:
+    def __init__(self, name: str, argv: Sequence[str], *, log_path: Path, env: dict[str, str] | None = None,
+                 tag: str | None = None, port: int | None = None) -> None:
+        self.name = name
+        self.argv = list(argv)
+        self.log_path = Path(log_path)
+        self.env = env
+        # Every process of the child's tree carries the tag (strays.TAG_ENV): what an earlier start left
+        # behind is found by it and killed before this one starts. The port is where the child listens:
+        # held by a process without the tag, the child is not started (PortHeld names the holder).
+        self.tag = tag or f"{name}@{self.log_path.resolve()}"
+        self.port = port
+        self.proc: subprocess.Popen[bytes] | None = None  # the keeper
+        self.started_at = 0.0
+        self._main_pid: int | None = None
+        self._log_offset = 0  # where this start's output begins in the log file
+
+    def reap_strays(self) -> list[str]:
+        """Kill every live process of an earlier start of this child (outside today's tree); what was killed."""
+        mine = set(self.tree())
+        left = strays.tagged(self.tag, exclude=mine)
+        if not left:
+            return []
+        found = [strays.describe(pid) for pid in left]
+        log.warning("%s: killing %d process(es) left by an earlier start: %s", self.name, len(left), "; ".join(found))
+        strays.kill(left)
+        return found
+
+    def tree(self) -> list[int]:
+        """The keeper and every live process below it (empty when not running)."""
+        if not self.alive():
+            return []
+        assert self.proc is not None
+        return [self.proc.pid, *descendants(self.proc.pid)]
+
+    def port_stranger(self) -> str | None:
+        """Who holds the child's port if not the child itself ("pid N (cmd)"), else None."""
+        if self.port is None:
+            return None
+        holder = strays.port_holder(self.port)
+        if holder is None or holder in self.tree():
+            return None
+        if holder == -1:
+            return "a process this user cannot see"
+        return strays.describe(holder)
+
+    def start(self) -> None:
+        """Start the child under its keeper, after killing what an earlier start left; PortHeld when its port is
+        held by a stranger (nothing is started then)."""
+        self.reap_strays()
+        stranger = self.port_stranger()
+        if stranger is not None:
+            raise PortHeld(f"{self.name}: port {self.port} is held by {stranger}, not by a process of this daemon; "
+                           "stop it (or give this daemon another port)")
+        env = dict(self.env if self.env is not None else os.environ)
+        env[strays.TAG_ENV] = self.tag
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("ab") as out:
+            out.write(f"\n=== {time.strftime('%Y-%m-%dT%H:%M:%S')} starting: {' '.join(self.argv)}\n".encode())
+            out.flush()
+            self._log_offset = out.tell()
+            # -S: the keeper needs only the standard library; it runs by path, needing no install.
+            self.proc = subprocess.Popen(
+                [sys.executable, "-S", keeper.__file__, *self.argv],
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=env,
+                close_fds=True,
+            )
+        self.started_at = time.monotonic()
+        self._main_pid = None
+        log.info("%s started (keeper pid %d), output in %s", self.name, self.proc.pid, self.log_path)
+
+    @property
+    def pid(self) -> int | None:
+        """The keeper's pid: alive exactly as long as the child is."""
+        return self.proc.pid if self.proc else None
+
+    @property
+    def main_pid(self) -> int | None:
+        """The child's own pid (the keeper's child), once it runs."""
+        if self._main_pid is None and self.alive():
+            assert self.proc is not None
+            try:
+                with open(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children") as fh:
+                    pids = fh.read().split()
+            except OSError:
+                pids = []
+            self._main_pid = int(pids[0]) if pids else None
+        return self._main_pid
+
+    def returncode(self) -> int | None:
+        return self.proc.poll() if self.proc else None
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def tail(self, lines: int = 15) -> str:
+        """The last lines this start of the child wrote (never an earlier start's, nor another writer's
+        before it)."""
+        try:
+            with self.log_path.open("rb") as fh:
+                fh.seek(0, os.SEEK_END)
+                fh.seek(max(self._log_offset, fh.tell() - 16384))
+                text = fh.read().decode(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.strip().splitlines()[-lines:])
+
+    def exit_reason(self) -> str:
+        code = self.returncode()
+        if code is None:
+            how = "is running" if self.proc else "was never started"
+        elif code >= 0:
+            how = f"exited with status {code}"
+        else:
+            how = f"killed by signal {-code}"
+        last = [line for line in self.tail(40).splitlines() if "Error" in line or "error" in line]
+        hint = f": {last[-1].strip()[:300]}" if last else ""
+        return f"{self.name} {how}{hint} (see {self.log_path})"
+
+    async def wait_healthy(
+        self,
+        probe: Callable[[], Awaitable[bool]],
+        timeout_s: float,
+        *,
+        should_stop: Callable[[], bool] = lambda: False,
+        on_tick: Callable[[float], None] | None = None,
+    ) -> bool:
+        """Poll ``probe`` until it says yes; False if stopped; raises on exit or timeout."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if not self.alive():
+                raise ChildExited(self.exit_reason())
+            if should_stop():
+                return False
+            if await probe():
+                log.info("%s healthy after %.1fs", self.name, time.monotonic() - self.started_at)
+                return True
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{self.name} not healthy after {timeout_s:.0f}s (see {self.log_path})")
+            if on_tick:
+                on_tick(time.monotonic() - self.started_at)
+            await asyncio.sleep(1.0)
+
+    async def stop(self, grace_s: float = 20.0) -> None:
+        """SIGTERM, wait up to ``grace_s``, then SIGKILL; then SIGKILL whatever it left below it.
+
+        vLLM's EngineCore and workers are the engine's children: a stopped or killed
+        API server would leave them holding memory (and GPUs) without this. What outlived an
+        earlier death of the keeper is found by its tag and killed too."""
+        if not self.alive():
+            if self.proc is not None:
+                self.reap_strays()
+            return
+        assert self.proc is not None
+        below = descendants(self.proc.pid)
+        log.info("stopping %s (pid %d)", self.name, self.proc.pid)
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.send_signal(signal.SIGCONT)  # a stopped process acts on SIGTERM only once it runs
+        deadline = time.monotonic() + grace_s
+        while self.proc.poll() is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        if self.proc.poll() is None:
+            log.warning("%s did not exit in %.0fs; killing it", self.name, grace_s)
+            below = sorted(set(below) | set(descendants(self.proc.pid)))
+            self.proc.kill()
+            self.proc.wait()
+        left = [pid for pid in below if strays.alive(pid)]
+        if left:
+            log.warning("%s left %d process(es) behind (%s): killing them", self.name, len(left),
+                        " ".join(map(str, left)))
+            kill_all(left)
+            deadline = time.monotonic() + 5.0  # SIGKILL lands asynchronously; an exit means they are gone
+            while any(strays.alive(pid) for pid in left) and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+        self.reap_strays()
+        log.info("%s exited (%s)", self.name, self.proc.returncode)
+

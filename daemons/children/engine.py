@@ -1,0 +1,92 @@
+"""What a worker's vLLM engine is: its command line, environment and address,
+all derived from the config (nothing is left to hand-set environment
+variables). Starting, watching and stopping it is the worker's job
+(:class:`daemons.worker.EngineDaemon`, on :class:`daemons.child_daemon.ChildDaemon`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Literal
+
+from daemons.children.child import ChildProcess
+from daemons.config import Config, WorkerConfig
+
+KVRole = Literal["kv_producer", "kv_consumer"]
+
+
+def kv_transfer_config(config: Config, role: KVRole) -> dict[str, object]:
+    """vLLM's --kv-transfer-config for LMCache's multi-process server."""
+    return {
+        "kv_connector": "LMCacheMPConnector",
+        "kv_role": role,
+        # A KV load that breaks mid-request (LMCache restarted) recomputes the
+        # missing blocks instead of failing the request (vLLM's default).
+        "kv_load_failure_policy": "recompute",
+        "kv_connector_extra_config": {
+            "lmcache.mp.host": f"tcp://{config.lmcache_address}",
+            "lmcache.mp.port": config.lmcache.port,
+            "lmcache.mp.mq_timeout": config.lmcache.mq_timeout_s,
+            "lmcache.mp.heartbeat_interval": config.lmcache.heartbeat_interval_s,
+        },
+    }
+
+
+def engine_argv(config: Config, worker: WorkerConfig, role: KVRole | None) -> list[str]:
+    """The vLLM OpenAI server command line for one worker (role None: no KV transfer)."""
+    model = config.model
+    argv = [
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+        "--model", str(model.path),
+        "--served-model-name", model.name,
+        "--host", "127.0.0.1",
+        "--port", str(worker.engine_port),
+        "--dtype", model.dtype,
+        "--max-model-len", str(model.max_model_len),
+        "--load-format", model.load_format,
+        "--enable-prompt-tokens-details",
+        "--disable-uvicorn-access-log",
+    ]
+    if model.enforce_eager:
+        argv.append("--enforce-eager")
+    if worker.kv_cache_memory_bytes is not None:
+        argv += ["--kv-cache-memory-bytes", str(worker.kv_cache_memory_bytes)]
+    if worker.gpu_memory_utilization is not None:
+        argv += ["--gpu-memory-utilization", str(worker.gpu_memory_utilization)]
+    if worker.max_num_seqs is not None:
+        argv += ["--max-num-seqs", str(worker.max_num_seqs)]
+    if role is not None:
+        argv += ["--kv-transfer-config", json.dumps(kv_transfer_config(config, role), separators=(",", ":"))]
+    return argv + list(worker.extra_engine_args)
+
+
+def engine_env(worker: WorkerConfig) -> dict[str, str]:
+    env = dict(os.environ)
+    for key in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID",  # only the daemon talks to systemd
+                "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "DISAGG_SOCKETS"):  # and owns the listening socket
+        env.pop(key, None)
+    env["LMCACHE_DISABLE_BANNER"] = "1"
+    env.setdefault("VLLM_NO_USAGE_STATS", "1")
+    env.setdefault("DO_NOT_TRACK", "1")
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("TRANSFORMERS_OFFLINE", "1")
+    if worker.device.startswith("cuda:"):
+        env["CUDA_VISIBLE_DEVICES"] = worker.device.split(":", 1)[1]
+    else:
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    return env
+
+
+def engine_url(worker: WorkerConfig) -> str:
+    """Where the worker reaches its engine (loopback only: the engine is never exposed)."""
+    return f"http://127.0.0.1:{worker.engine_port}"
+
+
+def engine_child(config: Config, worker: WorkerConfig, role: KVRole | None, *, name: str) -> ChildProcess:
+    """The engine as a child process of the worker ``name``, logging to ``<log_dir>/<name>-engine.log``."""
+    return ChildProcess(f"{name} engine", engine_argv(config, worker, role),
+                        log_path=Path(config.log_dir) / f"{name}-engine.log", env=engine_env(worker),
+                        port=worker.engine_port)

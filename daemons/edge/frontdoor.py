@@ -1,0 +1,541 @@
+"""The decode-worker's public, OpenAI-compatible front door.
+
+Per request: ask prefill-worker to compute the prompt (it answers once the
+prompt's KV is in LMCache), then generate on the decode engine, which loads the
+prompt's KV chunks from LMCache instead of computing them. When prefill-worker
+or lmcache-server is unusable, the KV-path canary says a hop is broken, or the
+prefill call is slower than ``prefill_timeout_s`` or fails, the decode engine
+computes the prompt itself: the request still succeeds and the fallback is
+logged and counted.
+
+Responses carry ``x-disagg-path``, truthfully: how the prompt reached the engine that answered
+(the values and their reasons are :class:`daemons.names.RequestPath`, listed with what each means in
+``docs/reference/metrics.md``). Which path a prompt takes is decided by the rules in
+:mod:`daemons.routing` (short prompts, overflow, balancing) and the prefill call's outcome.
+
+A streamed response's headers leave before the decode engine has reported
+what it loaded: there the header is prefill's verdict (``disaggregated`` when
+LMCache held every full chunk) and ``disagg_request_paths_total`` counts the
+truth once the stream's usage arrives.
+
+Deadlines: a non-streamed request whose decode engine has not answered within
+``request_timeout_s``, or a streamed one with no first token within
+``first_token_timeout_s``, fails with 503 and ``Retry-After`` (counted as
+``decode_timeout``); closing the engine connection aborts it there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, fields
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from daemons.config import DecodeWorkerConfig
+from daemons.edge.admission import Admission, Overloaded
+from daemons.edge.auth import ApiKeys
+from daemons.edge.disconnect import ClientGone, unless_disconnected
+from daemons.edge.errors import RETRY_AFTER_S, openai_error, unavailable
+from daemons.edge.migration import Progress, can_migrate
+from daemons.edge.request_limits import BadRequest, parse_json_object, read_body, too_large
+from daemons.edge.request_limits import request_id as checked_request_id
+from daemons.edge.sse_relay import RelayedResponse, StreamRelay
+from daemons.edge.upstream import Answer, Stream, Upstream, UpstreamError, UpstreamTimeout
+from daemons.kv.canary import cached_tokens
+from daemons.metrics import FrontDoorMetrics
+from daemons.names import RequestPath
+from daemons.routing.engine_share import EngineShare
+from daemons.routing.prefill_backlog import Backlog
+from daemons.routing.prefill_router import PrefillOutcome, PrefillRouter
+from daemons.routing.prompt_size import PromptSizer
+
+
+class PrefillLost(Exception):
+    """The prefill-worker a call went to was found unusable while the call was in flight."""
+
+
+class WholeCallFailed(Exception):
+    """A request sent whole to a prefill-worker (decode_busy, failover) got no answer from it: not served there."""
+
+
+class DecodeFailed(Exception):
+    """The decode engine could not be reached, or its stream broke before the first event: nothing was sent
+    to the client yet, so another engine may serve the request."""
+
+
+class NoEngine(Exception):
+    """No engine can serve the request now: 503 + Retry-After."""
+
+
+
+log = logging.getLogger(__name__)
+
+# What a vLLM engine answers when it cannot serve at all (its EngineCore died: 500, then it exits; a proxy in
+# front: 502/503): the request is served by another engine instead.
+ENGINE_DOWN_STATUSES = (500, 502, 503)
+
+
+__all__ = ["FrontDoor", "FrontDoorSettings", "PrefillOutcome"]
+
+
+def _int_header(resp: Answer, name: str) -> int | None:
+    try:
+        return int(resp.headers[name])
+    except (KeyError, ValueError):
+        return None
+
+
+def _default(name: str) -> Any:
+    """The config's default for ``decode_worker.<name>``: the front door has no defaults of its own."""
+    return DecodeWorkerConfig.model_fields[name].default
+
+
+@dataclass(frozen=True)
+class FrontDoorSettings:
+    """What the front door is told, from the decode-worker's config (:meth:`from_config`)."""
+
+    engine_url: str
+    prefill_timeout_s: float = _default("prefill_timeout_s")
+    first_token_timeout_s: float = _default("first_token_timeout_s")
+    request_timeout_s: float = _default("request_timeout_s")
+    max_concurrent_requests: int = _default("max_concurrent_requests")
+    max_queued_requests: int = _default("max_queued_requests")
+    queue_timeout_s: float = _default("queue_timeout_s")
+    max_body_bytes: int = _default("max_body_bytes")
+    disaggregate_min_tokens: int = _default("disaggregate_min_tokens")
+    short_prompt_max_in_flight: int = _default("short_prompt_max_in_flight")
+    balance_short_prompts: bool = _default("balance_short_prompts")
+    overflow_backlog_tokens: int = _default("overflow_backlog_tokens")
+    overflow_max_local_tokens: int = _default("overflow_max_local_tokens")
+    failover_max_in_flight: int = _default("failover_max_in_flight")
+    migration_attempts: int = _default("migration_attempts")
+    body_timeout_s: float = _default("body_timeout_s")
+    write_timeout_s: float = _default("write_timeout_s")
+
+    @classmethod
+    def from_config(cls, worker: DecodeWorkerConfig, engine_url: str) -> FrontDoorSettings:
+        names = [f.name for f in fields(cls) if f.name != "engine_url"]
+        return cls(engine_url=engine_url, **{name: getattr(worker, name) for name in names})
+
+
+class FrontDoor:
+    def __init__(
+        self,
+        settings: FrontDoorSettings,
+        *,
+        client: Upstream,
+        metrics: FrontDoorMetrics,
+        router: PrefillRouter,
+        health: Callable[[], tuple[str, bool, str]],
+        keys: ApiKeys | None = None,
+        decode_down: Callable[[], str] = lambda: "",
+    ) -> None:
+        s = self.settings = settings
+        self.engine_url = s.engine_url
+        self.client = client
+        self.metrics = metrics
+        self.router = router
+        self.health_of = health  # (state, serving, reason) for /health
+        # Why the decode engine cannot serve now ("" while it can): loading, reloading, silent. Then requests
+        # fail over whole to a prefill engine (path failover), within failover_max_in_flight.
+        self.decode_down = decode_down
+        self.failovers = 0  # requests on the failover path now
+        self.admission = Admission(s.max_concurrent_requests, s.max_queued_requests, s.queue_timeout_s)
+        self.keys = keys if keys is not None else ApiKeys(None, env={})
+        self.sizer = PromptSizer()
+        self.backlog = Backlog(s.overflow_backlog_tokens, s.overflow_max_local_tokens)
+        self.share = EngineShare(s.balance_short_prompts)
+        metrics.prompt_tokens_in_flight.labels(where="prefill").set_function(lambda: self.backlog.prefill_tokens)
+        metrics.prompt_tokens_in_flight.labels(where="decode").set_function(lambda: self.backlog.local_tokens)
+        metrics.on_prefill_engines.set_function(lambda: self.share.on_prefill)
+        metrics.failover_in_flight.set_function(lambda: self.failovers)
+
+    # -- failover ----------------------------------------------------------------------
+    def failover(self, why: str, request_id: str) -> PrefillOutcome:
+        """The whole request on a ready prefill engine (path failover): the decode engine cannot serve it.
+
+        Raises :class:`NoEngine` when none can: no prefill-worker ready, or failover at its bound."""
+        if self.failovers >= self.settings.failover_max_in_flight:
+            raise NoEngine(f"decode engine unavailable ({why}) and {self.failovers} requests already fail over "
+                           f"to prefill engines (decode_worker.failover_max_in_flight)")
+        choice = self.router.choose_any()
+        if choice.url is None:
+            raise NoEngine(f"decode engine unavailable ({why}) and no prefill-worker is ready")
+        self.failovers += 1
+        log.info("[%s] failover to %s: decode engine unavailable (%s)", request_id, choice.daemon, why)
+        return PrefillOutcome(RequestPath.FAILOVER, why, engine_url=f"{choice.url}/whole")
+
+    # -- prefill ---------------------------------------------------------------------
+    def short_prompt(self, tokens: int) -> PrefillOutcome | None:
+        """Where a prompt of ``tokens`` (estimated) goes if it is too short to disaggregate: the decode engine
+        while the box is quiet; under load, the decode engine or (balance_short_prompts) a prefill engine,
+        whichever is less busy, else the prefill call. None: not short, or disaggregate it."""
+        if self.settings.disaggregate_min_tokens <= 0 or tokens >= self.settings.disaggregate_min_tokens:
+            return None
+        others = self.admission.active - 1
+        if others < self.settings.short_prompt_max_in_flight:
+            return PrefillOutcome("short_prompt")
+        if not self.share.enabled:
+            return None
+        if self.share.to_prefill(others, self.backlog.prefill_calls, len(self.router.working_prefills())):
+            choice = self.router.choose()
+            if choice.url is not None:
+                self.share.taken()
+                return PrefillOutcome("decode_busy", engine_url=f"{choice.url}/whole")
+        return PrefillOutcome("short_prompt")
+
+    async def prefill(self, route: str, body: dict[str, Any], request_id: str) -> PrefillOutcome:
+        """Have a prefill-worker compute the prompt (its KV goes to LMCache); the router counts the outcome.
+        While the decode engine cannot serve, the whole request goes to a prefill engine instead (failover)."""
+        down = self.decode_down()
+        if down:
+            return self.failover(down, request_id)
+        tokens = self.sizer.estimate(route, body)
+        short = self.short_prompt(tokens)
+        if short is not None:
+            return short
+        if self.backlog.overflow(tokens):
+            return PrefillOutcome("prefill_busy", local_tokens=tokens)
+        with self.backlog.at_prefill(tokens):
+            return await self._prefill_call(route, body, request_id)
+
+    async def _prefill_call(self, route: str, body: dict[str, Any], request_id: str) -> PrefillOutcome:
+        choice = self.router.choose()
+        if choice.url is None:
+            return self.router.report(PrefillOutcome("fallback", choice.skip), request_id)
+        prefill_body = {k: v for k, v in body.items() if k not in ("stream", "stream_options")}
+        t0 = time.monotonic()
+        try:
+            resp = await self._unless_lost(choice.daemon, self.client.post(
+                f"{choice.url}{route}", prefill_body, timeout_s=self.settings.prefill_timeout_s,
+                headers={"x-request-id": request_id}))
+        except PrefillLost as exc:
+            log.warning("[%s] prefill call abandoned: %s", request_id, exc)
+            outcome = PrefillOutcome("fallback", "prefill_lost", time.monotonic() - t0)
+        except UpstreamTimeout:
+            outcome = PrefillOutcome("fallback", "prefill_timeout", time.monotonic() - t0)
+        except UpstreamError as exc:
+            log.warning("[%s] prefill-worker unreachable: %s", request_id, exc)
+            outcome = PrefillOutcome("fallback", "prefill_unreachable", time.monotonic() - t0)
+        else:
+            elapsed = time.monotonic() - t0
+            if resp.status_code == 200:
+                outcome = PrefillOutcome("disaggregated", seconds=elapsed,
+                                         expected=_int_header(resp, "x-disagg-kv-expected-tokens"),
+                                         stored=_int_header(resp, "x-disagg-kv-stored-tokens"))
+            elif 400 <= resp.status_code < 500:
+                # The request itself is bad: the client hears the prefill engine's answer.
+                outcome = PrefillOutcome("fallback", "prefill_rejected", elapsed,
+                                         rejection=(resp.status_code, resp.content))
+            else:
+                log.warning("[%s] prefill-worker answered %d: %s", request_id, resp.status_code, resp.text[:200])
+                outcome = PrefillOutcome("fallback", "prefill_error", elapsed)
+        return self.router.report(outcome, request_id)
+
+    async def _unless_lost(self, prefill: str, call: Awaitable[Answer]) -> Answer:
+        """``call``, abandoned (its connection closed) if ``prefill`` is found unusable meanwhile."""
+        if not prefill:
+            return await call
+        lost = self.router.lost_signal(prefill)
+        task = asyncio.ensure_future(call)
+        waiter = asyncio.ensure_future(lost.wait())
+        try:
+            await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waiter.cancel()
+            if not task.done():
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        if task.cancelled():
+            raise PrefillLost(f"{prefill} was found unusable while the call was in flight")
+        return task.result()
+
+    # -- what reached the decode engine ------------------------------------------------------------
+    def _count_path(self, outcome: PrefillOutcome, cached: int | None, request_id: str) -> None:
+        path, reason = outcome.verdict(cached)
+        self.metrics.paths.labels(path=path).inc()
+        if path == "recomputed":
+            self.metrics.recomputes.labels(reason=reason).inc()
+            if reason != "no_full_chunk":
+                log.warning("[%s] decode engine computed the prompt although prefill ran (%s: %s of %s "
+                            "full-chunk tokens stored, %s loaded)", request_id, reason, outcome.stored,
+                            outcome.expected, cached)
+                self.router.kv_missed(reason)
+
+    # -- routes ----------------------------------------------------------------------
+    async def generate(self, request: Request) -> Response:
+        """One completion: checks, a slot, prefill, decode; never a hang, never a 500 for bad input."""
+        route = request.url.path
+        t0 = time.monotonic()
+        try:
+            request_id = checked_request_id(request)
+            if not self.keys.allows(request.headers.get("authorization")):
+                raise BadRequest(401, "missing or invalid API key (send Authorization: Bearer <key>)",
+                                 "authentication_error")
+            too_large(request, self.settings.max_body_bytes)  # 413 at once, before a slot or a byte of the body
+            await self.admission.acquire()  # before the body is read: a full box holds no queued bodies
+        except BadRequest as exc:
+            kind = {401: "unauthorized", 413: "too_large"}.get(exc.status, "bad_request")
+            return self._refuse(route, exc.status, kind, exc.message, exc.kind)
+        except Overloaded as exc:
+            log.info("refused (%s): %d in progress, %d queued", exc.reason, self.admission.active,
+                     self.admission.queued)
+            return self._refuse(route, 429, "overloaded", f"too many requests in progress ({exc.reason}); retry",
+                                "rate_limit_error", {"retry-after": str(RETRY_AFTER_S)})
+        try:
+            body = parse_json_object(await asyncio.wait_for(read_body(request, self.settings.max_body_bytes),
+                                                            self.settings.body_timeout_s))
+        except (BadRequest, TimeoutError) as exc:
+            self.admission.release()
+            if isinstance(exc, TimeoutError):
+                exc = BadRequest(408, f"request body not received within {self.settings.body_timeout_s:.0f}s",
+                                 "invalid_request_error")
+            kind = {413: "too_large", 408: "slow_client"}.get(exc.status, "bad_request")
+            return self._refuse(route, exc.status, kind, exc.message, exc.kind)
+        self.metrics.in_flight.inc()
+        streamed = False
+        status = 499
+        outcome: PrefillOutcome | None = None
+        try:
+            outcome = await unless_disconnected(request, self.prefill(route, body, request_id))
+            if outcome.rejection is not None:
+                # The prefill engine refused the request (too long a prompt, a bad parameter):
+                # the decode engine would too. The client hears why, and no decode work is done.
+                status, content = outcome.rejection
+                return Response(content, status_code=status, media_type="application/json")
+            with self.backlog.on_decode(outcome.local_tokens):  # until the first token: the decode engine's prefill
+                for _attempt in range(3):  # the decode engine, else another engine that can serve it
+                    try:
+                        response = await unless_disconnected(request, self._answer(route, body, request_id, outcome,
+                                                                                   t0))
+                        break
+                    except WholeCallFailed as exc:
+                        self._release(outcome)
+                        if outcome.path == RequestPath.FAILOVER:
+                            log.warning("[%s] failover to a prefill-worker failed (%s)", request_id, exc)
+                            why, outcome = outcome.reason, None
+                            outcome = self.failover(why, request_id)
+                            continue
+                        log.warning("[%s] prefill-worker did not serve the request (%s): the decode engine does",
+                                    request_id, exc)
+                        outcome = self.router.report(PrefillOutcome("fallback", "prefill_unreachable"), request_id)
+                    except DecodeFailed as exc:
+                        log.warning("[%s] decode engine could not serve the request (%s): failing over", request_id,
+                                    exc)
+                        outcome = self.failover(str(exc), request_id)
+                else:
+                    raise NoEngine("no engine served the request in three attempts")
+                streamed = isinstance(response, StreamingResponse)
+            status = response.status_code
+            return response
+        except NoEngine as exc:
+            log.warning("[%s] refused: %s", request_id, exc)
+            self.metrics.errors.labels(kind="no_engine").inc()
+            status = 503
+            return unavailable(f"no engine can serve this request now: {exc}")
+        except ClientGone:
+            log.info("[%s] client went away after %.1fs: its engine requests are aborted", request_id,
+                     time.monotonic() - t0)
+            self.metrics.errors.labels(kind="client_gone").inc()
+            return Response(status_code=499)
+        finally:
+            if not streamed:  # a stream ends (and counts itself) when its relay ends
+                self._finished(route, status, outcome)
+
+    async def _answer(self, route: str, body: dict[str, Any], request_id: str, outcome: PrefillOutcome,
+                      t0: float) -> Response:
+        """Generate on the decode engine (or, decode_busy, whole on a prefill engine)."""
+        if body.get("stream"):
+            return await self._stream(route, body, request_id, outcome, t0)
+        response = await self._complete(route, body, request_id, outcome)
+        if response.status_code == 200:
+            self.metrics.e2e.observe(time.monotonic() - t0)
+        return response
+
+    def _release(self, outcome: PrefillOutcome | None) -> None:
+        """A request leaves the whole-on-prefill path it was counted on (decode_busy, failover)."""
+        if outcome is None:
+            return
+        if outcome.path == RequestPath.DECODE_BUSY:
+            self.share.released()
+        elif outcome.path == RequestPath.FAILOVER:
+            self.failovers -= 1
+
+    def _finished(self, route: str, status: int, outcome: PrefillOutcome | None) -> None:
+        self._release(outcome)
+        self.metrics.in_flight.dec()
+        self.metrics.requests.labels(route=route, status=str(status)).inc()
+        self.admission.release()
+
+    def _refuse(self, route: str, status: int, kind: str, message: str, error_type: str,
+                headers: dict[str, str] | None = None) -> Response:
+        self.metrics.errors.labels(kind=kind).inc()
+        self.metrics.requests.labels(route=route, status=str(status)).inc()
+        return openai_error(status, message, error_type, headers=headers)
+
+    def _engine_unavailable(self, outcome: PrefillOutcome, exc: UpstreamError) -> Response:
+        """The engine could not be reached before any answer: a whole request on a prefill engine is retried
+        elsewhere (:class:`WholeCallFailed`), one on the decode engine fails over (:class:`DecodeFailed`)."""
+        self.metrics.errors.labels(kind="engine_unavailable").inc()
+        if outcome.engine_url:
+            raise WholeCallFailed(str(exc)) from exc
+        raise DecodeFailed(f"decode engine unreachable: {exc}") from exc
+
+    def _decode_timeout(self, what: str, request_id: str) -> Response:
+        log.warning("[%s] decode engine: %s; answering 503", request_id, what)
+        self.metrics.errors.labels(kind="decode_timeout").inc()
+        self.router.kv_missed("decode_timeout")
+        return unavailable(f"decode engine: {what}")
+
+    async def _complete(self, route: str, body: dict[str, Any], request_id: str, outcome: PrefillOutcome) -> Response:
+        engine_url = outcome.engine_url or self.engine_url
+        try:
+            resp = await asyncio.wait_for(self.client.post(
+                f"{engine_url}{route}", body, headers={"x-request-id": request_id},
+            ), self.settings.request_timeout_s)
+        except TimeoutError:
+            return self._decode_timeout(f"no answer within {self.settings.request_timeout_s:.0f}s", request_id)
+        except UpstreamError as exc:
+            return self._engine_unavailable(outcome, exc)
+        if resp.status_code == 503 and outcome.engine_url:
+            raise WholeCallFailed(f"prefill-worker answered 503: {resp.text[:200]}")
+        if resp.status_code in ENGINE_DOWN_STATUSES and not outcome.engine_url:
+            self.metrics.errors.labels(kind=f"engine_{resp.status_code}").inc()
+            raise DecodeFailed(f"decode engine answered {resp.status_code}: {resp.text[:200]}")
+        cached: int | None = None
+        if resp.status_code == 200:
+            try:
+                answer = resp.json()
+            except ValueError:
+                answer = None
+            if isinstance(answer, dict):
+                self.metrics.count_usage(answer.get("usage"))
+                cached = cached_tokens(answer)
+                usage = answer.get("usage")
+                if isinstance(usage, dict):
+                    self.sizer.learn(route, body, usage.get("prompt_tokens"))
+            self._count_path(outcome, cached, request_id)
+        else:
+            self.metrics.errors.labels(kind=f"engine_{resp.status_code}").inc()
+        return Response(resp.content, status_code=resp.status_code, media_type="application/json",
+                        headers=outcome.headers(cached))
+
+    async def _stream(
+        self, route: str, body: dict[str, Any], request_id: str, outcome: PrefillOutcome, t0: float
+    ) -> Response:
+        opts: dict[str, Any] = body["stream_options"] if isinstance(body.get("stream_options"), dict) else {}
+        client_wants_usage = bool(opts.get("include_usage"))
+        upstream_body = {**body, "stream_options": {**opts, "include_usage": True}}
+        migrate = self.settings.migration_attempts > 0 and can_migrate(body)
+        if migrate:  # the token ids a continuation needs, should the engine die mid-stream
+            upstream_body["return_token_ids"] = True
+        deadline = time.monotonic() + self.settings.first_token_timeout_s
+        try:
+            upstream: Stream = await asyncio.wait_for(self.client.stream(
+                f"{outcome.engine_url or self.engine_url}{route}", upstream_body, headers={"x-request-id": request_id},
+            ), self.settings.first_token_timeout_s)
+        except TimeoutError:
+            return self._decode_timeout(f"no first token within {self.settings.first_token_timeout_s:.0f}s", request_id)
+        except UpstreamError as exc:
+            return self._engine_unavailable(outcome, exc)
+        if upstream.status_code != 200:
+            content = await upstream.error_body()
+            if upstream.status_code == 503 and outcome.engine_url:
+                raise WholeCallFailed(f"prefill-worker answered 503: {content[:200]!r}")
+            if upstream.status_code in ENGINE_DOWN_STATUSES and not outcome.engine_url:
+                self.metrics.errors.labels(kind=f"engine_{upstream.status_code}").inc()
+                raise DecodeFailed(f"decode engine answered {upstream.status_code}: {content[:200]!r}")
+            self.metrics.errors.labels(kind=f"engine_{upstream.status_code}").inc()
+            return Response(content, status_code=upstream.status_code, media_type="application/json",
+                            headers=outcome.headers())
+        # Hold the response until the first event is in: a decode engine that
+        # produces nothing gets the request a clean 503, not a silent stream.
+        events = upstream.events()
+        try:
+            first_event = await asyncio.wait_for(anext(events), max(0.0, deadline - time.monotonic()))
+        except TimeoutError:
+            await upstream.aclose()
+            return self._decode_timeout(f"no first token within {self.settings.first_token_timeout_s:.0f}s", request_id)
+        except StopAsyncIteration:
+            first_event = None
+        except UpstreamError as exc:
+            await upstream.aclose()
+            return self._engine_unavailable(outcome, exc)
+        except asyncio.CancelledError:  # the client went away: abort the engine's request
+            await upstream.aclose()
+            raise
+
+        def on_end(completed: bool, cached: int | None) -> None:
+            self._finished(route, 200 if completed else 499, outcome)
+            if completed:
+                self.metrics.e2e.observe(time.monotonic() - t0)
+                self._count_path(outcome, cached, request_id)
+                self.sizer.learn(route, body, relay.prompt_tokens)
+
+        failed_on = [outcome.engine_url or self.engine_url]
+
+        async def resume(progress: Progress, why: str) -> tuple[Stream, AsyncIterator[str]] | None:
+            """The rest of this stream from an engine that can serve it (not the one whose stream broke)."""
+            cont = progress.continuation(body)
+            target = self._continue_on(failed_on[-1], request_id)
+            if cont is None or target is None:
+                return None
+            failed_on.append(target)
+            stream = await asyncio.wait_for(self.client.stream(
+                f"{target}/v1/completions", cont, headers={"x-request-id": request_id}),
+                self.settings.first_token_timeout_s)
+            if stream.status_code != 200:
+                log.warning("[%s] continuation refused by %s: %d %r", request_id, target, stream.status_code,
+                            (await stream.error_body())[:200])
+                return None
+            return stream, stream.events()
+
+        progress = Progress(client_wants_ids=bool(body.get("return_token_ids"))) if migrate else None
+        relay = StreamRelay(upstream, first_event, events, metrics=self.metrics,
+                            client_wants_usage=client_wants_usage, t0=t0, request_id=request_id, on_end=on_end,
+                            progress=progress, resume=resume, max_migrations=self.settings.migration_attempts)
+        return RelayedResponse(relay, headers={**outcome.headers(), "cache-control": "no-cache"},
+                               write_timeout_s=self.settings.write_timeout_s)
+
+    def _continue_on(self, failed: str, request_id: str) -> str | None:
+        """Where a broken stream goes on: the decode engine if it was not the one that broke and it can serve,
+        else a ready prefill engine's pass-through route (``/whole``); None when there is none."""
+        if failed != self.engine_url and not self.decode_down():
+            return self.engine_url
+        choice = self.router.choose_any()
+        if choice.url is None:
+            return None
+        log.info("[%s] the stream goes on on %s", request_id, choice.daemon)
+        return f"{choice.url}/whole"
+
+    async def models(self, request: Request) -> Response:
+        if not self.keys.allows(request.headers.get("authorization")):
+            return self._refuse(request.url.path, 401, "unauthorized", "missing or invalid API key "
+                                "(send Authorization: Bearer <key>)", "authentication_error")
+        try:
+            resp = await self.client.get(f"{self.engine_url}/v1/models", timeout_s=10.0)
+        except UpstreamError as exc:
+            return openai_error(503, f"decode engine unavailable: {exc}", "service_unavailable")
+        return Response(resp.content, status_code=resp.status_code, media_type="application/json")
+
+    async def health(self, _: Request) -> Response:
+        # Public and unauthenticated: the state only. The reason can name internal addresses; it is in
+        # the state file, `disaggctl status`, STATUS= and the log.
+        state, serving, _reason = self.health_of()
+        return JSONResponse({"state": state}, status_code=200 if serving else 503)
+
+    def app(self) -> Starlette:
+        return Starlette(routes=[
+            Route("/v1/completions", self.generate, methods=["POST"]),
+            Route("/v1/chat/completions", self.generate, methods=["POST"]),
+            Route("/v1/models", self.models),
+            Route("/health", self.health),
+        ])
+

@@ -1,0 +1,440 @@
+"""disaggctl: the operator's tool.
+
+  check-config     validate the config without starting anything (exit 78 if bad)
+  runs-here D      exit 0 if this machine (this host of a cluster) runs daemon D
+  make-model DIR   write the small local random-weight model the embedded default uses
+  status           the three daemons' state at a glance (--json); exit 0 only if all ready
+  wait-ready       block until all three are ready, or --timeout
+  up / down        start / stop the three daemons in the background under supervisord
+  demo             up, wait, send the seed's prompt, report KV reuse and TTFT, down
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from daemons import __version__
+from daemons.config import (
+    COORDINATOR,
+    EX_CONFIG,
+    HOST_ID_ENV,
+    Config,
+    ConfigError,
+    check_model_present,
+    config_path,
+    load_config,
+)
+from daemons.edge.auth import client_key
+from daemons.runtime.statefile import PeerView, State, assess, pid_alive, read_state
+
+log = logging.getLogger("disaggctl")
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+SUPERVISOR_CONF = REPO_ROOT / "deploy" / "supervisor" / "disagg.conf"
+SEED_PROMPT = "Hello, how are you?" * 1000
+
+
+def _out(text: str = "") -> None:
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+
+
+def _load(args: argparse.Namespace, *, require_model: bool = True) -> Config:
+    config = load_config(config_path(args.config), require_model=require_model)
+    return config.on_host(getattr(args, "host_id", None)) if config.cluster is not None else config
+
+
+# -- status ------------------------------------------------------------------------------
+def collect_status(config: Config) -> list[PeerView]:
+    timeout = config.readiness.heartbeat_timeout_s
+    return [assess(config.runtime_dir, name, timeout) for name in config.daemon_names()]
+
+
+def all_ready(views: list[PeerView]) -> bool:
+    return all(v.ready for v in views)
+
+
+def format_status(views: list[PeerView]) -> str:
+    rows = [("DAEMON", "STATE", "PID", "ENDPOINT", "UP", "REASON")]
+    now = time.time()
+    for v in views:
+        r = v.record
+        up = f"{now - r.started_at:.0f}s" if r and v.state not in ("absent", "stale", "stopped") else "-"
+        rows.append((v.daemon, v.state, str(r.pid) if r else "-", r.endpoint if r else "-", up, v.reason or ""))
+    widths = [max(len(row[i]) for row in rows) for i in range(5)]
+    return "\n".join(
+        "  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row[:5])) + "  " + row[5] for row in rows
+    )
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    config = _load(args, require_model=False)
+    views = collect_status(config)
+    if args.json:
+        _out(json.dumps({"all_ready": all_ready(views), "daemons": [v.to_json() for v in views]}, indent=2))
+    else:
+        _out(format_status(views))
+    return 0 if all_ready(views) else 1
+
+
+def wait_ready(config: Config, timeout_s: float, *, quiet: bool = False, fail_fast: bool = False) -> bool:
+    """True once all three are ready; False on timeout, or at once on a failed daemon with fail_fast."""
+    deadline = time.monotonic() + timeout_s
+    last = ""
+    while True:
+        views = collect_status(config)
+        if all_ready(views):
+            return True
+        if fail_fast and any(v.state == State.FAILED.value for v in views):
+            _out(format_status(views))
+            return False
+        summary = ", ".join(f"{v.daemon}={v.state}" for v in views)
+        if summary != last and not quiet:
+            log.info("waiting: %s", summary)
+            last = summary
+        if time.monotonic() > deadline:
+            _out(format_status(views))
+            return False
+        time.sleep(1.0)
+
+
+def cmd_wait_ready(args: argparse.Namespace) -> int:
+    config = _load(args, require_model=False)
+    t0 = time.monotonic()
+    if wait_ready(config, args.timeout, fail_fast=args.fail_fast):
+        _out(f"all ready after {time.monotonic() - t0:.1f}s")
+        return 0
+    _out(f"not all ready after {args.timeout:.0f}s")
+    return 1
+
+
+# -- config and model ----------------------------------------------------------------------
+def cmd_check_config(args: argparse.Namespace) -> int:
+    config = _load(args)
+    _out(f"{config.source}: OK (model {config.model.name} at {config.model.path})")
+    return 0
+
+
+def cmd_runs_here(args: argparse.Namespace) -> int:
+    """Exit 0 if this machine runs ``args.daemon`` (always, on one box, except lmcache-coordinator; and when
+    the config is not valid, so the daemon itself reports it), else 1.
+
+    The systemd units' ExecCondition=: on a host of a cluster, the units of other hosts' daemons are
+    skipped (inactive, not failed), so every host installs the same units and target."""
+    try:
+        config = _load(args, require_model=False)
+    except ConfigError as exc:
+        # Not this command's to judge: the daemon starts, names the problem and exits 78 (a skipped
+        # unit would hide a bad config).
+        _out(f"config not valid ({str(exc).splitlines()[0]}): starting {args.daemon} to report it")
+        return 0
+    here = args.daemon in config.daemon_names()
+    if not here:
+        where = f"host {config.host_id}" if config.host_id else "one box (no cluster section)"
+        _out(f"{args.daemon} does not run on {where}")
+    return 0 if here else 1
+
+
+def cmd_make_model(args: argparse.Namespace) -> int:
+    out = Path(args.dir)
+    if (out / "config.json").exists() and not args.force:
+        _out(f"{out}: a model is already there (--force to rewrite it)")
+        return 0
+    from daemons.ops.make_model import SHAPES, make_model
+
+    make_model(out, SHAPES[args.shape], weights=not args.config_only)
+    _out(f"wrote {out}")
+    return 0
+
+
+# -- up / down under supervisord ----------------------------------------------------------------
+def supervisor_env(config: Config) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        DISAGG_BIN=str(Path(sys.executable).parent),
+        DISAGG_CONFIG=str(config.source),
+        DISAGG_RUN_DIR=str(config.runtime_dir),
+        DISAGG_LOG_DIR=str(config.log_dir),
+    )
+    if config.host_id is not None:
+        env[HOST_ID_ENV] = config.host_id  # the daemons run as this host of the cluster
+    return env
+
+
+def supervisor_conf(config: Config) -> Path:
+    """The supervisord config for this machine: the shipped one on one box; on a host of a cluster, one
+    written to the runtime dir with only this host's programs (plus lmcache-coordinator where it runs)."""
+    if config.cluster is None:
+        return SUPERVISOR_CONF
+    return config.runtime_dir / "supervisord.conf"
+
+
+def render_supervisor_conf(config: Config) -> str:
+    """The shipped config cut to this host's daemons; lmcache-coordinator is lmcache-server's program, renamed."""
+    head, *programs = SUPERVISOR_CONF.read_text().split("\n[program:")
+    sections = {p.split("]", 1)[0]: "[program:" + p for p in programs}
+    sections[COORDINATOR] = sections["lmcache-server"].replace("[program:lmcache-server]", f"[program:{COORDINATOR}]") \
+        .replace("disagg-lmcache-server", f"disagg-{COORDINATOR}").replace("priority=10", "priority=5")
+    local = ["disagg-sockets", *config.daemon_names()]
+    return head.rstrip() + "\n\n" + "\n".join(sections[name].rstrip() + "\n" for name in local if name in sections)
+
+
+def _supervisord_pid(config: Config) -> int | None:
+    try:
+        pid = int((config.runtime_dir / "supervisord.pid").read_text().strip())
+    except (OSError, ValueError):
+        return None
+    return pid if pid_alive(pid) else None
+
+
+def supervisorctl(config: Config, *words: str, conf: Path | None = None) -> subprocess.CompletedProcess[str]:
+    exe = str(Path(sys.executable).parent / "supervisorctl")
+    conf = conf or supervisor_conf(config)
+    return subprocess.run(
+        [exe, "-c", str(conf), *words], env=supervisor_env(config), capture_output=True, text=True, timeout=120
+    )
+
+
+def up(config: Config, conf: Path | None = None) -> int:
+    check_model_present(config)
+    if _supervisord_pid(config):
+        _out(f"already running (supervisord pid {_supervisord_pid(config)})")
+        return 0
+    config.runtime_dir.mkdir(parents=True, exist_ok=True)
+    config.log_dir.mkdir(parents=True, exist_ok=True)
+    if conf is None:
+        conf = supervisor_conf(config)
+        if config.cluster is not None:
+            conf.write_text(render_supervisor_conf(config))
+    exe = str(Path(sys.executable).parent / "supervisord")
+    proc = subprocess.run([exe, "-c", str(conf)], env=supervisor_env(config), capture_output=True, text=True)
+    if proc.returncode != 0:
+        _out(f"supervisord failed to start: {proc.stderr.strip() or proc.stdout.strip()}")
+        return 1
+    where = f" on host {config.host_id}" if config.host_id else ""
+    _out(f"started {', '.join(config.daemon_names())}{where} under supervisord (logs in {config.log_dir})")
+    return 0
+
+
+def down(config: Config, conf: Path | None = None, timeout_s: float = 180.0) -> int:
+    pid = _supervisord_pid(config)
+    if pid is None:
+        _out("not running")
+        return 0
+    supervisorctl(config, "shutdown", conf=conf)
+    deadline = time.monotonic() + timeout_s
+    while pid_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    if pid_alive(pid):
+        _out(f"supervisord (pid {pid}) still running after {timeout_s:.0f}s; sending SIGKILL to its group")
+        os.killpg(os.getpgid(pid), signal.SIGKILL)
+        return 1
+    _out("stopped")
+    return 0
+
+
+def restart(config: Config, names: list[str], timeout_s: float = 900.0) -> int:
+    """A rolling restart under supervisord: each daemon in turn (dependencies first), waiting after each until
+    every daemon is ready again — decode-worker's ready means its canary passed: the KV path is back —
+    before the next. Its held socket keeps decode-worker's clients in the backlog meanwhile."""
+    unknown = sorted(set(names) - set(config.daemon_names()))
+    if unknown:
+        _out(f"not a daemon of this host: {', '.join(unknown)} (these are: {', '.join(config.daemon_names())})")
+        return 2
+    for name in [n for n in config.daemon_names() if not names or n in names]:
+        before = read_state(config.runtime_dir, name)
+        t0 = time.monotonic()
+        _out(f"restarting {name}")
+        proc = supervisorctl(config, "restart", name)
+        if proc.returncode != 0 or "ERROR" in proc.stdout:
+            _out(f"supervisorctl restart {name} failed: {(proc.stdout + proc.stderr).strip()}")
+            return 1
+        deadline = time.monotonic() + timeout_s
+        while True:  # the new process's record first (the old one may still read ready for a heartbeat)
+            now = read_state(config.runtime_dir, name)
+            if now is not None and (before is None or now.pid != before.pid):
+                break
+            if time.monotonic() > deadline:
+                _out(f"{name} wrote no record of a new process within {timeout_s:.0f}s")
+                return 1
+            time.sleep(0.5)
+        if not wait_ready(config, max(1.0, deadline - time.monotonic()), quiet=True):
+            _out(f"not all ready {timeout_s:.0f}s after restarting {name}: stopping the rolling restart")
+            return 1
+        _out(f"{name} restarted; all ready, the KV path back, after {time.monotonic() - t0:.1f}s")
+    return 0
+
+
+def cmd_restart(args: argparse.Namespace) -> int:
+    return restart(_load(args), list(args.daemons), args.timeout)
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    return up(_load(args))
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    return down(_load(args, require_model=False))
+
+
+# -- demo ---------------------------------------------------------------------------------------
+def ask(base_url: str, model: str, prompt: str, max_tokens: int, timeout_s: float = 600.0,
+        api_key: str | None = None) -> dict[str, Any]:
+    """Stream one completion; returns text, usage, TTFT and the path it took."""
+    import httpx
+
+    from daemons.ops.openai_client import complete, completion_body
+
+    headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
+    with httpx.Client(timeout=timeout_s, trust_env=False) as client:
+        got = complete(client, base_url, completion_body(model, prompt, max_tokens), headers=headers)
+    if got.status != 200:
+        raise RuntimeError(f"front door answered {got.status}: {got.body.decode(errors='replace')[:300]}")
+    return {
+        "text": got.text,
+        "prompt_tokens": got.prompt_tokens,
+        "cached_tokens": got.cached_tokens,
+        "ttft_s": got.ttft_s,
+        "e2e_s": time.perf_counter() - got.t0,
+        "path": got.path or "?",
+        "fallback_reason": got.reason,
+    }
+
+
+def cmd_hold_sockets(args: argparse.Namespace) -> int:
+    from daemons.ops.socket_holder import hold
+
+    return hold(_load(args, require_model=False))
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    config = _load(args, require_model=False)
+    if not (config.model.path / "config.json").exists():
+        from daemons.ops.make_model import make_model
+
+        _out(f"making the local model at {config.model.path}")
+        make_model(config.model.path)
+    check_model_present(config)
+    t0 = time.monotonic()
+    if up(config) != 0:
+        return 1
+    try:
+        if not wait_ready(config, args.timeout, fail_fast=False):
+            _out(f"the daemons were not ready after {args.timeout:.0f}s; logs are in {config.log_dir}")
+            return 1
+        _out(f"all three daemons ready after {time.monotonic() - t0:.1f}s")
+        dw = config.decode_worker
+        host = "127.0.0.1" if dw.host in ("0.0.0.0", "::") else dw.host
+        result = ask(f"http://{host}:{dw.port}", config.model.name, SEED_PROMPT, args.max_tokens,
+                     api_key=client_key(dw.api_keys_file))
+        _out(f"prompt: {SEED_PROMPT[:19]!r} x 1000")
+        _out(f"generated: {result['text']!r}")
+        computed = int(result["prompt_tokens"]) - int(result["cached_tokens"])
+        _out(
+            f"path: {result['path']}{' (' + str(result['fallback_reason']) + ')' if result['fallback_reason'] else ''}; "
+            f"prompt tokens from LMCache: {result['cached_tokens']}, computed by decode: {computed}"
+        )
+        _out(f"prompt_tokens={result['prompt_tokens']} cached_tokens={result['cached_tokens']} "
+             f"ttft_s={float(result['ttft_s']):.3f}")
+        return 0
+    finally:
+        if not args.keep:
+            down(config)
+
+
+def cmd_install(args: argparse.Namespace) -> int:
+    from daemons.ops.install import apply, plan_install
+
+    bin_dir = args.bin_dir or str(Path(sys.executable).parent)
+    config = Path(args.config) if args.config else None
+    return apply(plan_install(Path(args.prefix), config, bin_dir), dry_run=args.dry_run)
+
+
+def cmd_uninstall(args: argparse.Namespace) -> int:
+    from daemons.ops.install import apply, plan_uninstall
+
+    return apply(plan_uninstall(Path(args.prefix), args.purge), dry_run=args.dry_run)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="disaggctl", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=__version__)
+    parser.add_argument("--config", help="config file (default: $DISAGG_CONFIG or etc/disagg.yaml)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    sub.add_parser("check-config", help="validate the config").set_defaults(func=cmd_check_config)
+    p = sub.add_parser("runs-here", help="exit 0 if this host runs DAEMON (systemd's ExecCondition=)")
+    p.add_argument("daemon")
+    p.set_defaults(func=cmd_runs_here)
+    p = sub.add_parser("make-model", help="write a small local random-weight model")
+    p.add_argument("dir")
+    p.add_argument("--force", action="store_true")
+    p.add_argument("--shape", choices=("tiny", "mistral-7b"), default="tiny")
+    p.add_argument("--config-only", action="store_true",
+                   help="write config and tokenizer, no weights (use with model.load_format: dummy)")
+    p.set_defaults(func=cmd_make_model)
+    p = sub.add_parser("status", help="state of the three daemons")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_status)
+    p = sub.add_parser("wait-ready", help="wait until all three daemons are ready")
+    p.add_argument("--timeout", type=float, default=600.0)
+    p.add_argument("--fail-fast", action="store_true",
+                   help="give up as soon as a daemon is failed (without a supervisor restarting it)")
+    p.set_defaults(func=cmd_wait_ready)
+    sub.add_parser("up", help="start the daemons under supervisord").set_defaults(func=cmd_up)
+    p = sub.add_parser("restart", help="rolling restart under supervisord: one daemon at a time, each waiting for "
+                       "the KV path to be back before the next")
+    p.add_argument("daemons", nargs="*", help="which (default: all of this host's, dependencies first)")
+    p.add_argument("--timeout", type=float, default=900.0, help="seconds each may take to be ready again")
+    p.set_defaults(func=cmd_restart)
+    sub.add_parser("hold-sockets", help="hold the workers' listening sockets across their restarts (supervisord's "
+                   "disagg-sockets program)").set_defaults(func=cmd_hold_sockets)
+    sub.add_parser("down", help="stop them").set_defaults(func=cmd_down)
+    p = sub.add_parser("demo", help="start, send the seed's prompt, report, stop")
+    p.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for readiness")
+    p.add_argument("--max-tokens", type=int, default=10)
+    p.add_argument("--keep", action="store_true", help="leave the daemons running")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("install", help="install the systemd units, config, defaults file and user")
+    p.add_argument("--prefix", default="/")
+    p.add_argument("--bin-dir", help="where the disagg-* scripts are (default: this Python's bin/)")
+    p.add_argument("--dry-run", action="store_true")
+    p.set_defaults(func=cmd_install)
+    p = sub.add_parser("uninstall", help="remove what install put in place")
+    p.add_argument("--prefix", default="/")
+    p.add_argument("--purge", action="store_true", help="also the config, defaults file and user")
+    p.add_argument("--dry-run", action="store_true")
+    p.set_defaults(func=cmd_uninstall)
+
+    parser.add_argument("--host-id", help="on several hosts: which host of cluster.hosts this is (default: "
+                        "$DISAGG_HOST_ID, else the host whose address this machine has)")
+    # Subcommand options may also carry --config and --host-id.
+    for action in sub.choices.values():
+        action.add_argument("--config", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        action.add_argument("--host-id", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s disaggctl: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    try:
+        return int(args.func(args))
+    except ConfigError as exc:
+        for line in str(exc).splitlines():
+            sys.stderr.write(f"bad config: {line}\n")
+        return EX_CONFIG
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

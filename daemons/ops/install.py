@@ -1,0 +1,197 @@
+"""`disaggctl install` / `disaggctl uninstall`: put the systemd units, the config,
+/etc/default/disagg and the `disagg` system user in place, idempotently.
+
+Every action is planned first, then printed (``--dry-run`` stops there) and
+carried out; running it twice changes nothing the second time. The units'
+``ExecStart=`` points at the console scripts of the Python environment that
+runs this command (the shipped units say /opt/disagg/.venv/bin).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pwd
+import re
+import secrets
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, TextIO
+
+if TYPE_CHECKING:
+    from daemons.config import Config
+
+log = logging.getLogger(__name__)
+
+API_KEYS_PATH = Path("/etc/disagg/api-keys")
+API_KEYS_HEADER = "# API keys of the disagg front door: one per line (Authorization: Bearer <key>).\n"
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+UNIT_DIR = REPO_ROOT / "deploy" / "systemd"
+SHIPPED_BIN = "/opt/disagg/.venv/bin"
+USER = "disagg"
+DEFAULTS_TEXT = """\
+# Overrides for the disagg units (EnvironmentFile=-/etc/default/disagg).
+# DISAGG_CONFIG=/etc/disagg/disagg.yaml
+# DISAGG_LOG_LEVEL=INFO
+"""
+
+
+@dataclass
+class Action:
+    what: str
+    path: Path | None = None
+    content: str | None = None
+    command: list[str] | None = None
+    mode: int = 0o644
+    group: str | None = None  # the file's group (its owner stays the installing user, root)
+
+    def describe(self) -> str:
+        if self.command:
+            return f"{self.what}: {' '.join(self.command)}"
+        return f"{self.what}: {self.path}"
+
+
+def unit_files() -> list[Path]:
+    return sorted(p for p in UNIT_DIR.iterdir() if p.suffix in (".service", ".target", ".socket"))
+
+
+def render_unit(path: Path, bin_dir: str, config: Config | None = None) -> str:
+    """A shipped unit for this machine: ``ExecStart=`` at ``bin_dir``; a ``.socket`` listening where ``config``
+    has its worker listen."""
+    text = path.read_text().replace(SHIPPED_BIN, bin_dir)
+    if path.suffix == ".socket" and config is not None:
+        kind = path.name.removeprefix("disagg-").removesuffix(".socket")
+        worker = config.workers(kind).get(kind)
+        if worker is not None:
+            host = config.listen_address(kind)
+            address = f"[{host}]:{worker.port}" if ":" in host else f"{host}:{worker.port}"
+            text = re.sub(r"^ListenStream=.*$", f"ListenStream={address}", text, flags=re.M)
+    return text
+
+
+def _config_or_none(path: Path) -> Config | None:
+    from daemons.config import ConfigError, load_config
+
+    try:
+        return load_config(path, require_model=False)
+    except ConfigError as exc:
+        log.warning("socket units keep their shipped addresses: %s", exc)
+        return None
+
+
+def _user_exists(name: str) -> bool:
+    try:
+        pwd.getpwnam(name)
+        return True
+    except KeyError:
+        return False
+
+
+def plan_install(prefix: Path, config: Path | None, bin_dir: str) -> list[Action]:
+    actions: list[Action] = []
+    if prefix == Path("/") and not _user_exists(USER):  # a staged --prefix gets no user
+        actions.append(Action("create system user", command=[
+            "useradd", "--system", "--home-dir", "/var/lib/disagg", "--no-create-home",
+            "--shell", "/usr/sbin/nologin", "--user-group", USER]))
+    loaded = _config_or_none(config or REPO_ROOT / "etc" / "disagg-gpu.yaml")
+    for unit in unit_files():
+        target = prefix / "etc/systemd/system" / unit.name
+        content = render_unit(unit, bin_dir, loaded)
+        if not target.exists() or target.read_text() != content:
+            actions.append(Action("write unit", target, content))
+    actions += plan_cluster_dropins(prefix, config)
+    cfg_target = prefix / "etc/disagg/disagg.yaml"
+    if not cfg_target.exists():
+        source = config or (REPO_ROOT / "etc" / "disagg-gpu.yaml")
+        actions.append(Action(f"write config (from {source})", cfg_target, Path(source).read_text()))
+    defaults = prefix / "etc/default/disagg"
+    if not defaults.exists():
+        actions.append(Action("write defaults", defaults, DEFAULTS_TEXT))
+    keys = prefix / API_KEYS_PATH.relative_to("/")
+    if not keys.exists():
+        # The shipped GPU config serves beyond loopback and names this file: never without a key.
+        actions.append(Action("write a new API key (give it to clients; add lines to rotate)", keys,
+                              API_KEYS_HEADER + secrets.token_urlsafe(32) + "\n", mode=0o640,
+                              group=USER if prefix == Path("/") else None))
+    if actions and prefix == Path("/") and shutil.which("systemctl") and Path("/run/systemd/system").exists():
+        actions.append(Action("reload systemd", command=["systemctl", "daemon-reload"]))
+    return actions
+
+
+DROPIN = "cluster.conf"
+
+
+def cluster_dropin(private_network: str) -> str:
+    return ("# Written by `disaggctl install` from the config's cluster section: the LMCache request, P2P and\n"
+            "# coordinator ports and the prefill API talk to the other hosts on this network only.\n"
+            f"[Service]\nIPAddressAllow={private_network}\n")
+
+
+def plan_cluster_dropins(prefix: Path, config: Path | None) -> list[Action]:
+    """Several hosts: let the units that are confined to localhost reach the cluster's private network."""
+    if config is None:
+        return []
+    from daemons.config import load_config
+
+    cluster = load_config(config, require_model=False).cluster
+    if cluster is None:
+        return []
+    actions = []
+    for unit in unit_files():
+        if unit.suffix != ".service" or "IPAddressDeny=any" not in unit.read_text():
+            continue
+        target = prefix / "etc/systemd/system" / f"{unit.name}.d" / DROPIN
+        content = cluster_dropin(cluster.private_network)
+        if not target.exists() or target.read_text() != content:
+            actions.append(Action("write drop-in (cluster network)", target, content))
+    return actions
+
+
+def plan_uninstall(prefix: Path, purge: bool) -> list[Action]:
+    actions: list[Action] = []
+    for unit in unit_files():
+        target = prefix / "etc/systemd/system" / unit.name
+        if target.exists():
+            actions.append(Action("remove unit", target))
+        dropin = prefix / "etc/systemd/system" / f"{unit.name}.d" / DROPIN
+        if dropin.exists():
+            actions.append(Action("remove drop-in", dropin))
+    if purge:
+        for path in (prefix / "etc/disagg/disagg.yaml", prefix / "etc/default/disagg",
+                     prefix / API_KEYS_PATH.relative_to("/")):
+            if path.exists():
+                actions.append(Action("remove", path))
+        if prefix == Path("/") and _user_exists(USER):
+            actions.append(Action("remove system user", command=["userdel", USER]))
+    if actions and prefix == Path("/") and shutil.which("systemctl") and Path("/run/systemd/system").exists():
+        actions.append(Action("reload systemd", command=["systemctl", "daemon-reload"]))
+    return actions
+
+
+def apply(actions: list[Action], *, dry_run: bool, out: TextIO = sys.stdout) -> int:
+    if not actions:
+        out.write("nothing to do: already in place\n")
+        return 0
+    for action in actions:
+        out.write(("would " if dry_run else "") + action.describe() + "\n")
+        if dry_run:
+            continue
+        if action.command:
+            subprocess.run(action.command, check=True)
+        elif action.content is not None and action.path is not None:
+            action.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = action.path.with_name(action.path.name + ".tmp")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, action.mode)
+            with os.fdopen(fd, "w") as fh:
+                fh.write(action.content)
+            os.chmod(tmp, action.mode)
+            if action.group is not None:
+                shutil.chown(tmp, group=action.group)
+            os.replace(tmp, action.path)
+        elif action.path is not None:
+            action.path.unlink()
+    return 0

@@ -1,0 +1,242 @@
+"""Where a request's prefill goes, and the one place that counts what became of it.
+
+The front door asks :meth:`PrefillRouter.choose` before each request: a ready
+prefill-worker whose KV path works (round robin), or the reason to skip prefill
+(the decode engine then computes the prompt itself). It tells
+:meth:`PrefillRouter.report` how the call went; every fallback is counted and
+logged there, and only there. The router's judgement comes from the peers'
+state files (:mod:`daemons.runtime.peers`), the KV-path canaries decode-worker sends
+(:mod:`daemons.kv.canary`), and the last failed prefill call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from daemons.kv.canary import CanaryResult
+from daemons.metrics import FrontDoorMetrics
+from daemons.names import RequestPath
+from daemons.runtime.peers import Changes, Peers
+from daemons.runtime.statefile import PeerView
+from daemons.runtime.states import State
+
+log = logging.getLogger(__name__)
+
+LMCACHE = "lmcache-server"
+# After a failed prefill call, decode-worker stays degraded (and keeps trying per request) this long.
+PREFILL_FAILURE_MEMORY_S = 30.0
+PREFILL_SIDE_HOPS = ("prefill", "lmcache_store", "p2p_fetch")
+DECODE_SIDE_HOPS = ("decode_engine", "decode_load")
+# Fallbacks decided before any call, from what status already says (no news: logged at INFO), and
+# a request the prefill-worker rejected (the client's error, not the path's).
+KNOWN_FALLBACKS = ("lmcache_unavailable", "kv_path_broken", "prefill_unavailable", "prefill_rejected")
+
+
+@dataclass
+class PrefillOutcome:
+    # "disaggregated" (prefill ran), "fallback", "short_prompt" (no prefill call: not worth it),
+    # "prefill_busy" (no prefill call: prefill is backed up, the decode engine has room) or
+    # "decode_busy" (a short prompt served start to end by a prefill engine: daemons.routing.engine_share)
+    path: str
+    reason: str = ""  # fallback reason
+    seconds: float = 0.0  # the prefill call's duration (0: no call was made)
+    expected: int | None = None  # full-chunk tokens of the prompt (prefill-worker's header)
+    stored: int | None = None  # of those, in LMCache when prefill answered
+    rejection: tuple[int, bytes] | None = None  # the prefill engine refused the request: (status, body)
+    local_tokens: int = 0  # prefill_busy: the prompt tokens the decode engine computes instead
+    engine_url: str = ""  # decode_busy: the prefill-worker route that serves the whole request
+
+    def verdict(self, cached: int | None) -> tuple[str, str]:
+        """(path, reason) once the decode engine said how many prompt tokens it loaded (None: not yet)."""
+        if self.path != RequestPath.DISAGGREGATED:  # no KV was meant to move: the path says all
+            return self.path, self.reason
+        if self.expected is not None and self.expected == 0:
+            return "recomputed", "no_full_chunk"
+        if self.stored is not None and self.expected is not None and self.stored < self.expected:
+            return "recomputed", "kv_not_stored"
+        if cached is not None and self.expected is not None and cached < self.expected:
+            return "recomputed", "kv_not_loaded"
+        return "disaggregated", ""
+
+    def headers(self, cached: int | None = None) -> dict[str, str]:
+        path, reason = self.verdict(cached)
+        h = {"x-disagg-path": path}
+        if reason:
+            h["x-disagg-fallback-reason" if path == "fallback" else "x-disagg-recompute-reason"] = reason
+        return h
+
+
+@dataclass(frozen=True)
+class PrefillChoice:
+    url: str | None = None  # where to send the prefill call
+    skip: str = ""  # why no call is made (a fallback reason) when url is None
+    daemon: str = ""  # the prefill-worker it goes to
+
+
+class PrefillRouter:
+    def __init__(self, prefill_names: list[str], peers: Peers, metrics: FrontDoorMetrics, *,
+                 on_change: Callable[[], None] = lambda: None) -> None:
+        self.prefill_names = list(prefill_names)
+        self.peers = peers
+        self.metrics = metrics
+        self.on_change = on_change  # the router's verdict may have changed (decode-worker re-judges its state)
+        self.canary_results: dict[str, CanaryResult] = {}  # by prefill-worker
+        self.last_failure: tuple[float, str] | None = None
+        self.check_now = asyncio.Event()  # the KV path needs a canary now
+        self._lost: dict[str, asyncio.Event] = {}  # by prefill-worker: set when it stops being usable
+        self._next = 0
+
+    # -- what the front door asks ------------------------------------------------------------
+    def ready_prefills(self) -> list[PeerView]:
+        return [self.peers.views[n] for n in self.prefill_names if self.peers.ready(n)]
+
+    def blamed(self, prefill: str) -> bool:
+        """Is ``prefill`` out of rotation? Its last canary broke on its side of the path, or at the decode side
+        while a canary through another prefill-worker passed (so the decode engine is fine: this path is not)."""
+        r = self.canary_results.get(prefill)
+        if r is None or r.ok:
+            return False
+        if r.hop in PREFILL_SIDE_HOPS:
+            return True
+        return any(other.ok for name, other in self.canary_results.items() if name != prefill)
+
+    def working_prefills(self) -> list[PeerView]:
+        """Ready prefill workers whose KV path the canaries do not blame (:meth:`blamed`)."""
+        return [v for v in self.ready_prefills() if not self.blamed(v.daemon)]
+
+    def decode_side_failure(self) -> CanaryResult | None:
+        """A canary failure that proves the decode side broken: it broke there through every prefill-worker
+        canaried (one passing through any of them clears the decode engine). None otherwise."""
+        results = list(self.canary_results.values())
+        if any(r.ok for r in results):
+            return None
+        return next((r for r in results if not r.ok and r.hop in DECODE_SIDE_HOPS), None)
+
+    def choose(self) -> PrefillChoice:
+        """A working prefill worker (round robin), or why to skip prefill."""
+        if not self.peers.ready(LMCACHE):
+            return PrefillChoice(skip="lmcache_unavailable")
+        if not self.ready_prefills():
+            return PrefillChoice(skip="prefill_unavailable")
+        working = self.working_prefills()
+        if not working or self.decode_side_failure() is not None:
+            return PrefillChoice(skip="kv_path_broken")
+        view = working[self._next % len(working)]
+        self._next += 1
+        if view.record is None:
+            return PrefillChoice(skip="prefill_unavailable")
+        return PrefillChoice(url=f"http://{view.record.endpoint}", daemon=view.daemon)
+
+    def choose_any(self) -> PrefillChoice:
+        """A ready prefill-worker to serve a request start to end (failover: the decode engine cannot), round
+        robin. Its KV path need not work: no KV moves on that path."""
+        ready = [v for v in self.ready_prefills() if v.record is not None]
+        if not ready:
+            return PrefillChoice(skip="prefill_unavailable")
+        view = ready[self._next % len(ready)]
+        self._next += 1
+        assert view.record is not None
+        return PrefillChoice(url=f"http://{view.record.endpoint}", daemon=view.daemon)
+
+    def report(self, outcome: PrefillOutcome, request_id: str) -> PrefillOutcome:
+        """How a request's prefill went: counted, logged, remembered. Returns ``outcome``."""
+        m = self.metrics
+        if outcome.path != "fallback":
+            m.prefill_call.labels(outcome="ok").observe(outcome.seconds)
+            if self.last_failure is not None:
+                log.info("prefill calls succeed again: back on the disaggregated path")
+                self.last_failure = None
+                self.on_change()
+            return outcome
+        reason = outcome.reason
+        m.fallbacks.labels(reason=reason).inc()
+        if outcome.seconds:
+            m.prefill_call.labels(outcome="rejected" if reason == "prefill_rejected" else "failed").observe(
+                outcome.seconds)
+        if reason in KNOWN_FALLBACKS:
+            log.info("[%s] fallback: decode engine computes the prompt itself (%s)", request_id, reason)
+        else:
+            log.warning("[%s] fallback: decode engine computes the prompt itself (%s)", request_id, reason)
+            self.last_failure = (time.monotonic(), reason)
+            self.on_change()
+        return outcome
+
+    def lost_signal(self, prefill: str) -> asyncio.Event:
+        """Set once ``prefill`` is found unusable (dead, hung, unreachable): calls in flight to it give up
+        then instead of waiting out their deadline (a cut link drops packets silently)."""
+        event = self._lost.get(prefill)
+        if event is None or event.is_set():
+            event = self._lost[prefill] = asyncio.Event()
+        return event
+
+    def prefills_judged(self) -> None:
+        """After the peers were judged: wake the calls waiting on prefill-workers found unusable."""
+        for name, event in self._lost.items():
+            if not event.is_set() and not self.peers.ready(name):
+                view = self.peers.views.get(name)
+                # A draining prefill-worker takes no new call but finishes those it has: they are not lost.
+                if view is not None and not view.usable and view.state != State.DRAINING.value:
+                    log.warning("%s is %s (%s): its prefill calls in flight fall back now", name, view.state,
+                                view.reason)
+                    event.set()
+
+    def kv_missed(self, reason: str) -> None:
+        """A request's KV did not arrive (or the decode engine timed out): check the path now."""
+        self.check_now.set()
+
+    # -- what decode-worker tells it ------------------------------------------------------------
+    def peers_changed(self, changes: Changes) -> None:
+        """New peer processes: what the canary said of the old ones no longer holds."""
+        if LMCACHE in changes.renewed:
+            self.metrics.lmcache_restarts.inc()
+            self.canary_results.clear()  # they speak of the old server
+            self.check_now.set()
+        for name in changes.usable_again:
+            if name in self.prefill_names:
+                # A prefill-worker that is new (or back): its path is unchecked until its canary passes.
+                self.canary_results.pop(name, None)
+                self.check_now.set()
+
+    def record_canary(self, prefill: str, result: CanaryResult) -> None:
+        m = self.metrics
+        m.canaries.labels(result="ok" if result.ok else result.hop).inc()
+        m.canary_seconds.observe(result.seconds)
+        previous = self.canary_results.get(prefill)
+        self.canary_results[prefill] = result
+        m.kv_path_ok.set(1 if all(r.ok for r in self.canary_results.values()) else 0)
+        if not result.ok:
+            log.warning("canary via %s: %s", prefill, result.describe())
+        elif previous is None or not previous.ok:
+            log.info("canary via %s: %s", prefill, result.describe())
+
+    def forget_unready(self) -> None:
+        """Drop canary results of prefill-workers that are not ready: their state files speak for them."""
+        for name in list(self.canary_results):
+            if not self.peers.ready(name):
+                del self.canary_results[name]
+
+    def problems(self) -> list[str]:
+        """Why decode-worker is not ``ready`` as far as the prefill path goes (empty: it is)."""
+        problems = []
+        # Ready needs lmcache-server and at least one prefill worker.
+        needed = [LMCACHE] + ([] if self.ready_prefills() else self.prefill_names)
+        problems += [self.peers.describe(n) for n in needed if not self.peers.ready(n)]
+        if self.last_failure is not None:
+            when, why = self.last_failure
+            if time.monotonic() - when < PREFILL_FAILURE_MEMORY_S:
+                problems.append(f"last prefill call failed ({why})")
+            else:
+                self.last_failure = None
+        for name in self.prefill_names:
+            result = self.canary_results.get(name)
+            if not self.peers.ready(name):
+                continue
+            if result is None:
+                problems.append(f"{name}: KV path not checked yet (canary pending)")
+            elif not result.ok:
+                problems.append(f"{name}: {result.describe()}")
+        return problems

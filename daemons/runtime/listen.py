@@ -1,0 +1,94 @@
+"""Listening sockets that outlive the daemon process: the kernel keeps queueing connections while a daemon
+restarts, and the next process serves them; none is refused.
+
+Where a daemon's listening socket comes from, first match wins:
+
+1. **systemd socket activation**: the unit has a ``.socket`` (``disaggctl install`` writes one per
+   listening daemon); systemd owns the socket and hands it over as fd 3+ (``LISTEN_FDS``,
+   ``LISTEN_PID``, ``LISTEN_FDNAMES``: the name is the daemon's).
+2. **the socket holder** (supervisord has no socket that survives a program's restart): the program
+   ``disagg-sockets`` (:mod:`daemons.ops.socket_holder`) binds the daemons' ports once and hands each
+   daemon a copy of its socket over a unix socket (``SCM_RIGHTS``) at every start; ``$DISAGG_SOCKETS``
+   names it.
+3. neither: the daemon binds the port itself (and connections are refused while it is down).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+SD_LISTEN_FDS_START = 3
+HOLDER_ENV = "DISAGG_SOCKETS"
+_ACTIVATION_ENV = ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES")
+
+
+def _activated(name: str, env: dict[str, str]) -> socket.socket | None:
+    if env.get("LISTEN_PID") != str(os.getpid()):
+        return None
+    try:
+        count = int(env.get("LISTEN_FDS", "0"))
+    except ValueError:
+        return None
+    names = env.get("LISTEN_FDNAMES", "").split(":") if env.get("LISTEN_FDNAMES") else []
+    for i in range(count):
+        if names and i < len(names) and names[i] not in (name, "unknown", ""):
+            continue
+        fd = SD_LISTEN_FDS_START + i
+        os.set_inheritable(fd, False)  # the engine and LMCache children must not hold it
+        return socket.socket(fileno=fd)
+    return None
+
+
+def from_holder(path: Path, name: str, wait_s: float = 10.0) -> socket.socket | None:
+    """Ask the socket holder at ``path`` for ``name``'s listening socket (it may still be starting: ``wait_s``)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+                conn.settimeout(5.0)
+                conn.connect(str(path))
+                conn.sendall(name.encode() + b"\n")
+                msg, fds, _flags, _addr = socket.recv_fds(conn, 1024, 1)
+        except OSError as exc:
+            if time.monotonic() > deadline:
+                log.warning("the socket holder at %s did not answer (%s): binding the port here", path, exc)
+                return None
+            time.sleep(0.2)
+            continue
+        if not fds:
+            log.warning("the socket holder has no socket for %s (%s): binding the port here", name,
+                        msg.decode(errors="replace").strip())
+            return None
+        return socket.socket(fileno=fds[0])
+
+
+def inherited_socket(name: str, host: str, port: int, env: dict[str, str] | None = None) -> socket.socket | None:
+    """``name``'s listening socket from systemd or the socket holder; None: bind it yourself.
+
+    The socket must be bound where the config says (else it is not used, and the log says why); the
+    activation variables are removed from the environment so that no child sees them."""
+    env = dict(os.environ) if env is None else env
+    sock = _activated(name, env)
+    how = "systemd socket activation"
+    if sock is None and env.get(HOLDER_ENV):
+        sock, how = from_holder(Path(env[HOLDER_ENV]), name), f"the socket holder ({env[HOLDER_ENV]})"
+    for key in _ACTIVATION_ENV:
+        os.environ.pop(key, None)
+    if sock is None:
+        return None
+    bound = sock.getsockname()[:2]
+    wanted = (socket.gethostbyname(host) if host else "0.0.0.0", port)
+    if bound[1] != port or (bound[0] != wanted[0] and bound[0] not in ("0.0.0.0", "::")):
+        log.error("%s handed %s a socket bound to %s:%d, not %s:%d as the config says: not used", how, name,
+                  bound[0], bound[1], host, port)
+        sock.close()
+        return None
+    log.info("%s: listening socket %s:%d from %s (connections wait in its backlog across restarts)", name,
+             bound[0], bound[1], how)
+    return sock

@@ -1,0 +1,228 @@
+"""The readiness protocol's state files: ``<runtime_dir>/<daemon>.json``.
+
+Each daemon owns one file and rewrites it atomically (temporary file, fsync,
+rename) on every state change and heartbeat. A reader trusts a file only if the
+pid in it is alive, the heartbeat is fresh and the endpoint accepts a TCP
+connection; a file left behind by a crash is reported as stale, not ready.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from daemons.runtime.states import State
+
+log = logging.getLogger(__name__)
+
+__all__ = ["PeerView", "State", "StateRecord", "assess", "endpoint_accepts", "judge_record", "pid_alive", "read_state",
+           "write_state"]
+
+
+_FIELD_TYPES: dict[str, type | tuple[type, ...]] = {
+    "daemon": str, "pid": int, "state": str, "endpoint": str, "metrics": str, "config_digest": str,
+    "version": str, "started_at": (int, float), "heartbeat": (int, float), "reason": str, "details": dict,
+}
+_REQUIRED = ("daemon", "pid", "state", "endpoint", "metrics", "config_digest", "version", "started_at")
+
+
+@dataclass
+class StateRecord:
+    daemon: str
+    pid: int
+    state: State
+    endpoint: str  # host:port that dependents connect to
+    metrics: str  # host:port of the Prometheus endpoint
+    config_digest: str
+    version: str
+    started_at: float
+    heartbeat: float = field(default_factory=time.time)
+    reason: str = ""  # why failed / degraded / waiting
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["state"] = self.state.value
+        return data
+
+    @classmethod
+    def from_json(cls, data: Any) -> StateRecord:
+        """The record in ``data``; ValueError when anything in it has the wrong type or is missing."""
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
+        known = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
+        for key, types in _FIELD_TYPES.items():
+            if key not in known:
+                if key in _REQUIRED:
+                    raise ValueError(f"{key} is missing")
+                continue
+            value = known[key]
+            if not isinstance(value, types) or isinstance(value, bool):
+                raise ValueError(f"{key} has the wrong type ({type(value).__name__})")
+        known["state"] = State(known["state"])
+        return cls(**known)
+
+
+def state_path(runtime_dir: Path, daemon: str) -> Path:
+    return Path(runtime_dir) / f"{daemon}.json"
+
+
+def write_state(runtime_dir: Path, record: StateRecord) -> Path:
+    """Atomically replace the daemon's state file with ``record``."""
+    runtime_dir = Path(runtime_dir)
+    runtime_dir.mkdir(parents=True, exist_ok=True)
+    target = state_path(runtime_dir, record.daemon)
+    fd, tmp = tempfile.mkstemp(prefix=f".{record.daemon}.", suffix=".tmp", dir=runtime_dir)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(record.to_json(), fh, sort_keys=True)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, target)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return target
+
+
+_warned: dict[Path, float] = {}
+
+
+def read_state(runtime_dir: Path, daemon: str) -> StateRecord | None:
+    """The record, or None when the file is absent, unreadable or not a valid record.
+
+    Half-written files never exist (writes are atomic); a file that is not a valid
+    record (hand-edited, hostile, another version) is ignored, with one warning per version of it."""
+    path = state_path(runtime_dir, daemon)
+    try:
+        text = path.read_text()
+    except OSError:
+        return None
+    try:
+        return StateRecord.from_json(json.loads(text))
+    except (ValueError, RecursionError) as exc:
+        try:
+            mtime = path.stat().st_mtime
+        except OSError:
+            mtime = 0.0
+        if _warned.get(path) != mtime:
+            _warned[path] = mtime
+            log.warning("ignoring %s: not a valid state record (%s)", path, exc)
+        return None
+
+
+def check_runtime_dir(runtime_dir: Path) -> None:
+    """Create the runtime dir, or refuse one that others could write state files into.
+
+    Raises PermissionError naming the problem: owned by another user, or group/world-writable."""
+    path = Path(runtime_dir)
+    path.mkdir(parents=True, exist_ok=True, mode=0o755)
+    st = path.stat()
+    if st.st_uid != os.geteuid():
+        raise PermissionError(f"runtime dir {path} is owned by uid {st.st_uid}, not by us (uid {os.geteuid()}): "
+                              "another user could forge our peers' state")
+    if st.st_mode & 0o022:
+        raise PermissionError(f"runtime dir {path} is writable by group or others (mode {st.st_mode & 0o777:o}): "
+                              "chmod go-w it")
+
+
+def pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by another user
+    return True
+
+
+def endpoint_accepts(endpoint: str, timeout: float = 1.0) -> bool:
+    host, _, port = endpoint.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+            return True
+    except (OSError, ValueError):
+        return False
+
+
+@dataclass
+class PeerView:
+    """What a reader concludes about a daemon from its state file."""
+
+    daemon: str
+    state: str  # a State value, or "absent" / "stale"
+    usable: bool  # serving, alive, fresh and reachable
+    reason: str
+    record: StateRecord | None
+
+    @property
+    def ready(self) -> bool:
+        """Usable and in state ``ready`` (not degraded): what a dependent waits for."""
+        return self.usable and self.state == State.READY.value
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "daemon": self.daemon,
+            "state": self.state,
+            "usable": self.usable,
+            "reason": self.reason,
+            "record": self.record.to_json() if self.record else None,
+        }
+
+
+def assess(
+    runtime_dir: Path,
+    daemon: str,
+    heartbeat_timeout_s: float,
+    *,
+    expect_digest: str | None = None,
+    check_endpoint: bool = True,
+    now: float | None = None,
+) -> PeerView:
+    """Judge a daemon by its state file: usable only if serving, alive, fresh and reachable."""
+    record = read_state(runtime_dir, daemon)
+    if record is None:
+        return PeerView(daemon, "absent", False, "no state file", None)
+    now = time.time() if now is None else now
+    gone = "" if pid_alive(record.pid) else f"pid {record.pid} is not running (left by a crash?)"
+    view = judge_record(daemon, record, now - record.heartbeat, heartbeat_timeout_s, expect_digest=expect_digest,
+                        process_gone=gone)
+    if view.usable and check_endpoint and not endpoint_accepts(record.endpoint):
+        return PeerView(daemon, record.state.value, False, f"endpoint {record.endpoint} refuses connections", record)
+    return view
+
+
+def judge_record(daemon: str, record: StateRecord, age_s: float, heartbeat_timeout_s: float, *,
+                 expect_digest: str | None, process_gone: str = "") -> PeerView:
+    """The readiness rules on one record, wherever it came from (a state file, or a peer on another host
+    that served it): not stopped or failed, its process there (``process_gone``: why not), heartbeat
+    younger than ``heartbeat_timeout_s``, serving, same config digest."""
+    if record.state in (State.STOPPED, State.FAILED):
+        return PeerView(daemon, record.state.value, False, record.reason or record.state.value, record)
+    if process_gone:
+        return PeerView(daemon, "stale", False, process_gone, record)
+    if age_s > heartbeat_timeout_s:
+        return PeerView(daemon, "stale", False, f"heartbeat is {age_s:.0f}s old (hung?)", record)
+    if not record.state.serving:
+        return PeerView(daemon, record.state.value, False, record.reason or record.state.value, record)
+    if expect_digest is not None and record.config_digest != expect_digest:
+        return PeerView(
+            daemon, record.state.value, False,
+            f"config digest {record.config_digest} differs from ours ({expect_digest}): "
+            "the daemons run different models, LMCache settings or (several hosts) cluster layouts",
+            record,
+        )
+    return PeerView(daemon, record.state.value, True, record.reason, record)

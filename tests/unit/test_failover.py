@@ -1,0 +1,262 @@
+"""Failover with fakes: while the decode engine cannot serve, a request goes whole to a prefill engine
+(path failover), bounded; one whose decode call fails before any answer is served there too; with no
+engine able to serve it, 503 + Retry-After. Every count is back to 0 after."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import httpx
+import pytest
+from prometheus_client import CollectorRegistry
+
+from daemons.edge.frontdoor import FrontDoor, FrontDoorSettings
+from daemons.metrics import FrontDoorMetrics
+from daemons.routing.prefill_router import PrefillChoice, PrefillOutcome
+
+from .fakes import FakeUpstream
+
+ANSWER = {"choices": [{"text": "x"}], "usage": {"prompt_tokens": 100, "completion_tokens": 3}}
+STREAM = ('data: {"choices":[{"text":"x"}]}\n\n'
+          'data: {"choices":[],"usage":{"prompt_tokens":100,"completion_tokens":1}}\n\ndata: [DONE]\n\n')
+
+
+class Prefills:
+    """Stands in for PrefillRouter: ``ready`` prefill-workers (each at http://pN), round robin."""
+
+    def __init__(self, ready: int = 1) -> None:
+        self.ready = ready
+        self.reports: list[PrefillOutcome] = []
+        self._next = 0
+
+    def working_prefills(self) -> list[str]:
+        return [f"p{i}" for i in range(self.ready)]
+
+    def choose(self) -> PrefillChoice:
+        return PrefillChoice(skip="prefill_unavailable")  # no disaggregation in these tests
+
+    def choose_any(self) -> PrefillChoice:
+        if not self.ready:
+            return PrefillChoice(skip="prefill_unavailable")
+        i = self._next % self.ready
+        self._next += 1
+        return PrefillChoice(url=f"http://p{i}", daemon=f"p{i}")
+
+    def report(self, outcome: PrefillOutcome, request_id: str) -> PrefillOutcome:
+        self.reports.append(outcome)
+        return outcome
+
+    def kv_missed(self, reason: str) -> None:
+        pass
+
+
+def engine_answer(request: httpx.Request) -> httpx.Response:
+    if json.loads(request.content).get("stream"):
+        return httpx.Response(200, text=STREAM, headers={"content-type": "text/event-stream"})
+    return httpx.Response(200, json=ANSWER)
+
+
+def door_with(handler: Any, *, down: str = "", ready: int = 1, bound: int = 64
+              ) -> tuple[FrontDoor, FrontDoorMetrics, list[str]]:
+    metrics = FrontDoorMetrics(CollectorRegistry())
+    seen: list[str] = []
+
+    async def recording(request: httpx.Request) -> httpx.Response:
+        seen.append(f"{request.url.host}{request.url.path}")
+        result = handler(request)
+        return await result if asyncio.iscoroutine(result) else result
+
+    settings = FrontDoorSettings(engine_url="http://engine", disaggregate_min_tokens=0, failover_max_in_flight=bound)
+    door = FrontDoor(settings, client=FakeUpstream(recording), metrics=metrics, router=Prefills(ready),  # type: ignore
+                     health=lambda: ("degraded", True, ""), decode_down=lambda: down)
+    return door, metrics, seen
+
+
+async def post(door: FrontDoor, stream: bool) -> httpx.Response:
+    body = {"model": "m", "prompt": list(range(100)), "max_tokens": 3, "stream": stream}
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(door.app()), base_url="http://door",
+                                 timeout=10) as client:
+        return await client.post("/v1/completions", json=body)
+
+
+def paths(metrics: FrontDoorMetrics, path: str) -> float:
+    return metrics.paths.labels(path=path)._value.get()
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_while_the_decode_engine_is_down_requests_are_served_whole_by_a_prefill_engine(stream: bool) -> None:
+    door, metrics, seen = door_with(engine_answer, down="reloading: it died")
+    resp = asyncio.run(post(door, stream))
+    assert resp.status_code == 200 and resp.headers["x-disagg-path"] == "failover"
+    assert "x" in resp.text
+    assert seen == ["p0/whole/v1/completions"]  # never the decode engine
+    assert paths(metrics, "failover") == 1 and door.failovers == 0 and door.admission.active == 0
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("failure", ["refused", "500"])
+def test_a_decode_call_that_fails_before_any_answer_is_served_by_a_prefill_engine(stream: bool, failure: str) -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.host == "engine":
+            if failure == "refused":
+                raise httpx.ConnectError("connection refused")
+            return httpx.Response(500, json={"error": {"message": "EngineDeadError"}})
+        return engine_answer(request)
+
+    door, metrics, seen = door_with(handler)
+    resp = asyncio.run(post(door, stream))
+    assert resp.status_code == 200 and resp.headers["x-disagg-path"] == "failover", resp.text
+    assert seen == ["engine/v1/completions", "p0/whole/v1/completions"]
+    assert paths(metrics, "failover") == 1 and door.failovers == 0 and door.admission.active == 0
+
+
+def test_with_no_prefill_worker_ready_it_is_503_with_retry_after() -> None:
+    door, metrics, seen = door_with(engine_answer, down="loading", ready=0)
+    resp = asyncio.run(post(door, False))
+    assert resp.status_code == 503 and resp.headers["retry-after"]
+    assert "no prefill-worker is ready" in resp.json()["error"]["message"]
+    assert seen == [] and metrics.errors.labels(kind="no_engine")._value.get() == 1
+    assert door.failovers == 0 and door.admission.active == 0
+
+
+def test_failover_is_bounded_and_the_one_past_the_bound_is_503() -> None:
+    async def scenario() -> None:
+        gate = asyncio.Event()
+
+        async def held(request: httpx.Request) -> httpx.Response:
+            await gate.wait()
+            return engine_answer(request)
+
+        door, metrics, seen = door_with(held, down="loading", bound=2)
+        first = [asyncio.create_task(post(door, False)) for _ in range(2)]
+        for _ in range(200):
+            if door.failovers == 2:
+                break
+            await asyncio.sleep(0.01)
+        assert door.failovers == 2
+        third = await post(door, False)
+        assert third.status_code == 503 and "failover_max_in_flight" in third.json()["error"]["message"]
+        gate.set()
+        answers = await asyncio.gather(*first)
+        assert [r.headers["x-disagg-path"] for r in answers] == ["failover", "failover"]
+        assert door.failovers == 0 and door.admission.active == 0
+
+    asyncio.run(asyncio.wait_for(scenario(), 20))
+
+
+def test_a_prefill_worker_that_refuses_the_failover_is_skipped_for_another() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.host == "p0":
+            raise httpx.ConnectError("connection refused")
+        return engine_answer(request)
+
+    door, metrics, seen = door_with(handler, down="loading", ready=2)
+    resp = asyncio.run(post(door, True))
+    assert resp.status_code == 200 and resp.headers["x-disagg-path"] == "failover"
+    assert seen == ["p0/whole/v1/completions", "p1/whole/v1/completions"]
+    assert door.failovers == 0 and door.admission.active == 0
+
+
+def chunk(text: str, ids: list[int], prompt_ids: list[int] | None = None, finish: str | None = None) -> str:
+    choice: dict[str, Any] = {"index": 0, "text": text, "token_ids": ids, "finish_reason": finish}
+    if prompt_ids is not None:
+        choice["prompt_token_ids"] = prompt_ids
+    return "data: " + json.dumps({"id": "cmpl-1", "object": "text_completion", "model": "m", "choices": [choice]})
+
+
+def events_of(text: str) -> list[dict[str, Any]]:
+    return [json.loads(e[6:]) for e in text.split("\n\n") if e.startswith("data: {")]
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_a_stream_whose_engine_dies_mid_way_goes_on_on_another_engine_as_one_stream(chat: bool) -> None:
+    prompt_ids = [5, 6, 7]
+    continuations: list[dict[str, Any]] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content)
+        if request.url.host == "engine":  # two tokens, then the engine dies inside an event
+            assert body["return_token_ids"] is True
+            if chat:
+                first = {"id": "chat-1", "object": "chat.completion.chunk", "model": "m", "prompt_token_ids": prompt_ids,
+                         "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]}
+                text = ("data: " + json.dumps(first) + "\n\n"
+                        + "".join("data: " + json.dumps({"id": "chat-1", "object": "chat.completion.chunk", "model": "m",
+                                                         "choices": [{"index": 0, "delta": {"content": t},
+                                                                      "token_ids": [i]}]}) + "\n\n"
+                                  for t, i in (("a", 1), ("b", 2))))
+            else:
+                text = chunk("a", [1], prompt_ids) + "\n\n" + chunk("b", [2]) + "\n\n"
+            return httpx.Response(200, text=text + 'data: {"choi', headers={"content-type": "text/event-stream"})
+        continuations.append({"url": f"{request.url.host}{request.url.path}", **body})
+        text = (chunk("c", [3], body["prompt"]) + "\n\n" + chunk("d", [4], finish="length") + "\n\n"
+                + 'data: {"choices":[],"usage":{"prompt_tokens":5,"completion_tokens":2,"total_tokens":7}}\n\n'
+                + "data: [DONE]\n\n")
+        return httpx.Response(200, text=text, headers={"content-type": "text/event-stream"})
+
+    door, metrics, seen = door_with(handler)
+    body: dict[str, Any] = {"model": "m", "max_tokens": 4, "temperature": 0, "stream": True,
+                            "stream_options": {"include_usage": True}}
+    body.update({"messages": [{"role": "user", "content": "hi"}]} if chat else {"prompt": "hi"})
+    route = "/v1/chat/completions" if chat else "/v1/completions"
+
+    async def send() -> httpx.Response:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(door.app()), base_url="http://door",
+                                     timeout=10) as client:
+            return await client.post(route, json=body)
+
+    resp = asyncio.run(send())
+    assert resp.status_code == 200
+    assert continuations == [{"url": "p0/whole/v1/completions", "model": "m", "temperature": 0,
+                              "prompt": [5, 6, 7, 1, 2], "max_tokens": 2, "stream": True,
+                              "stream_options": {"include_usage": True}, "return_token_ids": True}]
+    events = events_of(resp.text)
+    if chat:
+        text = "".join(c["delta"].get("content") or "" for e in events for c in e.get("choices", []))
+        assert all(e["object"] == "chat.completion.chunk" and e["id"] == "chat-1" for e in events if e.get("choices"))
+    else:
+        text = "".join(c.get("text", "") for e in events for c in e.get("choices", []))
+        assert all(e["id"] == "cmpl-1" for e in events if e.get("choices"))
+    assert text == "abcd"  # one uninterrupted stream
+    assert resp.text.count("data: [DONE]") == 1 and "error" not in resp.text
+    assert "token_ids" not in resp.text and "prompt_token_ids" not in resp.text  # the client did not ask for them
+    usage = events[-1]["usage"]
+    assert usage == {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}
+    assert metrics.migrations.labels(outcome="continued")._value.get() == 1
+    assert door.admission.active == 0
+
+
+def test_a_stream_that_cannot_be_continued_ends_with_one_error_event() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, text=chunk("a", [1], [5]) + '\n\ndata: {"choi',
+                              headers={"content-type": "text/event-stream"})
+
+    door, metrics, seen = door_with(handler, ready=0)  # no other engine to go on on
+    resp = asyncio.run(post(door, True))
+    assert resp.status_code == 200 and resp.text.count('"error"') == 1
+    assert metrics.migrations.labels(outcome="failed")._value.get() == 1
+    assert metrics.errors.labels(kind="stream_broken")._value.get() == 1
+
+
+def test_an_engine_that_reports_its_death_in_the_stream_is_migrated_like_a_broken_one() -> None:
+    """vLLM's API server, on SIGTERM or an EngineCore death, ends a stream with an error event and [DONE]."""
+    seen_cont: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.host == "engine":
+            error = {"error": {"message": "EngineCore encountered an issue.", "type": "InternalServerError",
+                               "code": 500}}
+            text = chunk("a", [1], [5, 6]) + "\n\ndata: " + json.dumps(error) + "\n\ndata: [DONE]\n\n"
+            return httpx.Response(200, text=text, headers={"content-type": "text/event-stream"})
+        seen_cont.append(f"{request.url.host}{request.url.path}")
+        return httpx.Response(200, text=chunk("b", [2], [5, 6, 1], finish="length") + "\n\ndata: [DONE]\n\n",
+                              headers={"content-type": "text/event-stream"})
+
+    door, metrics, _ = door_with(handler)
+    resp = asyncio.run(post(door, True))
+    assert resp.status_code == 200 and '"error"' not in resp.text
+    assert "".join(c.get("text", "") for e in events_of(resp.text) for c in e.get("choices", [])) == "ab"
+    assert seen_cont == ["p0/whole/v1/completions"]
+    assert metrics.migrations.labels(outcome="continued")._value.get() == 1

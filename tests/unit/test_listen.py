@@ -1,0 +1,79 @@
+"""Listening sockets that outlive a daemon: systemd's socket activation (LISTEN_FDS) and the socket holder
+(SCM_RIGHTS over a unix socket), with real sockets; a socket bound elsewhere than the config says is refused."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+from pathlib import Path
+
+from daemons.runtime import listen
+
+
+def bound() -> socket.socket:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen()
+    return sock
+
+
+def test_a_socket_activated_fd_is_taken_by_name_and_the_variables_are_dropped(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    held = bound()
+    port = held.getsockname()[1]
+    fd = os.dup(held.fileno())
+    monkeypatch.setattr(listen, "SD_LISTEN_FDS_START", fd)  # systemd's first fd is 3; here: a free one
+    env = {"LISTEN_PID": str(os.getpid()), "LISTEN_FDS": "1", "LISTEN_FDNAMES": "decode-worker"}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    sock = listen.inherited_socket("decode-worker", "127.0.0.1", port)
+    assert sock is not None and sock.getsockname()[1] == port
+    assert "LISTEN_FDS" not in os.environ and not os.get_inheritable(fd)
+    sock.close()
+    held.close()
+
+
+def test_activation_meant_for_another_process_is_ignored() -> None:
+    env = {"LISTEN_PID": "1", "LISTEN_FDS": "1"}
+    assert listen.inherited_socket("decode-worker", "127.0.0.1", 8000, env) is None
+
+
+def test_the_holder_hands_each_daemon_its_socket_and_a_restart_refuses_nothing(tmp_path: Path) -> None:
+    from daemons.config import parse_config
+    from daemons.ops.socket_holder import SocketHolder, sockets_path
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    ports = [bound() for _ in range(2)]
+    nums = [s.getsockname()[1] for s in ports]
+    for s in ports:
+        s.close()
+    doc = {"runtime_dir": str(tmp_path / "run"), "log_dir": str(tmp_path / "log"), "model": {"path": str(model)},
+           "prefill_worker": {"kv_cache_memory_bytes": 1 << 28, "port": nums[0]},
+           "decode_worker": {"kv_cache_memory_bytes": 1 << 28, "port": nums[1]}}
+    (tmp_path / "run").mkdir()
+    config = parse_config(doc, tmp_path / "disagg.yaml")
+    holder = SocketHolder(config)
+    thread = threading.Thread(target=holder.serve, daemon=True)
+    thread.start()
+    try:
+        env = {listen.HOLDER_ENV: str(sockets_path(config))}
+        first = listen.inherited_socket("decode-worker", "127.0.0.1", nums[1], env)
+        assert first is not None and first.getsockname()[1] == nums[1]
+        first.close()  # the daemon is gone: the port still accepts, into the held socket's backlog
+        client = socket.create_connection(("127.0.0.1", nums[1]), timeout=5)
+        again = listen.inherited_socket("decode-worker", "127.0.0.1", nums[1], env)  # the next process
+        assert again is not None
+        conn, _ = again.accept()  # the connection made while no daemon was there
+        client.sendall(b"hello")
+        assert conn.recv(5) == b"hello"
+        conn.close(), client.close(), again.close()
+        assert listen.inherited_socket("lmcache-server", "127.0.0.1", 5555, env | {}) is None  # none held for it
+        wrong = listen.inherited_socket("prefill-worker", "127.0.0.1", nums[1], env)  # not where the config says
+        assert wrong is None
+    finally:
+        holder.stop()
+        thread.join(5)
+        for sock in holder.sockets.values():
+            sock.close()
