@@ -307,6 +307,25 @@ class KVPathConfig(_Section):
     )
 
 
+class LogsConfig(_Section):
+    """Where the children's output goes (engines, LMCache's server and coordinator), and how much of it."""
+
+    children: Literal["auto", "file", "journal"] = Field(
+        default="auto", description="file: <log_dir>/<child>.log, rotated by size. journal: that file and systemd's "
+        "journal, a stream per child named after it (journalctl -u <unit> -t decode-worker-engine). auto: journal "
+        "when the daemon's own output goes to the journal (systemd's $JOURNAL_STREAM), else file.")
+    max_bytes: Annotated[int, Field(ge=1 << 16)] = Field(
+        default=100 << 20, description="A child's log file is rotated (<name>.log.1, ...) once it is this big.")
+    backups: Annotated[int, Field(ge=0, le=100)] = Field(
+        default=5, description="Rotated files kept per child (0: the file is emptied instead).")
+    lmcache_level: Literal["debug", "info", "warning", "error"] = Field(
+        default="warning", description="LMCache's log level in every child ($LMCACHE_LOG_LEVEL); info logs a line "
+        "per KV store and retrieve.")
+    access_log: bool = Field(
+        default=False, description="Keep the children's HTTP access lines for health checks and scrapes that "
+        "succeeded (one per heartbeat and per scrape); other access lines are always kept.")
+
+
 class ReadinessConfig(_Section):
     """The readiness protocol: state files, heartbeats, drains."""
 
@@ -495,6 +514,7 @@ class Config(_Section):
     decode_worker: DecodeWorkerConfig = DecodeWorkerConfig(device="cpu", kv_cache_memory_bytes=268435456)
     kv_path: KVPathConfig = KVPathConfig()
     readiness: ReadinessConfig = ReadinessConfig()
+    logs: LogsConfig = LogsConfig()
     lmcache_coordinator: LMCacheCoordinatorConfig = LMCacheCoordinatorConfig()
     cluster: ClusterConfig | None = Field(
         default=None, description="Several hosts (docs/hosts.md). None: everything on this one.")

@@ -51,7 +51,8 @@ class LMCacheCoordinator(ChildDaemon):
                               f"({config.host_id or 'no cluster section'})")
         env = engine_env(config.decode_worker)
         self.child = ChildProcess("coordinator", coordinator_argv(config),
-                                  log_path=Path(config.log_dir) / "lmcache-coordinator.log", env=env)
+                                  log_path=Path(config.log_dir) / "lmcache-coordinator.log", env=env,
+                                  logs=config.logs)
         self.child_startup_timeout_s = config.lmcache.startup_timeout_s
         self.url = config.cluster.coordinator_url
 

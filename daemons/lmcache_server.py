@@ -69,7 +69,7 @@ class LMCacheServer(ChildDaemon):
         self.instance_id = f"{config.host_id}.{int(time.time() * 1000):x}" if config.cluster is not None else ""
         self.child = ChildProcess(
             "lmcache", lmcache_argv(config, self.instance_id), log_path=Path(config.log_dir) / "lmcache-server.log",
-            env=env, port=config.lmcache.port,
+            env=env, port=config.lmcache.port, logs=config.logs,
         )
         self.child_startup_timeout_s = config.lmcache.startup_timeout_s
         self.http_url = f"http://{config.lmcache.host}:{config.lmcache.http_port}"

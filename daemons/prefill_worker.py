@@ -104,7 +104,7 @@ class PrefillWorker(EngineDaemon):
             model=str(config.model.path),
             mq_timeout_s=config.lmcache.mq_timeout_s,
             heartbeat_interval_s=config.lmcache.heartbeat_interval_s,
-            log_path=Path(config.log_dir) / f"{self.name}-kv-lookup.log",
+            log_path=Path(config.log_dir) / f"{self.name}-kv-lookup.log", logs=config.logs,
         )
         self.proxy = Upstream()  # the prefill calls' own pool, on aiohttp (probes use httpx)
         self.max_body_bytes = config.decode_worker.max_body_bytes

@@ -1,7 +1,9 @@
 """A supervised child process (a vLLM engine or LMCache's server) and its whole tree.
 
-The child writes its output to a log file; when it dies, the last lines of that
-file explain why. It runs under :mod:`daemons.children.keeper`, which dies with the
+The child's output goes through its keeper to a log file rotated by size (and, under
+systemd, to the journal: :class:`daemons.config.LogsConfig`); when it dies, the last
+lines of that file explain why. A full disk never stops a child from starting.
+It runs under :mod:`daemons.children.keeper`, which dies with the
 daemon (even a ``kill -9`` of it), is the subreaper of everything the child
 starts, and kills that whole tree when the child exits, so no vLLM EngineCore
 outlives its API server or its daemon. Everything stays in the daemon's
@@ -23,10 +25,33 @@ from pathlib import Path
 
 from daemons.children import keeper, strays
 from daemons.children.keeper import below as descendants
+from daemons.config import LogsConfig
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ChildExited", "ChildProcess", "PortHeld", "descendants", "kill_all"]
+__all__ = ["ChildExited", "ChildProcess", "PortHeld", "child_env", "descendants", "kill_all"]
+
+# What only the daemon may hold: systemd's notify/watchdog/socket handles and the API keys (a child's environment
+# is readable in /proc by its user and lands in its core dumps).
+DAEMON_ONLY_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES",
+                   "DISAGG_SOCKETS", "DISAGG_API_KEYS", "CREDENTIALS_DIRECTORY")
+# Access lines of successful health checks and scrapes (uvicorn's format): one per heartbeat, per scrape.
+ROUTINE_ACCESS = r'"GET /(healthcheck|health|metrics|ping|status)[^"]*" 200'
+
+
+def child_env(base: dict[str, str] | None = None, logs: LogsConfig | None = None) -> dict[str, str]:
+    """A child's environment: ``base`` (default ours) without what only the daemon may hold."""
+    env = dict(os.environ if base is None else base)
+    for key in DAEMON_ONLY_ENV:
+        env.pop(key, None)
+    env["LMCACHE_LOG_LEVEL"] = (logs or LogsConfig()).lmcache_level.upper()
+    return env
+
+
+def journal_wanted(logs: LogsConfig) -> bool:
+    if logs.children == "auto":
+        return bool(os.environ.get("JOURNAL_STREAM")) and os.path.exists(keeper.JOURNAL_SOCKET)
+    return logs.children == "journal"
 
 
 def kill_all(pids: list[int]) -> None:
@@ -47,11 +72,12 @@ class PortHeld(RuntimeError):
 
 class ChildProcess:
     def __init__(self, name: str, argv: Sequence[str], *, log_path: Path, env: dict[str, str] | None = None,
-                 tag: str | None = None, port: int | None = None) -> None:
+                 tag: str | None = None, port: int | None = None, logs: LogsConfig | None = None) -> None:
         self.name = name
         self.argv = list(argv)
         self.log_path = Path(log_path)
         self.env = env
+        self.logs = logs or LogsConfig()
         # Every process of the child's tree carries the tag (strays.TAG_ENV): what an earlier start left
         # behind is found by it and killed before this one starts. The port is where the child listens:
         # held by a process without the tag, the child is not started (PortHeld names the holder).
@@ -60,7 +86,6 @@ class ChildProcess:
         self.proc: subprocess.Popen[bytes] | None = None  # the keeper
         self.started_at = 0.0
         self._main_pid: int | None = None
-        self._log_offset = 0  # where this start's output begins in the log file
 
     def reap_strays(self) -> list[str]:
         """Kill every live process of an earlier start of this child (outside today's tree); what was killed."""
@@ -99,25 +124,34 @@ class ChildProcess:
         if stranger is not None:
             raise PortHeld(f"{self.name}: port {self.port} is held by {stranger}, not by a process of this daemon; "
                            "stop it (or give this daemon another port)")
-        env = dict(self.env if self.env is not None else os.environ)
+        env = child_env(self.env, self.logs)
         env[strays.TAG_ENV] = self.tag
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with self.log_path.open("ab") as out:
-            out.write(f"\n=== {time.strftime('%Y-%m-%dT%H:%M:%S')} starting: {' '.join(self.argv)}\n".encode())
-            out.flush()
-            self._log_offset = out.tell()
-            # -S: the keeper needs only the standard library; it runs by path, needing no install.
-            self.proc = subprocess.Popen(
-                [sys.executable, "-S", keeper.__file__, *self.argv],
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                env=env,
-                close_fds=True,
-            )
+        # -S: the keeper needs only the standard library; it runs by path, needing no install. It writes the
+        # child's output itself (rotated; a full disk loses lines, never the start).
+        self.proc = subprocess.Popen(
+            [sys.executable, "-S", keeper.__file__, *self.keeper_options(), "--", *self.argv],
+            stdin=subprocess.DEVNULL,
+            env=env,
+            close_fds=True,
+        )
         self.started_at = time.monotonic()
         self._main_pid = None
-        log.info("%s started (keeper pid %d), output in %s", self.name, self.proc.pid, self.log_path)
+        where = f"{self.log_path} and the journal ({self.log_id})" if journal_wanted(self.logs) else str(self.log_path)
+        log.info("%s started (keeper pid %d), output in %s", self.name, self.proc.pid, where)
+
+    @property
+    def log_id(self) -> str:
+        """The child's name in the journal (SYSLOG_IDENTIFIER): its log file's name."""
+        return self.log_path.name.removesuffix(".log")
+
+    def keeper_options(self) -> list[str]:
+        opts = ["--log", str(self.log_path), "--max-bytes", str(self.logs.max_bytes),
+                "--backups", str(self.logs.backups), "--header", "starting"]
+        if journal_wanted(self.logs):
+            opts += ["--journal", self.log_id]
+        if not self.logs.access_log:
+            opts += ["--drop", ROUTINE_ACCESS]
+        return opts
 
     @property
     def pid(self) -> int | None:
@@ -144,16 +178,28 @@ class ChildProcess:
         return self.proc is not None and self.proc.poll() is None
 
     def tail(self, lines: int = 15) -> str:
-        """The last lines this start of the child wrote (never an earlier start's, nor another writer's
-        before it)."""
-        try:
-            with self.log_path.open("rb") as fh:
-                fh.seek(0, os.SEEK_END)
-                fh.seek(max(self._log_offset, fh.tell() - 16384))
-                text = fh.read().decode(errors="replace")
-        except OSError:
+        """The last lines this start of the child wrote (never an earlier start's): the end of its log file,
+        and of the rotated one before it when the file was just rotated, after this start's header."""
+        text = b""
+        for path in (self.log_path, Path(f"{self.log_path}.1")):
+            try:
+                with path.open("rb") as fh:
+                    fh.seek(0, os.SEEK_END)
+                    fh.seek(max(0, fh.tell() - 16384))
+                    text = fh.read() + text
+            except OSError:
+                continue
+            if len(text) >= 16384:
+                break
+        if self.proc is None:
             return ""
-        return "\n".join(text.strip().splitlines()[-lines:])
+        ours = f"(keeper {self.proc.pid}):".encode()
+        mine = text.rfind(ours)
+        if mine >= 0:
+            text = text[text.find(b"\n", mine) + 1:]
+        elif b"(keeper " in text:  # an earlier start's header and none of ours yet: nothing is this start's
+            text = b""
+        return "\n".join(text.decode(errors="replace").strip().splitlines()[-lines:])
 
     def exit_reason(self) -> str:
         code = self.returncode()

@@ -7,12 +7,11 @@ variables). Starting, watching and stopping it is the worker's job
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Literal
 
-from daemons.children.child import ChildProcess
+from daemons.children.child import ChildProcess, child_env
 from daemons.config import Config, WorkerConfig
 
 KVRole = Literal["kv_producer", "kv_consumer"]
@@ -64,10 +63,7 @@ def engine_argv(config: Config, worker: WorkerConfig, role: KVRole | None) -> li
 
 
 def engine_env(worker: WorkerConfig) -> dict[str, str]:
-    env = dict(os.environ)
-    for key in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID",  # only the daemon talks to systemd
-                "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "DISAGG_SOCKETS"):  # and owns the listening socket
-        env.pop(key, None)
+    env = child_env()  # without systemd's handles, the held sockets and the API keys: only the daemon has those
     env["LMCACHE_DISABLE_BANNER"] = "1"
     env.setdefault("VLLM_NO_USAGE_STATS", "1")
     env.setdefault("DO_NOT_TRACK", "1")
@@ -89,4 +85,4 @@ def engine_child(config: Config, worker: WorkerConfig, role: KVRole | None, *, n
     """The engine as a child process of the worker ``name``, logging to ``<log_dir>/<name>-engine.log``."""
     return ChildProcess(f"{name} engine", engine_argv(config, worker, role),
                         log_path=Path(config.log_dir) / f"{name}-engine.log", env=engine_env(worker),
-                        port=worker.engine_port)
+                        port=worker.engine_port, logs=config.logs)

@@ -29,10 +29,14 @@ import json
 import logging
 import os
 import signal
+import subprocess
 import sys
 import time
 import typing
 from pathlib import Path
+
+from daemons.children.child import child_env
+from daemons.config import LogsConfig
 
 log = logging.getLogger(__name__)
 
@@ -46,12 +50,13 @@ class KVLookup:
     """The daemon's handle on the lookup child. Every call has a deadline."""
 
     def __init__(self, *, server_url: str, model: str, mq_timeout_s: float, heartbeat_interval_s: float,
-                 log_path: Path) -> None:
+                 log_path: Path, logs: LogsConfig | None = None) -> None:
         self.argv = [
             sys.executable, "-m", "daemons.kv.kv_lookup", "--server-url", server_url, "--model", model,
             "--mq-timeout", str(mq_timeout_s), "--heartbeat-interval", str(heartbeat_interval_s),
         ]
         self.log_path = Path(log_path)
+        self.logs = logs or LogsConfig()
         self.proc: asyncio.subprocess.Process | None = None
         self._ids = itertools.count(1)
         self._waiting: dict[int, asyncio.Future[dict[str, object]]] = {}
@@ -64,6 +69,18 @@ class KVLookup:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.returncode is None
 
+    def _open_log(self) -> int:
+        """The client's stderr (warnings only, at LMCache's default level here): its file, rotated once past
+        ``logs.max_bytes`` at a start; /dev/null when it cannot be opened (a full or read-only disk)."""
+        try:
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            if self.log_path.exists() and self.log_path.stat().st_size > self.logs.max_bytes:
+                os.replace(self.log_path, f"{self.log_path}.1")
+            return os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
+        except OSError as exc:
+            log.warning("LMCache lookup client: no log file (%s); its stderr is dropped", exc)
+            return subprocess.DEVNULL
+
     async def start(self) -> None:
         """Start the child and wait for its first line; raises RuntimeError if it cannot start."""
         if self._starting is None:
@@ -71,13 +88,16 @@ class KVLookup:
         async with self._starting:
             if self.alive:
                 return
-            self.log_path.parent.mkdir(parents=True, exist_ok=True)
-            env = dict(os.environ, CUDA_VISIBLE_DEVICES="", LMCACHE_DISABLE_BANNER="1")
-            with self.log_path.open("ab") as err:
+            env = child_env(dict(os.environ, CUDA_VISIBLE_DEVICES="", LMCACHE_DISABLE_BANNER="1"), self.logs)
+            err = self._open_log()
+            try:
                 self.proc = await asyncio.create_subprocess_exec(
                     *self.argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=err,
                     env=env, limit=LINE_LIMIT, preexec_fn=_die_with_parent,
                 )
+            finally:
+                if err is not subprocess.DEVNULL:
+                    os.close(err)
             assert self.proc.stdout is not None
             try:
                 first = await asyncio.wait_for(self.proc.stdout.readline(), STARTUP_TIMEOUT_S)
