@@ -97,6 +97,32 @@ class LMCacheConfig(_Section):
         return host
 
 
+# Engine flags that change what the KV cache holds or how it is laid out: every worker's engine must agree on
+# them (a decode engine reading fp8 KV as bf16 answers garbage with HTTP 200), and they are part of the digest.
+KV_ENGINE_FLAGS = ("--kv-cache-dtype", "--quantization", "-q", "--block-size", "--hf-overrides", "--hf-config-path",
+                   "--tokenizer", "--tokenizer-mode", "--revision", "--code-revision", "--tokenizer-revision",
+                   "--enable-lora", "--lora-modules", "--max-lora-rank", "--rope-scaling", "--rope-theta",
+                   "--model-impl", "--calculate-kv-scales", "--attention-backend")
+
+
+def kv_engine_args(args: list[str]) -> dict[str, str]:
+    """The KV-relevant flags among engine arguments (``--flag value``, ``--flag=value``, ``--flag``), as
+    flag -> value ("" for a bare switch); ``-q`` is spelled ``--quantization``, ``_`` as ``-``."""
+    found: dict[str, str] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        flag, eq, value = arg.partition("=")
+        flag = flag.replace("_", "-") if flag.startswith("--") else flag
+        if flag in KV_ENGINE_FLAGS:
+            if not eq and i + 1 < len(args) and not args[i + 1].startswith("-"):
+                value = args[i + 1]
+                i += 1
+            found["--quantization" if flag == "-q" else flag] = value
+        i += 1
+    return found
+
+
 # Engine flags the worker owns: extra_engine_args may not change them.
 ENGINE_OWNED_FLAGS = ("--host", "--port", "--uds", "--api-key", "--kv-transfer-config", "--model",
                       "--served-model-name")
@@ -349,6 +375,13 @@ class ReadinessConfig(_Section):
         if self.heartbeat_timeout_s <= 2 * self.heartbeat_interval_s:
             raise ValueError("heartbeat_timeout_s must exceed twice heartbeat_interval_s")
         return self
+
+    @property
+    def stop_budget_s(self) -> int:
+        """How long a daemon's stop may take: the drain grace, the drain, the child's own exit (as long again)
+        and a margin. supervisord's ``stopwaitsecs`` and systemd's ``TimeoutStopSec=`` are rendered from it,
+        so the supervisor never kills a daemon in the middle of its drain."""
+        return int(self.drain_grace_s + 2 * self.drain_timeout_s + 15 + 0.999)
 
 
 _INSTANCE_RE = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
@@ -606,6 +639,63 @@ class Config(_Section):
                 except ValidationError as exc:
                     raise ValueError(_describe(exc.errors()[0], f"{section}.instances.{name}")) from None
         return self
+
+    @model_validator(mode="after")
+    def _engines_agree_on_kv(self) -> Config:
+        every = {(kind, name): kv_engine_args(w.extra_engine_args) for kind in WORKER_KINDS
+                 for name, w in self.workers(kind).items()}
+        (first_kind, first), reference = next(iter(every.items()))
+        for (kind, name), flags in every.items():
+            for flag in sorted(set(flags) | set(reference)):
+                if flags.get(flag) != reference.get(flag):
+                    def shown(v: str | None) -> str:
+                        return "not set" if v is None else (repr(v) if v else "set")
+                    raise ValueError(
+                        f"{WORKER_KINDS[first_kind]}.extra_engine_args ({first}) and {WORKER_KINDS[kind]}."
+                        f"extra_engine_args ({name}) disagree on {flag} ({shown(reference.get(flag))} vs "
+                        f"{shown(flags.get(flag))}): it changes what the KV cache holds, and an engine reading KV "
+                        "another wrote with other settings answers wrong with HTTP 200; give every worker the same")
+        return self
+
+    @model_validator(mode="after")
+    def _shared_gpus_sized(self) -> Config:
+        on: dict[tuple[str | None, str], list[str]] = {}
+        for kind in WORKER_KINDS:
+            for name, w in self.workers(kind).items():
+                if w.device.startswith("cuda:"):
+                    host = self.cluster.host_of(name) if self.cluster is not None else None
+                    on.setdefault((host, w.device), []).append(name)
+        for (_, device), names in on.items():
+            unsized = [n for n in names if self._worker_by_name(n).kv_cache_memory_bytes is None]
+            if len(names) > 1 and unsized:
+                keys = ", ".join(f"{WORKER_KINDS[DaemonId.parse(n).kind]}" + (
+                    f".instances.{DaemonId.parse(n).instance}" if DaemonId.parse(n).instance else "")
+                    + ".kv_cache_memory_bytes" for n in unsized)
+                raise ValueError(
+                    f"{', '.join(names)} share {device} and {', '.join(unsized)} sized only by "
+                    "gpu_memory_utilization: the second engine to start fails ('No available memory for the cache "
+                    "blocks': vLLM's memory profile counts the other engine's memory as used); set "
+                    f"{keys} (e.g. 21474836480, 20 GiB each on one 141 GB H200; etc/disagg-1gpu.yaml)")
+        return self
+
+    def _worker_by_name(self, name: str) -> WorkerConfig:
+        return self.workers(DaemonId.parse(name).kind)[name]
+
+    def warnings(self) -> list[str]:
+        """What is legal but probably not meant: each names the keys (``check-config`` prints them; the
+        daemons log them at start)."""
+        out = []
+        r, d = self.readiness, self.decode_worker
+        longest = max(d.request_timeout_s, d.first_token_timeout_s)
+        if r.drain_timeout_s < longest:
+            out.append(
+                f"readiness.drain_timeout_s ({r.drain_timeout_s:g}) is shorter than decode_worker.request_timeout_s "
+                f"({d.request_timeout_s:g}) / first_token_timeout_s ({d.first_token_timeout_s:g}): a stop, restart or "
+                f"deploy cuts requests that run longer than {r.drain_timeout_s:g}s (their clients see an error; "
+                "streams are not migrated on a planned stop); raise drain_timeout_s or lower the request deadlines. "
+                f"Stops then take up to {r.stop_budget_s}s (rendered into supervisord's stopwaitsecs and systemd's "
+                "TimeoutStopSec)")
+        return out
 
     def workers(self, kind: str) -> dict[str, WorkerConfig]:
         """Daemon name -> resolved settings of every worker of ``kind`` ("prefill-worker", ...)."""

@@ -120,6 +120,8 @@ def cmd_wait_ready(args: argparse.Namespace) -> int:
 # -- config and model ----------------------------------------------------------------------
 def cmd_check_config(args: argparse.Namespace) -> int:
     config = _load(args)
+    for warning in config.warnings():
+        print(f"warning: {warning}", file=sys.stderr)
     _out(f"{config.source}: OK (model {config.model.name} at {config.model.path})")
     return 0
 
@@ -164,6 +166,7 @@ def supervisor_env(config: Config) -> dict[str, str]:
         DISAGG_CONFIG=str(config.source),
         DISAGG_RUN_DIR=str(config.runtime_dir),
         DISAGG_LOG_DIR=str(config.log_dir),
+        DISAGG_STOP_WAIT_S=str(config.readiness.stop_budget_s),  # never SIGKILL a daemon in its drain
     )
     if config.host_id is not None:
         env[HOST_ID_ENV] = config.host_id  # the daemons run as this host of the cluster

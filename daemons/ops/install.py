@@ -37,6 +37,8 @@ DEFAULTS_TEXT = """\
 # Overrides for the disagg units (EnvironmentFile=-/etc/default/disagg).
 # DISAGG_CONFIG=/etc/disagg/disagg.yaml
 # DISAGG_LOG_LEVEL=INFO
+# DISAGG_API_KEYS=key1,key2   (root only: this file is 0600; decode_worker.api_keys_file is the better place,
+#                              re-read when it changes; neither reaches the engines' or LMCache's environment)
 """
 
 
@@ -48,6 +50,7 @@ class Action:
     command: list[str] | None = None
     mode: int = 0o644
     group: str | None = None  # the file's group (its owner stays the installing user, root)
+    chmod_only: bool = False  # the file stays as it is; only its mode is set
 
     def describe(self) -> str:
         if self.command:
@@ -70,6 +73,10 @@ def render_unit(path: Path, bin_dir: str, config: Config | None = None) -> str:
             host = config.listen_address(kind)
             address = f"[{host}]:{worker.port}" if ":" in host else f"{host}:{worker.port}"
             text = re.sub(r"^ListenStream=.*$", f"ListenStream={address}", text, flags=re.M)
+    if path.suffix == ".service" and config is not None:  # never SIGKILL a daemon in the middle of its drain
+        shipped = re.search(r"^TimeoutStopSec=(\d+)$", text, flags=re.M)
+        if shipped is not None and int(shipped.group(1)) < config.readiness.stop_budget_s:
+            text = text.replace(shipped.group(0), f"TimeoutStopSec={config.readiness.stop_budget_s}")
     return text
 
 
@@ -109,8 +116,11 @@ def plan_install(prefix: Path, config: Path | None, bin_dir: str) -> list[Action
         source = config or (REPO_ROOT / "etc" / "disagg-gpu.yaml")
         actions.append(Action(f"write config (from {source})", cfg_target, Path(source).read_text()))
     defaults = prefix / "etc/default/disagg"
-    if not defaults.exists():
-        actions.append(Action("write defaults", defaults, DEFAULTS_TEXT))
+    if not defaults.exists():  # EnvironmentFile=: it may hold DISAGG_API_KEYS
+        actions.append(Action("write defaults (root only)", defaults, DEFAULTS_TEXT, mode=0o600))
+    elif defaults.stat().st_mode & 0o077:
+        actions.append(Action(f"restrict to root (it may hold DISAGG_API_KEYS; was {defaults.stat().st_mode & 0o777:o})",
+                              defaults, mode=0o600, chmod_only=True))
     keys = prefix / API_KEYS_PATH.relative_to("/")
     if not keys.exists():
         # The shipped GPU config serves beyond loopback and names this file: never without a key.
@@ -182,6 +192,8 @@ def apply(actions: list[Action], *, dry_run: bool, out: TextIO = sys.stdout) -> 
             continue
         if action.command:
             subprocess.run(action.command, check=True)
+        elif action.chmod_only and action.path is not None:
+            os.chmod(action.path, action.mode)
         elif action.content is not None and action.path is not None:
             action.path.parent.mkdir(parents=True, exist_ok=True)
             tmp = action.path.with_name(action.path.name + ".tmp")

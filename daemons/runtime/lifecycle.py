@@ -225,6 +225,8 @@ class Daemon:
             loop.add_signal_handler(sig, self._on_signal, sig)
         loop.add_signal_handler(signal.SIGHUP, self._on_hup)
         self.status.changed(self.state, self.reason, True)
+        for warning in self.config.warnings():  # legal but probably not meant (check-config prints them too)
+            log.warning("config: %s", warning)
         failure: str | None = None
         heartbeat: asyncio.Task[None] | None = None
         try:

@@ -61,7 +61,7 @@ def test_bad_config_goes_fatal_not_looping(tmp_path, model_dir):
     run_dir.mkdir()
     log_dir.mkdir()
     env = {**os.environ, "DISAGG_BIN": str(Path(sys.executable).parent), "DISAGG_CONFIG": str(config_path),
-           "DISAGG_RUN_DIR": str(run_dir), "DISAGG_LOG_DIR": str(log_dir)}
+           "DISAGG_RUN_DIR": str(run_dir), "DISAGG_LOG_DIR": str(log_dir), "DISAGG_STOP_WAIT_S": "75"}
     bin_dir = Path(sys.executable).parent
     subprocess.run([str(bin_dir / "supervisord"), "-c", str(SUPERVISOR_CONF)], env=env, check=True)
     try:

@@ -195,3 +195,51 @@ def test_the_prefill_api_stays_on_loopback(tmp_path, model_dir):
     doc = base(model_dir)
     doc["prefill_worker"]["host"] = "0.0.0.0"
     assert "prefill_worker.host" in error_of(tmp_path, doc)
+
+
+def test_shipped_one_gpu_config_splits_the_gpu_by_kv_cache_memory():
+    config = load_config(REPO / "etc" / "disagg-1gpu.yaml", require_model=False)
+    assert config.prefill_worker.device == config.decode_worker.device == "cuda:0"
+    assert config.prefill_worker.kv_cache_memory_bytes == config.decode_worker.kv_cache_memory_bytes == 20 << 30
+
+
+def test_two_workers_on_one_gpu_sized_only_by_utilization_are_refused(tmp_path, model_dir):
+    doc = base(model_dir)
+    for worker in ("prefill_worker", "decode_worker"):
+        doc[worker].update(device="cuda:0", gpu_memory_utilization=0.4)
+        doc[worker].pop("kv_cache_memory_bytes")
+    message = error_of(tmp_path, doc)
+    assert "prefill-worker, decode-worker share cuda:0" in message
+    assert "prefill_worker.kv_cache_memory_bytes, decode_worker.kv_cache_memory_bytes" in message
+    assert "No available memory for the cache blocks" in message
+    doc["decode_worker"]["device"] = "cuda:1"  # one each: utilization alone is fine
+    load_config(write(tmp_path, doc))
+
+
+@pytest.mark.parametrize("args", [["--kv-cache-dtype", "fp8"], ["--kv-cache-dtype=fp8"], ["--kv_cache_dtype", "fp8"]])
+def test_engines_that_disagree_on_the_kv_layout_are_refused(tmp_path, model_dir, args):
+    doc = base(model_dir)
+    doc["prefill_worker"]["extra_engine_args"] = args
+    message = error_of(tmp_path, doc)
+    assert "prefill_worker.extra_engine_args (prefill-worker) and decode_worker.extra_engine_args" in message
+    assert "disagree on --kv-cache-dtype ('fp8' vs not set)" in message
+    doc["decode_worker"]["extra_engine_args"] = ["--kv-cache-dtype", "fp8"]  # the same on both: fine
+    load_config(write(tmp_path, doc))
+
+
+def test_an_instance_that_disagrees_on_quantization_is_refused(tmp_path, model_dir):
+    doc = base(model_dir)
+    doc["prefill_worker"]["instances"] = {"a": {"port": 18300, "engine_port": 18301, "metrics_port": 18302},
+                                          "b": {"port": 18310, "engine_port": 18311, "metrics_port": 18312,
+                                                "extra_engine_args": ["-q", "fp8"]}}
+    assert "disagree on --quantization" in error_of(tmp_path, doc)
+
+
+def test_a_drain_shorter_than_the_request_deadlines_is_a_warning_naming_the_keys(tmp_path, model_dir):
+    config = load_config(write(tmp_path, base(model_dir)))
+    (warning,) = config.warnings()
+    assert "readiness.drain_timeout_s (30) is shorter than decode_worker.request_timeout_s (600)" in warning
+    doc = base(model_dir)
+    doc["readiness"]["drain_timeout_s"] = 600
+    assert load_config(write(tmp_path, doc)).warnings() == []
+    assert load_config(write(tmp_path, doc)).readiness.stop_budget_s == 1215

@@ -32,7 +32,10 @@ def test_install_is_idempotent_and_reversible(tmp_path):
     assert "ExecStart=/srv/disagg/bin/disagg-decode-worker --config ${DISAGG_CONFIG}" in \
         (units / "disagg-decode-worker.service").read_text()
     assert "cuda:1" in (tmp_path / "etc/disagg/disagg.yaml").read_text()  # the GPU config by default
-    assert (tmp_path / "etc/default/disagg").exists()
+    defaults = tmp_path / "etc/default/disagg"
+    assert defaults.stat().st_mode & 0o777 == 0o600  # EnvironmentFile=: the obvious place for DISAGG_API_KEYS
+    # The GPU config's stop (drain 60 s, child 60 s) fits systemd's stop timeout: never a SIGKILL mid-drain.
+    assert "TimeoutStopSec=135" in (units / "disagg-decode-worker.service").read_text()
 
     again = ctl("install", "--prefix", prefix, "--bin-dir", "/srv/disagg/bin")
     assert again.stdout.strip() == "nothing to do: already in place"
@@ -47,3 +50,15 @@ def test_install_is_idempotent_and_reversible(tmp_path):
     assert (tmp_path / "etc/disagg/disagg.yaml").exists()
     ctl("uninstall", "--prefix", prefix, "--purge")
     assert not (tmp_path / "etc/disagg/disagg.yaml").exists() and not (tmp_path / "etc/default/disagg").exists()
+
+
+def test_a_defaults_file_readable_by_others_is_restricted(tmp_path):
+    defaults = tmp_path / "etc/default/disagg"
+    defaults.parent.mkdir(parents=True)
+    defaults.write_text("DISAGG_API_KEYS=sk-from-an-operator\n")
+    defaults.chmod(0o644)
+    done = ctl("install", "--prefix", str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    assert "restrict to root" in done.stdout
+    assert defaults.stat().st_mode & 0o777 == 0o600
+    assert defaults.read_text() == "DISAGG_API_KEYS=sk-from-an-operator\n"  # the operator's content kept
