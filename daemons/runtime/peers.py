@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,10 +38,11 @@ def generation(view: PeerView) -> tuple[int, float] | None:
 
 class Peers:
     def __init__(self, runtime_dir: Path, heartbeat_timeout_s: float, *, expect_digest: str | None,
-                 names: Iterable[str] = ()) -> None:
+                 names: Iterable[str] = (), expect_parts: Mapping[str, str] | None = None) -> None:
         self.runtime_dir = Path(runtime_dir)
         self.heartbeat_timeout_s = heartbeat_timeout_s
         self.expect_digest = expect_digest
+        self.expect_parts = expect_parts  # what the digest covers: a mismatch names the part
         self.names = list(names)
         self.remote: dict[str, str] = {}  # peers on other hosts: name -> their /disagg/state URL
         self.views: dict[str, PeerView] = {}
@@ -50,8 +51,10 @@ class Peers:
     def assess(self, name: str) -> PeerView:
         """Judge one peer now (blocking: file read and TCP connect, or an HTTP call to another host)."""
         if name in self.remote:
-            return assess_remote(self.remote[name], name, self.heartbeat_timeout_s, expect_digest=self.expect_digest)
-        return assess(self.runtime_dir, name, self.heartbeat_timeout_s, expect_digest=self.expect_digest)
+            return assess_remote(self.remote[name], name, self.heartbeat_timeout_s, expect_digest=self.expect_digest,
+                                 expect_parts=self.expect_parts)
+        return assess(self.runtime_dir, name, self.heartbeat_timeout_s, expect_digest=self.expect_digest,
+                      expect_parts=self.expect_parts)
 
     async def view(self, name: str) -> PeerView:
         """Judge one peer now, off the event loop, and remember the verdict."""

@@ -13,7 +13,7 @@ endpoint accepts"; then fresh, serving, same config digest.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import httpx
@@ -46,7 +46,8 @@ def state_url(address: str, port: int) -> str:
     return f"http://{address}:{port}{STATE_PATH}"
 
 
-def judge(daemon: str, answer: Any, heartbeat_timeout_s: float, expect_digest: str | None) -> PeerView:
+def judge(daemon: str, answer: Any, heartbeat_timeout_s: float, expect_digest: str | None,
+          expect_parts: Mapping[str, str] | None = None) -> PeerView:
     """Judge a peer from its ``/disagg/state`` answer (already parsed JSON)."""
     try:
         record = StateRecord.from_json(answer["record"])
@@ -55,11 +56,12 @@ def judge(daemon: str, answer: Any, heartbeat_timeout_s: float, expect_digest: s
         return PeerView(daemon, "stale", False, f"not a valid state answer ({exc})", None)
     if record.daemon != daemon:
         return PeerView(daemon, "stale", False, f"the address answers as {record.daemon}, not {daemon}", None)
-    return judge_record(daemon, record, age, heartbeat_timeout_s, expect_digest=expect_digest)
+    return judge_record(daemon, record, age, heartbeat_timeout_s, expect_digest=expect_digest,
+                        expect_parts=expect_parts)
 
 
 def assess_remote(url: str, daemon: str, heartbeat_timeout_s: float, *, expect_digest: str | None,
-                  timeout_s: float = REMOTE_TIMEOUT_S) -> PeerView:
+                  expect_parts: Mapping[str, str] | None = None, timeout_s: float = REMOTE_TIMEOUT_S) -> PeerView:
     """Judge a daemon on another host by asking it (blocking: call it off the event loop)."""
     try:
         resp = httpx.get(url, timeout=timeout_s, trust_env=False)
@@ -71,4 +73,4 @@ def assess_remote(url: str, daemon: str, heartbeat_timeout_s: float, *, expect_d
         answer = resp.json()
     except ValueError:
         return PeerView(daemon, "stale", False, f"{url}: not JSON", None)
-    return judge(daemon, answer, heartbeat_timeout_s, expect_digest)
+    return judge(daemon, answer, heartbeat_timeout_s, expect_digest, expect_parts)

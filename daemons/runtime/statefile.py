@@ -14,6 +14,7 @@ import os
 import socket
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ __all__ = ["PeerView", "State", "StateRecord", "assess", "endpoint_accepts", "ju
 _FIELD_TYPES: dict[str, type | tuple[type, ...]] = {
     "daemon": str, "pid": int, "state": str, "endpoint": str, "metrics": str, "config_digest": str,
     "version": str, "started_at": (int, float), "heartbeat": (int, float), "reason": str, "details": dict,
+    "config_parts": dict,
 }
 _REQUIRED = ("daemon", "pid", "state", "endpoint", "metrics", "config_digest", "version", "started_at")
 
@@ -46,6 +48,7 @@ class StateRecord:
     heartbeat: float = field(default_factory=time.time)
     reason: str = ""  # why failed / degraded / waiting
     details: dict[str, Any] = field(default_factory=dict)
+    config_parts: dict[str, str] = field(default_factory=dict)  # what the digest covers, readable (digest.py)
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -189,6 +192,7 @@ def assess(
     heartbeat_timeout_s: float,
     *,
     expect_digest: str | None = None,
+    expect_parts: Mapping[str, str] | None = None,
     check_endpoint: bool = True,
     now: float | None = None,
 ) -> PeerView:
@@ -199,14 +203,21 @@ def assess(
     now = time.time() if now is None else now
     gone = "" if pid_alive(record.pid) else f"pid {record.pid} is not running (left by a crash?)"
     view = judge_record(daemon, record, now - record.heartbeat, heartbeat_timeout_s, expect_digest=expect_digest,
-                        process_gone=gone)
+                        expect_parts=expect_parts, process_gone=gone)
     if view.usable and check_endpoint and not endpoint_accepts(record.endpoint):
         return PeerView(daemon, record.state.value, False, f"endpoint {record.endpoint} refuses connections", record)
     return view
 
 
+def differing(ours: Mapping[str, str], theirs: Mapping[str, str]) -> str:
+    """What differs between two daemons' digest parts: ``versions (theirs vllm 0.26.0, ...; ours ...)``."""
+    names = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
+    return "; ".join(f"{k} (theirs {theirs.get(k, 'absent')}, ours {ours.get(k, 'absent')})" for k in names)
+
+
 def judge_record(daemon: str, record: StateRecord, age_s: float, heartbeat_timeout_s: float, *,
-                 expect_digest: str | None, process_gone: str = "") -> PeerView:
+                 expect_digest: str | None, expect_parts: Mapping[str, str] | None = None,
+                 process_gone: str = "") -> PeerView:
     """The readiness rules on one record, wherever it came from (a state file, or a peer on another host
     that served it): not stopped or failed, its process there (``process_gone``: why not), heartbeat
     younger than ``heartbeat_timeout_s``, serving, same config digest."""
@@ -219,10 +230,12 @@ def judge_record(daemon: str, record: StateRecord, age_s: float, heartbeat_timeo
     if not record.state.serving:
         return PeerView(daemon, record.state.value, False, record.reason or record.state.value, record)
     if expect_digest is not None and record.config_digest != expect_digest:
+        what = differing(expect_parts, record.config_parts) if expect_parts and record.config_parts else ""
         return PeerView(
             daemon, record.state.value, False,
             f"config digest {record.config_digest} differs from ours ({expect_digest}): "
-            "the daemons run different models, LMCache settings or (several hosts) cluster layouts",
+            + (f"differs in {what}" if what else "the daemons run different models, engine KV settings, "
+               "vLLM/LMCache versions, LMCache settings or (several hosts) cluster layouts"),
             record,
         )
     return PeerView(daemon, record.state.value, True, record.reason, record)
