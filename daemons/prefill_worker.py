@@ -42,7 +42,7 @@ from starlette.routing import Route
 from daemons.children.worker import EngineDaemon
 from daemons.config import Config
 from daemons.edge.disconnect import ClientGone, unless_disconnected
-from daemons.edge.errors import openai_error
+from daemons.edge.errors import openai_error, unavailable
 from daemons.edge.request_limits import BadRequest, parse_json_object, read_body
 from daemons.edge.request_limits import request_id as checked_request_id
 from daemons.edge.sse_relay import BROKEN_STREAM_EVENT, ClosingStreamingResponse
@@ -238,7 +238,8 @@ class PrefillWorker(EngineDaemon):
                 return Response(status_code=499)
             except UpstreamError as exc:
                 self.prefill_metrics.requests.labels(status="503").inc()
-                return openai_error(503, f"prefill engine unavailable: {exc}", "service_unavailable")
+                log.warning("prefill engine unavailable: %s", exc)
+                return unavailable("prefill engine unavailable")
             finally:
                 self.prefill_metrics.in_flight.dec()
             elapsed = time.monotonic() - t0
@@ -276,7 +277,8 @@ class PrefillWorker(EngineDaemon):
                 return Response(status_code=499)
             except UpstreamError as exc:
                 count.labels(status="503").inc()
-                return openai_error(503, f"prefill engine unavailable: {exc}", "service_unavailable")
+                log.warning("prefill engine unavailable: %s", exc)
+                return unavailable("prefill engine unavailable")
             count.labels(status=str(upstream.status_code)).inc()
             if upstream.status_code != 200:
                 return Response(await upstream.error_body(), status_code=upstream.status_code,

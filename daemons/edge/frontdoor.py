@@ -71,7 +71,12 @@ class DecodeFailed(Exception):
 
 
 class NoEngine(Exception):
-    """No engine can serve the request now: 503 + Retry-After."""
+    """No engine can serve the request now: 503 + Retry-After. The message is the client's; ``detail`` (which
+    may name internal addresses) is for the log only."""
+
+    def __init__(self, message: str, detail: str = "") -> None:
+        super().__init__(message)
+        self.detail = detail
 
 
 
@@ -163,11 +168,11 @@ class FrontDoor:
 
         Raises :class:`NoEngine` when none can: no prefill-worker ready, or failover at its bound."""
         if self.failovers >= self.settings.failover_max_in_flight:
-            raise NoEngine(f"decode engine unavailable ({why}) and {self.failovers} requests already fail over "
-                           f"to prefill engines (decode_worker.failover_max_in_flight)")
+            raise NoEngine(f"decode engine unavailable and {self.failovers} requests already fail over "
+                           f"to prefill engines (decode_worker.failover_max_in_flight)", why)
         choice = self.router.choose_any()
         if choice.url is None:
-            raise NoEngine(f"decode engine unavailable ({why}) and no prefill-worker is ready")
+            raise NoEngine("decode engine unavailable and no prefill-worker is ready", why)
         self.failovers += 1
         log.info("[%s] failover to %s: decode engine unavailable (%s)", request_id, choice.daemon, why)
         return PrefillOutcome(RequestPath.FAILOVER, why, engine_url=f"{choice.url}/whole")
@@ -336,7 +341,7 @@ class FrontDoor:
             status = response.status_code
             return response
         except NoEngine as exc:
-            log.warning("[%s] refused: %s", request_id, exc)
+            log.warning("[%s] refused: %s (%s)", request_id, exc, exc.detail or "no detail")
             self.metrics.errors.labels(kind="no_engine").inc()
             status = 503
             return unavailable(f"no engine can serve this request now: {exc}")
@@ -522,7 +527,8 @@ class FrontDoor:
         try:
             resp = await self.client.get(f"{self.engine_url}/v1/models", timeout_s=10.0)
         except UpstreamError as exc:
-            return openai_error(503, f"decode engine unavailable: {exc}", "service_unavailable")
+            log.warning("GET /v1/models: decode engine unavailable: %s", exc)
+            return unavailable("decode engine unavailable")
         return Response(resp.content, status_code=resp.status_code, media_type="application/json")
 
     async def health(self, _: Request) -> Response:

@@ -260,3 +260,20 @@ def test_an_engine_that_reports_its_death_in_the_stream_is_migrated_like_a_broke
     assert "".join(c.get("text", "") for e in events_of(resp.text) for c in e.get("choices", [])) == "ab"
     assert seen_cont == ["p0/whole/v1/completions"]
     assert metrics.migrations.labels(outcome="continued")._value.get() == 1
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_503_never_names_an_internal_address(stream: bool, caplog: pytest.LogCaptureFixture) -> None:
+    """The engine's connection error names its host and port; the client's 503 does not (the log does)."""
+    def handler(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("Cannot connect to host 10.1.2.3:18001 ssl:default [Connect call failed "
+                                 "('10.1.2.3', 18001)] via http://engine-host.internal:18001/v1")
+
+    door, metrics, _ = door_with(handler, ready=0)
+    with caplog.at_level("WARNING"):
+        resp = asyncio.run(post(door, stream))
+    assert resp.status_code == 503 and resp.headers["retry-after"]
+    body = resp.text
+    assert "no prefill-worker is ready" in body
+    assert "10.1.2.3" not in body and "18001" not in body and "engine-host" not in body, body
+    assert "10.1.2.3:18001" in caplog.text  # the operator still sees where
