@@ -34,7 +34,7 @@ from daemons.config import (
     load_config,
 )
 from daemons.edge.auth import client_key
-from daemons.runtime.statefile import PeerView, State, assess, pid_alive, read_state
+from daemons.runtime.statefile import PeerView, State, assess, pid_alive, read_state, retire_dead_records
 
 log = logging.getLogger("disaggctl")
 
@@ -214,6 +214,9 @@ def up(config: Config, conf: Path | None = None) -> int:
         return 0
     config.runtime_dir.mkdir(parents=True, exist_ok=True)
     config.log_dir.mkdir(parents=True, exist_ok=True)
+    # What the previous run left (a failed record of a dead pid) must not be read as this run's.
+    for daemon in retire_dead_records(config.runtime_dir, config.daemon_names()):
+        log.info("%s: the previous run's state file moved aside (%s.json.last)", daemon, daemon)
     if conf is None:
         conf = supervisor_conf(config)
         if config.cluster is not None:

@@ -152,6 +152,23 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+def retire_dead_records(runtime_dir: Path, daemons: list[str]) -> list[str]:
+    """Before a start: move aside (to ``<daemon>.json.last``) the records whose process is gone, so that a
+    reader right after the start (``disaggctl wait-ready --fail-fast``) judges only the processes now
+    running, never the previous run's ``failed``. Returns the daemons whose record was moved."""
+    moved = []
+    for daemon in daemons:
+        record = read_state(runtime_dir, daemon)
+        if record is not None and not pid_alive(record.pid):
+            path = state_path(runtime_dir, daemon)
+            try:
+                os.replace(path, path.with_name(path.name + ".last"))
+                moved.append(daemon)
+            except OSError as exc:
+                log.warning("cannot move %s aside: %s", path, exc)
+    return moved
+
+
 def endpoint_accepts(endpoint: str, timeout: float = 1.0) -> bool:
     host, _, port = endpoint.rpartition(":")
     try:

@@ -160,3 +160,17 @@ def test_a_runtime_dir_others_can_write_is_refused(tmp_path):
     shared.chmod(0o755)
     check_runtime_dir(shared)
     check_runtime_dir(tmp_path / "new" / "run")  # created
+
+
+def test_a_start_retires_the_previous_runs_records_of_dead_processes(tmp_path):
+    """`disaggctl up` then `wait-ready --fail-fast` read the last run's `failed` record (a dead pid) before the
+    new daemon rewrote it; now that record is moved aside first and the new run is judged alone."""
+    from daemons.runtime.statefile import retire_dead_records
+
+    write_state(tmp_path, record("prefill-worker", state=State.FAILED, pid=dead_pid(), reason="engine died"))
+    write_state(tmp_path, record("decode-worker"))  # this process: alive, kept
+    assert assess(tmp_path, "prefill-worker", 15).state == "failed"
+    assert retire_dead_records(tmp_path, ["prefill-worker", "decode-worker", "lmcache-server"]) == ["prefill-worker"]
+    assert assess(tmp_path, "prefill-worker", 15).state == "absent"  # waiting for the new process, not failed
+    assert "engine died" in (tmp_path / "prefill-worker.json.last").read_text()  # kept for the post-mortem
+    assert read_state(tmp_path, "decode-worker") is not None
