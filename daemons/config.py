@@ -323,6 +323,10 @@ class KVPathConfig(_Section):
         default=15.0, description="decode-worker sends a canary prompt through the whole path this often.")
     canary_timeout_s: PositiveFloat = Field(
         default=30.0, description="Deadline of each hop of one canary (prefill call, decode call).")
+    canary_min_spacing_s: float = Field(
+        default=5.0, ge=0, description="At least this long between two canaries: the extra ones that recomputed "
+        "requests and decode timeouts ask for are merged into one (each canary stores a chunk in LMCache, "
+        "~32 MiB on a 7B model).")
     restart_after_failures: Annotated[int, Field(ge=1)] = Field(
         default=3, description="Canary failures in a row at the decode engine (with no engine progress) "
         "before decode-worker exits to be restarted.")

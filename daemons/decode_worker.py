@@ -89,6 +89,7 @@ class DecodeWorker(EngineDaemon):
         self.decode_side_failures = 0  # canaries in a row that broke at the decode side
         self._progress_at_first_failure: float | None = None
         self._canary_task: asyncio.Task[None] | None = None
+        self.canaries_started = 0
         self._fatal: str | None = None
         self.engine_serving = False  # the decode engine is up and was healthy since its (re)start
         self._reload_task: asyncio.Task[None] | None = None
@@ -209,16 +210,23 @@ class DecodeWorker(EngineDaemon):
 
     async def _canary_loop(self) -> None:
         interval = self.config.kv_path.canary_interval_s
+        spacing = self.config.kv_path.canary_min_spacing_s
         check_now = self.router.check_now
+        last = -spacing
         while not self.stopping:
             failing = any(not r.ok for r in self.router.canary_results.values())
             try:
                 await asyncio.wait_for(check_now.wait(), min(interval, CANARY_RETRY_S) if failing else interval)
             except TimeoutError:
                 pass
+            gap = last + spacing - time.monotonic()
+            if gap > 0:  # asked for again too soon: the asks until then are merged into one canary
+                await asyncio.sleep(gap)
             check_now.clear()
             if self.stopping or not self.state.serving or not self.engine_serving:
                 continue
+            last = time.monotonic()
+            self.canaries_started += 1
             try:
                 await self.run_canaries()
                 await self._judge_decode_side()

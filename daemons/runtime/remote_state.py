@@ -30,14 +30,15 @@ REMOTE_TIMEOUT_S = 2.0
 
 
 def state_route(last_record: Callable[[], tuple[StateRecord, float] | None]) -> Route:
-    """``GET /disagg/state``: the record last published and how old its heartbeat is (by our clock)."""
+    """``GET /disagg/state``: the record last published and how old its heartbeat is (by our monotonic clock:
+    a step of either host's wall clock changes no age)."""
 
     async def state(_: Request) -> JSONResponse:
         last = last_record()
         if last is None:
             return JSONResponse({"error": "no state published yet"}, status_code=503)
         record, published_at = last
-        return JSONResponse({"record": record.to_json(), "heartbeat_age_s": round(time.time() - published_at, 3)})
+        return JSONResponse({"record": record.to_json(), "heartbeat_age_s": round(time.monotonic() - published_at, 3)})
 
     return Route(STATE_PATH, state)
 

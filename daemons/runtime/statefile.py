@@ -23,6 +23,25 @@ from daemons.runtime.states import State
 
 log = logging.getLogger(__name__)
 
+
+def _boot_id() -> str:
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as fh:
+            return fh.read().strip()
+    except OSError:
+        return ""
+
+
+BOOT_ID = _boot_id()  # processes that share it share CLOCK_MONOTONIC (Linux: one per boot, all namespaces)
+
+
+def heartbeat_age_s(record: StateRecord, now: float | None = None) -> float:
+    """How old ``record``'s heartbeat is: by the monotonic clock when written on this boot, else by wall
+    clocks (``now``, default ``time.time()``; a record of another machine or an older writer)."""
+    if now is None and BOOT_ID and record.boot_id == BOOT_ID and record.heartbeat_monotonic > 0:
+        return time.monotonic() - record.heartbeat_monotonic
+    return (time.time() if now is None else now) - record.heartbeat
+
 __all__ = ["PeerView", "State", "StateRecord", "assess", "endpoint_accepts", "judge_record", "pid_alive", "read_state",
            "write_state"]
 
@@ -30,7 +49,7 @@ __all__ = ["PeerView", "State", "StateRecord", "assess", "endpoint_accepts", "ju
 _FIELD_TYPES: dict[str, type | tuple[type, ...]] = {
     "daemon": str, "pid": int, "state": str, "endpoint": str, "metrics": str, "config_digest": str,
     "version": str, "started_at": (int, float), "heartbeat": (int, float), "reason": str, "details": dict,
-    "config_parts": dict,
+    "config_parts": dict, "heartbeat_monotonic": (int, float), "boot_id": str,
 }
 _REQUIRED = ("daemon", "pid", "state", "endpoint", "metrics", "config_digest", "version", "started_at")
 
@@ -49,6 +68,10 @@ class StateRecord:
     reason: str = ""  # why failed / degraded / waiting
     details: dict[str, Any] = field(default_factory=dict)
     config_parts: dict[str, str] = field(default_factory=dict)  # what the digest covers, readable (digest.py)
+    # The heartbeat on this boot's monotonic clock: a reader on the same host (same boot) ages it by that,
+    # so a step of the wall clock (NTP, an operator's `date -s`) makes no peer stale (heartbeat_age_s).
+    heartbeat_monotonic: float = field(default_factory=time.monotonic)
+    boot_id: str = field(default_factory=lambda: BOOT_ID)
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -217,9 +240,8 @@ def assess(
     record = read_state(runtime_dir, daemon)
     if record is None:
         return PeerView(daemon, "absent", False, "no state file", None)
-    now = time.time() if now is None else now
     gone = "" if pid_alive(record.pid) else f"pid {record.pid} is not running (left by a crash?)"
-    view = judge_record(daemon, record, now - record.heartbeat, heartbeat_timeout_s, expect_digest=expect_digest,
+    view = judge_record(daemon, record, heartbeat_age_s(record, now), heartbeat_timeout_s, expect_digest=expect_digest,
                         expect_parts=expect_parts, process_gone=gone)
     if view.usable and check_endpoint and not endpoint_accepts(record.endpoint):
         return PeerView(daemon, record.state.value, False, f"endpoint {record.endpoint} refuses connections", record)

@@ -36,7 +36,7 @@ class StatusReporter:
         self.ready_notified = False
         self.writes = 0
         self._pending: StateRecord | None = None
-        self.last: tuple[StateRecord, float] | None = None  # last record published, and when (our clock)
+        self.last: tuple[StateRecord, float] | None = None  # last record published, and when (time.monotonic())
         self._closed = False
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -57,7 +57,7 @@ class StatusReporter:
     def publish(self) -> None:
         """Have the state file say what the daemon is now (the heartbeat calls this too)."""
         record = self.snapshot()
-        self.last = (record, time.time())
+        self.last = (record, time.monotonic())
         with self._cond:
             if self._closed:
                 return

@@ -169,7 +169,7 @@ def test_the_state_route_serves_the_last_record_with_its_age():
     app = Starlette(routes=[state_route(lambda: last)])
     with TestClient(app) as client:
         assert client.get("/disagg/state").status_code == 503
-        last = (record(), time.time() - 3.0)
+        last = (record(), time.monotonic() - 3.0)
         body = client.get("/disagg/state").json()
     assert body["record"]["daemon"] == "prefill-worker" and 2.5 < body["heartbeat_age_s"] < 10
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from pathlib import Path
 
 import httpx
@@ -317,3 +318,29 @@ def test_admission_limits_change_live() -> None:
         assert adm.active == 3
 
     asyncio.run(scenario())
+
+
+def test_canaries_asked_for_in_a_burst_are_paced_by_the_minimum_spacing(worker: DecodeWorker) -> None:
+    """Every recomputed request and decode timeout asks for a canary; 40 asks within a second make at most
+    two canaries at canary_min_spacing_s 0.5 (the first at once, the rest merged), not 40."""
+    async def scenario() -> tuple[int, float]:
+        async def fake_round() -> None:
+            worker.router.canary_results = {P0: ok(), P1: ok()}
+
+        worker.run_canaries = fake_round  # type: ignore[method-assign]
+        worker.config = worker.config.model_copy(update={"kv_path": worker.config.kv_path.model_copy(
+            update={"canary_min_spacing_s": 0.5, "canary_interval_s": 60.0})})
+        task = asyncio.create_task(worker._canary_loop())
+        t0 = time.monotonic()
+        for _ in range(40):
+            worker.router.kv_missed("recomputed")
+            await asyncio.sleep(0.025)
+        elapsed = time.monotonic() - t0
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        return worker.canaries_started, elapsed
+
+    started, elapsed = asyncio.run(scenario())
+    # At most one per spacing over the time the asks took (however slow the machine), and one at once.
+    assert 1 <= started <= elapsed / 0.5 + 1, (started, elapsed)
+    assert started < 40

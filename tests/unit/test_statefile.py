@@ -96,7 +96,8 @@ def test_dead_pid_is_stale(tmp_path, listening):
 
 
 def test_old_heartbeat_is_stale(tmp_path, listening):
-    write_state(tmp_path, record(endpoint=listening, heartbeat=time.time() - 60))
+    write_state(tmp_path, record(endpoint=listening, heartbeat=time.time() - 60,
+                                 heartbeat_monotonic=time.monotonic() - 60))
     view = assess(tmp_path, "prefill-worker", 15)
     assert view.state == "stale" and "heartbeat is 60s old" in view.reason
 
@@ -174,3 +175,16 @@ def test_a_start_retires_the_previous_runs_records_of_dead_processes(tmp_path):
     assert assess(tmp_path, "prefill-worker", 15).state == "absent"  # waiting for the new process, not failed
     assert "engine died" in (tmp_path / "prefill-worker.json.last").read_text()  # kept for the post-mortem
     assert read_state(tmp_path, "decode-worker") is not None
+
+
+def test_a_wall_clock_step_makes_no_peer_stale(tmp_path, listening):
+    """Heartbeats are aged by the monotonic clock on the writer's boot: an hour's step of the wall clock
+    (NTP, `date -s`) between two heartbeats changes nothing; a heartbeat that really is old is stale."""
+    write_state(tmp_path, record(endpoint=listening, heartbeat=time.time() - 3600))  # written "an hour ago"
+    assert assess(tmp_path, "prefill-worker", 15).usable
+    write_state(tmp_path, record(endpoint=listening, heartbeat=time.time(), heartbeat_monotonic=time.monotonic() - 60))
+    view = assess(tmp_path, "prefill-worker", 15)
+    assert not view.usable and view.state == "stale" and "60s old" in view.reason
+    # Another boot's record (another host's file, an older writer): wall clocks, as before.
+    write_state(tmp_path, record(endpoint=listening, heartbeat=time.time() - 60, boot_id="another-boot"))
+    assert assess(tmp_path, "prefill-worker", 15).state == "stale"
