@@ -153,6 +153,9 @@ def test_systemctl_start_target_gates_on_readiness_and_stop_drains(booted, model
     assert r.status_code == 200 and r.headers["x-disagg-path"] == "disaggregated", r.text
     journal = ns(pid, "journalctl", "--no-pager", "-u", "disagg-decode-worker").stdout
     assert "from systemd socket activation" in journal, journal[-3000:]
+    # The engine's own output is in the journal too, under the unit, named after the child (logs.children auto).
+    engine = ns(pid, "journalctl", "--no-pager", "-u", "disagg-decode-worker", "-t", "decode-worker-engine").stdout
+    assert "=== " in engine and "starting (keeper" in engine and "vllm" in engine.lower(), engine[-2000:]
 
     # A planned restart of decode-worker under a client: its socket belongs to systemd, so connections made
     # while no process listens wait in the backlog, and the new process (front door first, failover while its
