@@ -268,6 +268,14 @@ class DecodeWorkerConfig(WorkerConfig):
         default=64, description="While the decode engine cannot serve (loading, reloading, wedged), requests go "
         "whole to a ready prefill engine (path failover), at most this many at once; past that, and with no "
         "prefill-worker ready, 503 + Retry-After. 0: no failover.")
+    kv_crosscheck: bool = Field(
+        default=True, description="Greedy requests (temperature 0) on the disaggregated path and every canary: "
+        "check that the decode engine chose the prefill engine's own first token (x-disagg-kv-check; a mismatch "
+        "is path kv_mismatch). Costs two log-probabilities per request, computed anyway.")
+    kv_crosscheck_tolerance: float = Field(
+        default=0.5, ge=0, description="How far apart (nats of log-probability) the two engines' first tokens may "
+        "be: the same token's log-probabilities, or another token the prefill engine ranked this close to its "
+        "choice (a near tie). Chosen from measured differences: docs/request-path.md.")
     migration_attempts: Annotated[int, Field(ge=0)] = Field(
         default=2, description="A stream whose engine dies mid-way is continued on another engine that can serve "
         "it (the prompt plus the tokens generated so far, max_tokens reduced), at most this many times; 0: off "

@@ -85,6 +85,7 @@ class DecodeWorker(EngineDaemon):
         self.canary = PathCanary(
             client=self.http, model=config.model.name, vocab=vocabulary(config.model.path),
             chunk_size=config.lmcache.chunk_size, decode_url=self.engine_url, timeout_s=kv.canary_timeout_s,
+            crosscheck_tolerance=self.worker.kv_crosscheck_tolerance if self.worker.kv_crosscheck else None,
         )
         self.decode_side_failures = 0  # canaries in a row that broke at the decode side
         self._progress_at_first_failure: float | None = None

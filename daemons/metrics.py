@@ -116,6 +116,12 @@ class FrontDoorMetrics:
             "disagg_fallbacks", "Requests the decode engine prefilled itself, by reason.", ["reason"],
             registry=registry,
         )
+        self.kv_checks = Counter(
+            "disagg_kv_crosschecks",
+            "Greedy requests whose first token from the decode engine was checked against the prefill engine's "
+            "own (match, near_tie: another token within the tolerance, mismatch: path kv_mismatch).",
+            ["result"], registry=registry,
+        )
         self.paths = Counter(
             "disagg_request_paths",
             "Answered requests by the path their prompt took (x-disagg-path; its values are listed in "
@@ -171,6 +177,8 @@ class FrontDoorMetrics:
             self.errors.labels(kind=kind)
         for outcome in ("continued", "failed"):
             self.migrations.labels(outcome=outcome)
+        for result in ("match", "near_tie", "mismatch"):
+            self.kv_checks.labels(result=result)
 
     def count_usage(self, usage: object) -> None:
         """Count one answer's ``usage``: prompt tokens by source (LMCache or computed), generated tokens."""

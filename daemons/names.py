@@ -43,6 +43,10 @@ class RequestPath(Described):
                                     "decode engine computed it (by design, not a fallback).")
     DECODE_BUSY = "decode_busy", ("`balance_short_prompts`: a short prompt under load, the decode engine busier "
                                   "than a prefill engine, which computed and decoded it whole (by design).")
+    KV_MISMATCH = "kv_mismatch", ("A greedy request whose first token from the decode engine, which loaded the KV, "
+                                  "is not the prefill engine's own (`x-disagg-kv-check: mismatch`): the KV means "
+                                  "something else than the prompt. Served as computed, counted, alerted; the "
+                                  "canary checks the path at once.")
     FAILOVER = "failover", ("The decode engine could not serve (loading, reloading, wedged, or its call failed): a "
                             "prefill engine computed and decoded the request whole, within "
                             "`decode_worker.failover_max_in_flight` at once.")
@@ -100,3 +104,5 @@ class CanaryHop(Described):
     DECODE_ENGINE = "decode_engine", "The decode engine did not answer."
     DECODE_LOAD = "decode_load", "The decode engine answered but did not load the chunk."
     P2P_FETCH = "p2p_fetch", "Several hosts: the chunk did not cross from the prefill host's LMCache to the decode host's."
+    KV_MISMATCH = "kv_mismatch", ("The decode engine loaded the chunk but chose another first token than the prefill "
+                                  "engine (greedy): the KV it loaded means something else.")

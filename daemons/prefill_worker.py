@@ -47,6 +47,7 @@ from daemons.edge.request_limits import BadRequest, parse_json_object, read_body
 from daemons.edge.request_limits import request_id as checked_request_id
 from daemons.edge.sse_relay import BROKEN_STREAM_EVENT, ClosingStreamingResponse
 from daemons.edge.upstream import Upstream, UpstreamError
+from daemons.kv import crosscheck
 from daemons.kv.canary import canary_prompt, vocabulary
 from daemons.kv.kv_lookup import KVLookup
 from daemons.metrics import PrefillMetrics
@@ -64,14 +65,17 @@ GENERATION_ONLY = ("stream", "stream_options", "n", "best_of", "use_beam_search"
                    "top_logprobs", "prompt_logprobs", "min_tokens", "echo")
 
 
-def as_prefill(body: dict[str, object]) -> dict[str, object]:
-    """The same request, cut down to computing the prompt: one token, no stream."""
+def as_prefill(body: dict[str, object], *, chat: bool = False) -> dict[str, object]:
+    """The same request, cut down to computing the prompt: one token, no stream. A greedy request also asks
+    for that token's log-probabilities (the KV cross-check: :mod:`daemons.kv.crosscheck`)."""
     out = {k: v for k, v in body.items() if k not in GENERATION_ONLY}
     out["max_tokens"] = 1
     if "max_completion_tokens" in out:
         out["max_completion_tokens"] = 1
     out["stream"] = False
     out["return_token_ids"] = True  # the prompt's token ids: what we ask LMCache about
+    if crosscheck.greedy(body):
+        out.update(crosscheck.probe_fields(chat))
     return out
 
 
@@ -228,7 +232,8 @@ class PrefillWorker(EngineDaemon):
             self.prefill_metrics.in_flight.inc()
             try:
                 resp = await unless_disconnected(request, self.proxy.post(
-                    f"{self.engine_url}{route}", as_prefill(body), headers={"x-request-id": request_id},
+                    f"{self.engine_url}{route}", as_prefill(body, chat=route.endswith("/chat/completions")),
+                    headers={"x-request-id": request_id},
                 ))
             except ClientGone:
                 # The front door gave up (its prefill deadline) or its client left: the engine's
@@ -253,6 +258,9 @@ class PrefillWorker(EngineDaemon):
             except (ValueError, KeyError, TypeError):
                 answer = None
             headers = await self.confirm_stored(answer, request_id)
+            first = crosscheck.prefill_first_token(answer) if crosscheck.greedy(body) else None
+            if first is not None:  # what the decode engine must pick too
+                headers[crosscheck.HEADER] = crosscheck.first_token_header(first)
             return Response(resp.content, status_code=200, media_type="application/json", headers=headers)
 
         async def whole(request: Request) -> Response:

@@ -27,6 +27,7 @@ Deadlines: a non-streamed request whose decode engine has not answered within
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -48,6 +49,7 @@ from daemons.edge.request_limits import BadRequest, parse_json_object, read_body
 from daemons.edge.request_limits import request_id as checked_request_id
 from daemons.edge.sse_relay import RelayedResponse, StreamRelay
 from daemons.edge.upstream import Answer, Stream, Upstream, UpstreamError, UpstreamTimeout
+from daemons.kv import crosscheck
 from daemons.kv.canary import cached_tokens
 from daemons.metrics import FrontDoorMetrics
 from daemons.names import RequestPath
@@ -90,6 +92,13 @@ ENGINE_DOWN_STATUSES = (500, 502, 503)
 __all__ = ["FrontDoor", "FrontDoorSettings", "PrefillOutcome"]
 
 
+async def _chain(first: list[str], rest: AsyncIterator[str]) -> AsyncIterator[str]:
+    for event in first:
+        yield event
+    async for event in rest:
+        yield event
+
+
 def _int_header(resp: Answer, name: str) -> int | None:
     try:
         return int(resp.headers[name])
@@ -121,6 +130,8 @@ class FrontDoorSettings:
     overflow_max_local_tokens: int = _default("overflow_max_local_tokens")
     failover_max_in_flight: int = _default("failover_max_in_flight")
     migration_attempts: int = _default("migration_attempts")
+    kv_crosscheck: bool = _default("kv_crosscheck")
+    kv_crosscheck_tolerance: float = _default("kv_crosscheck_tolerance")
     body_timeout_s: float = _default("body_timeout_s")
     write_timeout_s: float = _default("write_timeout_s")
 
@@ -232,9 +243,11 @@ class FrontDoor:
         else:
             elapsed = time.monotonic() - t0
             if resp.status_code == 200:
+                first = crosscheck.parse_first_token_header(resp.headers.get(crosscheck.HEADER)) \
+                    if self.settings.kv_crosscheck else None
                 outcome = PrefillOutcome("disaggregated", seconds=elapsed,
                                          expected=_int_header(resp, "x-disagg-kv-expected-tokens"),
-                                         stored=_int_header(resp, "x-disagg-kv-stored-tokens"))
+                                         stored=_int_header(resp, "x-disagg-kv-stored-tokens"), first_token=first)
             elif 400 <= resp.status_code < 500:
                 # The request itself is bad: the client hears the prefill engine's answer.
                 outcome = PrefillOutcome("fallback", "prefill_rejected", elapsed,
@@ -261,6 +274,31 @@ class FrontDoor:
         if task.cancelled():
             raise PrefillLost(f"{prefill} was found unusable while the call was in flight")
         return task.result()
+
+    # -- the KV cross-check (daemons.kv.crosscheck) -----------------------------------------------
+    def _checking(self, outcome: PrefillOutcome, body: dict[str, Any]) -> bool:
+        """Is this request's first token checked against the prefill engine's (greedy, KV from prefill)?"""
+        return outcome.first_token is not None and not outcome.engine_url and crosscheck.greedy(body)
+
+    def _judge(self, outcome: PrefillOutcome, decode: crosscheck.FirstToken | None, request_id: str) -> None:
+        if outcome.first_token is None or decode is None:
+            return
+        verdict = crosscheck.judge(outcome.first_token, decode, self.settings.kv_crosscheck_tolerance)
+        outcome.kv_check = verdict
+        self.metrics.kv_checks.labels(result=verdict.result).inc()
+        if not verdict.ok:
+            log.error("[%s] KV cross-check failed: %s; the decode engine answered from KV that means something "
+                      "else than the prompt (path kv_mismatch); checking the KV path now", request_id, verdict.detail)
+            self.router.kv_missed("kv_mismatch")
+        elif verdict.result == "near_tie":
+            log.info("[%s] KV cross-check: a near tie (%s)", request_id, verdict.detail)
+
+    @staticmethod
+    def _strip(body: dict[str, Any], chat: bool) -> Callable[[dict[str, Any]], dict[str, Any]]:
+        """Take out of an answer or chunk what the cross-check added and the client did not ask for."""
+        keep_ids = bool(body.get("return_token_ids"))
+        keep_logprobs = bool(body.get("logprobs")) if chat else body.get("logprobs") is not None
+        return lambda obj: crosscheck.strip_probe(obj, keep_ids=keep_ids, keep_logprobs=keep_logprobs)
 
     # -- what reached the decode engine ------------------------------------------------------------
     def _count_path(self, outcome: PrefillOutcome, cached: int | None, request_id: str) -> None:
@@ -401,9 +439,12 @@ class FrontDoor:
 
     async def _complete(self, route: str, body: dict[str, Any], request_id: str, outcome: PrefillOutcome) -> Response:
         engine_url = outcome.engine_url or self.engine_url
+        chat = route.endswith("/chat/completions")
+        check = self._checking(outcome, body)
+        sent = {**body, **crosscheck.decode_fields(body, chat)} if check else body
         try:
             resp = await asyncio.wait_for(self.client.post(
-                f"{engine_url}{route}", body, headers={"x-request-id": request_id},
+                f"{engine_url}{route}", sent, headers={"x-request-id": request_id},
             ), self.settings.request_timeout_s)
         except TimeoutError:
             return self._decode_timeout(f"no answer within {self.settings.request_timeout_s:.0f}s", request_id)
@@ -415,6 +456,7 @@ class FrontDoor:
             self.metrics.errors.labels(kind=f"engine_{resp.status_code}").inc()
             raise DecodeFailed(f"decode engine answered {resp.status_code}: {resp.text[:200]}")
         cached: int | None = None
+        content = resp.content
         if resp.status_code == 200:
             try:
                 answer = resp.json()
@@ -426,10 +468,13 @@ class FrontDoor:
                 usage = answer.get("usage")
                 if isinstance(usage, dict):
                     self.sizer.learn(route, body, usage.get("prompt_tokens"))
+                if check:
+                    self._judge(outcome, crosscheck.decode_first_token(answer), request_id)
+                    content = json.dumps(self._strip(body, chat)(answer), ensure_ascii=False).encode()
             self._count_path(outcome, cached, request_id)
         else:
             self.metrics.errors.labels(kind=f"engine_{resp.status_code}").inc()
-        return Response(resp.content, status_code=resp.status_code, media_type="application/json",
+        return Response(content, status_code=resp.status_code, media_type="application/json",
                         headers=outcome.headers(cached))
 
     async def _stream(
@@ -441,6 +486,10 @@ class FrontDoor:
         migrate = self.settings.migration_attempts > 0 and can_migrate(body)
         if migrate:  # the token ids a continuation needs, should the engine die mid-stream
             upstream_body["return_token_ids"] = True
+        chat = route.endswith("/chat/completions")
+        check = self._checking(outcome, body)
+        if check:
+            upstream_body.update(crosscheck.decode_fields(body, chat))
         deadline = time.monotonic() + self.settings.first_token_timeout_s
         try:
             upstream: Stream = await asyncio.wait_for(self.client.stream(
@@ -476,6 +525,21 @@ class FrontDoor:
         except asyncio.CancelledError:  # the client went away: abort the engine's request
             await upstream.aclose()
             raise
+        prelude: list[str] = []
+        if check and first_event is not None:  # the headers say the cross-check's verdict: hold them for it
+            try:
+                prelude = await asyncio.wait_for(self._until_first_token(first_event, events, outcome, request_id),
+                                                 max(0.0, deadline - time.monotonic()))
+            except (TimeoutError, UpstreamError) as exc:
+                await upstream.aclose()
+                if isinstance(exc, UpstreamError):
+                    return self._engine_unavailable(outcome, exc)
+                return self._decode_timeout(f"no first token within {self.settings.first_token_timeout_s:.0f}s",
+                                            request_id)
+            except asyncio.CancelledError:
+                await upstream.aclose()
+                raise
+            first_event, events = prelude[0], _chain(prelude[1:], events)
 
         def on_end(completed: bool, cached: int | None) -> None:
             self._finished(route, 200 if completed else 499, outcome)
@@ -505,9 +569,31 @@ class FrontDoor:
         progress = Progress(client_wants_ids=bool(body.get("return_token_ids"))) if migrate else None
         relay = StreamRelay(upstream, first_event, events, metrics=self.metrics,
                             client_wants_usage=client_wants_usage, t0=t0, request_id=request_id, on_end=on_end,
-                            progress=progress, resume=resume, max_migrations=self.settings.migration_attempts)
+                            progress=progress, resume=resume, max_migrations=self.settings.migration_attempts,
+                            strip=self._strip(body, chat) if check else None)
         return RelayedResponse(relay, headers={**outcome.headers(), "cache-control": "no-cache"},
                                write_timeout_s=self.settings.write_timeout_s)
+
+    async def _until_first_token(self, first_event: str, events: AsyncIterator[str], outcome: PrefillOutcome,
+                                 request_id: str) -> list[str]:
+        """The stream's events up to the first that carries a token (chat opens with a role-only one), judged."""
+        held = [first_event]
+        while True:
+            event = held[-1]
+            if event.startswith("data: ") and event != "data: [DONE]":
+                try:
+                    token = crosscheck.decode_first_token(json.loads(event[6:]))
+                except ValueError:
+                    token = None
+                if token is not None:
+                    self._judge(outcome, token, request_id)
+                    return held
+            if event == "data: [DONE]" or len(held) > 8:
+                return held
+            try:
+                held.append(await anext(events))
+            except StopAsyncIteration:
+                return held
 
     def _continue_on(self, failed: str, request_id: str) -> str | None:
         """Where a broken stream goes on: the decode engine if it was not the one that broke and it can serve,

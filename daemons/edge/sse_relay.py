@@ -64,8 +64,10 @@ class StreamRelay:
     def __init__(self, upstream: Stream, first_event: str | None, events: AsyncIterator[str], *,
                  metrics: FrontDoorMetrics, client_wants_usage: bool, t0: float, request_id: str,
                  on_end: Callable[[bool, int | None], None], progress: Progress | None = None,
-                 resume: Resume | None = None, max_migrations: int = 0) -> None:
+                 resume: Resume | None = None, max_migrations: int = 0,
+                 strip: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> None:
         self.upstream = upstream
+        self.strip = strip  # what the front door added to the engine call and the client did not ask for
         # Migration: the token ids seen so far, and how to go on elsewhere when the engine's stream breaks.
         self.progress = progress
         self.resume = resume if progress is not None else None
@@ -111,6 +113,9 @@ class StreamRelay:
             if self._continuing_after is not None:
                 obj = self.progress.reshape(obj, self._continuing_after)
             obj = self.progress.observe(obj)
+            event = data_event(obj)
+        if self.strip is not None and obj.get("choices"):
+            obj = self.strip(obj)
             event = data_event(obj)
         if obj.get("usage") and not obj.get("choices"):
             self.metrics.count_usage(obj["usage"])

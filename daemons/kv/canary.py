@@ -10,7 +10,9 @@ that broke:
 - ``decode_engine``: the decode engine did not answer (in time, or at all);
 - ``decode_load``: LMCache held the KV but the decode engine did not load it;
 - ``p2p_fetch`` (several hosts; decided by decode-worker): as ``decode_load``, with the prefill-worker on
-  another host and this host's LMCache holding no P2P link to that host's.
+  another host and this host's LMCache holding no P2P link to that host's;
+- ``kv_mismatch``: the decode engine loaded the chunk but chose another first token than the prefill
+  engine did (the canary is greedy: :mod:`daemons.kv.crosscheck`): the KV it loaded means something else.
 
 The prompt is token ids drawn at random from the model's vocabulary: one full
 LMCache chunk plus a few tokens, never the same twice (so an earlier canary's
@@ -28,12 +30,15 @@ from typing import Any
 
 import httpx
 
+from daemons.kv import crosscheck
+
 HOPS = {
     "prefill": "prefill-worker did not answer with the prompt computed",
     "lmcache_store": "LMCache has no chunks for it",
     "decode_engine": "decode engine did not answer with a token",
     "decode_load": "decode engine did not load the chunks",
     "p2p_fetch": "the chunks did not travel from the prefill host's LMCache to this host's",
+    "kv_mismatch": "decode engine loaded the chunks but chose another first token than the prefill engine",
 }
 
 
@@ -74,13 +79,14 @@ def canary_prompt(rng: random.Random, vocab: list[int], chunk_size: int) -> list
 
 class PathCanary:
     def __init__(self, *, client: httpx.AsyncClient, model: str, vocab: list[int], chunk_size: int,
-                 decode_url: str, timeout_s: float) -> None:
+                 decode_url: str, timeout_s: float, crosscheck_tolerance: float | None = None) -> None:
         self.client = client
         self.model = model
         self.vocab = vocab
         self.chunk_size = chunk_size
         self.decode_url = decode_url
         self.timeout_s = timeout_s
+        self.crosscheck_tolerance = crosscheck_tolerance  # None: no cross-check
         self._rng = random.Random()
 
     def prompt(self) -> list[int]:
@@ -105,12 +111,21 @@ class PathCanary:
             stored = None  # not known (an older prefill-worker, or its lookup failed): the decode side will tell
         if stored is not None and stored < expected:
             return fail("lmcache_store", f"{stored} of {expected} tokens stored", stored=stored)
-        resp, why = await self._post(f"{self.decode_url}/v1/completions", body, headers)
+        first = crosscheck.parse_first_token_header(resp.headers.get(crosscheck.HEADER))
+        check = first is not None and self.crosscheck_tolerance is not None
+        decode_body = {**body, **crosscheck.decode_fields(body, chat=False)} if check else body
+        resp, why = await self._post(f"{self.decode_url}/v1/completions", decode_body, headers)
         if resp is None:
             return fail("decode_engine", why, stored=stored)
-        cached = cached_tokens(_json(resp))
+        answer = _json(resp)
+        cached = cached_tokens(answer)
         if cached < expected:
             return fail("decode_load", f"{cached} of {expected} tokens loaded", stored=stored, cached=cached)
+        decoded = crosscheck.decode_first_token(answer) if check else None
+        if first is not None and decoded is not None and self.crosscheck_tolerance is not None:
+            verdict = crosscheck.judge(first, decoded, self.crosscheck_tolerance)
+            if not verdict.ok:
+                return fail("kv_mismatch", verdict.detail, stored=stored, cached=cached)
         return CanaryResult(True, "", "", expected, stored, cached, time.monotonic() - t0)
 
 

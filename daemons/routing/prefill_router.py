@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from daemons.kv.canary import CanaryResult
+from daemons.kv.crosscheck import CHECK_HEADER, FirstToken, Verdict
 from daemons.metrics import FrontDoorMetrics
 from daemons.names import RequestPath
 from daemons.runtime.peers import Changes, Peers
@@ -29,7 +30,9 @@ log = logging.getLogger(__name__)
 LMCACHE = "lmcache-server"
 # After a failed prefill call, decode-worker stays degraded (and keeps trying per request) this long.
 PREFILL_FAILURE_MEMORY_S = 30.0
-PREFILL_SIDE_HOPS = ("prefill", "lmcache_store", "p2p_fetch")
+# kv_mismatch: the KV through that prefill-worker means something else; skipping it, the decode engine computes the
+# prompt itself (a right answer), whichever engine is the odd one.
+PREFILL_SIDE_HOPS = ("prefill", "lmcache_store", "p2p_fetch", "kv_mismatch")
 DECODE_SIDE_HOPS = ("decode_engine", "decode_load")
 # Fallbacks decided before any call, from what status already says (no news: logged at INFO), and
 # a request the prefill-worker rejected (the client's error, not the path's).
@@ -49,9 +52,13 @@ class PrefillOutcome:
     rejection: tuple[int, bytes] | None = None  # the prefill engine refused the request: (status, body)
     local_tokens: int = 0  # prefill_busy: the prompt tokens the decode engine computes instead
     engine_url: str = ""  # decode_busy: the prefill-worker route that serves the whole request
+    first_token: FirstToken | None = None  # a greedy request: the prefill engine's first token (the cross-check)
+    kv_check: Verdict | None = None  # the cross-check's verdict, once the decode engine's first token is in
 
     def verdict(self, cached: int | None) -> tuple[str, str]:
         """(path, reason) once the decode engine said how many prompt tokens it loaded (None: not yet)."""
+        if self.kv_check is not None and not self.kv_check.ok:
+            return RequestPath.KV_MISMATCH, ""
         if self.path != RequestPath.DISAGGREGATED:  # no KV was meant to move: the path says all
             return self.path, self.reason
         if self.expected is not None and self.expected == 0:
@@ -67,6 +74,8 @@ class PrefillOutcome:
         h = {"x-disagg-path": path}
         if reason:
             h["x-disagg-fallback-reason" if path == "fallback" else "x-disagg-recompute-reason"] = reason
+        if self.kv_check is not None:
+            h[CHECK_HEADER] = self.kv_check.result
         return h
 
 
