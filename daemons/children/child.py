@@ -7,8 +7,9 @@ It runs under :mod:`daemons.children.keeper`, which dies with the
 daemon (even a ``kill -9`` of it), is the subreaper of everything the child
 starts, and kills that whole tree when the child exits, so no vLLM EngineCore
 outlives its API server or its daemon. Everything stays in the daemon's
-process group, so supervisord's ``killasgroup`` and systemd's
-``KillMode=control-group`` reach it too.
+process group and cgroup, so supervisord's ``killasgroup`` and systemd's
+``KillMode=mixed`` SIGKILL reach it too at the end of a stop; the stop's SIGTERM goes to the daemon alone,
+which drains with its child still serving.
 """
 
 from __future__ import annotations

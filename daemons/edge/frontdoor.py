@@ -450,8 +450,9 @@ class FrontDoor:
             return self._decode_timeout(f"no answer within {self.settings.request_timeout_s:.0f}s", request_id)
         except UpstreamError as exc:
             return self._engine_unavailable(outcome, exc)
-        if resp.status_code == 503 and outcome.engine_url:
-            raise WholeCallFailed(f"prefill-worker answered 503: {resp.text[:200]}")
+        if resp.status_code in ENGINE_DOWN_STATUSES and outcome.engine_url:
+            # A prefill engine that cannot serve (draining for a planned restart, its EngineCore gone): elsewhere.
+            raise WholeCallFailed(f"prefill-worker answered {resp.status_code}: {resp.text[:200]}")
         if resp.status_code in ENGINE_DOWN_STATUSES and not outcome.engine_url:
             self.metrics.errors.labels(kind=f"engine_{resp.status_code}").inc()
             raise DecodeFailed(f"decode engine answered {resp.status_code}: {resp.text[:200]}")
@@ -501,8 +502,8 @@ class FrontDoor:
             return self._engine_unavailable(outcome, exc)
         if upstream.status_code != 200:
             content = await upstream.error_body()
-            if upstream.status_code == 503 and outcome.engine_url:
-                raise WholeCallFailed(f"prefill-worker answered 503: {content[:200]!r}")
+            if upstream.status_code in ENGINE_DOWN_STATUSES and outcome.engine_url:
+                raise WholeCallFailed(f"prefill-worker answered {upstream.status_code}: {content[:200]!r}")
             if upstream.status_code in ENGINE_DOWN_STATUSES and not outcome.engine_url:
                 self.metrics.errors.labels(kind=f"engine_{upstream.status_code}").inc()
                 raise DecodeFailed(f"decode engine answered {upstream.status_code}: {content[:200]!r}")

@@ -277,3 +277,20 @@ def test_a_503_never_names_an_internal_address(stream: bool, caplog: pytest.LogC
     assert "no prefill-worker is ready" in body
     assert "10.1.2.3" not in body and "18001" not in body and "engine-host" not in body, body
     assert "10.1.2.3:18001" in caplog.text  # the operator still sees where
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("status", [500, 502, 503])
+def test_a_prefill_engine_that_cannot_serve_a_failover_passes_it_on(stream: bool, status: int) -> None:
+    """A rolling restart: the prefill engine the failover went to is going down and answers 500; the request is
+    served by the next one, never relayed as the client's 500 (seen once in the fault matrix)."""
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.host == "p0":
+            return httpx.Response(status, json={"error": {"message": "EngineDeadError"}})
+        return engine_answer(request)
+
+    door, metrics, seen = door_with(handler, down="reloading", ready=2)
+    resp = asyncio.run(post(door, stream))
+    assert resp.status_code == 200 and resp.headers["x-disagg-path"] == "failover", resp.text
+    assert seen == ["p0/whole/v1/completions", "p1/whole/v1/completions"]
+    assert door.failovers == 0 and door.admission.active == 0

@@ -44,7 +44,7 @@ def test_security_exposure_at_most_4(rendered, unit):
 @pytest.mark.parametrize("unit", SERVICES, ids=lambda p: p.name)
 def test_readiness_and_restart_settings(unit):
     text = unit.read_text()
-    for line in ("Type=notify", "RestartPreventExitStatus=78", "KillMode=control-group", "PartOf=disagg.target",
+    for line in ("Type=notify", "RestartPreventExitStatus=78", "KillMode=mixed", "PartOf=disagg.target",
                  "RuntimeDirectory=disagg", "RuntimeDirectoryPreserve=yes", "Restart=on-failure",
                  "EnvironmentFile=-/etc/default/disagg", "User=disagg", "ExecReload=/bin/kill -HUP $MAINPID"):
         assert re.search(rf"^{re.escape(line)}$", text, re.M), line
