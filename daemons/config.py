@@ -268,6 +268,9 @@ class DecodeWorkerConfig(WorkerConfig):
         default=64, description="While the decode engine cannot serve (loading, reloading, wedged), requests go "
         "whole to a ready prefill engine (path failover), at most this many at once; past that, and with no "
         "prefill-worker ready, 503 + Retry-After. 0: no failover.")
+    access_log: bool = Field(
+        default=True, description="One line per answered request in the log: request id, route, status, path and "
+        "its Server-Timing stages.")
     kv_crosscheck: bool = Field(
         default=True, description="Greedy requests (temperature 0) on the disaggregated path and every canary: "
         "check that the decode engine chose the prefill engine's own first token (x-disagg-kv-check; a mismatch "

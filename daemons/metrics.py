@@ -12,7 +12,7 @@ import logging
 import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from daemons.names import CanaryHop, ErrorKind, FallbackReason, RecomputeReason, RequestPath
+from daemons.names import CanaryHop, ErrorKind, FallbackReason, RecomputeReason, RequestPath, Stage
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +28,7 @@ TOKEN_BUCKETS = (16, 64, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
 FALLBACK_REASONS = tuple(r.value for r in FallbackReason)
 ERROR_KINDS = tuple(k.value for k in ErrorKind)
 PATHS = tuple(p.value for p in RequestPath)
+STAGE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 RECOMPUTE_REASONS = tuple(r.value for r in RecomputeReason)
 CANARY_RESULTS = tuple(h.value for h in CanaryHop)
 
@@ -116,6 +117,12 @@ class FrontDoorMetrics:
             "disagg_fallbacks", "Requests the decode engine prefilled itself, by reason.", ["reason"],
             registry=registry,
         )
+        self.stages = Histogram(
+            "disagg_request_stage_seconds",
+            "Where requests' time went, stage by stage (the Server-Timing header's stages: read, queue, prefill, "
+            "store, decode, ttft, total; docs/observe.md).",
+            ["stage"], buckets=STAGE_BUCKETS, registry=registry,
+        )
         self.kv_checks = Counter(
             "disagg_kv_crosschecks",
             "Greedy requests whose first token from the decode engine was checked against the prefill engine's "
@@ -179,6 +186,8 @@ class FrontDoorMetrics:
             self.migrations.labels(outcome=outcome)
         for result in ("match", "near_tie", "mismatch"):
             self.kv_checks.labels(result=result)
+        for stage in Stage:
+            self.stages.labels(stage=stage)
 
     def count_usage(self, usage: object) -> None:
         """Count one answer's ``usage``: prompt tokens by source (LMCache or computed), generated tokens."""

@@ -106,3 +106,16 @@ class CanaryHop(Described):
     P2P_FETCH = "p2p_fetch", "Several hosts: the chunk did not cross from the prefill host's LMCache to the decode host's."
     KV_MISMATCH = "kv_mismatch", ("The decode engine loaded the chunk but chose another first token than the prefill "
                                   "engine (greedy): the KV it loaded means something else.")
+
+
+class Stage(Described):
+    """Where a request's time went (the ``Server-Timing`` header's stages, the stage histogram's labels)."""
+
+    READ = "read", "The request's headers checked and its body read (a slow client shows here)."
+    QUEUE = "queue", "Waiting for an admission slot (`decode_worker.max_concurrent_requests`)."
+    PREFILL = "prefill", "The prefill call (absent when none was made: short prompts, failover, early fallbacks)."
+    STORE = "store", "Of the prefill call: prefill-worker waiting for LMCache to hold the prompt's full chunks."
+    DECODE = "decode", ("The engine that generated, from the call to its first token (a request not streamed: to its "
+                        "whole answer).")
+    TTFT = "ttft", "Arrival to the first token (not streamed: to the answer): read + queue + prefill + decode."
+    TOTAL = "total", "Arrival to the last byte."

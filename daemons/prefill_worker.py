@@ -203,7 +203,8 @@ class PrefillWorker(EngineDaemon):
                 # Not known: say nothing about it (the decode side's cached tokens will tell).
                 log.warning("[%s] cannot ask LMCache whether the KV is stored: %s", request_id, exc or "timeout")
                 return {"x-disagg-kv-expected-tokens": str(expected)}
-        self.prefill_metrics.store_wait.observe(time.monotonic() - t0)
+        waited = time.monotonic() - t0
+        self.prefill_metrics.store_wait.observe(waited)
         stored = min(stored, expected)
         self.prefill_metrics.kv_tokens.labels(state="stored").inc(stored)
         self.prefill_metrics.kv_tokens.labels(state="missing").inc(expected - stored)
@@ -217,7 +218,8 @@ class PrefillWorker(EngineDaemon):
                 log.info("prefill KV reaches LMCache again")
             self.missed_stores = 0
             self.last_store_landed = time.monotonic()
-        return {"x-disagg-kv-expected-tokens": str(expected), "x-disagg-kv-stored-tokens": str(stored)}
+        return {"x-disagg-kv-expected-tokens": str(expected), "x-disagg-kv-stored-tokens": str(stored),
+                "x-disagg-store-wait-ms": f"{waited * 1000:.1f}"}
 
     def app(self) -> Starlette:
         async def prefill(request: Request) -> Response:

@@ -48,6 +48,7 @@ from daemons.edge.migration import Progress, can_migrate
 from daemons.edge.request_limits import BadRequest, parse_json_object, read_body, too_large
 from daemons.edge.request_limits import request_id as checked_request_id
 from daemons.edge.sse_relay import RelayedResponse, StreamRelay
+from daemons.edge.timing import ASK_HEADER, COMMENT, Timing
 from daemons.edge.upstream import Answer, Stream, Upstream, UpstreamError, UpstreamTimeout
 from daemons.kv import crosscheck
 from daemons.kv.canary import cached_tokens
@@ -99,6 +100,13 @@ async def _chain(first: list[str], rest: AsyncIterator[str]) -> AsyncIterator[st
         yield event
 
 
+def _ms_header(resp: Answer, name: str) -> float | None:
+    try:
+        return float(resp.headers[name]) / 1000
+    except (KeyError, ValueError):
+        return None
+
+
 def _int_header(resp: Answer, name: str) -> int | None:
     try:
         return int(resp.headers[name])
@@ -131,6 +139,7 @@ class FrontDoorSettings:
     failover_max_in_flight: int = _default("failover_max_in_flight")
     migration_attempts: int = _default("migration_attempts")
     kv_crosscheck: bool = _default("kv_crosscheck")
+    access_log: bool = _default("access_log")
     kv_crosscheck_tolerance: float = _default("kv_crosscheck_tolerance")
     body_timeout_s: float = _default("body_timeout_s")
     write_timeout_s: float = _default("write_timeout_s")
@@ -247,7 +256,8 @@ class FrontDoor:
                     if self.settings.kv_crosscheck else None
                 outcome = PrefillOutcome("disaggregated", seconds=elapsed,
                                          expected=_int_header(resp, "x-disagg-kv-expected-tokens"),
-                                         stored=_int_header(resp, "x-disagg-kv-stored-tokens"), first_token=first)
+                                         stored=_int_header(resp, "x-disagg-kv-stored-tokens"), first_token=first,
+                                         store_s=_ms_header(resp, "x-disagg-store-wait-ms"))
             elif 400 <= resp.status_code < 500:
                 # The request itself is bad: the client hears the prefill engine's answer.
                 outcome = PrefillOutcome("fallback", "prefill_rejected", elapsed,
@@ -317,13 +327,16 @@ class FrontDoor:
         """One completion: checks, a slot, prefill, decode; never a hang, never a 500 for bad input."""
         route = request.url.path
         t0 = time.monotonic()
+        timing = Timing(t0)
         try:
             request_id = checked_request_id(request)
             if not self.keys.allows(request.headers.get("authorization")):
                 raise BadRequest(401, "missing or invalid API key (send Authorization: Bearer <key>)",
                                  "authentication_error")
             too_large(request, self.settings.max_body_bytes)  # 413 at once, before a slot or a byte of the body
+            timing.start()
             await self.admission.acquire()  # before the body is read: a full box holds no queued bodies
+            timing.end("queue")
         except BadRequest as exc:
             kind = {401: "unauthorized", 413: "too_large"}.get(exc.status, "bad_request")
             return self._refuse(route, exc.status, kind, exc.message, exc.kind)
@@ -333,8 +346,10 @@ class FrontDoor:
             return self._refuse(route, 429, "overloaded", f"too many requests in progress ({exc.reason}); retry",
                                 "rate_limit_error", {"retry-after": str(RETRY_AFTER_S)})
         try:
+            timing.start()
             body = parse_json_object(await asyncio.wait_for(read_body(request, self.settings.max_body_bytes),
                                                             self.settings.body_timeout_s))
+            timing.end("read")
         except (BadRequest, TimeoutError) as exc:
             self.admission.release()
             if isinstance(exc, TimeoutError):
@@ -348,6 +363,10 @@ class FrontDoor:
         outcome: PrefillOutcome | None = None
         try:
             outcome = await unless_disconnected(request, self.prefill(route, body, request_id))
+            if outcome.seconds:
+                timing.set("prefill", outcome.seconds)
+                timing.set("store", outcome.store_s)
+            timing.wants_comment = ASK_HEADER in request.headers
             if outcome.rejection is not None:
                 # The prefill engine refused the request (too long a prompt, a bad parameter):
                 # the decode engine would too. The client hears why, and no decode work is done.
@@ -357,7 +376,7 @@ class FrontDoor:
                 for _attempt in range(3):  # the decode engine, else another engine that can serve it
                     try:
                         response = await unless_disconnected(request, self._answer(route, body, request_id, outcome,
-                                                                                   t0))
+                                                                                   timing))
                         break
                     except WholeCallFailed as exc:
                         self._release(outcome)
@@ -391,16 +410,34 @@ class FrontDoor:
         finally:
             if not streamed:  # a stream ends (and counts itself) when its relay ends
                 self._finished(route, status, outcome)
+                if outcome is not None and status < 500 and "ttft" in timing.stages:
+                    timing.since_arrival("total")
+                    self._access(request_id, route, status, outcome, timing)
 
     async def _answer(self, route: str, body: dict[str, Any], request_id: str, outcome: PrefillOutcome,
-                      t0: float) -> Response:
+                      timing: Timing) -> Response:
         """Generate on the decode engine (or, decode_busy, whole on a prefill engine)."""
         if body.get("stream"):
-            return await self._stream(route, body, request_id, outcome, t0)
-        response = await self._complete(route, body, request_id, outcome)
+            return await self._stream(route, body, request_id, outcome, timing)
+        response = await self._complete(route, body, request_id, outcome, timing)
         if response.status_code == 200:
-            self.metrics.e2e.observe(time.monotonic() - t0)
+            self.metrics.e2e.observe(time.monotonic() - timing.t0)
         return response
+
+    def _timed(self, timing: Timing, outcome: PrefillOutcome, cached: int | None = None) -> dict[str, str]:
+        """The path headers and Server-Timing, up to the first token; the stages observed in the histograms."""
+        for stage in ("read", "queue", "prefill", "store", "decode", "ttft"):
+            if stage in timing.stages:
+                self.metrics.stages.labels(stage=stage).observe(timing.stages[stage])
+        headers = outcome.headers(cached)
+        headers["server-timing"] = timing.header(headers["x-disagg-path"])
+        return headers
+
+    def _access(self, request_id: str, route: str, status: int, outcome: PrefillOutcome, timing: Timing,
+                cached: int | None = None) -> None:
+        if self.settings.access_log:
+            path, _ = outcome.verdict(cached)
+            log.info("[%s] %s %d %s server-timing: %s", request_id, route, status, path, timing.header())
 
     def _release(self, outcome: PrefillOutcome | None) -> None:
         """A request leaves the whole-on-prefill path it was counted on (decode_busy, failover)."""
@@ -437,11 +474,13 @@ class FrontDoor:
         self.router.kv_missed("decode_timeout")
         return unavailable(f"decode engine: {what}")
 
-    async def _complete(self, route: str, body: dict[str, Any], request_id: str, outcome: PrefillOutcome) -> Response:
+    async def _complete(self, route: str, body: dict[str, Any], request_id: str, outcome: PrefillOutcome,
+                        timing: Timing) -> Response:
         engine_url = outcome.engine_url or self.engine_url
         chat = route.endswith("/chat/completions")
         check = self._checking(outcome, body)
         sent = {**body, **crosscheck.decode_fields(body, chat)} if check else body
+        timing.start()
         try:
             resp = await asyncio.wait_for(self.client.post(
                 f"{engine_url}{route}", sent, headers={"x-request-id": request_id},
@@ -456,6 +495,8 @@ class FrontDoor:
         if resp.status_code in ENGINE_DOWN_STATUSES and not outcome.engine_url:
             self.metrics.errors.labels(kind=f"engine_{resp.status_code}").inc()
             raise DecodeFailed(f"decode engine answered {resp.status_code}: {resp.text[:200]}")
+        timing.end("decode")
+        timing.since_arrival("ttft")
         cached: int | None = None
         content = resp.content
         if resp.status_code == 200:
@@ -476,11 +517,12 @@ class FrontDoor:
         else:
             self.metrics.errors.labels(kind=f"engine_{resp.status_code}").inc()
         return Response(content, status_code=resp.status_code, media_type="application/json",
-                        headers=outcome.headers(cached))
+                        headers=self._timed(timing, outcome, cached))
 
     async def _stream(
-        self, route: str, body: dict[str, Any], request_id: str, outcome: PrefillOutcome, t0: float
+        self, route: str, body: dict[str, Any], request_id: str, outcome: PrefillOutcome, timing: Timing
     ) -> Response:
+        t0 = timing.t0
         opts: dict[str, Any] = body["stream_options"] if isinstance(body.get("stream_options"), dict) else {}
         client_wants_usage = bool(opts.get("include_usage"))
         upstream_body = {**body, "stream_options": {**opts, "include_usage": True}}
@@ -492,6 +534,7 @@ class FrontDoor:
         if check:
             upstream_body.update(crosscheck.decode_fields(body, chat))
         deadline = time.monotonic() + self.settings.first_token_timeout_s
+        timing.start()
         try:
             upstream: Stream = await asyncio.wait_for(self.client.stream(
                 f"{outcome.engine_url or self.engine_url}{route}", upstream_body, headers={"x-request-id": request_id},
@@ -541,13 +584,21 @@ class FrontDoor:
                 await upstream.aclose()
                 raise
             first_event, events = prelude[0], _chain(prelude[1:], events)
+        timing.end("decode")  # the first event is in (a chat stream's role-only opener comes with the first token)
+        timing.since_arrival("ttft")
 
         def on_end(completed: bool, cached: int | None) -> None:
             self._finished(route, 200 if completed else 499, outcome)
             if completed:
-                self.metrics.e2e.observe(time.monotonic() - t0)
+                self.metrics.e2e.observe(timing.since_arrival("total"))
+                self.metrics.stages.labels(stage="total").observe(timing.stages["total"])
                 self._count_path(outcome, cached, request_id)
                 self.sizer.learn(route, body, relay.prompt_tokens)
+                self._access(request_id, route, 200, outcome, timing, cached)
+
+        def trailer() -> str:  # the whole breakdown, for a client that asked, before [DONE]
+            timing.since_arrival("total")
+            return COMMENT + timing.header(outcome.verdict(relay.cached)[0])
 
         failed_on = [outcome.engine_url or self.engine_url]
 
@@ -571,8 +622,9 @@ class FrontDoor:
         relay = StreamRelay(upstream, first_event, events, metrics=self.metrics,
                             client_wants_usage=client_wants_usage, t0=t0, request_id=request_id, on_end=on_end,
                             progress=progress, resume=resume, max_migrations=self.settings.migration_attempts,
-                            strip=self._strip(body, chat) if check else None)
-        return RelayedResponse(relay, headers={**outcome.headers(), "cache-control": "no-cache"},
+                            strip=self._strip(body, chat) if check else None,
+                            trailer=trailer if timing.wants_comment else None)
+        return RelayedResponse(relay, headers={**self._timed(timing, outcome), "cache-control": "no-cache"},
                                write_timeout_s=self.settings.write_timeout_s)
 
     async def _until_first_token(self, first_event: str, events: AsyncIterator[str], outcome: PrefillOutcome,

@@ -65,8 +65,10 @@ class StreamRelay:
                  metrics: FrontDoorMetrics, client_wants_usage: bool, t0: float, request_id: str,
                  on_end: Callable[[bool, int | None], None], progress: Progress | None = None,
                  resume: Resume | None = None, max_migrations: int = 0,
-                 strip: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> None:
+                 strip: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+                 trailer: Callable[[], str] | None = None) -> None:
         self.upstream = upstream
+        self.trailer = trailer  # an SSE comment sent just before [DONE] (the request's Server-Timing)
         self.strip = strip  # what the front door added to the engine call and the client did not ask for
         # Migration: the token ids seen so far, and how to go on elsewhere when the engine's stream breaks.
         self.progress = progress
@@ -142,6 +144,8 @@ class StreamRelay:
                         if usage_cached is not None:
                             self._cached = usage_cached
                         self._completed = self._completed or event == "data: [DONE]"
+                        if event == "data: [DONE]" and self.trailer is not None:
+                            yield (self.trailer() + "\n\n").encode()
                         if forward:
                             yield (out + "\n\n").encode()
                     if self._completed or self.resume is None:
@@ -179,6 +183,11 @@ class StreamRelay:
         log.warning("[%s] engine stream broke (%s): continued elsewhere after %d generated tokens", self.request_id,
                     why, before)
         return events
+
+    @property
+    def cached(self) -> int | None:
+        """Prompt tokens the decode engine loaded (the usage chunk), once it came."""
+        return self._cached
 
     async def close(self) -> None:
         """Close the engine's stream (aborting it there if unfinished) and report the end, once."""

@@ -204,6 +204,9 @@ def metrics_reference() -> str:
                           names.ErrorKind)
     lines += _names_table("Canary results (`disagg_kv_path_canaries_total{result}`)",
                           "The KV-path canary's verdict: the hop that broke, or `ok`.", names.CanaryHop)
+    lines += _names_table("Request stages (`Server-Timing`, `disagg_request_stage_seconds{stage}`)",
+                          "Where one request's time went; each response's `Server-Timing` header has them in ms, "
+                          "with `path;desc=` its path.", names.Stage)
     lines += _rules()
     return "\n".join(lines).rstrip() + "\n"
 

@@ -47,6 +47,7 @@ class PrefillOutcome:
     path: str
     reason: str = ""  # fallback reason
     seconds: float = 0.0  # the prefill call's duration (0: no call was made)
+    store_s: float | None = None  # of that, prefill-worker's wait for LMCache to hold the chunks
     expected: int | None = None  # full-chunk tokens of the prompt (prefill-worker's header)
     stored: int | None = None  # of those, in LMCache when prefill answered
     rejection: tuple[int, bytes] | None = None  # the prefill engine refused the request: (status, body)
