@@ -27,7 +27,7 @@ from typing import Any
 
 TOP_K = 5  # the prefill engine's top tokens that come with its first token
 HEADER = "x-disagg-first-token"  # prefill-worker -> front door: "id:logprob,id:logprob,..." (chosen first)
-CHECK_HEADER = "x-disagg-kv-check"  # front door -> client: match | near_tie | mismatch
+CHECK_HEADER = "x-disagg-kv-check"  # front door -> client: "match; delta=3e-05" (near_tie, mismatch; nats)
 ID_PREFIX = "token_id:"  # vLLM's return_tokens_as_token_ids spelling of a token
 
 

@@ -76,7 +76,7 @@ class PrefillOutcome:
         if reason:
             h["x-disagg-fallback-reason" if path == "fallback" else "x-disagg-recompute-reason"] = reason
         if self.kv_check is not None:
-            h[CHECK_HEADER] = self.kv_check.result
+            h[CHECK_HEADER] = f"{self.kv_check.result}; delta={self.kv_check.delta:.3g}"
         return h
 
 

@@ -163,7 +163,7 @@ def test_a_decode_engine_that_agrees_passes_and_the_client_sees_only_what_it_ask
     door, metrics, router = door_with(7, -0.5, seen)
     resp = asyncio.run(send(door, chat, stream))
     assert resp.status_code == 200, resp.text
-    assert resp.headers["x-disagg-path"] == "disaggregated" and resp.headers[crosscheck.CHECK_HEADER] == "match"
+    assert resp.headers["x-disagg-path"] == "disaggregated" and resp.headers[crosscheck.CHECK_HEADER].startswith("match; delta=")
     assert checks(metrics, "match") == 1 and checks(metrics, "mismatch") == 0 and router.missed == []
     assert seen[0]["return_token_ids"] is True and "logprobs" in seen[0]  # asked of the engine...
     assert "token_ids" not in resp.text and "token_logprobs" not in resp.text  # ...not shown to the client
@@ -177,7 +177,7 @@ def test_a_decode_engine_that_picks_another_first_token_is_a_kv_mismatch(chat: b
     door, metrics, router = door_with(3, -0.2, seen)  # prefill ranked token 3 at -3.0, chose 7 at -0.5
     resp = asyncio.run(send(door, chat, stream))
     assert resp.status_code == 200  # served as computed, and said so
-    assert resp.headers["x-disagg-path"] == "kv_mismatch" and resp.headers[crosscheck.CHECK_HEADER] == "mismatch"
+    assert resp.headers["x-disagg-path"] == "kv_mismatch" and resp.headers[crosscheck.CHECK_HEADER].startswith("mismatch; delta=")
     assert checks(metrics, "mismatch") == 1
     assert metrics.paths.labels(path="kv_mismatch")._value.get() == 1
     assert router.missed == ["kv_mismatch"]  # the canary checks the path at once
@@ -187,7 +187,7 @@ def test_a_near_tie_is_no_mismatch() -> None:
     door, metrics, _ = door_with(9, -1.5, [])
     door.settings = FrontDoorSettings(engine_url="http://engine", disaggregate_min_tokens=0, kv_crosscheck_tolerance=1.5)
     resp = asyncio.run(send(door, False, False))
-    assert resp.headers[crosscheck.CHECK_HEADER] == "near_tie" and resp.headers["x-disagg-path"] == "disaggregated"
+    assert resp.headers[crosscheck.CHECK_HEADER] == "near_tie; delta=1" and resp.headers["x-disagg-path"] == "disaggregated"
 
 
 def test_sampled_requests_and_the_clients_own_logprobs_are_left_alone() -> None:
@@ -196,5 +196,5 @@ def test_sampled_requests_and_the_clients_own_logprobs_are_left_alone() -> None:
     resp = asyncio.run(send(door, False, False, temperature=0.8))
     assert crosscheck.CHECK_HEADER not in resp.headers and "return_token_ids" not in seen[0]
     resp = asyncio.run(send(door, False, False, logprobs=2))  # greedy, with the client's own logprobs
-    assert resp.headers[crosscheck.CHECK_HEADER] == "mismatch"
+    assert resp.headers[crosscheck.CHECK_HEADER].startswith("mismatch; delta=")
     assert seen[1]["logprobs"] == 2 and "token_logprobs" in resp.text  # theirs, kept
