@@ -276,7 +276,7 @@ class DecodeWorkerConfig(WorkerConfig):
         "check that the decode engine chose the prefill engine's own first token (x-disagg-kv-check; a mismatch "
         "is path kv_mismatch). Costs two log-probabilities per request, computed anyway.")
     kv_crosscheck_tolerance: float = Field(
-        default=0.5, ge=0, description="How far apart (nats of log-probability) the two engines' first tokens may "
+        default=0.1, ge=0, description="How far apart (nats of log-probability) the two engines' first tokens may "
         "be: the same token's log-probabilities, or another token the prefill engine ranked this close to its "
         "choice (a near tie). Chosen from measured differences: docs/request-path.md.")
     migration_attempts: Annotated[int, Field(ge=0)] = Field(

@@ -50,6 +50,9 @@ class Row:
     problems: tuple[str, ...] = ()  # what the lost / hung / failed requests saw
     served_per_s_before: float = 0.0  # answers per second before the fault
     served_per_s_during: float = 0.0  # answers per second from the fault until the KV path was back
+    kv_checked: int = 0  # answers whose first token was cross-checked (greedy, KV from prefill)
+    kv_mismatched: int = 0  # of those, x-disagg-kv-check: mismatch (must be 0 on a healthy stack)
+    timing_problems: tuple[str, ...] = ()  # answers whose Server-Timing did not add up, and why
 
 
     @property
@@ -117,6 +120,10 @@ def summarize(name: str, records: list[Record], recovery: float | None, bound_s:
     paths = Counter(r.path for r in records if r.outcome == "succeeded")
     problems = Counter(f"{r.outcome}: {'stream' if r.stream else 'non-stream'} HTTP {r.status} {r.error}"
                        for r in records if r.outcome in ("lost", "hung", "failed_cleanly"))
-    return Row(name, len(records), outcomes["succeeded"], paths["disaggregated"], paths["recomputed"],
-               paths["fallback"], paths["failover"], outcomes["failed_cleanly"], outcomes["refused"], outcomes["lost"],
-               outcomes["hung"], recovery, bound_s, tuple(f"{n}x {what}" for what, n in problems.most_common(5)))
+    row = Row(name, len(records), outcomes["succeeded"], paths["disaggregated"], paths["recomputed"],
+              paths["fallback"], paths["failover"], outcomes["failed_cleanly"], outcomes["refused"], outcomes["lost"],
+              outcomes["hung"], recovery, bound_s, tuple(f"{n}x {what}" for what, n in problems.most_common(5)))
+    row.kv_checked = sum(1 for r in records if r.kv_check)
+    row.kv_mismatched = sum(1 for r in records if r.kv_check == "mismatch")
+    row.timing_problems = tuple(p for p in (r.timing_problem for r in records) if p)[:5]
+    return row

@@ -42,6 +42,26 @@ class Record:
     hung: bool = False
     error: str = ""
     retry_after: float | None = None  # the server's Retry-After, when it sent one
+    kv_check: str = ""  # x-disagg-kv-check (greedy requests that took the KV path): match, near_tie, mismatch
+    timing_ms: dict[str, float | str] = field(default_factory=dict)  # Server-Timing
+    client_ttft_ms: float | None = None  # as this client measured it (headers: streams; the answer: not streamed)
+
+    @property
+    def timing_problem(self) -> str:
+        """Why this answer's Server-Timing does not add up ("" when it does): present, each stage before the next,
+        its ttft no more than the client measured."""
+        if self.status != 200:
+            return ""
+        t = self.timing_ms
+        if "ttft" not in t or "path" not in t:
+            return f"Server-Timing incomplete: {t}"
+        parts = sum(float(t.get(s, 0.0)) for s in ("read", "queue", "prefill", "decode"))
+        ttft = float(t["ttft"])
+        if not parts <= ttft + 0.2:  # the header rounds each stage to 0.1 ms
+            return f"stages sum to {parts:.1f} ms > ttft {ttft:.1f} ms"
+        if self.client_ttft_ms is not None and ttft > self.client_ttft_ms + 0.2:
+            return f"ttft {ttft:.1f} ms > the client's {self.client_ttft_ms:.1f} ms"
+        return ""
 
     @property
     def end(self) -> float:
@@ -115,6 +135,9 @@ class Load:
         body = completion_body(self.model, prompt, self.max_tokens, stream=stream, ignore_eos=True)
         got = await acomplete(client, self.url, body)
         rec.status, rec.retry_after, rec.path, rec.reason = got.status, got.retry_after, got.path, got.reason
+        rec.kv_check, rec.timing_ms = got.kv_check, got.server_timing
+        if got.headers_at is not None:
+            rec.client_ttft_ms = (got.headers_at - got.t0) * 1000
         if got.status == 200:
             rec.error = got.error
             rec.prompt_tokens, rec.cached_tokens = got.prompt_tokens, got.cached_tokens

@@ -17,7 +17,9 @@ from typing import Any
 
 import httpx
 
+from daemons.edge import timing
 from daemons.edge.sse_relay import has_token
+from daemons.kv.crosscheck import CHECK_HEADER
 
 
 @dataclass
@@ -35,6 +37,9 @@ class Completion:
     done: bool = False  # a stream ended with [DONE] (a non-streamed answer: parsed)
     error: str = ""  # an error event, a body that is not JSON, a stream cut short
     body: bytes = b""  # a non-200 answer's body
+    kv_check: str = ""  # x-disagg-kv-check's verdict (match, near_tie, mismatch; "" when not checked)
+    server_timing: dict[str, float | str] = field(default_factory=dict)  # stage -> ms (Server-Timing)
+    headers_at: float | None = None  # perf_counter() when the response's headers arrived
 
     @property
     def ttft_s(self) -> float:
@@ -91,9 +96,12 @@ async def asse_events(chunks: AsyncIterable[str]) -> Any:
 
 
 def _headers(resp: httpx.Response, out: Completion) -> None:
+    out.headers_at = time.perf_counter()
     out.status = resp.status_code
     out.path = resp.headers.get("x-disagg-path", "")
     out.reason = resp.headers.get("x-disagg-fallback-reason") or resp.headers.get("x-disagg-recompute-reason", "")
+    out.kv_check = resp.headers.get(CHECK_HEADER, "").split(";", 1)[0]
+    out.server_timing = timing.parse(resp.headers.get(timing.HEADER, ""))
     try:
         out.retry_after = float(resp.headers["retry-after"])
     except (KeyError, ValueError):

@@ -161,8 +161,14 @@ def test_fault_under_load_ends_with_the_kv_path_back(fault_stack: Path, case: st
     table = REPO / "var" / "fault-matrix.md"
     table.parent.mkdir(parents=True, exist_ok=True)
     table.write_text(f"{HEADER}\n" + "\n".join(r.line() for r in ROWS) + "\n\n"
-                     + "\n".join(f"- {r.fault}: {p}" for r in ROWS for p in r.problems) + "\n")
+                     + "\n".join(f"- {r.fault}: {p}" for r in ROWS for p in r.problems) + "\n"
+                     + f"\nKV cross-checks: {sum(r.kv_checked for r in ROWS)}, mismatched "
+                       f"{sum(r.kv_mismatched for r in ROWS)}\n")
     assert row.hung == 0, (row.line(), row.problems)
+    # The KV cross-check on every greedy answer that took the KV path: a healthy stack never mismatches,
+    # whatever the fault; and every answer says where its time went, adding up.
+    assert row.kv_mismatched == 0, f"{row.kv_mismatched} of {row.kv_checked} cross-checks mismatched: {row.line()}"
+    assert not row.timing_problems, row.timing_problems
     assert row.lost <= (4 if case in LOSES_IN_FLIGHT else 0), (row.line(), row.problems)
     if case in DECODE_ENGINE_FAULTS or case.endswith(":hup"):
         assert (row.refused, row.failed_cleanly, row.lost) == (0, 0, 0), (row.line(), row.problems)

@@ -301,3 +301,105 @@ def test_a_short_prompt_skips_the_prefill_call(stack):
     resp = stack.complete(words_prompt(12, 1200), max_tokens=4)  # long: disaggregated as before
     assert resp.headers["x-disagg-path"] == "disaggregated"
     assert prefill_calls() == before + 1
+
+
+def test_greedy_answers_are_cross_checked_and_every_answer_says_where_its_time_went(stack):
+    """Greedy requests that took the KV path carry the cross-check's verdict (never a mismatch on a healthy
+    stack), and every answer a Server-Timing whose stages add up to its time to first token."""
+    from daemons.edge import timing
+    from daemons.ops.openai_client import complete, completion_body
+
+    verdicts = []
+    with httpx.Client(timeout=300, trust_env=False) as client:
+        for i in range(12):
+            body = completion_body("tiny-llama", words_prompt(700 + i, 700), 4, stream=i % 2 == 0)
+            got = complete(client, stack.base_url, body)
+            assert got.status == 200 and got.path == "disaggregated", (got.status, got.path, got.body[:200])
+            verdicts.append(got.kv_check)
+            t = got.server_timing
+            parts = sum(float(t.get(s, 0.0)) for s in ("read", "queue", "prefill", "decode"))
+            assert {"queue", "prefill", "store", "decode", "ttft"} <= set(t) and t["path"] == "disaggregated", t
+            assert parts <= float(t["ttft"]) + 0.2, t
+            assert got.headers_at is not None and float(t["ttft"]) <= (got.headers_at - got.t0) * 1000 + 0.2, t
+    assert set(verdicts) <= {"match", "near_tie"} and verdicts.count("match") >= 1, verdicts
+    metrics = stack.metrics("decode-worker")
+    assert metric_value(metrics, "disagg_kv_crosschecks_total", 'result="mismatch"') == 0
+    assert metric_value(metrics, "disagg_request_stage_seconds_count", 'stage="prefill"') >= 12
+    # A chat stream, and a sampled request (no check: only its canary speaks for it).
+    chat = {"model": "tiny-llama", "messages": [{"role": "user", "content": words_prompt(800, 700)}],
+            "max_tokens": 3, "temperature": 0, "stream": True}
+    with httpx.Client(timeout=300, trust_env=False) as client:
+        with client.stream("POST", f"{stack.base_url}/v1/chat/completions", json=chat,
+                           headers={timing.ASK_HEADER: "1"}) as resp:
+            text = resp.read().decode()
+            assert resp.headers["x-disagg-kv-check"].split(";")[0] in ("match", "near_tie")
+        assert "token_ids" not in text and '"logprob"' not in text  # what the check asked for stays inside
+        assert timing.COMMENT in text and "total;dur=" in text
+        sampled = stack.complete(words_prompt(801, 700), max_tokens=3, temperature=0.9)
+        assert sampled.status_code == 200 and "x-disagg-kv-check" not in sampled.headers
+
+
+def _negate_weights_past(path, keep_bytes: int) -> None:
+    """Flip the sign of every float32 weight stored past the first ``keep_bytes`` of a safetensors file (so the
+    config digest, which reads the first MiB, does not change): another model under the same name."""
+    data = bytearray(path.read_bytes())
+    start = 8 + int.from_bytes(data[:8], "little")
+    first = max(keep_bytes, start)
+    first += (3 - (first - start)) % 4  # the sign byte of the first whole float32 from there
+    for pos in range(first, len(data), 4):
+        data[pos] ^= 0x80
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)  # a new inode: the engines that run keep the old weights they mapped
+
+
+def _restart_prefill_engine(stack) -> None:
+    cfg = load_config(stack.config)
+    pid = int(read_state(cfg.runtime_dir, "prefill-worker").details["engine_pid"])
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:  # see the fault take effect before waiting for the way back
+        record = read_state(cfg.runtime_dir, "prefill-worker")
+        if record is None or record.details.get("engine_pid") != pid or record.state.value != "ready":
+            break
+        time.sleep(0.2)
+    stack.wait_state("prefill-worker", ("ready",), timeout=600)
+
+
+def test_a_prefill_engine_with_other_weights_is_caught_by_the_cross_check(stack, model_dir, tmp_path):
+    """The prefill engine restarts on weights that differ past the first MiB (same name, same digest: nothing
+    else notices; its KV reaches the decode engine and is loaded, cached tokens and all). The canary, which runs
+    first on a restarted prefill-worker, finds the first tokens disagree (hop kv_mismatch); decode-worker is
+    degraded and naming it, and computes prompts itself (kv_path_broken) until the weights are right again. No
+    answer from that KV passes as disaggregated: a greedy one that took it says kv_mismatch. (The same verdict
+    on a request, without the canary first, is tests/unit/test_crosscheck.py's.)"""
+    weights = model_dir / "model.safetensors"
+    saved = tmp_path / "model.safetensors"
+    saved.write_bytes(weights.read_bytes())
+    try:
+        _negate_weights_past(weights, 1 << 20)
+        _restart_prefill_engine(stack)
+        deadline = time.monotonic() + 180
+        seen = []
+        while time.monotonic() < deadline:
+            resp = stack.complete(words_prompt(900 + len(seen), 700), max_tokens=3)
+            assert resp.status_code == 200, resp.text
+            seen.append((resp.headers["x-disagg-path"], resp.headers.get("x-disagg-fallback-reason", ""),
+                         resp.headers.get("x-disagg-kv-check", "")))
+            assert seen[-1][0] != "disaggregated", seen  # never an answer from the wrong KV as a good one
+            if seen[-1][1] == "kv_path_broken":
+                break
+            time.sleep(1)
+        assert seen[-1][1] == "kv_path_broken", seen
+        assert all(c.startswith("mismatch") for path, _, c in seen if path == "kv_mismatch"), seen
+        reason = next(d for d in stack.status()["daemons"] if d["daemon"] == "decode-worker")["reason"]
+        assert "kv_mismatch" in reason, reason
+        metrics = stack.metrics("decode-worker")
+        assert metric_value(metrics, "disagg_kv_path_canaries_total", 'result="kv_mismatch"') >= 1
+    finally:
+        os.replace(saved, weights)
+        _restart_prefill_engine(stack)
+    stack.wait_ready()  # the canary passes again on the right weights
+    resp = stack.complete(words_prompt(960, 700), max_tokens=3)
+    assert resp.headers["x-disagg-path"] == "disaggregated"
+    assert resp.headers["x-disagg-kv-check"].split(";")[0] in ("match", "near_tie")
