@@ -24,7 +24,8 @@ def quantiles(metric: str, selector: str = "", qs: tuple[float, ...] = (0.5, 0.9
     ]
 
 
-ROWS: list[tuple[str, list[tuple[str, str, list[dict]]]]] = [
+# (title, unit, targets[, "stack"]): a "stack" panel stacks its series.
+ROWS: list[tuple[str, list[tuple]]] = [
     ("Front door", [
         ("Requests per second by status", "reqps", [q(f"sum by (status) (rate(disagg_requests_total[{RI}]))", "{{status}}")]),
         ("Time to first token (incl. prefill call)", "s", quantiles("disagg_time_to_first_token_seconds")),
@@ -35,7 +36,22 @@ ROWS: list[tuple[str, list[tuple[str, str, list[dict]]]]] = [
         ("Prompt tokens in flight: at prefill / computed on decode (overflow)", "short",
          [q("sum by (where) (disagg_prompt_tokens_in_flight)", "{{where}}")]),
     ]),
+    ("Where the time went (Server-Timing stages)", [
+        # Means add up (quantiles do not): stacked, read + queue + prefill + decode is the mean time to first token.
+        ("Mean time to first token by stage (stacked)", "s", [
+            q(f'sum(rate(disagg_request_stage_seconds_sum{{stage="{st}"}}[{RI}])) '
+              f'/ sum(rate(disagg_request_stage_seconds_count{{stage="ttft"}}[{RI}]))', st)
+            for st in ("read", "queue", "prefill", "decode")], "stack"),
+        ("Stage p99", "s", [
+            q(f'histogram_quantile(0.99, sum by (le, stage) (rate(disagg_request_stage_seconds_bucket[{RI}])))',
+              "{{stage}}")]),
+        ("Of prefill: waiting for LMCache to hold the KV (mean)", "s", [
+            q(f'sum(rate(disagg_request_stage_seconds_sum{{stage="store"}}[{RI}])) '
+              f'/ sum(rate(disagg_request_stage_seconds_count{{stage="store"}}[{RI}]))', "store")]),
+    ]),
     ("KV path", [
+        ("KV cross-checks per second (greedy requests: decode's first token vs prefill's own)", "reqps",
+         [q(f"sum by (result) (rate(disagg_kv_crosschecks_total[{RI}]))", "{{result}}")]),
         ("KV path canary (1 = KV flows prefill -> LMCache -> decode)", "short",
          [q("min(disagg_kv_path_ok)", "canary ok")]),
         ("Canaries per second by result (ok, or the hop that broke)", "reqps",
@@ -91,11 +107,14 @@ def build() -> dict:
                        "gridPos": {"h": 1, "w": 24, "x": 0, "y": y}, "panels": []})
         pid += 1
         y += 1
-        for i, (ptitle, unit, targets) in enumerate(row):
+        for i, (ptitle, unit, targets, *style) in enumerate(row):
+            defaults: dict = {"unit": unit}
+            if "stack" in style:
+                defaults["custom"] = {"stacking": {"mode": "normal", "group": "A"}, "fillOpacity": 60}
             panels.append({
                 "type": "timeseries", "title": ptitle, "id": pid, "datasource": DS,
                 "gridPos": {"h": 8, "w": 8, "x": (i % 3) * 8, "y": y + (i // 3) * 8},
-                "fieldConfig": {"defaults": {"unit": unit}, "overrides": []},
+                "fieldConfig": {"defaults": defaults, "overrides": []},
                 "options": {"legend": {"displayMode": "list", "placement": "bottom"}, "tooltip": {"mode": "multi"}},
                 "targets": [{**t, "refId": chr(ord("A") + j), "datasource": DS} for j, t in enumerate(targets)],
             })
