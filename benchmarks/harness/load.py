@@ -153,6 +153,9 @@ def summary(records: list[Record]) -> dict[str, object]:
         "paths": dict(paths),
         "disaggregated_full_chunks": sum(1 for r in disagg if r.cached_tokens >= r.prompt_tokens // 256 * 256),
         "disaggregated": len(disagg),
+        "kv_checked": sum(1 for r in records if r.kv_check),
+        "kv_mismatched": sum(1 for r in records if r.kv_check == "mismatch"),
+        "timing_problems": sum(1 for r in records if r.timing_problem),
     }
 
 
