@@ -30,9 +30,10 @@ def prompt(rng: random.Random, words: int) -> str:
     return f"{rng.getrandbits(64):x} " + " ".join(rng.choice(_WORDS) for _ in range(words))
 
 
-def one(client: httpx.Client, url: str, model: str, rng: random.Random, i: int) -> dict[str, Any]:
+def one(client: httpx.Client, url: str, model: str, rng: random.Random, i: int,
+        words: tuple[int, int] = (300, 900)) -> dict[str, Any]:
     chat, stream, own_logprobs = i % 2 == 1, i % 4 >= 2, i % 8 in (0, 5)
-    text = prompt(rng, rng.randint(300, 900))
+    text = prompt(rng, rng.randint(*words))
     body: dict[str, Any] = {"model": model, "max_tokens": 4, "temperature": 0, "stream": stream}
     if chat:
         body["messages"] = [{"role": "user", "content": text}]
@@ -81,12 +82,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("-n", type=int, default=200)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--json")
+    ap.add_argument("--words", default="300,900",
+                    help="prompt length range in words (MIN,MAX); above decode_worker.disaggregate_min_tokens, or "
+                    "the prompts stay on the decode engine and nothing is cross-checked (GPU config: 2048 tokens)")
     args = ap.parse_args(argv)
     rng = random.Random(args.seed)
     rows = []
     with httpx.Client(timeout=300, trust_env=False) as client:
         for i in range(args.n):
-            rows.append(one(client, args.url, args.model, rng, i))
+            low, high = (int(w) for w in args.words.split(","))
+            rows.append(one(client, args.url, args.model, rng, i, (low, high)))
     if args.json:
         with open(args.json, "w") as fh:
             for row in rows:
