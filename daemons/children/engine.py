@@ -73,6 +73,12 @@ def engine_env(worker: WorkerConfig) -> dict[str, str]:
         env["CUDA_VISIBLE_DEVICES"] = worker.device.split(":", 1)[1]
     else:
         env["CUDA_VISIBLE_DEVICES"] = ""
+        # Two engines share this host's cores. vLLM's CPU build pins each engine's threads to the same cores
+        # ("auto"), and an idle engine busy-polls its queue (sched_yield) on its pinned core for a second after
+        # every request: under steady traffic to one engine, the other engine's start sat in sched_setaffinity
+        # for minutes (a decode-worker restart under failover traffic never finished). Unpinned, the kernel
+        # shares the cores. An operator's own VLLM_CPU_OMP_THREADS_BIND (disjoint cores per engine) wins.
+        env.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
     return env
 
 

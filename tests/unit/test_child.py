@@ -211,3 +211,18 @@ def below_any(pid: int) -> bool:
         return os.readlink(f"/proc/{pid}/ns/net") != os.readlink("/proc/self/ns/net")
     except OSError:
         return False
+
+
+def test_cpu_engines_are_not_pinned_to_the_shared_cores_unless_the_operator_says_so(monkeypatch) -> None:
+    """Two vLLM CPU engines pinned to the same cores starved one another's start (a decode-worker restart under
+    failover traffic sat in sched_setaffinity): on CPU the engines' threads float, an operator's binding wins,
+    and a GPU engine is left as vLLM sets it."""
+    from daemons.children.engine import engine_env
+    from daemons.config import PrefillWorkerConfig
+
+    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
+    assert engine_env(PrefillWorkerConfig(device="cpu", kv_cache_memory_bytes=1 << 28))["VLLM_CPU_OMP_THREADS_BIND"] == "nobind"
+    gpu = engine_env(PrefillWorkerConfig(device="cuda:0"))
+    assert "VLLM_CPU_OMP_THREADS_BIND" not in gpu and gpu["CUDA_VISIBLE_DEVICES"] == "0"
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")
+    assert engine_env(PrefillWorkerConfig(device="cpu", kv_cache_memory_bytes=1 << 28))["VLLM_CPU_OMP_THREADS_BIND"] == "0|1"
