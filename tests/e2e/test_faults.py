@@ -204,3 +204,48 @@ def assert_no_orphan_engine(cfg, worker: str) -> None:  # type: ignore[no-untype
     tree = {keeper, *below(keeper)}
     left = [pid for pid in tagged(child.tag) if pid not in tree]
     assert not left, f"{worker}: engine processes outside its keeper's tree: {left}"
+
+
+def test_a_greedy_stream_whose_decode_engine_dies_mid_way_is_the_uninterrupted_one(fault_stack: Path) -> None:
+    """Migration on the real engines: a greedy stream whose decode engine is killed after its first tokens goes
+    on on the prefill engine (prompt + the tokens so far), and the client gets one stream whose text is the one
+    an uninterrupted run gives."""
+    import json
+
+    import httpx
+
+    from benchmarks.harness.scrape import metric_value
+    from daemons.ops.openai_client import completion_body, sse_events
+
+    cfg = load_config(fault_stack)
+    wait_all_ready(fault_stack, 600)
+    url = f"http://127.0.0.1:{cfg.decode_worker.port}/v1/completions"
+    metrics_url = f"http://127.0.0.1:{cfg.decode_worker.metrics_port}/metrics"
+    vocab = vocabulary(cfg.model.path)
+    prompt = [vocab[(i * 7919) % len(vocab)] for i in range(40)]  # short: the decode engine serves it alone
+    body = completion_body(cfg.model.name, prompt, 400, stream=False, ignore_eos=True)
+    with httpx.Client(trust_env=False, timeout=CLIENT_DEADLINE_S) as client:
+        reference = client.post(url, json=body)
+        assert reference.status_code == 200, reference.text
+        expected = reference.json()["choices"][0]["text"]
+        before = metric_value(client.get(metrics_url).text, "disagg_request_migrations_total", 'outcome="continued"')
+        engine = int(_record(cfg, "decode-worker").details["engine_pid"])
+        text, events, killed_after = "", 0, 0
+        with client.stream("POST", url, json={**body, "stream": True}) as resp:
+            assert resp.status_code == 200
+            for event in sse_events(resp.iter_text()):
+                data = event.removeprefix("data:").strip()
+                if data == "[DONE]":
+                    break
+                obj = json.loads(data)
+                assert "error" not in obj, obj
+                text += "".join(c.get("text") or "" for c in obj.get("choices") or ())
+                events += 1
+                if events == 10:  # the fault takes effect mid-stream: the engine serving it dies
+                    os.kill(engine, signal.SIGKILL)
+                    killed_after = len(text)
+        after = metric_value(client.get(metrics_url).text, "disagg_request_migrations_total", 'outcome="continued"')
+    assert killed_after and len(text) > killed_after, (killed_after, len(text))
+    assert after == before + 1, "the stream was not continued on another engine"
+    assert text == expected
+    wait_all_ready(fault_stack, 600)  # the decode engine back in place before the next test

@@ -235,3 +235,30 @@ def test_the_shipped_cluster_example_is_valid():
     assert config.on_host("gpu-a").daemon_names() == ["lmcache-server", "prefill-worker"]
     assert config.on_host("gpu-b").daemon_names() == ["lmcache-coordinator", "lmcache-server", "decode-worker"]
     assert config.cluster is not None and config.cluster.p2p_transfer_engine == "nixl"
+
+
+def test_a_peer_host_back_as_a_new_lmcache_instance_restarts_this_hosts_lmcache(tmp_path, model_dir):
+    """LMCache keeps its transfer channel to a peer by address: a prefill host whose LMCache restarted (a new
+    instance id, the same address) is read through a dead channel until the decode host's LMCache restarts too.
+    Only the reading side restarts (no ping-pong), and only once the old instance is no longer listed."""
+    from daemons.lmcache_server import LMCacheServer
+
+    d = doc(model_dir)
+    d["runtime_dir"] = str(tmp_path / "run")
+    d["log_dir"] = str(tmp_path / "log")
+    server = LMCacheServer(load(tmp_path, d).on_host("d1"))
+    assert server.instance_id.startswith("d1.")
+    assert server.replaced_peers(["p1.18c0ffee"]) == ""  # the first one seen
+    assert server.replaced_peers(["p1.18c0ffee"]) == ""  # the same
+    # The new instance registers while the old one is still listed: not yet (dropping the old adapter would
+    # close the channel a new process shares with the new one).
+    assert server.replaced_peers(["p1.18c0ffee", "p1.18c0fff0"]) == ""
+    assert server.replaced_peers(["p1.18c0fff0"]) == "p1 (p1.18c0ffee -> p1.18c0fff0)"
+    assert server.replaced_peers(["p1.18c0fff0"]) == ""  # no news
+    assert server.replaced_peers(["p1.18c0ffee"]) == ""  # an older one listed again: not a restart
+    argv = server.child.argv
+    assert argv[argv.index("--instance-id") + 1] == server.instance_id
+    # The prefill host does not read KV from the decode host: a restarted decode host is no news there.
+    prefill = LMCacheServer(load(tmp_path, d).on_host("p1"))
+    assert prefill.replaced_peers(["d1.1"]) == "" and prefill.replaced_peers(["d1.2"]) == ""
+    assert server.reads_from("p1") and not prefill.reads_from("d1")
