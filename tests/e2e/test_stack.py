@@ -18,6 +18,7 @@ import pytest
 from benchmarks.harness.scrape import metric_value
 from daemons.children.engine import engine_argv, engine_env
 from daemons.config import load_config
+from daemons.ops.openai_client import sse_events
 from daemons.runtime.statefile import read_state
 
 from .conftest import PORTS, wait_http_ok, words_prompt
@@ -208,24 +209,33 @@ def test_lmcache_down_falls_back_and_recovers(stack):
 def test_sigterm_drains_in_flight_requests(stack):
     """A streaming request in flight when decode-worker gets SIGTERM finishes; then it exits 0."""
     result: dict[str, object] = {}
+    streaming = threading.Event()
+    max_tokens = 600  # long enough to be in flight for seconds after the SIGTERM lands, short of the drain deadline
 
     def stream() -> None:
-        body = {"model": "tiny-llama", "prompt": words_prompt(9, 200), "max_tokens": 120, "temperature": 0.0,
-                "stream": True, "ignore_eos": True}
+        body = {"model": "tiny-llama", "prompt": words_prompt(9, 200), "max_tokens": max_tokens, "temperature": 0.0,
+                "stream": True, "ignore_eos": True, "stream_options": {"include_usage": True}}
+        events: list[str] = []
         with httpx.stream("POST", f"{stack.base_url}/v1/completions", json=body, timeout=300,
                           trust_env=False) as resp:
-            result["lines"] = [line for line in resp.iter_lines() if line.startswith("data: ")]
+            for event in sse_events(resp.iter_text()):
+                events.append(event)
+                if len(events) == 5:
+                    streaming.set()  # the request is streaming now: the SIGTERM lands mid-stream
+        result["events"] = events
 
     t = threading.Thread(target=stream)
     t.start()
-    time.sleep(3)  # the request is streaming now
+    assert streaming.wait(120), "the stream never started"
     runtime_dir = load_config(stack.config).runtime_dir
     pid = read_state(runtime_dir, "decode-worker").pid
     os.kill(pid, signal.SIGTERM)
     t.join(300)
-    lines = result["lines"]
-    assert lines[-1] == "data: [DONE]"
-    assert len(lines) >= 120
+    events = result["events"]
+    assert isinstance(events, list) and events[-1] == "data: [DONE]", events[-3:]
+    # Every token arrived (an event may carry several: vLLM merges what the reader has not taken yet).
+    usage = json.loads(events[-2].removeprefix("data:"))["usage"]
+    assert usage["completion_tokens"] == max_tokens, usage
     deadline = time.monotonic() + 60
     while read_state(runtime_dir, "decode-worker").state.value != "stopped":
         assert time.monotonic() < deadline
