@@ -14,17 +14,21 @@ to ``var/fault-matrix.md`` (docs/faults.md shows a run of it).
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 from benchmarks.harness.faults import HEADER, Fault, Row, run_fault
 from benchmarks.harness.load import Load
+from benchmarks.harness.scrape import metric_value
 from daemons.config import load_config
 from daemons.kv.canary import vocabulary
+from daemons.ops.openai_client import completion_body, sse_events
 from daemons.runtime.statefile import read_state
 from tests.e2e.conftest import REPO, ctl, write_config
 
@@ -210,13 +214,6 @@ def test_a_greedy_stream_whose_decode_engine_dies_mid_way_is_the_uninterrupted_o
     """Migration on the real engines: a greedy stream whose decode engine is killed after its first tokens goes
     on on the prefill engine (prompt + the tokens so far), and the client gets one stream whose text is the one
     an uninterrupted run gives."""
-    import json
-
-    import httpx
-
-    from benchmarks.harness.scrape import metric_value
-    from daemons.ops.openai_client import completion_body, sse_events
-
     cfg = load_config(fault_stack)
     wait_all_ready(fault_stack, 600)
     url = f"http://127.0.0.1:{cfg.decode_worker.port}/v1/completions"
