@@ -23,7 +23,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from benchmarks.harness.faults import HEADER, Fault, Row, run_fault
+from benchmarks.harness.faults import HEADER, Fault, Row, fault_for, run_fault
+from benchmarks.harness.faults import Stack as FaultStack
 from benchmarks.harness.load import Load
 from benchmarks.harness.scrape import metric_value
 from daemons.config import load_config
@@ -47,6 +48,10 @@ FAULT_PORTS = {
 }
 RECOVERY_BOUND_S = 300.0  # an engine restart on 2 CPU cores is ~60-90 s, plus the canary
 HOLD_S = 25.0  # SIGSTOP: longer than heartbeat_timeout_s (15) and engine_stall_timeout_s (20)
+# The compound row the GPU showed (issue: a decode engine killed while LMCache is stuck): LMCache's process stopped
+# far longer than anything waits for it, the decode engine killed at the same moment.
+COMPOUND_HOLD_S = 150.0
+COMPOUND = "LMCache server process:stop+decode engine:kill"
 # Clients pause between requests, as people do: four closed loops with no pause keep both
 # CPU cores busy with fallback compute and an engine restart takes 3x as long.
 THINK_S = 1.0
@@ -71,27 +76,6 @@ def wait_all_ready(config: Path, timeout: float) -> None:
     assert proc.returncode == 0, f"stack not ready after {timeout:.0f}s:\n{proc.stdout}\n{proc.stderr}"
 
 
-def supervisorctl(config: Path, *words: str) -> str:
-    from daemons.ops.ctl import supervisorctl as sctl
-
-    proc = sctl(load_config(config, require_model=False), *words)
-    return proc.stdout + proc.stderr
-
-
-def start_when_exited(config: Path, name: str, timeout: float = 180) -> None:
-    """An operator's `supervisorctl start` once the drained daemon has exited (SIGTERM is a stop)."""
-    deadline = time.monotonic() + timeout
-    while "RUNNING" in supervisorctl(config, "status", name) or "STOPPING" in supervisorctl(config, "status", name):
-        assert time.monotonic() < deadline, f"{name} did not exit within {timeout:.0f}s of SIGTERM"
-        time.sleep(0.5)
-    supervisorctl(config, "start", name)
-
-
-def restart_rolling(config: Path, names: list[str]) -> None:
-    proc = ctl(config, "restart", *names, timeout=1500)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-
-
 def _record(cfg, name: str):  # type: ignore[no-untyped-def]
     record = read_state(cfg.runtime_dir, name)
     assert record is not None, f"no state file for {name}"
@@ -99,34 +83,8 @@ def _record(cfg, name: str):  # type: ignore[no-untyped-def]
 
 
 def fault(case: str, config: Path) -> Fault:
-    """The fault named ``case``, aimed at the processes of the stack behind ``config``."""
-    cfg = load_config(config)
-    target, _, how = case.partition(":")
-    if target.endswith(" engine"):
-        owner = target.replace(" engine", "-worker")
-        pid = lambda: int(_record(cfg, owner).details["engine_pid"])  # noqa: E731
-    elif target.endswith(" keeper"):  # between the worker and its engine (daemons/children/keeper.py)
-        owner = target.replace(" keeper", "-worker")
-        pid = lambda: int(_record(cfg, owner).details["keeper_pid"])  # noqa: E731
-    elif target == "LMCache server process":
-        pid = lambda: int(_record(cfg, "lmcache-server").details["child_pid"])  # noqa: E731
-    else:
-        pid = lambda: _record(cfg, target).pid  # noqa: E731
-    if how == "kill":
-        return Fault(f"kill -9 {target}", pid, signal.SIGKILL)
-    if how == "stop":
-        return Fault(f"SIGSTOP {target} {HOLD_S:.0f}s", pid, signal.SIGSTOP, HOLD_S)
-    if how == "restart":  # planned: `disaggctl restart` (supervisord), one daemon at a time
-        names = [] if target == "all" else [target]
-        label = "rolling restart of every daemon" if target == "all" else f"planned restart of {target}"
-        return Fault(label, os.getpid, 0, after=lambda: restart_rolling(config, names))
-    if how == "hup":  # a reload (logrotate's postrotate, systemctl reload): it must not stop anything
-        return Fault(f"SIGHUP {target}", pid, signal.SIGHUP)
-    assert how == "term"
-    if target.endswith(" engine"):  # the worker restarts its engine by itself
-        return Fault(f"SIGTERM {target}", pid, signal.SIGTERM)
-    return Fault(f"SIGTERM {target} (then start)", pid, signal.SIGTERM,
-                 after=lambda: start_when_exited(config, target))
+    """The fault named ``case`` (benchmarks.harness.faults.fault_for), aimed at the stack behind ``config``."""
+    return fault_for(case, FaultStack(config), hold_s=COMPOUND_HOLD_S if "+" in case else HOLD_S)
 
 
 CASES = [
@@ -136,7 +94,7 @@ CASES = [
     "decode-worker:stop", "decode engine:stop",
     "lmcache-server:term", "prefill-worker:term", "decode-worker:term",
     "lmcache-server:hup", "prefill-worker:hup", "decode-worker:hup",
-    "lmcache-server:restart", "all:restart",
+    "lmcache-server:restart", "all:restart", COMPOUND,
 ]
 # Rows whose mechanism another row already exercises, run only with DISAGG_FULL_MATRIX=1 (docs/faults.md's table is
 # such a run): a killed prefill keeper is the decode keeper's case on the side that exits to be restarted; SIGTERM
@@ -155,7 +113,8 @@ LOSES_IN_FLIGHT = {"decode-worker:kill", "decode-worker:term", "decode-worker:st
 # The decode engine's own faults: decode-worker restarts it in place with its front door open, requests
 # fail over to the prefill engine meanwhile and streams in flight go on there (migration): nothing may be
 # refused, fail or be lost.
-DECODE_ENGINE_FAULTS = {"decode engine:kill", "decode engine:stop", "decode engine:term", "decode keeper:kill"}
+DECODE_ENGINE_FAULTS = {"decode engine:kill", "decode engine:stop", "decode engine:term", "decode keeper:kill",
+                        COMPOUND}
 ROWS: list[Row] = []
 
 
@@ -166,6 +125,7 @@ def test_fault_under_load_ends_with_the_kv_path_back(fault_stack: Path, case: st
     load = Load(f"http://127.0.0.1:{cfg.decode_worker.port}", cfg.model.name, vocabulary(cfg.model.path),
                 clients=4, prompt_tokens=600, max_tokens=8, deadline_s=CLIENT_DEADLINE_S, think_s=THINK_S)
     before = {name: _record(cfg, name).pid for name in cfg.daemon_names()}
+    lmcache_child = int(_record(cfg, "lmcache-server").details["child_pid"])
     row = asyncio.run(run_fault(load, fault(case, fault_stack), warmup_s=4, recovery_bound_s=RECOVERY_BOUND_S))
     ROWS.append(row)
     table = REPO / "var" / "fault-matrix.md"
@@ -191,6 +151,9 @@ def test_fault_under_load_ends_with_the_kv_path_back(fault_stack: Path, case: st
         after = {name: _record(cfg, name).pid for name in cfg.daemon_names()}
         restarted = {name for name in after if after[name] != before[name]}
         assert restarted == ({"lmcache-server"} if case.startswith("lmcache") else set(after)), restarted
+    if case == COMPOUND:  # LMCache stuck: lmcache-server replaced it by itself, long before the SIGCONT
+        assert row.ended.startswith("stopped process killed by the stack"), row.ended
+        assert int(_record(cfg, "lmcache-server").details["child_pid"]) != lmcache_child
     assert row.succeeded > 0, row.line()
     assert row.recovered, f"KV path not back within {RECOVERY_BOUND_S:.0f}s: {row.line()}"
     wait_all_ready(fault_stack, 600)  # and every daemon is ready again
