@@ -69,9 +69,10 @@ class LMCacheConfig(_Section):
     l1_size_gb: PositiveFloat = Field(
         default=1.0, description="LMCache's memory for KV (allocated at start); the oldest chunks are evicted past it.")
     eviction_policy: Literal["LRU"] = Field(default="LRU", description="Which chunks go first when L1 is full.")
-    # LMCache >= 0.5.4 needs "auto" on CPU; null leaves the flag out (LMCache 0.5.3 has none).
+    # LMCache 0.5.6 defaults to lmcache_driven, which needs CUDA: "auto" lets CPU engines use shared memory.
     transfer_mode: Literal["auto", "lmcache_driven", "engine_driven"] | None = Field(
-        default="auto", description="LMCache's --transfer-mode; null leaves the flag out (LMCache 0.5.3 has none).")
+        default="auto", description="LMCache's --supported-transfer-mode (0.5.3's default is auto, 0.5.6's "
+        "lmcache_driven, which CPU engines cannot use); null leaves the flag out.")
     startup_timeout_s: PositiveFloat = Field(
         default=120.0, description="lmcache-server fails if LMCache is not healthy this long after its start.")
     # The engines' connector (vLLM's LMCacheMPConnector): how long one control
@@ -82,6 +83,27 @@ class LMCacheConfig(_Section):
         default=5.0, description="Deadline of one control message between an engine's connector and the server.")
     heartbeat_interval_s: PositiveFloat = Field(
         default=2.0, description="The connector pings the server this often (and waits this long for the answer).")
+    # lmcache-server supervises what it runs (docs/faults.md, "The KV store heals"): LMCache that answers neither its
+    # HTTP health check nor a lookup on its request queue (what the engines use) is restarted in place.
+    unresponsive_restart_s: PositiveFloat = Field(
+        default=30.0, description="LMCache answering neither /healthcheck nor a lookup on its request queue this "
+        "long is restarted in place (its threads' stacks logged first); doubled after each such restart within "
+        "`restart_window_s`.")
+    restart_limit: Annotated[int, Field(ge=1)] = Field(
+        default=5, description="LMCache restarts in place (unresponsive, an engine lost) within `restart_window_s` "
+        "before lmcache-server exits, for its supervisor to restart it.")
+    restart_window_s: PositiveFloat = Field(default=600.0, description="The window of `restart_limit`.")
+    restart_on_engine_loss: Literal["auto", "always", "never"] = Field(
+        default="auto", description="Restart LMCache when an engine dies without a planned stop, before the "
+        "engine's replacement connects: LMCache 0.5.x waits forever on a dead engine's CUDA work (a transfer in "
+        "flight) at its next device synchronisation. auto: when an engine runs on a GPU.")
+    max_gpu_workers: Annotated[int, Field(ge=1)] | None = Field(
+        default=None, description="LMCache's --max-gpu-workers (threads for KV stores and loads, one per engine rank "
+        "at most); null: twice the engine ranks that connect to this host's server (a restarted engine is a new "
+        "rank to LMCache).")
+    max_cpu_workers: Annotated[int, Field(ge=1)] | None = Field(
+        default=None, description="LMCache's --max-cpu-workers (threads for lookups and pings); null: the engine "
+        "ranks that connect plus two (the lookup clients).")
 
     @field_validator("host")
     @classmethod
@@ -631,6 +653,25 @@ class Config(_Section):
         decode hosts), a decode-worker's front door where its ``host`` says."""
         kind = DaemonId.parse(daemon).kind
         return self.address_of(daemon) if kind == "prefill-worker" else self.workers(kind)[daemon].host
+
+    def local_engine_ranks(self) -> int:
+        """The engine ranks that connect to this host's LMCache server (every local worker's engine)."""
+        return sum(1 for kind in WORKER_KINDS for name in self.workers(kind) if self.is_local(name))
+
+    def lmcache_workers(self) -> tuple[int, int]:
+        """LMCache's (--max-gpu-workers, --max-cpu-workers): the config's, else derived from the engine ranks."""
+        ranks = max(1, self.local_engine_ranks())
+        lm = self.lmcache
+        return (lm.max_gpu_workers or 2 * ranks, lm.max_cpu_workers or ranks + 2)
+
+    @property
+    def lmcache_restarts_on_engine_loss(self) -> bool:
+        """Does lmcache-server restart LMCache when a local engine dies without a planned stop?"""
+        policy = self.lmcache.restart_on_engine_loss
+        if policy != "auto":
+            return policy == "always"
+        return any(w.device.startswith("cuda") for kind in WORKER_KINDS
+                   for name, w in self.workers(kind).items() if self.is_local(name))
 
     def is_local(self, daemon: str) -> bool:
         """Does ``daemon`` run on this machine (its state file is here)?"""

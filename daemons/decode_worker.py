@@ -96,6 +96,7 @@ class DecodeWorker(EngineDaemon):
         self._reload_task: asyncio.Task[None] | None = None
         self._reload_reason = ""  # why the engine is being restarted ("" when it is not)
         self._reloads: deque[float] = deque()  # when the engine was restarted in place (the budget's window)
+        self.engine_lost_at = self.started_at  # wall clock: the last loss of the engine (or this daemon's start)
         self.keys = ApiKeys(self.worker.api_keys_file)  # ApiKeyError (a ConfigError): exit 78
         w = self.worker
         self.upstream = Upstream(w.max_concurrent_requests)  # the proxied calls' own pool (probes use httpx)
@@ -126,7 +127,7 @@ class DecodeWorker(EngineDaemon):
         if self.stopping or self.state.terminal:
             return self.state.value, False, self.reason
         down = self.decode_down()
-        can_fail_over = self.worker.failover_max_in_flight > 0 and bool(self.router.ready_prefills())
+        can_fail_over = self.worker.failover_max_in_flight > 0 and bool(self.router.serving_prefills())
         return self.state.value, not down or can_fail_over, self.reason
 
     # -- state -----------------------------------------------------------------------
@@ -310,6 +311,7 @@ class DecodeWorker(EngineDaemon):
             return
         log.warning("decode engine must restart: %s", why)
         self._reload_reason = why
+        self.engine_lost_at = time.time()
         self.engine_serving = False
         self.decode_side_failures = 0
         self._progress_at_first_failure = None
@@ -319,7 +321,7 @@ class DecodeWorker(EngineDaemon):
     async def _reload(self, why: str) -> None:
         try:
             self.front_metrics.engine_reloads.inc()
-            await self.child.stop(self.config.readiness.drain_timeout_s)
+            await self.stop_engine(self.config.readiness.drain_timeout_s)
             if await self._engine_until_up(f"reloading the decode engine ({why})"):
                 log.info("decode engine back after a restart in place: checking the KV path")
                 self.router.check_now.set()
@@ -345,29 +347,52 @@ class DecodeWorker(EngineDaemon):
         self._reloads.append(now)
 
     async def _engine_until_up(self, what: str) -> bool:
-        """Start the engine until it is healthy; each failed start costs one restart of the budget (then a
-        backoff: 1, 2, 4, ... 30 s). False if asked to stop first; DaemonFailed when the budget is spent."""
+        """Start the engine until it is healthy, the front door serving meanwhile. Each start first waits for the
+        KV store (:meth:`wait_kv_store`: never counted); a failed start costs one restart of the budget (then a
+        backoff: 1, 2, 4, ... 30 s), unless LMCache was not ready or restarted meanwhile (the engine's connector
+        cannot start without it: not the engine's fault). False if asked to stop first; DaemonFailed when the
+        budget is spent."""
         failures = 0
+
         while not self.stopping:
+            if not await self.wait_kv_store(self.engine_lost_at, self.child_problem):
+                return False
+            before = self.lmcache_generation()
             try:
                 if not await self.start_child(what):
                     return False
             except (DaemonFailed, TimeoutError) as exc:
-                failures += 1
-                self._spend_restart(str(exc))
-                backoff = min(ENGINE_BACKOFF_MAX_S, 2.0 ** (failures - 1))
+                await self.peers.view(LMCACHE)
+                after = self.lmcache_generation()
+                if after is None or after != before:
+                    log.warning("decode engine did not start (%s) while LMCache was %s: not counted against "
+                                "engine_restart_limit; again once it is ready", exc,
+                                "not ready" if after is None else "restarted")
+                else:
+                    failures += 1
+                    self._spend_restart(str(exc))
+                backoff = min(ENGINE_BACKOFF_MAX_S, 2.0 ** max(0, failures - 1))
                 log.warning("decode engine did not start (%s): again in %.0fs", exc, backoff)
                 self._reload_reason = self._reload_reason or str(exc)
-                await self.child.stop(self.config.readiness.drain_timeout_s)
+                await self.stop_engine(self.config.readiness.drain_timeout_s)
+                self.engine_lost_at = time.time()
                 if await self.sleep_unless_stopped(backoff):
                     return False
                 continue
             self.stall = StallDetector(self.config.kv_path.engine_stall_timeout_s)
             self.engine_problem = ""
             self.engine_serving = True
+            self.details["engine_serving"] = True
             self._reload_reason = ""
             return True
         return False
+
+    def lmcache_generation(self) -> tuple[int, object] | None:
+        """Which LMCache lmcache-server runs, from its last verdict (pid, LMCache's start); None when not ready."""
+        view = self.peers.views.get(LMCACHE)
+        if view is None or not view.ready or view.record is None:
+            return None
+        return view.record.pid, view.record.details.get("lmcache_started_at")
 
     async def shut_down(self) -> None:
         if self._reload_task is not None:

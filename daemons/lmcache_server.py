@@ -1,7 +1,23 @@
-"""lmcache-server: runs LMCache's own multi-process server, bounded in memory.
+"""lmcache-server: runs LMCache's own multi-process server, bounded in memory, and keeps it answering.
 
-It is ready when LMCache's /healthcheck answers and its port accepts
-connections. /metrics re-exposes LMCache's ``lmcache_*`` metrics next to ours.
+It is ready when LMCache's /healthcheck answers, its port accepts connections and a lookup on its request queue
+(what the engines send, asked through LMCache's own client: :mod:`daemons.kv.kv_lookup`) is answered. /metrics
+re-exposes LMCache's ``lmcache_*`` metrics next to ours.
+
+The KV store is supervised like an engine (docs/faults.md, "The KV store heals"):
+
+- LMCache that answers neither (the HTTP thread can starve behind a thread holding the GIL, and the reverse) for
+  ``lmcache.unresponsive_restart_s`` is restarted in place, its threads' stacks logged first
+  (:mod:`daemons.children.stacks`); the threshold doubles after each such restart within the window.
+- When an engine on this host dies without a planned stop, LMCache is restarted before the engine's replacement
+  connects (``lmcache.restart_on_engine_loss``, on for GPU engines): LMCache 0.5.x's server waits on the engine's
+  CUDA event for a transfer in flight; the dead engine never records it, and LMCache's next device
+  synchronisation (the replacement's registration, or reaping the dead one) never returns, holding the GIL.
+  Workers wait for this daemon to have looked at the engines after their loss before starting a new engine.
+- More than ``lmcache.restart_limit`` restarts in place within ``lmcache.restart_window_s``: the daemon exits
+  non-zero, for its supervisor to restart it (and back off).
+
+The engines' connectors reconnect to a restarted LMCache by themselves.
 
 On several hosts each start of LMCache is a new P2P instance (``<host>.<start time>``). LMCache keeps
 one transfer-channel client per peer *address* (``mooncake_te_impl``: ``get_transfer_channel_client``
@@ -19,6 +35,7 @@ import asyncio
 import logging
 import sys
 import time
+from collections import deque
 from pathlib import Path
 
 import httpx
@@ -26,21 +43,32 @@ import httpx
 from daemons.children.child import ChildProcess
 from daemons.children.child_daemon import ChildDaemon
 from daemons.children.engine import engine_env
-from daemons.config import Config
+from daemons.children.stacks import thread_stacks
+from daemons.config import WORKER_KINDS, Config
+from daemons.kv.kv_lookup import KVLookup
+from daemons.metrics import LMCacheServerMetrics
 from daemons.runtime.cli import run_daemon
 from daemons.runtime.lifecycle import DaemonFailed
-from daemons.runtime.statefile import endpoint_accepts
+from daemons.runtime.statefile import StateRecord, endpoint_accepts, pid_alive, read_state
 from daemons.runtime.states import State
 
 log = logging.getLogger(__name__)
+
+# A restart in place of an LMCache that does not answer (or lost an engine): SIGTERM, then SIGKILL after this long
+# (a wedged LMCache acts on no signal; its shutdown would wait on the same stuck device).
+WEDGED_STOP_GRACE_S = 5.0
+# The unresponsive threshold doubles after each restart for it within the window, up to this many times.
+BACKOFF_DOUBLINGS = 3
 
 
 def lmcache_argv(config: Config, instance_id: str = "") -> list[str]:
     """LMCache's server command line; on several hosts, with its P2P layer (``instance_id``: its name there)."""
     lm = config.lmcache
     address = config.lmcache_address  # loopback; in a cluster, this host's private address (peers look up here)
+    gpu_workers, cpu_workers = config.lmcache_workers()
     argv = [
-        sys.executable, "-m", "lmcache.cli.main", "server",
+        # LMCache's own CLI, with faulthandler on SIGUSR1: a stuck server can say where (daemons.children.stacks).
+        sys.executable, "-m", "daemons.children.lmcache_main", "server",
         "--host", address,
         "--port", str(lm.port),
         # LMCache's HTTP API (cache clearing, reconfiguration; no auth) defaults to 0.0.0.0.
@@ -49,6 +77,9 @@ def lmcache_argv(config: Config, instance_id: str = "") -> list[str]:
         "--chunk-size", str(lm.chunk_size),
         "--l1-size-gb", str(lm.l1_size_gb),
         "--eviction-policy", lm.eviction_policy,
+        # One thread per engine rank for stores and loads (LMCache's default, 1, serializes every engine's).
+        "--max-gpu-workers", str(gpu_workers),
+        "--max-cpu-workers", str(cpu_workers),
     ] + (["--supported-transfer-mode", lm.transfer_mode] if lm.transfer_mode else [])
     cluster = config.cluster
     if cluster is not None:
@@ -66,7 +97,7 @@ def lmcache_argv(config: Config, instance_id: str = "") -> list[str]:
 
 
 class LMCacheServer(ChildDaemon):
-    """Run LMCache's KV cache server for the prefill and decode engines."""
+    """Run LMCache's KV cache server for the prefill and decode engines, and keep it answering."""
 
     kind = "lmcache-server"
     child_metrics_prefixes = ("lmcache_",)
@@ -82,13 +113,29 @@ class LMCacheServer(ChildDaemon):
         self.instance_id = new_instance_id(config)
         self.peer_instances: dict[str, str] = {}  # peer host -> the newest LMCache instance seen there
         self._restart: asyncio.Task[None] | None = None
+        log_dir = Path(config.log_dir)
         self.child = ChildProcess(
-            "lmcache", lmcache_argv(config, self.instance_id), log_path=Path(config.log_dir) / "lmcache-server.log",
+            "lmcache", lmcache_argv(config, self.instance_id), log_path=log_dir / "lmcache-server.log",
             env=env, port=config.lmcache.port, logs=config.logs,
         )
         self.child_startup_timeout_s = config.lmcache.startup_timeout_s
         self.http_url = f"http://{config.lmcache.host}:{config.lmcache.http_port}"
         self.child_metrics_url = f"{self.http_url}/metrics"
+        self.lm_metrics = LMCacheServerMetrics(self.registry)
+        # The probe: a lookup on LMCache's request queue through LMCache's own client, as an engine's scheduler asks.
+        self.probe = KVLookup(
+            server_url=f"tcp://{config.lmcache_address}:{config.lmcache.port}", model=str(config.model.path),
+            mq_timeout_s=config.lmcache.mq_timeout_s, heartbeat_interval_s=config.lmcache.heartbeat_interval_s,
+            log_path=log_dir / "lmcache-server-probe.log", logs=config.logs,
+        )
+        self.probe_tokens = [0] * config.lmcache.chunk_size
+        self.unanswered_since: float | None = None  # monotonic: since when LMCache has not answered
+        self.restarts: deque[tuple[float, str]] = deque()  # restarts in place: (monotonic time, reason)
+        self.engines: dict[int, str] = {}  # engine pid -> its worker, from the local workers' state files
+        self.lm_metrics.unanswered.set_function(self._unanswered_for)
+
+    def _unanswered_for(self) -> float:
+        return 0.0 if self.unanswered_since is None else time.monotonic() - self.unanswered_since
 
     @property
     def endpoint(self) -> str:
@@ -106,8 +153,28 @@ class LMCacheServer(ChildDaemon):
         # Older LMCache servers have no /healthcheck: their HTTP server answering will do.
         return resp.status_code in (200, 404) and await asyncio.to_thread(endpoint_accepts, self.endpoint)
 
+    async def queue_answers(self) -> str | None:
+        """Does LMCache answer a lookup on its request queue? None when it does, else what went wrong; "" while the
+        probe's client is not running (unknown: not held against LMCache)."""
+        if not self.probe.alive:
+            self.probe.ensure_started()
+            return ""
+        t0 = time.monotonic()
+        try:
+            await self.probe.hit_tokens(self.probe_tokens, self.config.lmcache.mq_timeout_s + 1.0)
+        except (RuntimeError, TimeoutError) as exc:
+            self.lm_metrics.probe.labels(result="failed").observe(time.monotonic() - t0)
+            return str(exc) or f"no answer in {self.config.lmcache.mq_timeout_s + 1.0:.0f}s"
+        if not self.probe.healthy:  # the client gave up on the server after a timeout: it asks again next time
+            self.lm_metrics.probe.labels(result="failed").observe(time.monotonic() - t0)
+            return "LMCache's client marked the server unhealthy"
+        self.lm_metrics.probe.labels(result="ok").observe(time.monotonic() - t0)
+        return None
+
     async def start_up(self) -> None:
         if await self.start_child(f"starting LMCache server ({self.config.lmcache.l1_size_gb} GB L1, LRU)"):
+            self.details["lmcache_started_at"] = time.time()
+            self.probe.ensure_started()
             self.set_state(State.READY)
 
     async def check(self) -> bool:
@@ -121,22 +188,134 @@ class LMCacheServer(ChildDaemon):
                 raise DaemonFailed(f"restarting LMCache failed: {type(failure).__name__}: {failure}")
         if not self.child_started() or not self.state.serving:
             return True
-        healthy = await self.child_healthy()
-        if not healthy and self.state is State.READY:
-            self.set_state(State.DEGRADED, "LMCache /healthcheck does not answer")
-        elif healthy and self.config.cluster is not None:
+        if await self.watch_engines():
+            return True  # restarting LMCache: an engine died without a planned stop
+        http_ok, queue_problem = await asyncio.gather(self.child_healthy(), self.queue_answers())
+        if not http_ok or queue_problem:
+            self.unanswered(http_ok, queue_problem)
+            return False
+        if self.unanswered_since is not None:
+            log.info("LMCache answers again after %.0fs", self._unanswered_for())
+            self.unanswered_since = None
+        if self.config.cluster is not None:
             reason = await self.p2p_status()
             p2p = self.details.get("p2p")
             replaced = self.replaced_peers(list(p2p.get("peers", [])) if isinstance(p2p, dict) else [])
             if replaced:
                 self.restart_lmcache(f"peer {replaced} came back as a new LMCache instance, and LMCache keeps "
-                                     "its dead transfer channel to that address")
+                                     "its dead transfer channel to that address", "peer_replaced",
+                                     grace_s=self.config.readiness.drain_timeout_s)
             else:
                 self.set_state(State.READY, reason)
-        elif healthy and self.state is State.DEGRADED:
+        elif self.state is State.DEGRADED:
             self.set_state(State.READY)
-        return healthy
+        return True
 
+    # -- LMCache that stopped answering -------------------------------------------------------------------
+    def unresponsive_limit_s(self) -> float:
+        """How long LMCache may go unanswered before it is restarted: doubled per restart for it in the window."""
+        recent = sum(1 for _, reason in self.restarts if reason == "unresponsive")
+        return self.config.lmcache.unresponsive_restart_s * 2 ** min(recent, BACKOFF_DOUBLINGS)
+
+    def unanswered(self, http_ok: bool, queue_problem: str | None) -> None:
+        """LMCache did not answer: degraded at once (the front door skips prefill), restarted past the limit."""
+        now = time.monotonic()
+        if self.unanswered_since is None:
+            self.unanswered_since = now
+        silent, limit = now - self.unanswered_since, self.unresponsive_limit_s()
+        what = [] if http_ok else ["/healthcheck"]
+        if queue_problem:
+            what.append(f"a lookup on its request queue ({queue_problem})")
+        said = " nor ".join(what)
+        self.set_state(State.DEGRADED, f"LMCache answers neither {said} for {silent:.0f}s (restarted in place at "
+                                       f"{limit:.0f}s)" if len(what) > 1 else
+                       f"LMCache does not answer {said} for {silent:.0f}s (restarted in place at {limit:.0f}s)")
+        if silent >= limit:
+            self.restart_lmcache(f"it has not answered {said} for {silent:.0f}s", "unresponsive",
+                                 grace_s=WEDGED_STOP_GRACE_S, stacks=True)
+
+    # -- engines that died without a planned stop ------------------------------------------------------------
+    def _worker_records(self) -> dict[str, StateRecord]:
+        records = {}
+        for kind in WORKER_KINDS:
+            for name in self.config.workers(kind):
+                if self.config.is_local(name):
+                    record = read_state(self.config.runtime_dir, name)
+                    if record is not None:
+                        records[name] = record
+        return records
+
+    async def watch_engines(self) -> bool:
+        """Restart LMCache when a local engine that used it died without a planned stop (``lmcache.
+        restart_on_engine_loss``); True when a restart began. Publishes when it looked (``engines_checked_at``):
+        a worker starts a new engine only once this daemon has looked after its old one was lost."""
+        if not self.config.lmcache_restarts_on_engine_loss:
+            return False
+        checked_at = time.time()
+        records = await asyncio.to_thread(self._worker_records)
+        planned: set[int] = set()
+        for name, record in records.items():
+            pid = record.details.get("engine_pid")
+            if isinstance(pid, int) and pid_alive(pid):
+                self.engines.setdefault(pid, name)
+            stopped = record.details.get("engines_stopped")
+            planned |= {p for p in stopped if isinstance(p, int)} if isinstance(stopped, list) else set()
+        lost = {pid: name for pid, name in self.engines.items() if not pid_alive(pid)}
+        for pid in lost:
+            del self.engines[pid]
+        unplanned = {pid: name for pid, name in lost.items() if pid not in planned}
+        self.details["engines_checked_at"] = checked_at
+        if not unplanned:
+            return False
+        which = ", ".join(f"{name}'s (pid {pid})" for pid, name in unplanned.items())
+        self.restart_lmcache(f"the engine {which} died without a planned stop: LMCache may wait forever on its "
+                             "CUDA work for a transfer in flight", "engine_lost", grace_s=WEDGED_STOP_GRACE_S)
+        return True
+
+    # -- restarts in place -----------------------------------------------------------------------------------
+    def restart_lmcache(self, why: str, reason: str, *, grace_s: float, stacks: bool = False) -> None:
+        """Restart this host's LMCache server in the background (once at a time; on several hosts as a new P2P
+        instance). Past ``lmcache.restart_limit`` restarts within ``lmcache.restart_window_s``: DaemonFailed."""
+        if self._restart is not None or self.stopping:
+            return
+        now = time.monotonic()
+        window = self.config.lmcache.restart_window_s
+        while self.restarts and now - self.restarts[0][0] > window:
+            self.restarts.popleft()
+        if len(self.restarts) >= self.config.lmcache.restart_limit:
+            raise DaemonFailed(f"LMCache restarted {len(self.restarts)} times within {window:.0f}s "
+                               f"(lmcache.restart_limit), now because {why}; exiting to be restarted")
+        self.restarts.append((now, reason))
+        self.lm_metrics.restarts.labels(reason=reason).inc()
+        log.warning("restarting this host's LMCache server (%s): %s", reason, why)
+        self.set_state(State.DEGRADED, f"restarting LMCache: {why}")
+        self.status.publish()  # the workers and the front door see it now, not at the next heartbeat
+        self._restart = asyncio.create_task(self._restart_lmcache(why, grace_s, stacks), name="lmcache-restart")
+
+    async def _restart_lmcache(self, why: str, grace_s: float, stacks: bool) -> None:
+        pid = self.child.main_pid
+        if stacks and pid is not None:
+            log.error("LMCache (pid %d) is restarted because %s; its threads' stacks:\n%s", pid, why,
+                      await thread_stacks(pid, self.child.log_path))
+        await self.child.stop(grace_s)
+        self.unanswered_since = None
+        self.engines.clear()  # the engines that connect to the new server are learned anew
+        self.instance_id = new_instance_id(self.config)
+        self.child.argv = lmcache_argv(self.config, self.instance_id)
+        what = f"restarting LMCache server as {self.instance_id} ({why})" if self.instance_id else \
+            f"restarting LMCache server ({why})"
+        if await self.start_child(what):
+            self.details["lmcache_started_at"] = time.time()
+            self.set_state(State.READY, await self.p2p_status() if self.config.cluster is not None else "")
+
+    async def shut_down(self) -> None:
+        if self._restart is not None:
+            self._restart.cancel()
+            await asyncio.gather(self._restart, return_exceptions=True)
+        await self.probe.stop()
+        await super().shut_down()
+
+    # -- several hosts -----------------------------------------------------------------------------------------
     def replaced_peers(self, peers: list[str]) -> str:
         """The peer hosts this host reads KV from whose LMCache came back as a newer instance since the last
         look ("" for none). Only a host that reads (runs a decode-worker) restarts, and only for a host that
@@ -169,27 +348,6 @@ class LMCacheServer(ChildDaemon):
 
         return (runs(str(self.config.host_id), "decode-worker") and runs(host, "prefill-worker")
                 and not runs(host, "decode-worker"))
-
-    def restart_lmcache(self, why: str) -> None:
-        """Restart this host's LMCache server in the background (once at a time), as a new P2P instance."""
-        if self._restart is not None or self.stopping:
-            return
-        log.warning("restarting this host's LMCache server: %s", why)
-        self._restart = asyncio.create_task(self._restart_lmcache(why), name="lmcache-restart")
-
-    async def _restart_lmcache(self, why: str) -> None:
-        self.set_state(State.DEGRADED, f"restarting LMCache: {why}")
-        await self.child.stop(self.config.readiness.drain_timeout_s)
-        self.instance_id = new_instance_id(self.config)
-        self.child.argv = lmcache_argv(self.config, self.instance_id)
-        if await self.start_child(f"restarting LMCache server as {self.instance_id} ({why})"):
-            self.set_state(State.READY, await self.p2p_status())
-
-    async def shut_down(self) -> None:
-        if self._restart is not None:
-            self._restart.cancel()
-            await asyncio.gather(self._restart, return_exceptions=True)
-        await super().shut_down()
 
     async def p2p_status(self) -> str:
         """On several hosts: LMCache's own view of its P2P layer (registered? which peers?), for the reason."""

@@ -65,6 +65,31 @@ class PrefillMetrics:
             self.kv_tokens.labels(state=state)
 
 
+LMCACHE_RESTART_REASONS = ("unresponsive", "engine_lost", "peer_replaced")
+
+
+class LMCacheServerMetrics:
+    """lmcache-server watching what it runs: LMCache's answers and its restarts in place."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.restarts = Counter(
+            "disagg_lmcache_restarts", "LMCache servers this lmcache-server restarted in place, by reason: "
+            "unresponsive (answered neither its health check nor a lookup for lmcache.unresponsive_restart_s), "
+            "engine_lost (an engine died without a planned stop: lmcache.restart_on_engine_loss), peer_replaced "
+            "(several hosts: a peer host's LMCache came back as a new instance).", ["reason"], registry=registry)
+        self.unanswered = Gauge(
+            "disagg_lmcache_unanswered_seconds", "How long LMCache has answered neither its health check nor a "
+            "lookup on its request queue (0 while it answers).", registry=registry)
+        self.probe = Histogram(
+            "disagg_lmcache_probe_seconds", "One lookup on LMCache's request queue (what the engines use), as "
+            "lmcache-server's probe measured it, by result.", ["result"], buckets=LATENCY_BUCKETS,
+            registry=registry)
+        for reason in LMCACHE_RESTART_REASONS:
+            self.restarts.labels(reason=reason)
+        for result in ("ok", "failed"):
+            self.probe.labels(result=result)
+
+
 class FrontDoorMetrics:
     """The decode-worker's front door, as clients see it."""
 

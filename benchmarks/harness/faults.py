@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from benchmarks.harness.load import Load, Record
+from daemons.children.stacks import process_state
 from daemons.config import Config, load_config
 from daemons.runtime.statefile import StateRecord, read_state
 
@@ -45,15 +46,6 @@ class Fault:
     hold_s: float = 0.0  # SIGSTOP: how long before SIGCONT
     after: Callable[[], None] | None = None  # e.g. start a daemon again where no supervisor does
     also: tuple[Fault, ...] = ()  # signals sent at the same moment (a compound fault; no hold or after of theirs)
-
-
-def process_state(pid: int) -> str:
-    """The kernel's one-letter state of ``pid`` (``R``, ``S``, ``T``, ``Z``...); "" when it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rpartition(")")[2].split()[0]
-    except (OSError, IndexError):
-        return ""
 
 
 def gone(pid: int) -> bool:

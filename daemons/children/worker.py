@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 
 import httpx
 
@@ -16,6 +17,10 @@ from daemons.config import Config, WorkerConfig
 from daemons.runtime.httpserver import EmbeddedServer
 from daemons.runtime.lifecycle import DaemonFailed
 from daemons.runtime.listen import inherited_socket
+from daemons.runtime.statefile import PeerView, pid_alive
+from daemons.runtime.states import State
+
+LMCACHE = "lmcache-server"
 
 log = logging.getLogger(__name__)
 
@@ -62,14 +67,65 @@ class EngineDaemon(ChildDaemon):
         """Wait for lmcache-server, load the engine, open ``app`` on the worker's port.
 
         False when asked to stop before that was done."""
-        if await self.wait_for("lmcache-server") is None:
+        if await self.wait_for(LMCACHE) is None:
+            return False
+        if not await self.wait_kv_store(self.started_at, lambda why: self.set_state(State.WAITING, why)):
             return False
         if not await self.start_child(f"loading {self.config.model.name} on {self.worker.device}"):
             return False
+        self.details["engine_serving"] = True
         sock = await asyncio.to_thread(inherited_socket, self.name, self.api_host, self.worker.port)
         await self.serve_http(EmbeddedServer(app, self.api_host, self.worker.port, name=api_name,
                                              drain_s=self.config.readiness.drain_timeout_s, sock=sock))
         return True
+
+    # -- the KV store an engine connects to ----------------------------------------------------------------
+    def kv_store_settled(self, view: PeerView, since: float) -> str:
+        """Why an engine may not start yet ("" when it may): lmcache-server ready and, where it restarts LMCache
+        after an engine's loss (``lmcache.restart_on_engine_loss``), it looked at the engines after ``since``
+        (wall clock: this daemon's start or its engine's loss), so a restart it owes them comes first."""
+        if not view.ready:
+            return f"lmcache-server {view.state}: {view.reason}"
+        if self.config.lmcache_restarts_on_engine_loss:
+            checked = view.record.details.get("engines_checked_at") if view.record is not None else None
+            if not isinstance(checked, (int, float)) or checked <= since:
+                return "lmcache-server has not looked at the engines since this worker's engine was lost"
+        return ""
+
+    async def wait_kv_store(self, since: float, announce: Callable[[str], object]) -> bool:
+        """Wait until an engine may start (:meth:`kv_store_settled`), saying why not through ``announce``; False if
+        asked to stop first. lmcache-server ready but silent about the engines for 3 heartbeat timeouts (an
+        older version, a clock step): start anyway, logged. TimeoutError past ``readiness.dependency_timeout_s``."""
+        t0 = time.monotonic()
+        while not self.stopping:
+            view = await self.peers.view(LMCACHE)
+            why = self.kv_store_settled(view, since)
+            waited = time.monotonic() - t0
+            if not why:
+                return True
+            if view.ready and waited > 3 * self.config.readiness.heartbeat_timeout_s:
+                log.warning("starting the engine although %s (%.0fs)", why, waited)
+                return True
+            if waited > self.config.readiness.dependency_timeout_s:
+                raise TimeoutError(f"{self.child.name} not started: {why} after {waited:.0f}s")
+            announce(f"waiting to start the engine: {why}")
+            self.notifier.extend_timeout(10)
+            await self.sleep_unless_stopped(0.5)
+        return False
+
+    async def stop_engine(self, grace_s: float) -> None:
+        """Stop the engine on purpose, saying so in the state file first (``engines_stopped``): lmcache-server does
+        not take a planned stop for a loss (:mod:`daemons.lmcache_server`). A dead engine is not marked."""
+        pid = self.child.main_pid
+        if pid is not None and pid_alive(pid) and self.child.alive():
+            stopped = self.details.get("engines_stopped")
+            earlier = [p for p in stopped if isinstance(p, int)][-4:] if isinstance(stopped, list) else []
+            self.details["engines_stopped"] = [*earlier, pid]
+            self.status.publish()
+        await self.child.stop(grace_s)
+
+    async def shut_down(self) -> None:
+        await self.stop_engine(self.config.readiness.drain_timeout_s)
 
     async def engine_load(self) -> EngineLoad | None:
         """Requests in the engine and tokens it computed; None when it does not answer."""
@@ -99,6 +155,11 @@ class EngineDaemon(ChildDaemon):
             log.warning("engine does not answer /metrics (%.0fs)", silent)
             if silent >= ENGINE_SILENT_S:
                 self.engine_problem = f"engine has not answered for {silent:.0f}s"
+            self.details["engine_serving"] = not self.engine_problem
             return False
         self.engine_problem = ""
-        return await self.child_healthy(timeout=5.0)
+        healthy = await self.child_healthy(timeout=5.0)
+        # Can this engine serve a whole request? Apart from the KV path: a prefill engine takes failover while
+        # LMCache is down or stuck (the front door's router reads it: PeerView.serves_whole).
+        self.details["engine_serving"] = healthy
+        return healthy

@@ -192,7 +192,7 @@ class FrontDoor:
                            f"to prefill engines (decode_worker.failover_max_in_flight)", why)
         choice = self.router.choose_any()
         if choice.url is None:
-            raise NoEngine("decode engine unavailable and no prefill-worker is ready", why)
+            raise NoEngine("decode engine unavailable and no prefill engine can serve", why)
         self.failovers += 1
         log.info("[%s] failover to %s: decode engine unavailable (%s)", request_id, choice.daemon, why)
         return PrefillOutcome(RequestPath.FAILOVER, why, engine_url=f"{choice.url}/whole")

@@ -102,11 +102,11 @@ class KVLookup:
             try:
                 first = await asyncio.wait_for(self.proc.stdout.readline(), STARTUP_TIMEOUT_S)
             except TimeoutError:
-                await self.stop()
+                await self._end_process()
                 raise RuntimeError(f"LMCache lookup client silent for {STARTUP_TIMEOUT_S:.0f}s "
                                    f"(see {self.log_path})") from None
             if not first:
-                await self.stop()
+                await self._end_process()
                 raise RuntimeError(f"LMCache lookup client exited at start (see {self.log_path})")
             log.info("LMCache lookup client up (pid %d)", self.proc.pid)
             self._reader = asyncio.create_task(self._read_answers(), name="kv-lookup-reader")
@@ -181,9 +181,13 @@ class KVLookup:
             pause = min(pause * 2, 0.05)
 
     async def stop(self) -> None:
-        if self._start_task is not None:
+        if self._start_task is not None and self._start_task is not asyncio.current_task():
             self._start_task.cancel()
             await asyncio.gather(self._start_task, return_exceptions=True)
+        await self._end_process()
+
+    async def _end_process(self) -> None:
+        """End the child (SIGTERM, then SIGKILL after 5 s) and its answer reader."""
         if self.proc is None:
             return
         if self.proc.returncode is None:
@@ -218,27 +222,42 @@ def _serve(out: typing.TextIO, server_url: str, model: str, mq_timeout: float, h
             heartbeat_interval=heartbeat_interval,
         )
 
-    adapter = connect()
-    rebuilt_at = time.monotonic()
+    # Connected at the first question, not before: a server that is down (or stopped) now answers each question
+    # with an error instead of ending the client (LMCache's adapter raises ConnectionError when the server does
+    # not answer its first request within mq_timeout).
+    adapter: typing.Any = None
+    rebuilt_at = -heartbeat_interval
     out.write(json.dumps({"ready": True}) + "\n")
     out.flush()
     for n, line in enumerate(sys.stdin):
-        # LMCache 0.5.3's scheduler adapter never starts its heartbeat, so once a
-        # lookup times out (server restarted) it stays "unhealthy" for good and
-        # answers 0 without asking. A fresh adapter asks again.
-        if not adapter.is_healthy and time.monotonic() - rebuilt_at >= heartbeat_interval:
-            logging.warning("LMCache client unhealthy: connecting again")
-            try:
-                adapter.shutdown()
-            except Exception:  # noqa: BLE001 - a broken client is replaced either way
-                pass
-            adapter = connect()
-            rebuilt_at = time.monotonic()
         try:
             ask = json.loads(line)
             rid, tokens = int(ask["id"]), [int(t) for t in ask["tokens"]]
         except (ValueError, KeyError, TypeError) as exc:
             out.write(json.dumps({"id": -1, "error": f"bad question: {exc!r}"}) + "\n")
+            out.flush()
+            continue
+        # LMCache 0.5.3's scheduler adapter never starts its heartbeat, so once a
+        # lookup times out (server restarted) it stays "unhealthy" for good and
+        # answers 0 without asking. A fresh adapter asks again.
+        if (adapter is None or not adapter.is_healthy) and time.monotonic() - rebuilt_at >= heartbeat_interval:
+            if adapter is not None:
+                logging.warning("LMCache client unhealthy: connecting again")
+                try:
+                    adapter.shutdown()
+                except Exception:  # noqa: BLE001 - a broken client is replaced either way
+                    pass
+            rebuilt_at = time.monotonic()
+            try:
+                adapter = connect()
+            except Exception as exc:  # noqa: BLE001 - the answer carries it; the next question connects again
+                adapter = None
+                first = (str(exc).splitlines() or [type(exc).__name__])[0]
+                out.write(json.dumps({"id": rid, "error": f"cannot reach LMCache: {first}"[:500]}) + "\n")
+                out.flush()
+                continue
+        if adapter is None:
+            out.write(json.dumps({"id": rid, "error": "cannot reach LMCache (connecting again shortly)"}) + "\n")
             out.flush()
             continue
         try:

@@ -25,7 +25,7 @@ from pydantic_core import PydanticUndefined
 
 from daemons import config as config_module
 from daemons import names
-from daemons.metrics import FrontDoorMetrics, PrefillMetrics
+from daemons.metrics import FrontDoorMetrics, LMCacheServerMetrics, PrefillMetrics
 from daemons.runtime.exposition import DaemonMetrics
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -185,6 +185,9 @@ def metrics_reference() -> str:
     every = CollectorRegistry()
     DaemonMetrics("<daemon>", every, version="", digest="")
     lines += _metric_table("Every daemon", every, seen)
+    lmcache = CollectorRegistry()
+    LMCacheServerMetrics(lmcache)
+    lines += _metric_table("lmcache-server", lmcache, seen)
     prefill = CollectorRegistry()
     PrefillMetrics(prefill)
     lines += _metric_table("prefill-worker", prefill, seen)

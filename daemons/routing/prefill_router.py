@@ -104,6 +104,11 @@ class PrefillRouter:
     def ready_prefills(self) -> list[PeerView]:
         return [self.peers.views[n] for n in self.prefill_names if self.peers.ready(n)]
 
+    def serving_prefills(self) -> list[PeerView]:
+        """Prefill-workers whose engine can serve a whole request (failover), ready or not: one degraded because
+        LMCache is down or stuck still serves (:attr:`PeerView.serves_whole`)."""
+        return [v for n in self.prefill_names if (v := self.peers.views.get(n)) is not None and v.serves_whole]
+
     def blamed(self, prefill: str) -> bool:
         """Is ``prefill`` out of rotation? Its last canary broke on its side of the path, or at the decode side
         while a canary through another prefill-worker passed (so the decode engine is fine: this path is not)."""
@@ -142,9 +147,9 @@ class PrefillRouter:
         return PrefillChoice(url=f"http://{view.record.endpoint}", daemon=view.daemon)
 
     def choose_any(self) -> PrefillChoice:
-        """A ready prefill-worker to serve a request start to end (failover: the decode engine cannot), round
-        robin. Its KV path need not work: no KV moves on that path."""
-        ready = [v for v in self.ready_prefills() if v.record is not None]
+        """A prefill-worker whose engine serves, to take a request start to end (failover: the decode engine
+        cannot), round robin. Neither its KV path nor LMCache need work: no KV moves on that path."""
+        ready = [v for v in self.serving_prefills() if v.record is not None]
         if not ready:
             return PrefillChoice(skip="prefill_unavailable")
         view = ready[self._next % len(ready)]

@@ -216,6 +216,16 @@ class PeerView:
         """Usable and in state ``ready`` (not degraded): what a dependent waits for."""
         return self.usable and self.state == State.READY.value
 
+    @property
+    def serves_whole(self) -> bool:
+        """Can its engine serve a whole request (failover)? Usable and its engine answering (``engine_serving``),
+        whatever the KV path does: a worker degraded because LMCache is stuck still serves. A record without the
+        key (an older version, mid-upgrade) is judged by ``ready``."""
+        if not self.usable or self.record is None:
+            return False
+        serving = self.record.details.get("engine_serving")
+        return serving is True if isinstance(serving, bool) else self.ready
+
     def to_json(self) -> dict[str, Any]:
         return {
             "daemon": self.daemon,

@@ -116,7 +116,7 @@ def test_with_no_prefill_worker_ready_it_is_503_with_retry_after() -> None:
     door, metrics, seen = door_with(engine_answer, down="loading", ready=0)
     resp = asyncio.run(post(door, False))
     assert resp.status_code == 503 and resp.headers["retry-after"]
-    assert "no prefill-worker is ready" in resp.json()["error"]["message"]
+    assert "no prefill engine can serve" in resp.json()["error"]["message"]
     assert seen == [] and metrics.errors.labels(kind="no_engine")._value.get() == 1
     assert door.failovers == 0 and door.admission.active == 0
 
@@ -274,7 +274,7 @@ def test_a_503_never_names_an_internal_address(stream: bool, caplog: pytest.LogC
         resp = asyncio.run(post(door, stream))
     assert resp.status_code == 503 and resp.headers["retry-after"]
     body = resp.text
-    assert "no prefill-worker is ready" in body
+    assert "no prefill engine can serve" in body
     assert "10.1.2.3" not in body and "18001" not in body and "engine-host" not in body, body
     assert "10.1.2.3:18001" in caplog.text  # the operator still sees where
 

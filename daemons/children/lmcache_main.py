@@ -1,0 +1,25 @@
+"""LMCache's server, started so that it can say where it is stuck: ``python -m daemons.children.lmcache_main ARGS``
+runs ``python -m lmcache.cli.main ARGS`` with :mod:`faulthandler` registered on SIGUSR1.
+
+lmcache-server sends SIGUSR1 before it restarts an LMCache that stopped answering: every thread's Python stack
+goes to stderr (the child's log, through its keeper), written by the signal handler itself, without the GIL, so
+it works while one of LMCache's threads holds the GIL in a CUDA call (the wedge in docs/faults.md). The standard
+library only: nothing here may slow LMCache's start or change what it does.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import runpy
+import signal
+import sys
+
+
+def main() -> None:
+    faulthandler.register(signal.SIGUSR1, all_threads=True, chain=False)
+    sys.argv = ["lmcache", *sys.argv[1:]]
+    runpy.run_module("lmcache.cli.main", run_name="__main__", alter_sys=True)
+
+
+if __name__ == "__main__":
+    main()
