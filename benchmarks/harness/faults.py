@@ -241,11 +241,13 @@ class Stack:
 
 def fault_for(case: str, stack: Stack, *, hold_s: float) -> Fault:
     """The fault named ``case`` (``target:how``, ``+`` joining faults that land at the same moment), aimed at the
-    processes of ``stack``. ``how``: kill (-9), stop (SIGSTOP for ``hold_s``), term, hup, restart (planned:
-    ``disaggctl restart``; target ``all``: every daemon, rolling)."""
+    processes of ``stack``. ``how``: kill (-9), stop (SIGSTOP for ``hold_s``, or ``stop@SECONDS``), term, hup,
+    restart (planned: ``disaggctl restart``; target ``all``: every daemon, rolling)."""
     first, *more = case.split("+")
     also = tuple(fault_for(part, stack, hold_s=hold_s) for part in more)
     target, _, how = first.partition(":")
+    how, _, own_hold = how.partition("@")  # "LMCache server process:stop@60": this row's own hold
+    hold_s = float(own_hold) if own_hold else hold_s
     pid = stack.pid_of(target)
     if how == "kill":
         fault = Fault(f"kill -9 {target}", pid, signal.SIGKILL)
