@@ -163,7 +163,10 @@ def main() -> int:
         assert row is not None
         ready = wait_ready(cfg, a.ready_timeout_s, quiet=True)
         after = lmcache_restarts(stack)
-        restarts = {k: after[k] - before.get(k, 0.0) for k in after if after[k] - before.get(k, 0.0)}
+        # A restarted lmcache-server counts from 0 again: then its whole count is this row's.
+        restarted = any(after[k] < before.get(k, 0.0) for k in after)
+        restarts = {k: after[k] - (0.0 if restarted else before.get(k, 0.0)) for k in after}
+        restarts = {k: n for k, n in restarts.items() if n}
         log.step({"step": step, **row.__dict__, "lmcache_restarts": restarts, "all_ready_after": ready,
                   "events": log.lmcache_events(step)[-40:], "at": t0, "seconds": time.time() - t0},
                  row.line() + (f" restarts: {restarts}" if restarts else "") + (f" ended: {row.ended}" if row.ended else ""))

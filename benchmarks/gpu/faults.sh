@@ -27,7 +27,7 @@ python3 -m benchmarks.gpu_faults --config $CFG --out /tmp/gpu-out --tokens ${TOK
 echo "plan exit \$?" >> /tmp/gpu-out/plan.log
 if [ "${POLICY:-1}" = 1 ]; then
   python3 -m benchmarks.kv_load_failure --config $CFG --tokens ${TOKENS:-3000} --requests ${POLICY_REQUESTS:-96} \
-    --stops 3 --stop-s 10 --out /tmp/gpu-out/kv-load-failure.json > /tmp/gpu-out/kv-load-failure.txt 2>&1
+    --delay-s 0.03 --stop-s 10 --out /tmp/gpu-out/kv-load-failure.json > /tmp/gpu-out/kv-load-failure.txt 2>&1
 fi
 touch /tmp/gpu-out/DONE
 RUN
