@@ -26,7 +26,7 @@ cd /tmp/proj; export PYTHONPATH=$PYTHONPATH PATH=$PATH PYTHONUNBUFFERED=1
 python3 -m benchmarks.gpu_faults --config $CFG --out /tmp/gpu-out --tokens ${TOKENS:-3000} --plan "$PLAN" > /tmp/gpu-out/plan.log 2>&1
 echo "plan exit \$?" >> /tmp/gpu-out/plan.log
 if [ "${POLICY:-1}" = 1 ]; then
-  python3 -m benchmarks.kv_load_failure --config $CFG --tokens ${TOKENS:-3000} --requests ${POLICY_REQUESTS:-96} \
+  python3 -m benchmarks.kv_load_failure --config $CFG --tokens ${POLICY_TOKENS:-7000} --prompts 12 --rounds 2 \
     --delay-s 0.03 --stop-s 10 --out /tmp/gpu-out/kv-load-failure.json > /tmp/gpu-out/kv-load-failure.txt 2>&1
 fi
 touch /tmp/gpu-out/DONE
