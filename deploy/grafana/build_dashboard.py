@@ -73,6 +73,10 @@ ROWS: list[tuple[str, list[tuple]]] = [
             q(f"sum(rate(lmcache_mp_lookup_hit_tokens_total[{RI}]))", "hit"),
             q(f"sum(rate(lmcache_mp_lookup_requested_tokens_total[{RI}]))", "requested"),
         ]),
+        ("LMCache restarts in place by reason (lmcache-server)", "short",
+         [q(f"sum by (reason) (increase(disagg_lmcache_restarts_total[{RI}]))", "{{reason}}")]),
+        ("LMCache unanswered for (health check and request queue)", "s",
+         [q("max(disagg_lmcache_unanswered_seconds)", "unanswered")]),
         ("LMCache chunks written / read per second", "short", [
             q(f"sum(rate(lmcache_mp_l1_write_chunks_total[{RI}]))", "written"),
             q(f"sum(rate(lmcache_mp_l1_read_chunks_total[{RI}]))", "read"),
