@@ -15,6 +15,7 @@ import sys
 
 from daemons import __version__
 from daemons.config import EX_CONFIG, WORKER_KINDS, ConfigError, DaemonId, config_path, load_config
+from daemons.runtime.instance_lock import EX_ALREADY_RUNNING, AlreadyRunning, hold_instance_lock
 from daemons.runtime.lifecycle import Daemon
 from daemons.runtime.statefile import check_runtime_dir
 
@@ -55,11 +56,19 @@ def run_daemon(cls: type[Daemon], argv: list[str] | None = None) -> int:
             check_runtime_dir(config.runtime_dir)
         except OSError as exc:
             raise ConfigError(f"runtime_dir: {exc}") from None
+        # Before anything reads a state file, binds a port or looks for an earlier start's processes.
+        lock = hold_instance_lock(config.runtime_dir, str(daemon_id))
         daemon = cls(config, instance=daemon_id.instance)
     except ConfigError as exc:
         for line in str(exc).splitlines():
             log.error("bad config: %s", line)
         log.error("exiting with status %d (EX_CONFIG): fix the config, then start again", EX_CONFIG)
         return EX_CONFIG
+    except AlreadyRunning as exc:
+        log.error("%s; exiting with status %d, nothing touched", exc, EX_ALREADY_RUNNING)
+        return EX_ALREADY_RUNNING
     log.info("%s %s starting (config %s)", daemon_id, __version__, path)
-    return asyncio.run(daemon.run())
+    try:
+        return asyncio.run(daemon.run())
+    finally:
+        os.close(lock)

@@ -413,3 +413,30 @@ def test_a_prefill_engine_with_other_weights_is_caught_by_the_cross_check(stack,
     resp = stack.complete(words_prompt(960, 700), max_tokens=3)
     assert resp.headers["x-disagg-path"] == "disaggregated"
     assert resp.headers["x-disagg-kv-check"].split(";")[0] in ("match", "near_tie")
+
+
+def test_a_second_daemon_started_by_hand_refuses_at_once_and_touches_nothing(stack, tmp_path):
+    """An operator starts prefill-worker by hand beside the running service, with the same runtime_dir but another
+    metrics port (so nothing else stops it first): it must refuse at once, naming the pid that runs, and leave the
+    running daemon, its engine and its state file alone."""
+    import sys
+
+    import yaml
+
+    cfg = load_config(stack.config)
+    before = read_state(cfg.runtime_dir, "prefill-worker")
+    assert before is not None
+    engine = int(before.details["engine_pid"])
+    doc = yaml.safe_load(stack.config.read_text())
+    doc["prefill_worker"]["metrics_port"] = PORTS["prefill_worker"]["metrics_port"] + 50
+    second = tmp_path / "second.yaml"
+    second.write_text(yaml.safe_dump(doc))
+    proc = subprocess.run([sys.executable, "-m", "daemons.prefill_worker", "--config", str(second)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 75, proc.stderr[-2000:]
+    assert f"pid {before.pid}" in proc.stderr and "already runs" in proc.stderr, proc.stderr[-2000:]
+    after = read_state(cfg.runtime_dir, "prefill-worker")
+    assert after is not None and after.pid == before.pid and int(after.details["engine_pid"]) == engine
+    os.kill(engine, 0)  # its engine is still there
+    resp = stack.complete(words_prompt(31, 1500), max_tokens=4)
+    assert resp.status_code == 200 and resp.headers["x-disagg-path"] == "disaggregated", resp.headers
