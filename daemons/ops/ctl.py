@@ -199,11 +199,16 @@ def _supervisord_pid(config: Config) -> int | None:
     return pid if pid_alive(pid) else None
 
 
-def supervisorctl(config: Config, *words: str, conf: Path | None = None) -> subprocess.CompletedProcess[str]:
+# supervisorctl's own calls that return at once (status, start: supervisord's startsecs, 10 s, then RUNNING).
+SUPERVISORCTL_TIMEOUT_S = 120.0
+
+
+def supervisorctl(config: Config, *words: str, conf: Path | None = None,
+                  timeout_s: float = SUPERVISORCTL_TIMEOUT_S) -> subprocess.CompletedProcess[str]:
     exe = str(Path(sys.executable).parent / "supervisorctl")
     conf = conf or supervisor_conf(config)
     return subprocess.run(
-        [exe, "-c", str(conf), *words], env=supervisor_env(config), capture_output=True, text=True, timeout=120
+        [exe, "-c", str(conf), *words], env=supervisor_env(config), capture_output=True, text=True, timeout=timeout_s
     )
 
 
@@ -260,9 +265,16 @@ def restart(config: Config, names: list[str], timeout_s: float = 900.0) -> int:
         before = read_state(config.runtime_dir, name)
         t0 = time.monotonic()
         _out(f"restarting {name}")
-        proc = supervisorctl(config, "restart", name)
+        # Stop and start as two calls, the stop's client waiting as long as supervisord may (the daemon's drain:
+        # readiness.stop_budget_s, rendered into stopwaitsecs): `supervisorctl restart` under one client timeout
+        # was killed between its stop and its start once a drain took longer, leaving the daemon stopped.
+        stop = supervisorctl(config, "stop", name, timeout_s=config.readiness.stop_budget_s + 30)
+        if stop.returncode != 0 and "not running" not in stop.stdout.lower():
+            _out(f"supervisorctl stop {name} failed: {(stop.stdout + stop.stderr).strip()}")
+            return 1
+        proc = supervisorctl(config, "start", name)
         if proc.returncode != 0 or "ERROR" in proc.stdout:
-            _out(f"supervisorctl restart {name} failed: {(proc.stdout + proc.stderr).strip()}")
+            _out(f"supervisorctl start {name} failed: {(proc.stdout + proc.stderr).strip()}")
             return 1
         deadline = time.monotonic() + timeout_s
         while True:  # the new process's record first (the old one may still read ready for a heartbeat)
