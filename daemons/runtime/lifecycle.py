@@ -180,11 +180,15 @@ class Daemon:
         )
         await self._metrics_server.start()
 
-    async def _heartbeat(self) -> None:
+    def _intervals(self) -> tuple[float, float | None]:
+        """(the heartbeat's interval, systemd's watchdog interval or None)."""
         interval = self.config.readiness.heartbeat_interval_s
         wd = watchdog_interval_s() if self.config.readiness.watchdog else None
+        return (interval if wd is None else min(interval, wd)), wd
+
+    async def _heartbeat(self) -> None:
+        interval, wd = self._intervals()
         if wd is not None:
-            interval = min(interval, wd)
             log.info("systemd watchdog on: pinging every %.1fs", interval)
         while not self.stopping:
             try:
@@ -250,7 +254,15 @@ class Daemon:
                 await asyncio.gather(heartbeat, return_exceptions=True)
             if failure is not None:
                 self.lifecycle.fail(failure)
-            await self._drain()
+            # A drain takes up to 2 x drain_timeout_s: systemd hears STOPPING=1 and the watchdog keeps being fed, and
+            # the state file stays fresh (a draining prefill-worker is not taken for a hung one).
+            self.notifier.stopping()
+            keepalive = asyncio.create_task(self._drain_heartbeat(), name="drain-heartbeat")
+            try:
+                await self._drain()
+            finally:
+                keepalive.cancel()
+                await asyncio.gather(keepalive, return_exceptions=True)
             if failure is None:
                 self.set_state(State.STOPPED, "stopped on request")
             if self._metrics_server is not None:
@@ -258,6 +270,15 @@ class Daemon:
             await self.http.aclose()
             self.status.close()
         return 0 if failure is None else 1
+
+    async def _drain_heartbeat(self) -> None:
+        """While draining: the state file's heartbeat and systemd's watchdog, as the heartbeat did (no checks)."""
+        interval, wd = self._intervals()
+        while True:
+            self.status.publish()
+            if wd is not None:
+                self.notifier.watchdog()
+            await asyncio.sleep(interval)
 
     def _on_hup(self) -> None:
         """SIGHUP (``systemctl reload``, ``ExecReload=``, logrotate): re-read the config, apply what can change

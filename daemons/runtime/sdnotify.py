@@ -28,7 +28,9 @@ class SystemdNotifier:
         if self.address is None:
             return False
         try:
-            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            # Non-blocking: a notify socket whose queue is full (nobody reads it) drops a message, never blocks the
+            # event loop that serves requests.
+            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK) as sock:
                 sock.connect(self.address)
                 sock.sendall(message.encode())
             return True

@@ -342,3 +342,56 @@ def test_sighup_reloads_and_the_daemon_goes_on(config: Config, tmp_path: Path) -
     assert run(d) == 0  # SIGHUP did not stop it; SIGTERM did
     assert reloads == [["readiness.drain_timeout_s"]]  # nothing of it changes live: needs a restart
     assert d.walked[-2:] == [State.DRAINING, State.STOPPED]
+
+
+def test_a_long_drain_keeps_the_watchdog_fed_and_the_state_file_fresh(config: Config, tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """(issue 30.5) The heartbeat used to stop before the drain: no STOPPING=1, no watchdog pings (systemd's SIGABRT
+    past WatchdogSec), and a draining daemon's state file went stale for its peers."""
+    import socket
+    import time
+
+    import threading
+
+    sock_path = tmp_path / "notify.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(sock_path))
+    sock.settimeout(0.2)
+    messages: list[str] = []
+    done = threading.Event()
+
+    def read() -> None:  # as systemd does: the socket's queue (10 datagrams) never fills
+        while not done.is_set():
+            try:
+                messages.append(sock.recv(4096).decode())
+            except TimeoutError:
+                continue
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    monkeypatch.setenv("NOTIFY_SOCKET", str(sock_path))
+    monkeypatch.setenv("WATCHDOG_USEC", "400000")  # WatchdogSec=0.4: a ping every 0.2 s at most
+    monkeypatch.setenv("WATCHDOG_PID", str(os.getpid()))
+    seen: dict[str, float] = {}
+
+    class SlowDrain(FakeDaemon):
+        async def shut_down(self) -> None:  # the engine takes 1.5 s to stop
+            seen["heartbeat_before"] = final(self).heartbeat
+            seen["start"] = time.monotonic()
+            await asyncio.sleep(1.5)
+            seen["heartbeat_after"] = final(self).heartbeat
+            seen["end"] = time.monotonic()
+
+    d = SlowDrain(config, start_up=serve_then_stop)
+    try:
+        assert run(d) == 0
+    finally:
+        time.sleep(0.3)
+        done.set()
+        reader.join(5)
+        sock.close()
+    assert "STOPPING=1" in messages
+    stopping = messages.index("STOPPING=1")
+    # Pings during the 1.5 s drain (every 0.1 s: the heartbeat's own interval is shorter than the watchdog's).
+    assert messages[stopping:].count("WATCHDOG=1") >= 5, messages[stopping:]
+    assert seen["heartbeat_after"] - seen["heartbeat_before"] >= 1.0  # the state file stayed fresh

@@ -67,3 +67,20 @@ def test_watchdog_interval(monkeypatch):
     assert watchdog_interval_s() is None
     monkeypatch.delenv("WATCHDOG_USEC")
     assert watchdog_interval_s() is None
+
+
+def test_a_notify_socket_nobody_reads_drops_messages_and_never_blocks(tmp_path):
+    """A full queue (systemd not reading: a hung PID 1, a test harness) must not block the daemon's event loop."""
+    import socket
+    import time
+
+    from daemons.runtime.sdnotify import SystemdNotifier
+
+    path = tmp_path / "notify.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(str(path))
+        notifier = SystemdNotifier(str(path))
+        t0 = time.monotonic()
+        sent = [notifier.watchdog() for _ in range(5000)]  # far past the queue's length (net.unix.max_dgram_qlen)
+        assert time.monotonic() - t0 < 10
+        assert sent[0] and not sent[-1]
