@@ -349,9 +349,8 @@ def test_a_long_drain_keeps_the_watchdog_fed_and_the_state_file_fresh(config: Co
     """(issue 30.5) The heartbeat used to stop before the drain: no STOPPING=1, no watchdog pings (systemd's SIGABRT
     past WatchdogSec), and a draining daemon's state file went stale for its peers."""
     import socket
-    import time
-
     import threading
+    import time
 
     sock_path = tmp_path / "notify.sock"
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
