@@ -370,6 +370,11 @@ class DecodeWorker(EngineDaemon):
                                 "not ready" if after is None else "restarted")
                 else:
                     failures += 1
+                    if failures >= self.worker.engine_restart_limit:
+                        # In a row, whatever the window: a start that takes longer than engine_restart_window_s
+                        # (engine_startup_timeout_s can) would otherwise never fill it, and retry forever.
+                        raise DaemonFailed(f"decode engine failed to start {failures} times in a row "
+                                           f"(engine_restart_limit), the last: {exc}; exiting to be restarted") from None
                     self._spend_restart(str(exc))
                 backoff = min(ENGINE_BACKOFF_MAX_S, 2.0 ** max(0, failures - 1))
                 log.warning("decode engine did not start (%s): again in %.0fs", exc, backoff)

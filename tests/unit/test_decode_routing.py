@@ -344,3 +344,49 @@ def test_canaries_asked_for_in_a_burst_are_paced_by_the_minimum_spacing(worker: 
     # At most one per spacing over the time the asks took (however slow the machine), and one at once.
     assert 1 <= started <= elapsed / 0.5 + 1, (started, elapsed)
     assert started < 40
+
+
+def test_peers_are_judged_all_at_once(worker: DecodeWorker) -> None:
+    """(issue 30.6) One at a time, k unreachable hosts cost k timeouts per heartbeat and decode-worker's own record went
+    stale. Each judgement here waits until all three run together: judged one after another, they never do."""
+    import threading
+
+    barrier = threading.Barrier(3, timeout=10)
+    judged = worker.peers.assess
+
+    def slow(name: str) -> PeerView:
+        barrier.wait()  # BrokenBarrierError unless the three judgements overlap
+        return judged(name)
+
+    worker.peers.assess = slow  # type: ignore[method-assign]
+    asyncio.run(worker.peers.refresh())
+    assert set(worker.peers.views) == {"lmcache-server", P0, P1}
+
+
+def test_a_decode_engine_that_never_starts_is_given_up_even_if_each_start_outlasts_the_window(worker, monkeypatch):
+    """(issue 30.6) A start that times out after longer than engine_restart_window_s never filled the window's
+    budget: it was retried forever. engine_restart_limit failed starts in a row end the daemon."""
+    from daemons.runtime.lifecycle import DaemonFailed
+
+    starts = []
+    # A window shorter than one start: each failed start has left it before the next one is counted.
+    worker.worker = worker.worker.model_copy(update={"engine_restart_window_s": 1e-6})
+
+    async def start_child(what: str) -> bool:
+        starts.append(what)
+        await asyncio.sleep(0.01)
+        raise TimeoutError("decode-worker engine not healthy after 900s")
+
+    async def settled(*_: object) -> bool:
+        return True
+
+    async def nothing(*_: object) -> None:
+        return None
+
+    monkeypatch.setattr(worker, "start_child", start_child)
+    monkeypatch.setattr(worker, "wait_kv_store", settled)
+    monkeypatch.setattr(worker, "stop_engine", nothing)
+    monkeypatch.setattr(worker, "sleep_unless_stopped", lambda s: nothing())
+    with pytest.raises(DaemonFailed, match="in a row"):
+        asyncio.run(asyncio.wait_for(worker._engine_until_up("loading"), 20))
+    assert len(starts) == worker.worker.engine_restart_limit
