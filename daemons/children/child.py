@@ -238,18 +238,28 @@ class ChildProcess:
                 on_tick(time.monotonic() - self.started_at)
             await asyncio.sleep(1.0)
 
+    async def astart(self) -> None:
+        """:meth:`start` off the event loop: finding an earlier start's processes reads every process's environment
+        and the port's holder every process's file descriptors (a front door serving failover must not wait)."""
+        await asyncio.to_thread(self.start)
+
+    async def port_stranger_now(self) -> str | None:
+        """:meth:`port_stranger` off the event loop."""
+        return await asyncio.to_thread(self.port_stranger)
+
     async def stop(self, grace_s: float = 20.0) -> None:
         """SIGTERM, wait up to ``grace_s``, then SIGKILL; then SIGKILL whatever it left below it.
 
         vLLM's EngineCore and workers are the engine's children: a stopped or killed
         API server would leave them holding memory (and GPUs) without this. What outlived an
-        earlier death of the keeper is found by its tag and killed too."""
+        earlier death of the keeper is found by its tag and killed too. Every walk of /proc and every wait runs off
+        the event loop."""
         if not self.alive():
             if self.proc is not None:
-                self.reap_strays()
+                await asyncio.to_thread(self.reap_strays)
             return
         assert self.proc is not None
-        below = descendants(self.proc.pid)
+        below = await asyncio.to_thread(descendants, self.proc.pid)
         log.info("stopping %s (pid %d)", self.name, self.proc.pid)
         self.proc.send_signal(signal.SIGTERM)
         self.proc.send_signal(signal.SIGCONT)  # a stopped process acts on SIGTERM only once it runs
@@ -258,9 +268,9 @@ class ChildProcess:
             await asyncio.sleep(0.1)
         if self.proc.poll() is None:
             log.warning("%s did not exit in %.0fs; killing it", self.name, grace_s)
-            below = sorted(set(below) | set(descendants(self.proc.pid)))
+            below = sorted(set(below) | set(await asyncio.to_thread(descendants, self.proc.pid)))
             self.proc.kill()
-            self.proc.wait()
+            await asyncio.to_thread(self.proc.wait)
         left = [pid for pid in below if strays.alive(pid)]
         if left:
             log.warning("%s left %d process(es) behind (%s): killing them", self.name, len(left),
@@ -269,6 +279,6 @@ class ChildProcess:
             deadline = time.monotonic() + 5.0  # SIGKILL lands asynchronously; an exit means they are gone
             while any(strays.alive(pid) for pid in left) and time.monotonic() < deadline:
                 await asyncio.sleep(0.02)
-        self.reap_strays()
+        await asyncio.to_thread(self.reap_strays)
         log.info("%s exited (%s)", self.name, self.proc.returncode)
 

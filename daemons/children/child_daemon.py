@@ -60,7 +60,7 @@ class ChildDaemon(Daemon):
         logged_at = -PORT_HELD_LOG_S
         while True:
             try:
-                self.child.start()
+                await self.child.astart()
             except PortHeld as exc:
                 now = time.monotonic()
                 if now - logged_at >= PORT_HELD_LOG_S:
@@ -82,7 +82,7 @@ class ChildDaemon(Daemon):
         answers there)."""
         if not await self.child_healthy():
             return False
-        stranger = self.child.port_stranger()
+        stranger = await self.child.port_stranger_now()
         if stranger is not None:
             log.error("%s: its port is answered by %s, not by this daemon's child: not taken for it",
                       self.child.name, stranger)

@@ -226,3 +226,71 @@ def test_cpu_engines_are_not_pinned_to_the_shared_cores_unless_the_operator_says
     assert "VLLM_CPU_OMP_THREADS_BIND" not in gpu and gpu["CUDA_VISIBLE_DEVICES"] == "0"
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")
     assert engine_env(PrefillWorkerConfig(device="cpu", kv_cache_memory_bytes=1 << 28))["VLLM_CPU_OMP_THREADS_BIND"] == "0|1"
+
+
+def test_starting_and_stopping_a_child_never_walks_proc_on_the_event_loop(tmp_path: Path, monkeypatch) -> None:
+    """(issue 30.4) Finding an earlier start's processes reads every process's environment, the port's holder every
+    process's file descriptors, and a stop polls and waits: on the loop that serves failover, every request waited
+    for them. Each must run in a worker thread."""
+    import threading
+
+    from daemons.children import child as child_module
+    from daemons.children import strays
+    from daemons.children.child_daemon import ChildDaemon
+
+    on_loop: list[str] = []
+
+    def off_loop(name: str, fn):  # type: ignore[no-untyped-def]
+        def wrapped(*args, **kwargs):  # type: ignore[no-untyped-def]
+            if threading.current_thread() is threading.main_thread():
+                on_loop.append(name)
+            return fn(*args, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(strays, "tagged", off_loop("tagged", strays.tagged))
+    monkeypatch.setattr(strays, "port_holder", off_loop("port_holder", strays.port_holder))
+    monkeypatch.setattr(child_module, "descendants", off_loop("descendants", child_module.descendants))
+
+    class OneChild(ChildDaemon):
+        def __init__(self) -> None:  # only what start_child and shut_down use
+            self.child = ChildProcess("stubborn", [sys.executable, "-c", STUBBORN], log_path=tmp_path / "child.log",
+                                      port=free_port())
+            self.child_startup_timeout_s = 30
+            self.details = {}
+            self.stopping_now = False
+
+        @property
+        def stopping(self) -> bool:  # type: ignore[override]
+            return False
+
+        def set_state(self, *_: object) -> bool:  # type: ignore[override]
+            return True
+
+        @property
+        def state(self):  # type: ignore[no-untyped-def, override]
+            from daemons.runtime.states import State
+            return State.LOADING
+
+        @property
+        def notifier(self):  # type: ignore[no-untyped-def]
+            from daemons.runtime.sdnotify import SystemdNotifier
+            return SystemdNotifier("")
+
+        async def child_healthy(self) -> bool:
+            return True
+
+    async def scenario() -> None:
+        d = OneChild()
+        assert await d.start_child("starting")
+        await d.child.stop(1.0)
+
+    asyncio.run(asyncio.wait_for(scenario(), 60))
+    assert on_loop == [], f"ran on the event loop: {sorted(set(on_loop))}"
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
