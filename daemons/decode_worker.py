@@ -99,7 +99,7 @@ class DecodeWorker(EngineDaemon):
         self.engine_lost_at = self.started_at  # wall clock: the last loss of the engine (or this daemon's start)
         self.keys = ApiKeys(self.worker.api_keys_file)  # ApiKeyError (a ConfigError): exit 78
         w = self.worker
-        self.upstream = Upstream(w.max_concurrent_requests)  # the proxied calls' own pool (probes use httpx)
+        self.upstream = Upstream()  # the proxied calls' own pool (probes use httpx); admission bounds it
         self.front_door = FrontDoor(
             FrontDoorSettings.from_config(w, self.engine_url),
             client=self.upstream, metrics=self.front_metrics, router=self.router, health=self._health, keys=self.keys,
@@ -280,7 +280,10 @@ class DecodeWorker(EngineDaemon):
         else:
             self.keys = door.keys = keys
             applied |= {keys_key} & set(changed)
-        self.worker = worker
+        # Only what is live: a key reported as needing a restart must not half-apply (its new value used by the next
+        # engine restart in place, say) while the daemon says it runs the old one.
+        live_fields = {f.name for f in fields(FrontDoorSettings) if f.name != "engine_url"} | {"api_keys_file"}
+        self.worker = self.worker.model_copy(update={name: getattr(worker, name) for name in live_fields})
         return applied
 
     async def check(self) -> bool:

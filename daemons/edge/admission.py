@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections import deque
 from collections.abc import AsyncIterator
 
 
@@ -25,26 +26,25 @@ class Overloaded(Exception):
 
 
 class Admission:
+    """Slots counted against the cap itself (no semaphore holding permits): a cap lowered live (SIGHUP) admits no one
+    until fewer than the new cap are in progress; a raised one wakes waiters at once."""
+
     def __init__(self, max_concurrent: int, max_queued: int, queue_timeout_s: float) -> None:
         self.max_concurrent = max_concurrent
         self.max_queued = max_queued
         self.queue_timeout_s = queue_timeout_s
-        self._slots = asyncio.Semaphore(max_concurrent)
-        self._debt = 0  # slots to withhold as they come back (the cap was lowered below what is in use)
         self.active = 0
-        self.queued = 0
+        self._waiters: deque[asyncio.Future[None]] = deque()  # first come, first served
+
+    @property
+    def queued(self) -> int:
+        return len(self._waiters)
 
     def resize(self, max_concurrent: int, max_queued: int, queue_timeout_s: float) -> None:
-        """New limits, live (SIGHUP): a higher cap frees slots at once, a lower one as requests finish."""
-        grow = max_concurrent - self.max_concurrent
+        """New limits, live (SIGHUP): a higher cap admits waiters at once, a lower one nobody new until the requests
+        in progress are fewer than it."""
         self.max_concurrent, self.max_queued, self.queue_timeout_s = max_concurrent, max_queued, queue_timeout_s
-        while grow > 0:
-            if self._debt:
-                self._debt -= 1
-            else:
-                self._slots.release()
-            grow -= 1
-        self._debt -= min(0, grow)
+        self._wake()
 
     @contextlib.asynccontextmanager
     async def slot(self) -> AsyncIterator[None]:
@@ -56,23 +56,32 @@ class Admission:
             self.release()
 
     async def acquire(self) -> None:
-        if self.active >= self.max_concurrent or self.queued:
-            if self.queued >= self.max_queued:
-                raise Overloaded("queue_full")
-            self.queued += 1
-            try:
-                await asyncio.wait_for(self._slots.acquire(), self.queue_timeout_s)
-            except TimeoutError:
-                raise Overloaded("queue_timeout") from None
-            finally:
-                self.queued -= 1
-        else:
-            await self._slots.acquire()
-        self.active += 1
+        if self.active < self.max_concurrent and not self._waiters:
+            self.active += 1
+            return
+        if len(self._waiters) >= self.max_queued:
+            raise Overloaded("queue_full")
+        granted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(granted)
+        try:
+            await asyncio.wait_for(granted, self.queue_timeout_s)  # a slot granted at the deadline still counts
+        except TimeoutError:
+            raise Overloaded("queue_timeout") from None
+        except asyncio.CancelledError:
+            if granted.done() and not granted.cancelled():
+                self.release()  # granted, but its caller left: the slot goes to the next one
+            raise
+        finally:
+            if granted in self._waiters:
+                self._waiters.remove(granted)
 
     def release(self) -> None:
         self.active -= 1
-        if self._debt:
-            self._debt -= 1
-        else:
-            self._slots.release()
+        self._wake()
+
+    def _wake(self) -> None:
+        while self._waiters and self.active < self.max_concurrent:
+            granted = self._waiters.popleft()
+            if not granted.done():
+                self.active += 1  # on the waiter's behalf: nobody can take its slot meanwhile
+                granted.set_result(None)

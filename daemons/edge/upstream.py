@@ -111,18 +111,20 @@ class Stream:
 
 
 class Upstream:
-    """One connection pool for the front door's proxied calls (made in the serving event loop)."""
+    """One connection pool for the front door's proxied calls (made in the serving event loop).
 
-    def __init__(self, max_connections: int | None = None) -> None:
-        self.max_connections = max_connections
+    The pool itself is unbounded: admission bounds the calls (``max_concurrent_requests``, live on SIGHUP). A pool
+    sized from it at start stayed at the old size after a reload raised the cap, and calls past it waited for a
+    connection until their connect deadline and were taken for a broken engine."""
+
+    def __init__(self) -> None:
         self._session: aiohttp.ClientSession | None = None
 
     @property
     def session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
-            limit = 0 if self.max_connections is None else self.max_connections + 8
             self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=limit, limit_per_host=0, ttl_dns_cache=None,
+                connector=aiohttp.TCPConnector(limit=0, limit_per_host=0, ttl_dns_cache=None,
                                                keepalive_timeout=KEEPALIVE_S),
                 trust_env=False, auto_decompress=False, skip_auto_headers=("User-Agent",))
         return self._session

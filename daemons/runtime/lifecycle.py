@@ -287,7 +287,19 @@ class Daemon:
             return
         task = asyncio.get_running_loop().create_task(self.reload_config(), name="reload")
         self._reload_tasks.add(task)
-        task.add_done_callback(self._reload_tasks.discard)
+        task.add_done_callback(self._reload_done)
+
+    def _reload_done(self, task: asyncio.Task[list[str]]) -> None:
+        """A reload that failed says so, with its reason and where; the running config stays, the daemon goes on."""
+        self._reload_tasks.discard(task)
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None:
+            log.error("reload failed: %s: %s; the running config stays for what was not applied", type(exc).__name__,
+                      exc, exc_info=exc)
+            self.details["reload_failed"] = f"{type(exc).__name__}: {exc}"[:300]
+            self.status.publish()
 
     async def reload_config(self) -> list[str]:
         """Re-read the config file; apply what :meth:`apply_config` can change live; the keys that need a restart."""

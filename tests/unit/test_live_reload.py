@@ -1,0 +1,154 @@
+"""SIGHUP-changed settings are really live, and only they (issue 30.3): admission lowered with requests in progress,
+the upstream pool never the bound (a real socket), a failed reload said as such, a key that needs a restart not
+half-applied."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import yaml
+
+from daemons.config import load_config
+from daemons.decode_worker import DecodeWorker
+from daemons.edge.admission import Admission, Overloaded
+
+
+def test_a_lowered_cap_admits_no_one_until_fewer_are_in_progress() -> None:
+    async def scenario() -> None:
+        adm = Admission(10, 4, 0.05)
+        for _ in range(2):
+            await adm.acquire()
+        adm.resize(5, 4, 0.05)
+        for _ in range(3):
+            await adm.acquire()  # 2 + 3 = the new cap
+        with pytest.raises(Overloaded, match="queue_timeout"):  # queued, and no slot comes: the cap is full
+            await adm.acquire()
+        assert adm.active == 5
+        adm.resize(6, 4, 0.05)  # raised: one more, at once
+        await adm.acquire()
+        assert adm.active == 6
+    asyncio.run(scenario())
+
+
+def test_a_raised_cap_admits_the_waiters_at_once_and_a_waiter_that_leaves_gives_its_slot_back() -> None:
+    async def scenario() -> None:
+        adm = Admission(1, 4, 30)
+        await adm.acquire()
+        waiters = [asyncio.create_task(adm.acquire()) for _ in range(3)]
+        await asyncio.sleep(0)
+        assert adm.queued == 3
+        waiters[2].cancel()  # a client that left while queued
+        adm.resize(3, 4, 30)
+        await asyncio.wait_for(asyncio.gather(*waiters[:2]), 5)
+        await asyncio.gather(waiters[2], return_exceptions=True)
+        assert adm.active == 3 and adm.queued == 0
+        for _ in range(3):
+            adm.release()
+        assert adm.active == 0
+    asyncio.run(scenario())
+
+
+def test_the_upstream_pool_never_bounds_what_admission_allows_after_a_reload(decode_config: Path) -> None:
+    """A real engine-like server holds every request until sixteen are in. decode-worker's pool was sized from the
+    cap at start (4 + 8): a reload raising the cap to 20 left calls past 12 waiting for a connection, failing as if
+    the engine were broken."""
+    doc = yaml.safe_load(decode_config.read_text())
+    doc["decode_worker"]["max_concurrent_requests"] = 4
+    worker = DecodeWorker(load_config(write(decode_config, doc)), strict=True)
+    doc["decode_worker"]["max_concurrent_requests"] = 20
+    write(decode_config, doc)
+    n = 16
+
+    async def scenario() -> None:
+        assert "decode_worker.max_concurrent_requests" not in await worker.reload_config()  # live
+        arrived, all_in = 0, asyncio.Event()
+
+        async def engine(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            nonlocal arrived
+            await reader.readuntil(b"\r\n\r\n")
+            await reader.readexactly(2)  # the JSON body: {}
+            arrived += 1
+            if arrived == n:
+                all_in.set()
+            try:
+                await asyncio.wait_for(all_in.wait(), 10)
+            except TimeoutError:
+                pass
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\ncontent-type: application/json\r\n\r\n{}")
+            await writer.drain()
+            writer.close()
+
+        server = await asyncio.start_server(engine, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        upstream = worker.upstream
+        async with server:
+            answers = await asyncio.gather(*(upstream.post(f"http://127.0.0.1:{port}/x", {}, timeout_s=30)
+                                             for _ in range(n)))
+        await upstream.aclose()
+        assert all_in.is_set() and [a.status_code for a in answers] == [200] * n
+    asyncio.run(scenario())
+
+
+def write(path: Path, doc: dict) -> Path:
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+@pytest.fixture
+def decode_config(tmp_path: Path) -> Path:
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"vocab_size": 1000}))
+    doc = yaml.safe_load((Path(__file__).resolve().parents[2] / "etc" / "disagg.yaml").read_text())
+    doc.update(runtime_dir=str(tmp_path / "run"), log_dir=str(tmp_path / "log"))
+    doc["model"]["path"] = str(model)
+    return write(tmp_path / "disagg.yaml", doc)
+
+
+def test_a_key_that_needs_a_restart_is_not_half_applied(decode_config: Path) -> None:
+    worker = DecodeWorker(load_config(decode_config), strict=True)
+    before = worker.worker
+    doc = yaml.safe_load(decode_config.read_text())
+    doc["decode_worker"].update(max_concurrent_requests=before.max_concurrent_requests + 7,
+                                engine_restart_limit=before.engine_restart_limit + 3,
+                                extra_engine_args=["--max-num-batched-tokens", "4096"])
+    write(decode_config, doc)
+    pending = asyncio.run(worker.reload_config())
+    assert "decode_worker.engine_restart_limit" in pending and "decode_worker.extra_engine_args" in pending
+    assert worker.worker.engine_restart_limit == before.engine_restart_limit  # said to need a restart: not applied
+    assert worker.worker.extra_engine_args == before.extra_engine_args
+    assert worker.worker.max_concurrent_requests == before.max_concurrent_requests + 7  # live
+    assert worker.front_door.admission.max_concurrent == before.max_concurrent_requests + 7
+
+
+def test_a_reload_that_fails_says_so_and_the_daemon_goes_on(decode_config: Path,
+                                                            caplog: pytest.LogCaptureFixture) -> None:
+    worker = DecodeWorker(load_config(decode_config), strict=True)
+
+    def broken(*_: object) -> set[str]:
+        raise RuntimeError("the API keys file vanished mid-read")
+
+    worker.apply_config = broken  # type: ignore[method-assign]
+    doc = yaml.safe_load(decode_config.read_text())
+    doc["decode_worker"]["queue_timeout_s"] = 3
+    write(decode_config, doc)
+
+    async def scenario() -> None:
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, worker._on_hup)
+        os.kill(os.getpid(), signal.SIGHUP)
+        for _ in range(100):
+            await asyncio.sleep(0.02)
+            if "reload_failed" in worker.details:
+                break
+        asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
+
+    with caplog.at_level(logging.ERROR):
+        asyncio.run(scenario())
+    assert "the API keys file vanished" in worker.details["reload_failed"]
+    assert any("reload failed: RuntimeError" in r.getMessage() for r in caplog.records)
