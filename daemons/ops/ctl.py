@@ -374,7 +374,12 @@ def cmd_install(args: argparse.Namespace) -> int:
 
     bin_dir = args.bin_dir or str(Path(sys.executable).parent)
     config = Path(args.config) if args.config else None
-    return apply(plan_install(Path(args.prefix), config, bin_dir), dry_run=args.dry_run)
+    try:
+        actions = plan_install(Path(args.prefix), config, bin_dir)
+    except ConfigError as exc:
+        _out(f"install: {exc}\nnothing written: the units are rendered from the config (fix it, then install again)")
+        return EX_CONFIG
+    return apply(actions, dry_run=args.dry_run)
 
 
 def cmd_uninstall(args: argparse.Namespace) -> int:

@@ -80,14 +80,10 @@ def render_unit(path: Path, bin_dir: str, config: Config | None = None) -> str:
     return text
 
 
-def _config_or_none(path: Path) -> Config | None:
-    from daemons.config import ConfigError, load_config
+def _load(path: Path) -> Config:
+    from daemons.config import load_config
 
-    try:
-        return load_config(path, require_model=False)
-    except ConfigError as exc:
-        log.warning("socket units keep their shipped addresses: %s", exc)
-        return None
+    return load_config(path, require_model=False)
 
 
 def _user_exists(name: str) -> bool:
@@ -104,13 +100,18 @@ def plan_install(prefix: Path, config: Path | None, bin_dir: str) -> list[Action
         actions.append(Action("create system user", command=[
             "useradd", "--system", "--home-dir", "/var/lib/disagg", "--no-create-home",
             "--shell", "/usr/sbin/nologin", "--user-group", USER]))
-    loaded = _config_or_none(config or REPO_ROOT / "etc" / "disagg-gpu.yaml")
+    # The units are rendered from the config the daemons will read: the one given, else the one installed here
+    # before (an operator's edits: a new port, a longer drain), else the shipped GPU example written below. A config
+    # that does not load stops the install (ConfigError): a socket unit with a guessed address could listen on
+    # every interface while the config says loopback.
+    installed = prefix / "etc/disagg/disagg.yaml"
+    loaded = _load(config or (installed if installed.exists() else REPO_ROOT / "etc" / "disagg-gpu.yaml"))
     for unit in unit_files():
         target = prefix / "etc/systemd/system" / unit.name
         content = render_unit(unit, bin_dir, loaded)
         if not target.exists() or target.read_text() != content:
             actions.append(Action("write unit", target, content))
-    actions += plan_cluster_dropins(prefix, config)
+    actions += plan_cluster_dropins(prefix, config or (installed if installed.exists() else None))
     cfg_target = prefix / "etc/disagg/disagg.yaml"
     if not cfg_target.exists():
         source = config or (REPO_ROOT / "etc" / "disagg-gpu.yaml")

@@ -83,12 +83,30 @@ def inherited_socket(name: str, host: str, port: int, env: dict[str, str] | None
     if sock is None:
         return None
     bound = sock.getsockname()[:2]
-    wanted = (socket.gethostbyname(host) if host else "0.0.0.0", port)
-    if bound[1] != port or (bound[0] != wanted[0] and bound[0] not in ("0.0.0.0", "::")):
-        log.error("%s handed %s a socket bound to %s:%d, not %s:%d as the config says: not used", how, name,
+    if bound[1] != port or not same_address(str(bound[0]), host, sock.family):
+        # Exactly where the config says, a wildcard included: a socket on every interface for a config that keeps
+        # the front door on loopback (and so needs no API keys) would make it public.
+        log.error("%s handed %s a socket bound to %s:%d, not %s:%d as the config says: not used (the daemon binds "
+                  "the config's address itself, or fails if the socket's owner holds the port)", how, name,
                   bound[0], bound[1], host, port)
         sock.close()
         return None
     log.info("%s: listening socket %s:%d from %s (connections wait in its backlog across restarts)", name,
              bound[0], bound[1], how)
     return sock
+
+
+WILDCARDS = ("0.0.0.0", "::", "")
+
+
+def same_address(bound: str, host: str, family: int = socket.AF_INET) -> bool:
+    """Is a socket bound to ``bound`` listening where ``host`` says? A wildcard only for a wildcard host (IPv4's and
+    IPv6's stand for each other); a name by what it resolves to in the socket's family."""
+    if bound in WILDCARDS or host in WILDCARDS:
+        return bound in WILDCARDS and host in WILDCARDS
+    try:
+        resolved = {info[4][0] for info in socket.getaddrinfo(host, None, family, socket.SOCK_STREAM)}
+    except OSError:
+        return False
+    return bound in resolved
+

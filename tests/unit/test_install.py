@@ -40,10 +40,23 @@ def test_install_is_idempotent_and_reversible(tmp_path):
     again = ctl("install", "--prefix", prefix, "--bin-dir", "/srv/disagg/bin")
     assert again.stdout.strip() == "nothing to do: already in place"
 
-    # The operator's config is never overwritten.
-    (tmp_path / "etc/disagg/disagg.yaml").write_text("# mine\n")
-    ctl("install", "--prefix", prefix, "--bin-dir", "/other/bin")
-    assert (tmp_path / "etc/disagg/disagg.yaml").read_text() == "# mine\n"
+    # The operator's config is never overwritten, and the units follow it: a re-run after changing the front
+    # door's address and the drain renders them from the installed config, not the shipped example.
+    installed = tmp_path / "etc/disagg/disagg.yaml"
+    mine = installed.read_text().replace("port: 8000", "port: 8009").replace("host: 0.0.0.0", "host: 127.0.0.1") \
+        .replace("drain_timeout_s: 60", "drain_timeout_s: 90") + "# mine\n"
+    installed.write_text(mine)
+    rerun = ctl("install", "--prefix", prefix, "--bin-dir", "/other/bin")
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert installed.read_text() == mine
+    assert "ListenStream=127.0.0.1:8009" in (units / "disagg-decode-worker.socket").read_text()
+    assert "TimeoutStopSec=195" in (units / "disagg-decode-worker.service").read_text()
+    # A config that does not load writes nothing: no socket with a guessed address.
+    installed.write_text(mine + "decode_worker: {port: not-a-port}\n")
+    broken = ctl("install", "--prefix", prefix, "--bin-dir", "/third/bin")
+    assert broken.returncode == 78 and "nothing written" in broken.stdout
+    assert "/third/bin" not in (units / "disagg-decode-worker.service").read_text()
+    installed.write_text(mine)
 
     gone = ctl("uninstall", "--prefix", prefix)
     assert gone.returncode == 0 and not any(units.iterdir())

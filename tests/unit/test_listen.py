@@ -77,3 +77,25 @@ def test_the_holder_hands_each_daemon_its_socket_and_a_restart_refuses_nothing(t
         thread.join(5)
         for sock in holder.sockets.values():
             sock.close()
+
+
+def test_a_wildcard_socket_is_refused_for_a_config_that_says_loopback(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """(issue 30.7) The shipped .socket said 0.0.0.0:8000 and the daemon took any wildcard socket: a loopback,
+    key-less config listened on every interface."""
+    held = socket.socket()
+    held.bind(("0.0.0.0", 0))
+    held.listen()
+    port = held.getsockname()[1]
+    fd = os.dup(held.fileno())
+    monkeypatch.setattr(listen, "SD_LISTEN_FDS_START", fd)
+    for key, value in {"LISTEN_PID": str(os.getpid()), "LISTEN_FDS": "1", "LISTEN_FDNAMES": "decode-worker"}.items():
+        monkeypatch.setenv(key, value)
+    assert listen.inherited_socket("decode-worker", "127.0.0.1", port) is None
+    held.close()
+
+
+def test_addresses_match_exactly_a_wildcard_only_a_wildcard() -> None:
+    assert listen.same_address("0.0.0.0", "0.0.0.0") and listen.same_address("::", "0.0.0.0")
+    assert not listen.same_address("0.0.0.0", "127.0.0.1") and not listen.same_address("127.0.0.1", "0.0.0.0")
+    assert listen.same_address("127.0.0.1", "localhost") and listen.same_address("127.0.0.1", "127.0.0.1")
+    assert not listen.same_address("127.0.0.1", "10.0.0.1")
