@@ -313,6 +313,17 @@ class DecodeWorkerConfig(WorkerConfig):
         default=600.0, description="The window of engine_restart_limit.")
     max_body_bytes: Annotated[int, Field(gt=0)] = Field(
         default=8 << 20, description="Larger request bodies get 413 before they are read into memory.")
+    # One request's work, bounded (admission counts requests): past a limit, 400 naming it.
+    max_choices: Annotated[int, Field(ge=1)] = Field(
+        default=4, description="A request's `n` and `best_of` (sequences generated for it) at most this; past it, 400.")
+    max_prompts: Annotated[int, Field(ge=1)] = Field(
+        default=8, description="Prompts in one /v1/completions request (a list of them) at most this; past it, 400.")
+    max_output_tokens: Annotated[int, Field(ge=1)] = Field(
+        default=4096, description="A request's `max_tokens` / `max_completion_tokens` at most this; past it, 400 "
+        "(absent: the engine stops at the model's length).")
+    max_logprobs: Annotated[int, Field(ge=0)] = Field(
+        default=20, description="`logprobs`, `top_logprobs` and `prompt_logprobs` (log-probabilities of every prompt "
+        "token: a whole prompt's worth of vocabulary work) at most this; past it, 400.")
     keep_alive_timeout_s: PositiveFloat = Field(
         default=75.0, description="The front door closes a keep-alive connection idle this long. Behind a load "
         "balancer it must exceed the balancer's own idle timeout (60 s on most), or a request races the close.")

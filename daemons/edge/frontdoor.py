@@ -45,7 +45,7 @@ from daemons.edge.auth import ApiKeys
 from daemons.edge.disconnect import ClientGone, unless_disconnected
 from daemons.edge.errors import RETRY_AFTER_S, openai_error, unavailable
 from daemons.edge.migration import Progress, can_migrate
-from daemons.edge.request_limits import BadRequest, parse_json_object, read_body, too_large
+from daemons.edge.request_limits import BadRequest, WorkLimits, check_work, parse_json_object, read_body, too_large
 from daemons.edge.request_limits import request_id as checked_request_id
 from daemons.edge.sse_relay import RelayedResponse, StreamRelay
 from daemons.edge.timing import ASK_HEADER, COMMENT, Timing
@@ -143,6 +143,14 @@ class FrontDoorSettings:
     kv_crosscheck_tolerance: float = _default("kv_crosscheck_tolerance")
     body_timeout_s: float = _default("body_timeout_s")
     write_timeout_s: float = _default("write_timeout_s")
+    max_choices: int = _default("max_choices")
+    max_prompts: int = _default("max_prompts")
+    max_output_tokens: int = _default("max_output_tokens")
+    max_logprobs: int = _default("max_logprobs")
+
+    @property
+    def work_limits(self) -> WorkLimits:
+        return WorkLimits(self.max_choices, self.max_prompts, self.max_output_tokens, self.max_logprobs)
 
     @classmethod
     def from_config(cls, worker: DecodeWorkerConfig, engine_url: str) -> FrontDoorSettings:
@@ -349,6 +357,7 @@ class FrontDoor:
             timing.start()
             body = parse_json_object(await asyncio.wait_for(read_body(request, self.settings.max_body_bytes),
                                                             self.settings.body_timeout_s))
+            check_work(body, self.settings.work_limits)
             timing.end("read")
         except (BadRequest, TimeoutError) as exc:
             self.admission.release()

@@ -6,6 +6,9 @@
   document would otherwise exhaust the parser's recursion).
 - ``x-request-id``: printable ASCII without spaces, at most 128 characters
   (400); it is logged and forwarded to the engines, so it must be safe to do both.
+- Work (:func:`check_work`): choices (``n``, ``best_of``), prompts in a list, output tokens and
+  log-probabilities bounded by :class:`WorkLimits` (400 naming the limit and its config key): admission counts
+  requests, and one request must not hold a batch's worth of the engine.
 
 Each check raises :class:`BadRequest` with the status and an OpenAI-style message.
 """
@@ -15,6 +18,7 @@ from __future__ import annotations
 import json
 import re
 import uuid
+from dataclasses import dataclass
 from typing import Any
 
 from starlette.requests import ClientDisconnect, Request
@@ -98,3 +102,43 @@ def request_id(request: Request) -> str:
     if not _REQUEST_ID.match(raw):
         raise BadRequest(400, "x-request-id must be 1 to 128 printable ASCII characters without spaces")
     return raw
+
+
+@dataclass(frozen=True)
+class WorkLimits:
+    max_choices: int = 4
+    max_prompts: int = 8
+    max_output_tokens: int = 4096
+    max_logprobs: int = 20
+
+
+def _count(value: Any) -> int | None:
+    """An integer field's value (None when absent or null); bools and other types are the engine's to refuse."""
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def prompt_count(prompt: Any) -> int:
+    """How many prompts a /v1/completions ``prompt`` holds: a string or a list of token ids is one."""
+    if isinstance(prompt, list) and prompt and not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        return len(prompt)
+    return 1
+
+
+def check_work(body: dict[str, Any], limits: WorkLimits, key_prefix: str = "decode_worker.") -> None:
+    """:class:`BadRequest` 400 when the request asks for more work than ``limits`` allow, naming the limit."""
+    def over(what: str, value: int, limit: int, key: str) -> None:
+        if value > limit:
+            raise BadRequest(400, f"{what} is {value}; the limit is {limit} ({key_prefix}{key})")
+
+    for field in ("n", "best_of"):
+        if (v := _count(body.get(field))) is not None:
+            over(field, v, limits.max_choices, "max_choices")
+    if "prompt" in body:
+        over("the number of prompts", prompt_count(body["prompt"]), limits.max_prompts, "max_prompts")
+    for field in ("max_tokens", "max_completion_tokens"):
+        if (v := _count(body.get(field))) is not None:
+            over(field, v, limits.max_output_tokens, "max_output_tokens")
+    for field in ("logprobs", "top_logprobs", "prompt_logprobs"):
+        if (v := _count(body.get(field))) is not None:
+            over(field, v, limits.max_logprobs, "max_logprobs")
+

@@ -395,3 +395,31 @@ def test_prefill_worker_relays_a_whole_request_and_ends_a_broken_stream_with_an_
         assert json.loads(seen[0]) == body  # passed on as it came: 50 tokens, streamed (not cut to a prefill)
 
     asyncio.run(asyncio.wait_for(scenario(), 20))
+
+
+@pytest.mark.parametrize(("extra", "named"), [
+    ({"n": 5}, "max_choices"), ({"best_of": 64}, "max_choices"),
+    ({"prompt": ["a", "b", "c", "d", "e", "f", "g", "h", "i"]}, "max_prompts"),
+    ({"max_tokens": 100_000}, "max_output_tokens"), ({"prompt_logprobs": 50}, "max_logprobs"),
+    ({"logprobs": 21}, "max_logprobs"),
+])
+def test_one_request_asking_for_a_batch_of_work_is_400_naming_the_limit(tmp_path: Path, extra: dict,
+                                                                          named: str) -> None:
+    """(issue 30.8) Admission counts requests; n, best_of, lists of prompts, prompt_logprobs and max_tokens up to the
+    model's length let one request hold a batch's worth of the engine."""
+    calls: list[httpx.Request] = []
+    engine = httpx.MockTransport(lambda r: calls.append(r) or httpx.Response(200, json=ENGINE_ANSWER))
+    door = front_door(tmp_path, engine)
+    resp = asyncio.run(post(door, json.dumps({"model": "m", "prompt": "hello", **extra}).encode()))
+    assert resp.status_code == 400, resp.text
+    assert f"decode_worker.{named}" in resp.json()["error"]["message"]
+    assert calls == [] and door.admission.active == 0 and errors(door, "bad_request") == 1
+
+
+def test_work_within_the_limits_is_served(tmp_path: Path) -> None:
+    door = front_door(tmp_path)
+    within = {"n": 4, "prompt": [[1, 2, 3] * 400, "b"], "max_tokens": 4096, "logprobs": 5, "prompt_logprobs": 0}
+    resp = asyncio.run(post(door, json.dumps({"model": "m", **within}).encode()))
+    assert resp.status_code == 200, resp.text
+    one = asyncio.run(post(door, json.dumps({"model": "m", "prompt": list(range(2000))}).encode()))
+    assert one.status_code == 200, one.text  # a list of token ids is one prompt
