@@ -332,6 +332,10 @@ class DecodeWorkerConfig(WorkerConfig):
         "connection is closed (slow-header clients hold no connection for good).")
     body_timeout_s: PositiveFloat = Field(
         default=30.0, description="A request's body must arrive within this long of its headers (else 408).")
+    stream_idle_timeout_s: PositiveFloat = Field(
+        default=60.0, description="A stream whose engine sends no event for this long (after its first token) is "
+        "broken: it goes on on another engine (migration) or ends with an error event, instead of being held until "
+        "the engine is found wedged.")
     write_timeout_s: PositiveFloat = Field(
         default=30.0, description="A streamed answer whose client takes none of its bytes for this long is dropped: "
         "its engine request is aborted and its admission slot freed.")

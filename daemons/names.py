@@ -93,6 +93,8 @@ class ErrorKind(Described):
                               "failover at its bound (503 + Retry-After).")
     DECODE_TIMEOUT = "decode_timeout", ("No first token within `first_token_timeout_s`, or no answer within "
                                         "`request_timeout_s` (503 + Retry-After).")
+    INTERNAL = "internal", ("A bug: an unexpected exception while serving it (500, or a stream's error event); "
+                            "the log has its traceback.")
 
 
 class CanaryHop(Described):

@@ -143,6 +143,7 @@ class FrontDoorSettings:
     kv_crosscheck_tolerance: float = _default("kv_crosscheck_tolerance")
     body_timeout_s: float = _default("body_timeout_s")
     write_timeout_s: float = _default("write_timeout_s")
+    stream_idle_timeout_s: float = _default("stream_idle_timeout_s")
     max_choices: int = _default("max_choices")
     max_prompts: int = _default("max_prompts")
     max_output_tokens: int = _default("max_output_tokens")
@@ -416,6 +417,11 @@ class FrontDoor:
                      time.monotonic() - t0)
             self.metrics.errors.labels(kind="client_gone").inc()
             return Response(status_code=499)
+        except Exception:  # noqa: BLE001 - a bug: the client hears 500, counted as one (never as a client's 499)
+            log.exception("[%s] unexpected error while serving the request", request_id)
+            self.metrics.errors.labels(kind="internal").inc()
+            status = 500
+            return openai_error(500, "internal error (the front door's log has it)", "internal_server_error")
         finally:
             if not streamed:  # a stream ends (and counts itself) when its relay ends
                 self._finished(route, status, outcome)
@@ -597,7 +603,8 @@ class FrontDoor:
         timing.since_arrival("ttft")
 
         def on_end(completed: bool, cached: int | None) -> None:
-            self._finished(route, 200 if completed else 499, outcome)
+            # Unfinished: the engine side broke (502, what a 5xx alert must see) or the client left (499).
+            self._finished(route, 200 if completed else 502 if relay.broken else 499, outcome)
             if completed:
                 self.metrics.e2e.observe(timing.since_arrival("total"))
                 self.metrics.stages.labels(stage="total").observe(timing.stages["total"])
@@ -631,6 +638,7 @@ class FrontDoor:
         relay = StreamRelay(upstream, first_event, events, metrics=self.metrics,
                             client_wants_usage=client_wants_usage, t0=t0, request_id=request_id, on_end=on_end,
                             progress=progress, resume=resume, max_migrations=self.settings.migration_attempts,
+                            idle_timeout_s=self.settings.stream_idle_timeout_s,
                             strip=self._strip(body, chat) if check else None,
                             trailer=trailer if timing.wants_comment else None)
         return RelayedResponse(relay, headers={**self._timed(timing, outcome), "cache-control": "no-cache"},

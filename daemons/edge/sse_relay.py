@@ -66,8 +66,10 @@ class StreamRelay:
                  on_end: Callable[[bool, int | None], None], progress: Progress | None = None,
                  resume: Resume | None = None, max_migrations: int = 0,
                  strip: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
-                 trailer: Callable[[], str] | None = None) -> None:
+                 trailer: Callable[[], str] | None = None, idle_timeout_s: float | None = None) -> None:
         self.upstream = upstream
+        self.idle_timeout_s = idle_timeout_s  # no event from the engine this long: the stream is broken
+        self.broken = False  # ended by an engine-side failure (not completed, not the client leaving)
         self.trailer = trailer  # an SSE comment sent just before [DONE] (the request's Server-Timing)
         self.strip = strip  # what the front door added to the engine call and the client did not ask for
         # Migration: the token ids seen so far, and how to go on elsewhere when the engine's stream breaks.
@@ -94,6 +96,22 @@ class StreamRelay:
         if self.first_event is not None:
             yield self.first_event
         async for event in self.events:
+            yield event
+
+    async def _within_deadline(self, events: AsyncIterator[str]) -> AsyncIterator[str]:
+        """``events``, each within ``idle_timeout_s`` of the last: a stopped engine's stream breaks (UpstreamError)
+        instead of holding its client until the engine is found wedged."""
+        if self.idle_timeout_s is None:
+            async for event in events:
+                yield event
+            return
+        while True:
+            try:
+                event = await asyncio.wait_for(anext(events), self.idle_timeout_s)
+            except StopAsyncIteration:
+                return
+            except TimeoutError:
+                raise UpstreamError(f"no event from the engine for {self.idle_timeout_s:.0f}s") from None
             yield event
 
     def _forward(self, event: str) -> tuple[bool, int | None, str]:
@@ -135,7 +153,7 @@ class StreamRelay:
         return True, None, event
 
     async def body(self) -> AsyncIterator[bytes]:
-        source = self._all_events()
+        source = self._within_deadline(self._all_events())
         try:
             while True:
                 try:
@@ -156,9 +174,15 @@ class StreamRelay:
                     if moved is None:
                         log.warning("[%s] engine stream broke: %s", self.request_id, exc)
                         self.metrics.errors.labels(kind="stream_broken").inc()
+                        self.broken = True
                         yield f"data: {BROKEN_STREAM_EVENT}\n\n".encode()
                         return
-                    source = moved
+                    source = self._within_deadline(moved)
+        except Exception:  # noqa: BLE001 - a bug: the client gets the error event, the count sees a 5xx
+            log.exception("[%s] unexpected error relaying the stream", self.request_id)
+            self.metrics.errors.labels(kind="internal").inc()
+            self.broken = True
+            yield f"data: {BROKEN_STREAM_EVENT}\n\n".encode()
         finally:
             await self.close()
 
@@ -170,8 +194,8 @@ class StreamRelay:
         before = len(self.progress.generated)
         try:
             got = await self.resume(self.progress, why)
-        except UpstreamError as exc:
-            log.warning("[%s] could not continue the stream elsewhere: %s", self.request_id, exc)
+        except (UpstreamError, TimeoutError) as exc:  # a continuation that does not answer in time ends it too
+            log.warning("[%s] could not continue the stream elsewhere: %s", self.request_id, exc or "no answer in time")
             got = None
         if got is None:
             self.metrics.migrations.labels(outcome="failed").inc()
