@@ -1,8 +1,12 @@
-"""A stand-in for :class:`daemons.upstream.Upstream` in unit tests of the front door's logic.
+"""What the unit tests of the front door's logic share: stand-ins and waits with deadlines.
 
-Each call goes to ``handler(httpx.Request) -> httpx.Response`` (plain or async), the shape
-httpx.MockTransport handlers have; an httpx timeout the handler raises becomes
-:class:`UpstreamTimeout`, any other httpx error :class:`UpstreamError`.
+- :class:`FakeUpstream` for :class:`daemons.edge.upstream.Upstream`: each call goes to ``handler(httpx.Request)
+  -> httpx.Response`` (plain or async), the shape httpx.MockTransport handlers have; an httpx timeout the handler
+  raises becomes :class:`UpstreamTimeout`, any other httpx error :class:`UpstreamError`. It skips aiohttp's pool
+  and timeouts: tests of the upstream client itself use a real socket (test_live_reload, test_stream_deadlines).
+- :class:`OnePrefill` for :class:`daemons.routing.prefill_router.PrefillRouter`: one working prefill-worker.
+- :func:`wait_until` / :func:`until`: poll a condition, in a thread or a coroutine, up to a generous deadline
+  (ordering by an event seen, never by a sleep).
 """
 
 from __future__ import annotations
@@ -10,12 +14,61 @@ from __future__ import annotations
 import asyncio
 import inspect
 import json
+import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 import httpx
 
 from daemons.edge.upstream import Answer, UpstreamError, UpstreamTimeout
+from daemons.routing.prefill_router import PrefillChoice, PrefillOutcome
+
+
+class OnePrefill:
+    """Stands in for PrefillRouter: one working prefill-worker at ``url``; counts what it is asked and told."""
+
+    def __init__(self, url: str = "http://prefill", daemon: str = "p0") -> None:
+        self.url, self.daemon = url, daemon
+        self.asked = 0  # choose() calls
+        self.reports: list[PrefillOutcome] = []
+        self.missed: list[str] = []  # kv_missed() reasons
+
+    def working_prefills(self) -> list[str]:
+        return [self.daemon]
+
+    def choose(self) -> PrefillChoice:
+        self.asked += 1
+        return PrefillChoice(url=self.url, daemon=self.daemon)
+
+    def choose_any(self) -> PrefillChoice:
+        return PrefillChoice(url=self.url, daemon=self.daemon)
+
+    def report(self, outcome: PrefillOutcome, request_id: str) -> PrefillOutcome:
+        self.reports.append(outcome)
+        return outcome
+
+    def kv_missed(self, reason: str) -> None:
+        self.missed.append(reason)
+
+    def lost_signal(self, name: str) -> asyncio.Event:
+        return asyncio.Event()
+
+
+def wait_until(condition: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
+    """Poll ``condition`` (in a thread: real processes, files) until true; AssertionError naming ``what`` after
+    ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"not within {timeout:.0f}s: {what}"
+        time.sleep(0.05)
+
+
+async def until(condition: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
+    """:func:`wait_until` in a coroutine: the event loop runs meanwhile."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"not within {timeout:.0f}s: {what}"
+        await asyncio.sleep(0.01)
 
 
 class FakeStream:

@@ -13,6 +13,8 @@ from pathlib import Path
 
 from daemons.children.child import ChildProcess, descendants
 
+from .fakes import wait_until
+
 # A child that starts a grandchild and ignores SIGTERM, like a wedged engine.
 STUBBORN = ("import subprocess, signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
             "subprocess.Popen(['sleep', '300']); time.sleep(300)")
@@ -107,12 +109,6 @@ def test_when_the_engine_dies_its_orphans_die_with_it(tmp_path: Path) -> None:
         time.sleep(0.05)
     assert not child.alive() and "killed by signal 9" in child.exit_reason()
 
-
-def wait_until(condition, what: str, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"not within {timeout:.0f}s: {what}"
-        time.sleep(0.05)
 
 
 def test_a_killed_keeper_takes_the_child_along_and_what_it_left_is_killed_before_the_next_start(

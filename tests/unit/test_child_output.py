@@ -9,8 +9,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -19,13 +17,7 @@ from daemons.children import keeper
 from daemons.children.child import ChildProcess
 from daemons.config import LogsConfig
 
-
-def wait_until(cond: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, f"not within {timeout:.0f}s: {what}"
-        time.sleep(0.05)
-
+from .fakes import wait_until
 
 # Writes `n` lines of 1 KiB (a chatty engine), says so, then stays up.
 CHATTY = ("import sys, time\n"

@@ -18,9 +18,8 @@ from daemons.edge.frontdoor import FrontDoor, FrontDoorSettings
 from daemons.kv import crosscheck
 from daemons.kv.crosscheck import FirstToken, judge
 from daemons.metrics import FrontDoorMetrics
-from daemons.routing.prefill_router import PrefillChoice, PrefillOutcome
 
-from .fakes import FakeUpstream
+from .fakes import FakeUpstream, OnePrefill
 
 
 def test_greedy_is_temperature_zero_one_choice_no_bias() -> None:
@@ -74,33 +73,6 @@ def test_what_the_check_added_is_stripped_unless_asked() -> None:
 PREFILL_HEADER = "7:-0.5,9:-1.5,3:-3"
 
 
-class OnePrefill:
-    """Stands in for PrefillRouter: one ready prefill-worker at http://p0."""
-
-    def __init__(self) -> None:
-        self.missed: list[str] = []
-
-    def working_prefills(self) -> list[str]:
-        return ["p0"]
-
-    def choose(self) -> PrefillChoice:
-        return PrefillChoice(url="http://p0", daemon="p0")
-
-    def choose_any(self) -> PrefillChoice:
-        return PrefillChoice(url="http://p0", daemon="p0")
-
-    def report(self, outcome: PrefillOutcome, request_id: str) -> PrefillOutcome:
-        return outcome
-
-    def kv_missed(self, reason: str) -> None:
-        self.missed.append(reason)
-
-    async def lost_signal_wait(self) -> None:
-        await asyncio.Event().wait()
-
-    def lost_signal(self, name: str) -> asyncio.Event:
-        return asyncio.Event()
-
 
 def decode_chunk(chat: bool, token: int, logprob: float, first: bool) -> dict[str, Any]:
     lp = {"content": [{"token": "x", "logprob": logprob}]} if chat else {"token_logprobs": [logprob]}
@@ -112,7 +84,7 @@ def decode_chunk(chat: bool, token: int, logprob: float, first: bool) -> dict[st
 def door_with(decode_token: int, decode_logprob: float, seen: list[dict[str, Any]]
               ) -> tuple[FrontDoor, FrontDoorMetrics, OnePrefill]:
     metrics = FrontDoorMetrics(CollectorRegistry())
-    router = OnePrefill()
+    router = OnePrefill(url="http://p0")
 
     async def handler(request: httpx.Request) -> httpx.Response:
         body = json.loads(request.content)

@@ -23,7 +23,7 @@ from daemons.metrics import FrontDoorMetrics
 from daemons.routing.prefill_router import PrefillRouter
 from daemons.runtime.peers import Peers
 
-from .fakes import FakeUpstream
+from .fakes import FakeUpstream, until
 
 ENGINE_ANSWER = {"choices": [{"text": "hi"}], "usage": {"prompt_tokens": 3, "completion_tokens": 1}}
 
@@ -134,19 +134,20 @@ def test_no_key_source_means_no_authentication() -> None:
 
 def test_admission_queues_then_refuses_at_once() -> None:
     async def scenario() -> list[str]:
-        adm = Admission(max_concurrent=2, max_queued=1, queue_timeout_s=0.3)
+        adm = Admission(max_concurrent=2, max_queued=1, queue_timeout_s=60)
         await adm.acquire()
         await adm.acquire()
         queued = asyncio.create_task(adm.acquire())
-        await asyncio.sleep(0.01)
+        await until(lambda: adm.queued == 1, "the third request queued")
         outcomes = []
         try:
             await adm.acquire()  # the queue (1) is full
         except Overloaded as exc:
             outcomes.append(exc.reason)
         adm.release()  # the queued one gets the slot
-        await asyncio.wait_for(queued, 1)
+        await asyncio.wait_for(queued, 10)
         outcomes.append(f"active={adm.active} queued={adm.queued}")
+        adm.resize(2, 1, 0.05)  # the queue's deadline, short: nobody releases
         try:
             await adm.acquire()  # waits, nobody releases: too long
         except Overloaded as exc:
@@ -167,9 +168,11 @@ def test_overload_is_429_with_retry_after(tmp_path: Path) -> None:
         door = front_door(tmp_path, httpx.MockTransport(slow_engine), max_concurrent_requests=2, max_queued_requests=2,
                           queue_timeout_s=30)
         tasks = [asyncio.create_task(post(door)) for _ in range(8)]
-        await asyncio.sleep(0.3)
+        # Two in progress, two queued, four refused at once: then the engine answers.
+        await until(lambda: door.admission.active == 2 and door.admission.queued == 2
+                    and sum(t.done() for t in tasks) == 4, "the box full and the rest refused")
         release.set()
-        responses = await asyncio.wait_for(asyncio.gather(*tasks), 10)
+        responses = await asyncio.wait_for(asyncio.gather(*tasks), 30)
         refused = [r for r in responses if r.status_code == 429]
         assert all(r.headers["retry-after"] for r in refused)
         assert door.admission.active == 0 and door.admission.queued == 0

@@ -14,9 +14,8 @@ from prometheus_client import CollectorRegistry
 from daemons.edge.frontdoor import FrontDoor, FrontDoorSettings
 from daemons.metrics import FrontDoorMetrics
 from daemons.routing.prefill_backlog import Backlog
-from daemons.routing.prefill_router import PrefillChoice, PrefillOutcome
 
-from .fakes import FakeUpstream
+from .fakes import FakeUpstream, OnePrefill, until
 
 ANSWER = {"choices": [{"text": "x"}], "usage": {"prompt_tokens": 1000, "completion_tokens": 1,
                                                 "prompt_tokens_details": {"cached_tokens": 768}}}
@@ -52,22 +51,6 @@ def sample(metrics: FrontDoorMetrics, where: str) -> float | None:
     return metrics.registry.get_sample_value("disagg_prompt_tokens_in_flight", {"where": where})
 
 
-class OnePrefill:
-    """Stands in for PrefillRouter: always the one prefill-worker; counts what it is asked."""
-
-    def __init__(self) -> None:
-        self.asked = 0
-
-    def choose(self) -> PrefillChoice:
-        self.asked += 1
-        return PrefillChoice(url="http://prefill")
-
-    def report(self, outcome: PrefillOutcome, request_id: str) -> PrefillOutcome:
-        return outcome
-
-    def kv_missed(self, reason: str) -> None:
-        pass
-
 
 def test_the_front_door_overflows_while_prefill_calls_are_stuck_and_stops_after(tmp_path: Path) -> None:
     async def scenario() -> None:
@@ -90,35 +73,25 @@ def test_the_front_door_overflows_while_prefill_calls_are_stuck_and_stops_after(
         door = FrontDoor(settings, client=FakeUpstream(handler), metrics=metrics, router=router,  # type: ignore
                          health=lambda: ("ready", True, ""))
         transport = httpx.ASGITransport(door.app())
-        async with httpx.AsyncClient(transport=transport, base_url="http://door", timeout=10) as client:
+        async with httpx.AsyncClient(transport=transport, base_url="http://door", timeout=60) as client:
             def send(max_tokens: int = 1) -> asyncio.Task[httpx.Response]:
                 body: dict[str, Any] = {"model": "m", "prompt": list(range(1000)), "max_tokens": max_tokens}
                 return asyncio.create_task(client.post("/v1/completions", json=body))
 
             stuck = [send(), send()]  # 2,000 tokens at prefill: the backlog is reached
-            for _ in range(100):
-                if door.backlog.prefill_tokens == 2000:
-                    break
-                await asyncio.sleep(0.01)
-            assert door.backlog.prefill_tokens == 2000
+            await until(lambda: door.backlog.prefill_tokens == 2000, "two prefill calls held")
             local = send(7)  # overflows: the decode engine computes it (held at the decode engine)
-            for _ in range(100):
-                if door.backlog.local_tokens == 1000:
-                    break
-                await asyncio.sleep(0.01)
-            assert door.backlog.local_tokens == 1000 and router.asked == 2
+            await until(lambda: door.backlog.local_tokens == 1000, "the overflow at the decode engine")
+            assert router.asked == 2
             assert sample(metrics, "prefill") == 2000 and sample(metrics, "decode") == 1000
             third = send()  # the decode engine's share is full: this one queues at prefill
-            for _ in range(100):
-                if door.backlog.prefill_tokens == 3000:
-                    break
-                await asyncio.sleep(0.01)
+            await until(lambda: door.backlog.prefill_tokens == 3000, "the third call at prefill")
             assert router.asked == 3
             decode_gate.set()
-            resp = await asyncio.wait_for(local, 5)
+            resp = await asyncio.wait_for(local, 30)
             assert resp.status_code == 200 and resp.headers["x-disagg-path"] == "prefill_busy"
             release.set()
-            for r in await asyncio.wait_for(asyncio.gather(*stuck, third), 5):
+            for r in await asyncio.wait_for(asyncio.gather(*stuck, third), 30):
                 assert r.status_code == 200 and r.headers["x-disagg-path"] == "disaggregated"
         assert (door.backlog.prefill_tokens, door.backlog.local_tokens) == (0, 0)
         assert metrics.paths.labels(path="prefill_busy")._value.get() == 1
