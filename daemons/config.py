@@ -485,6 +485,9 @@ class ClusterConfig(_Section):
                                  "coordinator ports and the prefill API bind only on addresses in it: none of "
                                  "them has authentication.")
     hosts: dict[str, HostConfig]
+    secret_file: Path = Field(description="A shared secret (at least 16 characters, the same file on every host, "
+                              "readable only by the daemons' user): our daemons' calls across hosts carry it, and "
+                              "the prefill API answers 401 without it (docs/security.md).")
     coordinator_port: Port = Field(default=9300, description="LMCache's coordinator (membership only, no KV).")
     p2p_port: Port = Field(default=8555, description="Each lmcache-server's P2P transfer-channel port.")
     p2p_transfer_engine: Literal["mooncake_te", "nixl"] = Field(

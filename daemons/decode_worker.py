@@ -31,6 +31,7 @@ from daemons.children.stall import StallDetector
 from daemons.children.worker import EngineDaemon
 from daemons.config import Config, ConfigError, DecodeWorkerConfig
 from daemons.edge.auth import ApiKeys
+from daemons.edge.cluster_auth import cluster_headers
 from daemons.edge.frontdoor import FrontDoor, FrontDoorSettings
 from daemons.edge.upstream import Upstream
 from daemons.kv.canary import CanaryResult, PathCanary, vocabulary
@@ -99,7 +100,12 @@ class DecodeWorker(EngineDaemon):
         self.engine_lost_at = self.started_at  # wall clock: the last loss of the engine (or this daemon's start)
         self.keys = ApiKeys(self.worker.api_keys_file)  # ApiKeyError (a ConfigError): exit 78
         w = self.worker
-        self.upstream = Upstream()  # the proxied calls' own pool (probes use httpx); admission bounds it
+        # Across hosts, every call to a prefill-worker (prefill, failover, migration, canary, its state) carries the
+        # cluster's secret; its local engine ignores the header.
+        across = cluster_headers(config)  # ConfigError (exit 78): unreadable or short secret
+        self.http.headers.update(across)
+        self.peers.remote_headers = across
+        self.upstream = Upstream(headers=across)  # the proxied calls' own pool (probes use httpx); admission bounds it
         self.front_door = FrontDoor(
             FrontDoorSettings.from_config(w, self.engine_url),
             client=self.upstream, metrics=self.front_metrics, router=self.router, health=self._health, keys=self.keys,

@@ -41,6 +41,7 @@ from starlette.routing import Route
 
 from daemons.children.worker import EngineDaemon
 from daemons.config import Config
+from daemons.edge.cluster_auth import HEADER, ClusterKeyMiddleware, cluster_headers
 from daemons.edge.disconnect import ClientGone, unless_disconnected
 from daemons.edge.errors import openai_error, unavailable
 from daemons.edge.request_limits import BadRequest, parse_json_object, read_body
@@ -111,6 +112,7 @@ class PrefillWorker(EngineDaemon):
             log_path=Path(config.log_dir) / f"{self.name}-kv-lookup.log", logs=config.logs,
         )
         self.proxy = Upstream()  # the prefill calls' own pool, on aiohttp (probes use httpx)
+        self.cluster_secret = cluster_headers(config).get(HEADER, "")  # ConfigError (exit 78): unreadable, short
         self.max_body_bytes = config.decode_worker.max_body_bytes
         self.missed_stores = 0  # prefills in a row whose KV was not in LMCache by the deadline
         self.last_miss = ""
@@ -221,7 +223,7 @@ class PrefillWorker(EngineDaemon):
         return {"x-disagg-kv-expected-tokens": str(expected), "x-disagg-kv-stored-tokens": str(stored),
                 "x-disagg-store-wait-ms": f"{waited * 1000:.1f}"}
 
-    def app(self) -> Starlette:
+    def app(self) -> Any:
         async def prefill(request: Request) -> Response:
             route = request.url.path
             try:
@@ -310,7 +312,7 @@ class PrefillWorker(EngineDaemon):
             return JSONResponse({"state": self.state.value, "reason": self.reason},
                                 status_code=200 if self.state.serving else 503)
 
-        return Starlette(routes=[
+        app = Starlette(routes=[
             Route("/v1/completions", prefill, methods=["POST"]),
             Route("/v1/chat/completions", prefill, methods=["POST"]),
             Route("/whole/v1/completions", whole, methods=["POST"]),
@@ -318,6 +320,8 @@ class PrefillWorker(EngineDaemon):
             Route("/health", health),
             self.state_route(),
         ])
+        # Across hosts the prefill API is on the private network: only the cluster's own daemons may call it.
+        return ClusterKeyMiddleware(app, self.cluster_secret) if self.cluster_secret else app
 
 
 def main(argv: list[str] | None = None) -> int:

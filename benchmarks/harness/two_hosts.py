@@ -18,6 +18,7 @@ MODEL_DIR = REPO / "var" / "models" / "tiny-llama"
 PY = str(REPO / ".venv" / "bin" / "python")
 PREFILL_ADDR, DECODE_ADDR = "10.231.0.2", "10.231.0.1"
 API_KEY = "test-key-hosts"
+CLUSTER_SECRET = "test-cluster-secret-0123456789"
 REQUEST_TIMEOUT_S = 120  # no request may hang: a fallback answers in seconds
 
 
@@ -28,8 +29,12 @@ def cluster_doc(directory: Path) -> dict:
     doc["model"]["path"] = str(MODEL_DIR)
     doc["decode_worker"]["host"] = DECODE_ADDR  # the front door on the decode host's address, with API keys
     doc["kv_path"]["canary_interval_s"] = 5
+    secret = directory / "cluster-secret"
+    secret.write_text(CLUSTER_SECRET + "\n")
+    secret.chmod(0o600)
     doc["cluster"] = {
         "private_network": "10.231.0.0/24",
+        "secret_file": str(secret),
         "hosts": {
             "prefill-a": {"address": PREFILL_ADDR, "daemons": ["lmcache-server", "prefill-worker"]},
             "decode-a": {"address": DECODE_ADDR,

@@ -117,7 +117,8 @@ class Upstream:
     sized from it at start stayed at the old size after a reload raised the cap, and calls past it waited for a
     connection until their connect deadline and were taken for a broken engine."""
 
-    def __init__(self) -> None:
+    def __init__(self, headers: Mapping[str, str] | None = None) -> None:
+        self.headers = dict(headers or {})  # on every call (across hosts: the cluster's secret)
         self._session: aiohttp.ClientSession | None = None
 
     @property
@@ -126,7 +127,7 @@ class Upstream:
             self._session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(limit=0, limit_per_host=0, ttl_dns_cache=None,
                                                keepalive_timeout=KEEPALIVE_S),
-                trust_env=False, auto_decompress=False, skip_auto_headers=("User-Agent",))
+                trust_env=False, auto_decompress=False, skip_auto_headers=("User-Agent",), headers=self.headers)
         return self._session
 
     async def post(self, url: str, body: bytes | dict[str, Any], *, headers: Mapping[str, str] | None = None,

@@ -142,16 +142,55 @@ def cluster_dropin(private_network: str) -> str:
             f"[Service]\nIPAddressAllow={private_network}\n")
 
 
+NFT_PATH = Path("/etc/disagg/disagg-cluster.nft")
+
+
+def cluster_nftables(config: Config) -> str:
+    """nftables rules that fence the ports our daemons and LMCache open on the private network to the cluster's own
+    hosts (LMCache's have no authentication: a host that can write a chunk there can make answers wrong)."""
+    cluster = config.cluster
+    assert cluster is not None
+    ports = sorted({config.lmcache.port, cluster.p2p_port, cluster.coordinator_port,
+                    *(w.port for w in config.workers("prefill-worker").values())})
+    hosts = sorted({h.address for h in cluster.hosts.values()})
+    family = "ipv6_addr" if any(":" in a for a in hosts) else "ipv4_addr"
+    saddr = "ip6 saddr" if family == "ipv6_addr" else "ip saddr"
+    return (
+        "# Written by `disaggctl install` from the config's cluster section. Load it on every host:\n"
+        f"#   nft -f {NFT_PATH}\n"
+        "# Only the cluster's hosts reach LMCache's request, P2P and coordinator ports and the prefill API; the\n"
+        "# transfer engine (Mooncake, NIXL) may open more ports of its own: see docs/security.md.\n"
+        "table inet disagg {\n"
+        f"  set cluster_hosts {{ type {family}; elements = {{ {', '.join(hosts)} }} }}\n"
+        "  chain input {\n"
+        "    type filter hook input priority 0; policy accept;\n"
+        '    iifname "lo" accept\n'
+        f"    tcp dport {{ {', '.join(map(str, ports))} }} {saddr} != @cluster_hosts drop\n"
+        "  }\n"
+        "}\n")
+
+
 def plan_cluster_dropins(prefix: Path, config: Path | None) -> list[Action]:
-    """Several hosts: let the units that are confined to localhost reach the cluster's private network."""
+    """Several hosts: let the units that are confined to localhost reach the cluster's private network; the
+    cluster's secret (a new one, where there is none: copy it to the other hosts) and the firewall rules."""
     if config is None:
         return []
     from daemons.config import load_config
 
-    cluster = load_config(config, require_model=False).cluster
+    loaded = load_config(config, require_model=False)
+    cluster = loaded.cluster
     if cluster is None:
         return []
     actions = []
+    secret = prefix / Path(cluster.secret_file).relative_to("/") if Path(cluster.secret_file).is_absolute() \
+        else prefix / cluster.secret_file
+    if not secret.exists():
+        actions.append(Action("write a new cluster secret (copy this file to every other host)", secret,
+                              secrets.token_hex(32) + "\n", mode=0o640, group=USER if prefix == Path("/") else None))
+    nft = prefix / NFT_PATH.relative_to("/")
+    rules = cluster_nftables(loaded)
+    if not nft.exists() or nft.read_text() != rules:
+        actions.append(Action(f"write firewall rules (load them: nft -f {NFT_PATH})", nft, rules))
     for unit in unit_files():
         if unit.suffix != ".service" or "IPAddressDeny=any" not in unit.read_text():
             continue

@@ -45,6 +45,7 @@ class Peers:
         self.expect_parts = expect_parts  # what the digest covers: a mismatch names the part
         self.names = list(names)
         self.remote: dict[str, str] = {}  # peers on other hosts: name -> their /disagg/state URL
+        self.remote_headers: dict[str, str] = {}  # what asking them carries (the cluster's secret)
         self.views: dict[str, PeerView] = {}
         self.generations: dict[str, tuple[int, float] | None] = {}
 
@@ -52,7 +53,7 @@ class Peers:
         """Judge one peer now (blocking: file read and TCP connect, or an HTTP call to another host)."""
         if name in self.remote:
             return assess_remote(self.remote[name], name, self.heartbeat_timeout_s, expect_digest=self.expect_digest,
-                                 expect_parts=self.expect_parts)
+                                 expect_parts=self.expect_parts, headers=self.remote_headers)
         return assess(self.runtime_dir, name, self.heartbeat_timeout_s, expect_digest=self.expect_digest,
                       expect_parts=self.expect_parts)
 

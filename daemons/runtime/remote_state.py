@@ -62,10 +62,11 @@ def judge(daemon: str, answer: Any, heartbeat_timeout_s: float, expect_digest: s
 
 
 def assess_remote(url: str, daemon: str, heartbeat_timeout_s: float, *, expect_digest: str | None,
-                  expect_parts: Mapping[str, str] | None = None, timeout_s: float = REMOTE_TIMEOUT_S) -> PeerView:
+                  expect_parts: Mapping[str, str] | None = None, timeout_s: float = REMOTE_TIMEOUT_S,
+                  headers: Mapping[str, str] | None = None) -> PeerView:
     """Judge a daemon on another host by asking it (blocking: call it off the event loop)."""
     try:
-        resp = httpx.get(url, timeout=timeout_s, trust_env=False)
+        resp = httpx.get(url, timeout=timeout_s, trust_env=False, headers=dict(headers or {}))
     except httpx.HTTPError as exc:
         return PeerView(daemon, "unreachable", False, f"{url}: {type(exc).__name__} {exc}".rstrip(), None)
     if resp.status_code != 200:

@@ -26,8 +26,10 @@ REPO = Path(__file__).resolve().parents[2]
 def doc(model_dir: Path, **cluster_overrides: object) -> dict:
     d = yaml.safe_load((REPO / "etc" / "disagg.yaml").read_text())
     d["model"]["path"] = str(model_dir)
+    (model_dir / "cluster-secret").write_text("a-cluster-secret-for-tests\n")
     d["cluster"] = {
         "private_network": "10.9.0.0/24",
+        "secret_file": str(model_dir / "cluster-secret"),
         "hosts": {
             "p1": {"address": "10.9.0.2", "daemons": ["lmcache-server", "prefill-worker"]},
             "d1": {"address": "10.9.0.1", "daemons": ["lmcache-coordinator", "lmcache-server", "decode-worker"]},
@@ -262,3 +264,67 @@ def test_a_peer_host_back_as_a_new_lmcache_instance_restarts_this_hosts_lmcache(
     prefill = LMCacheServer(load(tmp_path, d).on_host("p1"))
     assert prefill.replaced_peers(["d1.1"]) == "" and prefill.replaced_peers(["d1.2"]) == ""
     assert server.reads_from("p1") and not prefill.reads_from("d1")
+
+
+def test_across_hosts_the_prefill_api_answers_only_the_clusters_daemons(tmp_path, model_dir):
+    """(issue 30.10) On the private network anyone could call the prefill API (its /whole route generates whole
+    answers) past the front door's keys and admission. Now a call without the cluster's secret is 401; decode-worker's
+    clients carry it (its failover and migration pool, its probes and canary, its remote state reads)."""
+    import asyncio
+
+    import httpx
+
+    from daemons.decode_worker import DecodeWorker
+    from daemons.edge.cluster_auth import HEADER
+    from daemons.prefill_worker import PrefillWorker
+
+    d = doc(model_dir)
+    d["runtime_dir"], d["log_dir"] = str(tmp_path / "run"), str(tmp_path / "log")
+    prefill = PrefillWorker(load(tmp_path, d).on_host("p1"))
+    decode = DecodeWorker(load(tmp_path, d).on_host("d1"))
+    secret = (model_dir / "cluster-secret").read_text().strip()
+
+    async def ask(headers: dict[str, str], path: str) -> int:
+        transport = httpx.ASGITransport(prefill.app())
+        async with httpx.AsyncClient(transport=transport, base_url="http://p1") as client:
+            if path == "/disagg/state":
+                return (await client.get(path, headers=headers)).status_code
+            return (await client.post(path, json={"model": "m", "prompt": "x"}, headers=headers)).status_code
+
+    for path in ("/v1/completions", "/whole/v1/completions", "/disagg/state"):
+        assert asyncio.run(ask({}, path)) == 401
+        assert asyncio.run(ask({HEADER: "wrong-but-long-enough-secret"}, path)) == 401
+    assert asyncio.run(ask({}, "/health")) != 401  # probes stay open
+    # With the secret the call gets past the gate (to the engine, which does not run here).
+    assert asyncio.run(ask({HEADER: secret}, "/disagg/state")) != 401
+    assert decode.http.headers[HEADER] == secret and decode.upstream.headers == {HEADER: secret}
+    assert decode.peers.remote_headers == {HEADER: secret}
+
+
+def test_a_missing_or_short_cluster_secret_is_a_config_error(tmp_path, model_dir):
+    from daemons.config import ConfigError
+    from daemons.prefill_worker import PrefillWorker
+
+    d = doc(model_dir)
+    d["runtime_dir"], d["log_dir"] = str(tmp_path / "run"), str(tmp_path / "log")
+    (model_dir / "cluster-secret").write_text("short\n")
+    with pytest.raises(ConfigError, match="at least 16"):
+        PrefillWorker(load(tmp_path, d).on_host("p1"))
+    del d["cluster"]["secret_file"]
+    assert "cluster.secret_file: required key is missing" in error_of(tmp_path, d)
+
+
+def test_install_fences_lmcaches_ports_to_the_clusters_hosts(tmp_path, model_dir):
+    import shutil
+    import subprocess
+
+    from daemons.ops.install import cluster_nftables
+
+    rules = cluster_nftables(load(tmp_path, doc(model_dir)))
+    assert "elements = { 10.9.0.1, 10.9.0.2 }" in rules
+    assert "tcp dport { 5555, 8100, 8555, 9300 } ip saddr != @cluster_hosts drop" in rules
+    nft = shutil.which("nft")
+    if nft is not None:  # the syntax, where nftables is installed
+        path = tmp_path / "rules.nft"
+        path.write_text(rules)
+        assert subprocess.run([nft, "-c", "-f", str(path)], capture_output=True).returncode == 0

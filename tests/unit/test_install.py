@@ -75,3 +75,16 @@ def test_a_defaults_file_readable_by_others_is_restricted(tmp_path):
     assert "restrict to root" in done.stdout
     assert defaults.stat().st_mode & 0o777 == 0o600
     assert defaults.read_text() == "DISAGG_API_KEYS=sk-from-an-operator\n"  # the operator's content kept
+
+
+def test_a_cluster_install_writes_a_secret_once_and_the_firewall_rules(tmp_path):
+    repo = Path(__file__).resolve().parents[2]
+    done = ctl("install", "--prefix", str(tmp_path), "--config", str(repo / "etc/disagg-cluster.yaml"))
+    assert done.returncode == 0, done.stdout + done.stderr
+    secret = tmp_path / "etc/disagg/cluster-secret"
+    assert len(secret.read_text().strip()) == 64 and secret.stat().st_mode & 0o777 == 0o640
+    rules = (tmp_path / "etc/disagg/disagg-cluster.nft").read_text()
+    assert "10.0.0.1, 10.0.0.2" in rules and "5555" in rules
+    first = secret.read_text()
+    ctl("install", "--prefix", str(tmp_path), "--config", str(repo / "etc/disagg-cluster.yaml"))
+    assert secret.read_text() == first  # never replaced: every host must keep the same one
