@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -148,6 +149,16 @@ def test_the_kv_comes_from_the_prefill_host(cluster: Cluster, stack) -> None:
     assert set(status) == {"lmcache-coordinator", "lmcache-server", "decode-worker"}
     assert status["decode-worker"]["state"] == "ready"
     assert "peers: prefill-a" in status["lmcache-server"]["reason"]
+    # The prefill API on the private network answers only the cluster's own daemons (the calls above carried the
+    # cluster's secret): a plain call from the decode host, past the front door's keys, is 401; /health stays open.
+    from benchmarks.harness.two_hosts import CLUSTER_SECRET, PREFILL_ADDR
+
+    probe = ("import httpx, sys; h = {'x-disagg-cluster-key': sys.argv[1]} if sys.argv[1] else {}; "
+             f"r = httpx.post('http://{PREFILL_ADDR}:8100/whole/v1/completions', json={{'model': 'tiny-llama', "
+             "'prompt': 'x', 'max_tokens': 1}, headers=h, timeout=60, trust_env=False); print(r.status_code)")
+    assert cluster.decode.run(sys.executable, "-c", probe, "").stdout.strip() == "401"
+    assert cluster.decode.run(sys.executable, "-c", probe, "wrong-secret-of-the-right-length").stdout.strip() == "401"
+    assert cluster.decode.run(sys.executable, "-c", probe, CLUSTER_SECRET).stdout.strip() == "200"
 
 
 def test_killed_prefill_host_daemons_fall_back_then_recover(cluster: Cluster) -> None:
