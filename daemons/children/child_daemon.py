@@ -6,10 +6,12 @@ metrics to the daemon's /metrics."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 
 from daemons.children.child import ChildExited, ChildProcess, PortHeld
+from daemons.runtime.digest import installed_versions
 from daemons.runtime.exposition import scrape
 from daemons.runtime.lifecycle import Daemon, DaemonFailed
 from daemons.runtime.states import State
@@ -36,7 +38,15 @@ class ChildDaemon(Daemon):
     async def start_child(self, what: str) -> bool:
         """``loading`` (``what``), start the child, wait until healthy; False if asked to stop meanwhile.
 
-        Raises :class:`DaemonFailed` when the child exits, TimeoutError when it is not healthy in time."""
+        Raises :class:`DaemonFailed` when the child exits, TimeoutError when it is not healthy in time, and when
+        vLLM or LMCache were upgraded in place since this daemon started: a child started now would run other code
+        than the daemon reports (its digest, its version checks), so the daemon exits to start again on the new
+        code (its supervisor restarts it; a rolling ``disaggctl restart`` is the planned way)."""
+        now = await asyncio.to_thread(installed_versions)
+        ours = self.digest_parts.get("versions")
+        if ours is not None and now != ours:
+            raise DaemonFailed(f"vLLM/LMCache were upgraded since this daemon started ({ours} -> {now}): exiting to "
+                               "start again on them, not to run a child of other code")
         if not await self._start_when_port_free(what):
             return False
         self.details["keeper_pid"] = self.child.pid

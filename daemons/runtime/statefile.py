@@ -284,7 +284,11 @@ def judge_record(daemon: str, record: StateRecord, age_s: float, heartbeat_timeo
             daemon, record.state.value, False,
             f"config digest {record.config_digest} differs from ours ({expect_digest}): "
             + (f"differs in {what}" if what else "the daemons run different models, engine KV settings, "
-               "vLLM/LMCache versions, LMCache settings or (several hosts) cluster layouts"),
+               "LMCache settings or (several hosts) cluster layouts"),
             record,
         )
-    return PeerView(daemon, record.state.value, True, record.reason, record)
+    skew = differing({k: v for k, v in (expect_parts or {}).items() if k == "versions"},
+                     {k: v for k, v in record.config_parts.items() if k == "versions"}) if expect_parts else ""
+    reason = f"{record.reason}; " if record.reason else ""
+    # Other versions, same digest: usable (a rolling upgrade); the canary and the cross-check judge the KV they move.
+    return PeerView(daemon, record.state.value, True, f"{reason}runs other {skew}" if skew else record.reason, record)

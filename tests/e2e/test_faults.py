@@ -25,7 +25,9 @@ import pytest
 from benchmarks.harness.faults import HEADER, Fault, Row, fault_for, run_fault
 from benchmarks.harness.faults import Stack as FaultStack
 from benchmarks.harness.load import Load
+from benchmarks.harness.releases import current_bin, make_release, switch
 from benchmarks.harness.scrape import metric_value
+from daemons import __version__
 from daemons.config import load_config
 from daemons.kv.canary import vocabulary
 from daemons.ops.openai_client import completion_body, sse_events
@@ -51,16 +53,27 @@ HOLD_S = 25.0  # SIGSTOP: longer than heartbeat_timeout_s (15) and engine_stall_
 # far longer than anything waits for it, the decode engine killed at the same moment.
 COMPOUND_HOLD_S = 150.0
 COMPOUND = "LMCache server process:stop+decode engine:kill"
+UPGRADE = "all:upgrade"
 # Clients pause between requests, as people do: four closed loops with no pause keep both
 # CPU cores busy with fallback compute and an engine restart takes 3x as long.
 THINK_S = 1.0
 CLIENT_DEADLINE_S = 180.0  # a request past this is hung (> request_timeout_s + prefill_timeout_s)
 
 
+# The stack runs from a release layout (benchmarks/harness/releases.py: a staged install switched by a symlink), so
+# that the rolling row rolls it onto a new release, as an upgrade does.
+OLD_RELEASE, NEW_RELEASE = __version__, f"{__version__}+rolled"
+
+
 @pytest.fixture(scope="module")
 def fault_stack(tmp_path_factory: pytest.TempPathFactory, model_dir: Path):
     directory = tmp_path_factory.mktemp("faults")
     config = write_config(directory, **FAULT_PORTS)
+    for name in (OLD_RELEASE, NEW_RELEASE):
+        make_release(directory, name, name)
+    switch(directory, OLD_RELEASE)
+    before = os.environ.get("DISAGG_BIN")
+    os.environ["DISAGG_BIN"] = str(current_bin(directory))  # supervisord runs what `current` points at
     proc = ctl(config, "up")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     try:
@@ -68,6 +81,10 @@ def fault_stack(tmp_path_factory: pytest.TempPathFactory, model_dir: Path):
         yield config
     finally:
         ctl(config, "down", timeout=400)
+        if before is None:
+            os.environ.pop("DISAGG_BIN", None)
+        else:
+            os.environ["DISAGG_BIN"] = before
 
 
 def wait_all_ready(config: Path, timeout: float) -> None:
@@ -83,7 +100,13 @@ def _record(cfg, name: str):  # type: ignore[no-untyped-def]
 
 def fault(case: str, config: Path) -> Fault:
     """The fault named ``case`` (benchmarks.harness.faults.fault_for), aimed at the stack behind ``config``."""
-    return fault_for(case, FaultStack(config), hold_s=COMPOUND_HOLD_S if "+" in case else HOLD_S)
+    stack = FaultStack(config)
+    if case == UPGRADE:  # the new release staged beside the running one, switched, then a rolling restart onto it
+        def upgrade() -> None:
+            switch(config.parent, NEW_RELEASE)
+            stack.ctl("restart")
+        return Fault(f"rolling upgrade to a new release ({OLD_RELEASE} -> {NEW_RELEASE})", os.getpid, 0, after=upgrade)
+    return fault_for(case, stack, hold_s=COMPOUND_HOLD_S if "+" in case else HOLD_S)
 
 
 CASES = [
@@ -93,7 +116,7 @@ CASES = [
     "decode-worker:stop", "decode engine:stop",
     "lmcache-server:term", "prefill-worker:term", "decode-worker:term",
     "lmcache-server:hup", "prefill-worker:hup", "decode-worker:hup",
-    "lmcache-server:restart", "all:restart", COMPOUND,
+    "lmcache-server:restart", "all:upgrade", COMPOUND,
 ]
 # Rows whose mechanism another row already exercises, run only with DISAGG_FULL_MATRIX=1 (docs/faults.md's table is
 # such a run): a killed prefill keeper is the decode keeper's case on the side that exits to be restarted; SIGTERM
@@ -108,7 +131,7 @@ if os.environ.get("DISAGG_FULL_MATRIX") != "1":
 # SIGSTOP of decode-worker is in the set as a known defect, not a design: in one run of three
 # one request of 13 that the frozen front door held got no answer (cause not pinned yet; the
 # table's problem list under the rows says what such a request saw).
-LOSES_IN_FLIGHT = {"decode-worker:kill", "decode-worker:term", "decode-worker:stop", "all:restart"}
+LOSES_IN_FLIGHT = {"decode-worker:kill", "decode-worker:term", "decode-worker:stop", UPGRADE}
 # The decode engine's own faults: decode-worker restarts it in place with its front door open, requests
 # fail over to the prefill engine meanwhile and streams in flight go on there (migration): nothing may be
 # refused, fail or be lost.
@@ -145,11 +168,15 @@ def test_fault_under_load_ends_with_the_kv_path_back(fault_stack: Path, case: st
         assert row.refused == 0 and row.failed_cleanly == 0, (row.line(), row.problems)
     if case.endswith(":hup"):  # no daemon restarted
         assert {name: _record(cfg, name).pid for name in cfg.daemon_names()} == before
-    if case.endswith(":restart"):  # planned: nothing refused or failed; an LMCache restart restarts no worker
-        assert (row.refused, row.failed_cleanly) == (0, 0), (row.line(), row.problems)
+    if case.endswith(":restart") or case == UPGRADE:  # planned: nothing refused or failed; an LMCache restart
+        assert (row.refused, row.failed_cleanly) == (0, 0), (row.line(), row.problems)  # restarts no worker
         after = {name: _record(cfg, name).pid for name in cfg.daemon_names()}
         restarted = {name for name in after if after[name] != before[name]}
         assert restarted == ({"lmcache-server"} if case.startswith("lmcache") else set(after)), restarted
+    if case == UPGRADE:  # every daemon runs the new release, and the KV path came back between the steps
+        assert {name: _record(cfg, name).version for name in cfg.daemon_names()} == \
+            dict.fromkeys(cfg.daemon_names(), NEW_RELEASE)
+        assert row.disaggregated > 0, row.line()
     if case == COMPOUND:  # LMCache stuck: lmcache-server replaced it by itself, long before the SIGCONT
         assert row.ended.startswith("stopped process killed by the stack"), row.ended
         assert int(_record(cfg, "lmcache-server").details["child_pid"]) != lmcache_child

@@ -254,6 +254,7 @@ def test_starting_and_stopping_a_child_never_walks_proc_on_the_event_loop(tmp_pa
             self.child_startup_timeout_s = 30
             self.details = {}
             self.stopping_now = False
+            self.digest_parts = {}
 
         @property
         def stopping(self) -> bool:  # type: ignore[override]
@@ -279,6 +280,17 @@ def test_starting_and_stopping_a_child_never_walks_proc_on_the_event_loop(tmp_pa
         d = OneChild()
         assert await d.start_child("starting")
         await d.child.stop(1.0)
+        # (issue 33) vLLM/LMCache upgraded in place since the daemon started: no child of other code is started.
+        from daemons.runtime.lifecycle import DaemonFailed
+
+        d.digest_parts = {"versions": "vllm 0.0.1, lmcache 0.0.1"}
+        try:
+            await d.start_child("starting again")
+        except DaemonFailed as exc:
+            assert "upgraded since this daemon started (vllm 0.0.1, lmcache 0.0.1 -> vllm " in str(exc), exc
+        else:
+            raise AssertionError("a child of other code was started")
+        assert not d.child.alive()
 
     asyncio.run(asyncio.wait_for(scenario(), 60))
     assert on_loop == [], f"ran on the event loop: {sorted(set(on_loop))}"

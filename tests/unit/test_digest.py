@@ -36,7 +36,9 @@ def test_kv_engine_flags_and_versions_are_parts_of_the_digest(tmp_path, model_di
     assert versions.startswith("vllm ") and ", lmcache " in versions and "not installed" not in versions
 
 
-def test_a_peer_of_another_version_is_refused_naming_the_versions(tmp_path, model_dir, monkeypatch):
+def test_a_peer_of_other_versions_is_usable_and_named_mid_upgrade(tmp_path, model_dir, monkeypatch):
+    """(issue 33) A rolling upgrade runs daemons of two versions for a while: refusing each other stalled the roll with
+    the KV path in fallback. They work together, the skew named; the canary and the cross-check judge the KV."""
     import socket
 
     ours = digest.digest_parts(config(tmp_path, model_dir, "ours"))
@@ -48,13 +50,14 @@ def test_a_peer_of_another_version_is_refused_naming_the_versions(tmp_path, mode
             metrics=endpoint, config_digest=digest.digest_of(theirs), version="0", started_at=time.time(),
             config_parts=theirs))
         view = assess(tmp_path, "prefill-worker", 15, expect_digest=digest.digest_of(ours), expect_parts=ours)
-    assert not view.usable
-    assert f"differs in versions (theirs vllm 0.26.0, lmcache 0.5.3, ours {ours['versions']})" in view.reason
-    assert "model" not in view.reason.split("differs in", 1)[1]  # only what differs is named
+    assert view.usable and view.ready
+    assert f"runs other versions (theirs vllm 0.26.0, lmcache 0.5.3, ours {ours['versions']})" in view.reason
+    assert "model" not in view.reason  # only what differs is named
 
 
-@pytest.mark.parametrize("part", ["kv_engine_args", "dtype", "model"])
-def test_every_part_changes_the_digest(part):
+@pytest.mark.parametrize("part", ["kv_engine_args", "dtype", "model", "load_format", "lmcache"])
+def test_every_binding_part_changes_the_digest_and_the_versions_do_not(part):
     parts = {"model": "m", "load_format": "auto", "dtype": "auto", "kv_engine_args": "none", "versions": "v",
              "lmcache": "l"}
     assert digest.digest_of(parts) != digest.digest_of(dict(parts, **{part: "other"}))
+    assert digest.digest_of(parts) == digest.digest_of(dict(parts, versions="vllm 0.33.0, lmcache 0.5.7"))
