@@ -6,7 +6,12 @@
   status           the three daemons' state at a glance (--json); exit 0 only if all ready
   wait-ready       block until all three are ready, or --timeout
   up / down        start / stop the three daemons in the background under supervisord
+  restart [D...]   rolling restart under supervisord: one daemon at a time, each once all are ready again
+  supervisorctl …  supervisord's own control for this config (status, tail -f D, signal HUP D, ...)
+  hold-sockets     hold the workers' listening sockets across their restarts (supervisord's disagg-sockets)
   demo             up, wait, send the seed's prompt, report KV reuse and TTFT, down
+  install          the systemd units, config, defaults file, API key (cluster: secret, firewall rules)
+  uninstall        remove what install put in place (--purge: the config and defaults too)
 """
 
 from __future__ import annotations
@@ -298,6 +303,16 @@ def cmd_restart(args: argparse.Namespace) -> int:
     return restart(_load(args), list(args.daemons), args.timeout)
 
 
+def cmd_supervisorctl(args: argparse.Namespace) -> int:
+    """supervisorctl for the supervisord `disaggctl up` started, from any shell; its output and exit status."""
+    config = _load(args, require_model=False)
+    exe = str(Path(sys.executable).parent / "supervisorctl")
+    words = list(args.words) or ["status"]
+    interactive_tail = words[0] == "tail" and "-f" in words
+    return subprocess.run([exe, "-c", str(supervisor_conf(config)), *words], env=supervisor_env(config),
+                          timeout=None if interactive_tail else SUPERVISORCTL_TIMEOUT_S).returncode
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     return up(_load(args))
 
@@ -390,7 +405,8 @@ def cmd_uninstall(args: argparse.Namespace) -> int:
     return apply(plan_uninstall(Path(args.prefix), args.purge), dry_run=args.dry_run)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """disaggctl's command line (the docs' command lines are checked against it: tests/unit/test_docs_commands.py)."""
     parser = argparse.ArgumentParser(prog="disaggctl", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=__version__)
@@ -425,6 +441,10 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("hold-sockets", help="hold the workers' listening sockets across their restarts (supervisord's "
                    "disagg-sockets program)").set_defaults(func=cmd_hold_sockets)
     sub.add_parser("down", help="stop them").set_defaults(func=cmd_down)
+    p = sub.add_parser("supervisorctl", help="supervisord's own control for this config's supervisord (the shipped "
+                       "conf needs variables a shell does not have: this passes them): status, tail -f NAME, ...")
+    p.add_argument("words", nargs=argparse.REMAINDER, help="supervisorctl's command and arguments")
+    p.set_defaults(func=cmd_supervisorctl)
     p = sub.add_parser("demo", help="start, send the seed's prompt, report, stop")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for readiness")
     p.add_argument("--max-tokens", type=int, default=10)
@@ -448,7 +468,11 @@ def main(argv: list[str] | None = None) -> int:
     for action in sub.choices.values():
         action.add_argument("--config", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         action.add_argument("--host-id", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s disaggctl: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
     try:

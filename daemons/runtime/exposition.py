@@ -26,11 +26,13 @@ prometheus_client.disable_created_metrics()
 class DaemonMetrics:
     """What every daemon exports."""
 
-    def __init__(self, daemon: str, registry: CollectorRegistry, *, version: str, digest: str) -> None:
+    def __init__(self, daemon: str, registry: CollectorRegistry, *, version: str, digest: str,
+                 engines: str = "") -> None:
         self.registry = registry
         ProcessCollector(registry=registry)
-        Info("disagg_build", "Version and config digest of this daemon.", registry=registry).info(
-            {"daemon": daemon, "version": version, "config_digest": digest}
+        Info("disagg_build", "This daemon's version, config digest and the vLLM/LMCache it runs (mid-upgrade they "
+             "differ between daemons).", registry=registry).info(
+            {"daemon": daemon, "version": version, "config_digest": digest, "engines": engines}
         )
         self.ready = Gauge("disagg_ready", "1 when the daemon serves (ready or degraded), else 0.", registry=registry)
         self.state = Gauge(

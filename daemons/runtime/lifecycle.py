@@ -66,7 +66,8 @@ class Daemon:
         self.registry = registry if registry is not None else CollectorRegistry()
         self.digest_parts = digest_parts(config)
         self.digest = digest_of(self.digest_parts)
-        self.metrics = DaemonMetrics(self.name, self.registry, version=__version__, digest=self.digest)
+        self.metrics = DaemonMetrics(self.name, self.registry, version=__version__, digest=self.digest,
+                                     engines=self.digest_parts.get("versions", ""))
         self.notifier = SystemdNotifier()
         self.started_at = time.time()
         self.details: dict[str, object] = {}

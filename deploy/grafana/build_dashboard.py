@@ -35,6 +35,13 @@ ROWS: list[tuple[str, list[tuple]]] = [
         ("Requests in flight", "short", [q("sum(disagg_requests_in_flight)", "in flight")]),
         ("Prompt tokens in flight: at prefill / computed on decode (overflow)", "short",
          [q("sum by (where) (disagg_prompt_tokens_in_flight)", "{{where}}")]),
+        ("Decode engine up (0: requests fail over to prefill engines)", "short",
+         [q("min(disagg_decode_engine_up)", "decode engine up")]),
+        ("Failover in flight, engine reloads, migrations", "short", [
+            q("sum(disagg_failover_in_flight)", "failover in flight"),
+            q(f"sum(increase(disagg_decode_engine_reloads_total[{RI}]))", "engine reloads"),
+            q(f"sum by (outcome) (increase(disagg_request_migrations_total[{RI}]))", "migrations {{outcome}}"),
+        ]),
     ]),
     ("Where the time went (Server-Timing stages)", [
         # Means add up (quantiles do not): stacked, read + queue + prefill + decode is the mean time to first token.
@@ -98,8 +105,71 @@ ROWS: list[tuple[str, list[tuple]]] = [
         ("Scrape up by daemon", "short", [q('max by (daemon) (up{job="disagg"})', "{{daemon}}")]),
         ("Starts (restarts + 1)", "short", [q("max by (daemon) (disagg_starts)", "{{daemon}}")]),
         ("Start to ready", "s", [q("max by (daemon) (disagg_readiness_seconds)", "{{daemon}}")]),
+        ("Build: version, vLLM/LMCache and config digest by daemon (two at once: a roll in progress)", "short",
+         [q("max by (daemon, version, engines, config_digest) (disagg_build_info)",
+            "{{daemon}} {{version}} ({{engines}}) {{config_digest}}")]),
     ]),
 ]
+
+# What each panel shows and how to read it (Grafana shows it on the panel's (i) icon). Every panel has one.
+DESCRIPTIONS = {
+    "Requests per second by status": "Front-door requests by HTTP status: 429 is admission refusing (full), 503 no "
+    "engine could serve, 499 the client left.",
+    "Time to first token (incl. prefill call)": "Arrival to first token as clients see it, the prefill call included.",
+    "Inter-token latency": "Time between streamed tokens: the decode engine's step time as clients see it.",
+    "End-to-end latency": "Arrival to the last byte.",
+    "Errors per second by kind": "Failed requests by kind (docs/reference/metrics.md lists every kind; runbooks: "
+    "DisaggRequestErrors).",
+    "Requests in flight": "Requests holding an admission slot now (cap: decode_worker.max_concurrent_requests).",
+    "Prompt tokens in flight: at prefill / computed on decode (overflow)": "Estimated prompt tokens in prefill calls, "
+    "and those the decode engine computes itself because prefill is backed up (path prefill_busy).",
+    "Decode engine up (0: requests fail over to prefill engines)": "0 while the decode engine loads, reloads or does "
+    "not answer: requests go whole to prefill engines (path failover). Runbook: DisaggDecodeEngineDown.",
+    "Failover in flight, engine reloads, migrations": "Requests served whole by prefill engines now; decode engine "
+    "restarts in place; streams continued on another engine (or not: failed) after theirs broke.",
+    "Mean time to first token by stage (stacked)": "Server-Timing's stages, averaged: read + queue + prefill + decode "
+    "is the mean time to first token.",
+    "Stage p99": "The 99th percentile of each stage: which one makes the tail.",
+    "Of prefill: waiting for LMCache to hold the KV (mean)": "How long prefill-worker waits after its engine answered "
+    "until LMCache holds the prompt's chunks (bounded by kv_path.store_timeout_s).",
+    "KV cross-checks per second (greedy requests: decode's first token vs prefill's own)": "match / near_tie are fine; "
+    "any mismatch is KV that means something else (runbook: DisaggKVMismatch).",
+    "KV path canary (1 = KV flows prefill -> LMCache -> decode)": "The last canary through every prefill-worker "
+    "passed (1) or not (0). Runbook: DisaggKVPathBroken.",
+    "Canaries per second by result (ok, or the hop that broke)": "Canary results: ok, or the hop that broke.",
+    "Requests per second by path (disaggregated / recomputed / fallback)": "How each answer got its prompt "
+    "(x-disagg-path): disaggregated, recomputed, fallback, short_prompt, failover, ...",
+    "Prefill: wait for LMCache to hold the KV": "prefill-worker's wait for the store, p50/p99.",
+    "KV reuse ratio (prompt tokens from LMCache)": "Share of all prompt tokens the decode engine loaded instead of "
+    "computing (short prompts, computed on the decode engine by design, lower it).",
+    "Prompt tokens per second: reused vs computed": "Prompt tokens the decode engine loaded from LMCache vs computed.",
+    "Fallbacks per second by reason": "Prompts the decode engine computed because prefill was skipped or failed, by "
+    "reason. Runbook: DisaggFallbackRateHigh.",
+    "Prefill call latency (decode -> prefill-worker)": "The prefill call as the front door sees it (the store wait "
+    "included).",
+    "Tokens prefilled per second (prefill-worker)": "Prompt tokens the prefill engine computed.",
+    "LMCache L1 memory": "LMCache's host memory for KV in use.",
+    "LMCache L1 usage (of the cap)": "Share of lmcache.l1_size_gb in use; at the cap LMCache evicts (LRU).",
+    "LMCache lookups: hit vs requested tokens per second": "Tokens engines asked LMCache for vs found there.",
+    "LMCache restarts in place by reason (lmcache-server)": "LMCache restarted by lmcache-server: unresponsive, "
+    "engine_lost, peer_replaced. Runbook: DisaggLMCacheRestarted.",
+    "LMCache unanswered for (health check and request queue)": "How long LMCache has answered neither its health "
+    "check nor a lookup (restarted in place at lmcache.unresponsive_restart_s).",
+    "LMCache chunks written / read per second": "KV chunks stored into and loaded from LMCache's L1.",
+    "Requests running / waiting": "Each engine's own queue (vLLM): waiting requests mean a saturated engine.",
+    "Engine KV cache usage": "Each engine's GPU KV cache in use.",
+    "Engine prompt tokens per second": "Prompt tokens each engine processed (loaded ones included).",
+    "Decode engine: prefix tokens hit externally (LMCache) per second": "Prompt tokens the engines loaded from "
+    "LMCache (vLLM's own count).",
+    "Ready (1) by daemon": "1 while a daemon serves (ready or degraded); disaggctl status says which and why.",
+    "Scrape up by daemon": "Prometheus reaches the daemon's metrics port. Runbook: DisaggDaemonDown.",
+    "Starts (restarts + 1)": "Times each daemon started with this runtime dir: a rise is a restart. Runbook: "
+    "DisaggRestarting.",
+    "Start to ready": "Seconds from a daemon's start to its first ready.",
+    "Build: version, vLLM/LMCache and config digest by daemon (two at once: a roll in progress)": "One series per "
+    "daemon and release: mid-upgrade two versions show; two config digests mean the daemons refuse each other "
+    "(runbooks: DisaggVersionSkew, DisaggDigestMismatch).",
+}
 
 
 def build() -> dict:
@@ -116,7 +186,7 @@ def build() -> dict:
             if "stack" in style:
                 defaults["custom"] = {"stacking": {"mode": "normal", "group": "A"}, "fillOpacity": 60}
             panels.append({
-                "type": "timeseries", "title": ptitle, "id": pid, "datasource": DS,
+                "type": "timeseries", "title": ptitle, "description": DESCRIPTIONS[ptitle], "id": pid, "datasource": DS,
                 "gridPos": {"h": 8, "w": 8, "x": (i % 3) * 8, "y": y + (i // 3) * 8},
                 "fieldConfig": {"defaults": defaults, "overrides": []},
                 "options": {"legend": {"displayMode": "list", "placement": "bottom"}, "tooltip": {"mode": "multi"}},
