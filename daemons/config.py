@@ -27,7 +27,21 @@ CONFIG_ENV = "DISAGG_CONFIG"
 
 Port = Annotated[int, Field(ge=1, le=65535)]
 PositiveFloat = Annotated[float, Field(gt=0)]
-_DEVICE_RE = re.compile(r"^(cpu|cuda:\d+)$")
+_DEVICE_RE = re.compile(r"^(cpu|cuda:\d+(-\d+)?(,\d+(-\d+)?)*)$")
+# Tensor parallelism comes from `device` (several GPUs): a flag of its own would disagree with it.
+TP_FLAGS = ("--tensor-parallel-size", "-tp")
+
+
+def gpu_indices(device: str) -> list[int]:
+    """The GPUs a worker's `device` names: ``cuda:0`` -> [0], ``cuda:0-3`` -> [0, 1, 2, 3], ``cuda:0,2`` -> [0, 2];
+    ``cpu`` -> []."""
+    if not device.startswith("cuda:"):
+        return []
+    out: list[int] = []
+    for part in device.split(":", 1)[1].split(","):
+        first, _, last = part.partition("-")
+        out += list(range(int(first), int(last or first) + 1))
+    return out
 
 
 class ConfigError(Exception):
@@ -175,7 +189,9 @@ class WorkerConfig(DaemonConfig):
     host: str = Field(default="127.0.0.1", description="Where the worker's API listens.")
     port: Port = Field(description="The worker's API port (decode-worker: the public front door).")
     engine_port: Port = Field(description="The engine's port, on loopback (only the worker calls it).")
-    device: str = Field(default="cpu", description="cpu or cuda:N (sets CUDA_VISIBLE_DEVICES for the engine).")
+    device: str = Field(default="cpu", description="cpu, cuda:N, or several GPUs (cuda:0-3, cuda:0,2): the engine "
+                        "sees those (CUDA_VISIBLE_DEVICES) and spans them with tensor parallelism (--tensor-parallel-size "
+                        "= their number).")
     kv_cache_memory_bytes: Annotated[int, Field(gt=0)] | None = Field(
         default=None, description="The engine's KV cache size (--kv-cache-memory-bytes); required on CPU, and for two "
         "engines on one GPU.")
@@ -198,6 +214,9 @@ class WorkerConfig(DaemonConfig):
     def _no_overrides(cls, args: list[str]) -> list[str]:
         for arg in args:
             flag = arg.split("=", 1)[0]
+            if flag in TP_FLAGS:
+                raise ValueError(f"{flag}: tensor parallelism follows `device` (e.g. cuda:0-3 spans four GPUs): "
+                                 "name the GPUs there, not here")
             if flag in ENGINE_OWNED_FLAGS:
                 raise ValueError(f"{flag} is set by disagg (the engine stays on loopback, behind the worker, "
                                  "with the KV transfer config derived from this file); remove it")
@@ -207,8 +226,16 @@ class WorkerConfig(DaemonConfig):
     @classmethod
     def _device(cls, device: str) -> str:
         if not _DEVICE_RE.match(device):
-            raise ValueError(f"must be 'cpu' or 'cuda:N', got {device!r}")
+            raise ValueError(f"must be 'cpu', 'cuda:N' or several GPUs ('cuda:0-3', 'cuda:0,2'), got {device!r}")
+        gpus = gpu_indices(device)
+        if device != "cpu" and (not gpus or gpus != sorted(set(gpus))):
+            raise ValueError(f"{device!r} names a GPU twice or out of order")
         return device
+
+    @property
+    def tensor_parallel_size(self) -> int:
+        """The engine's ranks: the GPUs it spans (1 on one GPU or the CPU)."""
+        return max(1, len(gpu_indices(self.device)))
 
     @model_validator(mode="after")
     def _memory(self) -> WorkerConfig:
@@ -674,7 +701,8 @@ class Config(_Section):
 
     def local_engine_ranks(self) -> int:
         """The engine ranks that connect to this host's LMCache server (every local worker's engine)."""
-        return sum(1 for kind in WORKER_KINDS for name in self.workers(kind) if self.is_local(name))
+        return sum(w.tensor_parallel_size for kind in WORKER_KINDS for name, w in self.workers(kind).items()
+                   if self.is_local(name))
 
     def lmcache_workers(self) -> tuple[int, int]:
         """LMCache's (--max-gpu-workers, --max-cpu-workers): the config's, else derived from the engine ranks."""
@@ -736,9 +764,9 @@ class Config(_Section):
         on: dict[tuple[str | None, str], list[str]] = {}
         for kind in WORKER_KINDS:
             for name, w in self.workers(kind).items():
-                if w.device.startswith("cuda:"):
+                for gpu in gpu_indices(w.device):  # engines sharing any GPU (one of several, too)
                     host = self.cluster.host_of(name) if self.cluster is not None else None
-                    on.setdefault((host, w.device), []).append(name)
+                    on.setdefault((host, f"cuda:{gpu}"), []).append(name)
         for (_, device), names in on.items():
             unsized = [n for n in names if self._worker_by_name(n).kv_cache_memory_bytes is None]
             if len(names) > 1 and unsized:
@@ -750,6 +778,20 @@ class Config(_Section):
                     "gpu_memory_utilization: the second engine to start fails ('No available memory for the cache "
                     "blocks': vLLM's memory profile counts the other engine's memory as used); set "
                     f"{keys} (e.g. 21474836480, 20 GiB each on one 141 GB H200; etc/disagg-1gpu.yaml)")
+        return self
+
+    @model_validator(mode="after")
+    def _same_parallel_layout(self) -> Config:
+        sizes = {(kind, name): w.tensor_parallel_size for kind in WORKER_KINDS
+                 for name, w in self.workers(kind).items()}
+        (first_kind, first), reference = next(iter(sizes.items()))
+        for (kind, name), size in sizes.items():
+            if size != reference:
+                raise ValueError(
+                    f"{WORKER_KINDS[first_kind]}.device ({first}: {reference} GPU(s)) and {WORKER_KINDS[kind]}.device "
+                    f"({name}: {size} GPU(s)) give their engines different tensor-parallel sizes: LMCache keys KV by "
+                    "the engine's world size and rank, so KV one computes would never be found by the other; give "
+                    "every engine as many GPUs")
         return self
 
     def _worker_by_name(self, name: str) -> WorkerConfig:

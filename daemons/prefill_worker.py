@@ -110,6 +110,7 @@ class PrefillWorker(EngineDaemon):
             mq_timeout_s=config.lmcache.mq_timeout_s,
             heartbeat_interval_s=config.lmcache.heartbeat_interval_s,
             log_path=Path(config.log_dir) / f"{self.name}-kv-lookup.log", logs=config.logs,
+            world_size=self.worker.tensor_parallel_size,
         )
         self.proxy = Upstream()  # the prefill calls' own pool, on aiohttp (probes use httpx)
         self.cluster_secret = cluster_headers(config).get(HEADER, "")  # ConfigError (exit 78): unreadable, short

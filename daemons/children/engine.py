@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Literal
 
 from daemons.children.child import ChildProcess, child_env
-from daemons.config import Config, WorkerConfig
+from daemons.config import Config, WorkerConfig, gpu_indices
 
 KVRole = Literal["kv_producer", "kv_consumer"]
 
@@ -57,6 +57,8 @@ def engine_argv(config: Config, worker: WorkerConfig, role: KVRole | None) -> li
         argv += ["--gpu-memory-utilization", str(worker.gpu_memory_utilization)]
     if worker.max_num_seqs is not None:
         argv += ["--max-num-seqs", str(worker.max_num_seqs)]
+    if worker.tensor_parallel_size > 1:  # the GPUs `device` names, one rank each
+        argv += ["--tensor-parallel-size", str(worker.tensor_parallel_size)]
     if role is not None:
         argv += ["--kv-transfer-config", json.dumps(kv_transfer_config(config, role), separators=(",", ":"))]
     return argv + list(worker.extra_engine_args)
@@ -70,7 +72,7 @@ def engine_env(worker: WorkerConfig) -> dict[str, str]:
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("TRANSFORMERS_OFFLINE", "1")
     if worker.device.startswith("cuda:"):
-        env["CUDA_VISIBLE_DEVICES"] = worker.device.split(":", 1)[1]
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, gpu_indices(worker.device)))
     else:
         env["CUDA_VISIBLE_DEVICES"] = ""
         # Two engines share this host's cores. vLLM's CPU build pins each engine's threads to the same cores

@@ -50,10 +50,11 @@ class KVLookup:
     """The daemon's handle on the lookup child. Every call has a deadline."""
 
     def __init__(self, *, server_url: str, model: str, mq_timeout_s: float, heartbeat_interval_s: float,
-                 log_path: Path, logs: LogsConfig | None = None) -> None:
+                 log_path: Path, logs: LogsConfig | None = None, world_size: int = 1) -> None:
         self.argv = [
             sys.executable, "-m", "daemons.kv.kv_lookup", "--server-url", server_url, "--model", model,
             "--mq-timeout", str(mq_timeout_s), "--heartbeat-interval", str(heartbeat_interval_s),
+            "--world-size", str(world_size),  # LMCache keys KV by the engine's world size: the engine's TP size
         ]
         self.log_path = Path(log_path)
         self.logs = logs or LogsConfig()
@@ -210,7 +211,8 @@ def _die_with_parent() -> None:
 
 
 # -- the child ---------------------------------------------------------------------------
-def _serve(out: typing.TextIO, server_url: str, model: str, mq_timeout: float, heartbeat_interval: float) -> int:
+def _serve(out: typing.TextIO, server_url: str, model: str, mq_timeout: float, heartbeat_interval: float,
+           world_size: int = 1) -> int:
     import zmq
     from lmcache.integration.vllm.vllm_multi_process_adapter import LMCacheMPSchedulerAdapter
 
@@ -218,7 +220,7 @@ def _serve(out: typing.TextIO, server_url: str, model: str, mq_timeout: float, h
         # Legacy positional form, accepted by LMCache 0.5.3 and 0.5.6 alike:
         # (urls, context, model, kv world size, kv worker id, vLLM block size).
         return LMCacheMPSchedulerAdapter(
-            [server_url], zmq.Context(), model, 1, 0, 16, mq_timeout=mq_timeout,
+            [server_url], zmq.Context(), model, world_size, 0, 16, mq_timeout=mq_timeout,
             heartbeat_interval=heartbeat_interval,
         )
 
@@ -292,6 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", required=True)
     parser.add_argument("--mq-timeout", type=float, default=5.0)
     parser.add_argument("--heartbeat-interval", type=float, default=2.0)
+    parser.add_argument("--world-size", type=int, default=1, help="the engine's tensor-parallel size")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
@@ -300,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     out = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)
     sys.stdout = sys.stderr
-    return _serve(out, args.server_url, args.model, args.mq_timeout, args.heartbeat_interval)
+    return _serve(out, args.server_url, args.model, args.mq_timeout, args.heartbeat_interval, args.world_size)
 
 
 if __name__ == "__main__":

@@ -57,7 +57,7 @@ BAD_VALUES = [
     ("lmcache", "http_port", 70000, "lmcache.http_port:"),
     ("lmcache", "chunk_size", 0, "lmcache.chunk_size:"),
     ("lmcache", "chunk_size", -256, "lmcache.chunk_size:"),
-    ("decode_worker", "device", "gpu1", "decode_worker.device: must be 'cpu' or 'cuda:N'"),
+    ("decode_worker", "device", "gpu1", "decode_worker.device: must be 'cpu', 'cuda:N'"),
     ("lmcache", "host", "0.0.0.0", "lmcache.host: must be a loopback address"),
     ("readiness", "heartbeat_timeout_s", 3, "readiness: heartbeat_timeout_s must exceed"),
 ]
@@ -162,7 +162,7 @@ def test_instance_unknown_key_is_named(tmp_path, model_dir):
 def test_instance_bad_value_is_named(tmp_path, model_dir):
     doc = instances_doc(model_dir)
     doc["prefill_worker"]["instances"]["gpu1"]["device"] = "tpu"
-    assert "prefill_worker.instances.gpu1.device: must be 'cpu' or 'cuda:N'" in error_of(tmp_path, doc)
+    assert "prefill_worker.instances.gpu1.device: must be 'cpu', 'cuda:N'" in error_of(tmp_path, doc)
 
 
 def test_instance_name_is_checked(tmp_path, model_dir):
@@ -243,3 +243,52 @@ def test_a_drain_shorter_than_the_request_deadlines_is_a_warning_naming_the_keys
     doc["readiness"]["drain_timeout_s"] = 600
     assert load_config(write(tmp_path, doc)).warnings() == []
     assert load_config(write(tmp_path, doc)).readiness.stop_budget_s == 1215
+
+
+# -- engines over several GPUs (issue 31) -------------------------------------------------------------------------
+def gpus(tmp_path: Path, model_dir: Path, prefill: str, decode: str, **extra: object):  # type: ignore[no-untyped-def]
+    doc = base(model_dir)
+    doc["prefill_worker"].update(device=prefill, kv_cache_memory_bytes=1 << 30)
+    doc["decode_worker"].update(device=decode, kv_cache_memory_bytes=1 << 30)
+    for section, values in extra.items():
+        doc.setdefault(section, {}).update(values)  # type: ignore[union-attr]
+    return doc
+
+
+def test_an_engine_spans_the_gpus_its_device_names_with_tensor_parallelism(tmp_path, model_dir):
+    from daemons.children.engine import engine_argv, engine_env
+    from daemons.config import gpu_indices
+
+    assert gpu_indices("cuda:0-3") == [0, 1, 2, 3] and gpu_indices("cuda:4,6") == [4, 6] and gpu_indices("cpu") == []
+    config = load_config(write(tmp_path, gpus(tmp_path, model_dir, "cuda:0-3", "cuda:4,5,6,7")))
+    prefill, decode = config.prefill_worker, config.decode_worker
+    assert (prefill.tensor_parallel_size, decode.tensor_parallel_size) == (4, 4)
+    argv = engine_argv(config, prefill, "kv_producer")
+    assert argv[argv.index("--tensor-parallel-size") + 1] == "4"
+    assert engine_env(decode)["CUDA_VISIBLE_DEVICES"] == "4,5,6,7"
+    assert config.local_engine_ranks() == 8 and config.lmcache_workers() == (16, 10)  # every rank connects
+    one = load_config(write(tmp_path, gpus(tmp_path, model_dir, "cuda:0", "cuda:1")))
+    assert "--tensor-parallel-size" not in engine_argv(one, one.prefill_worker, "kv_producer")
+
+
+def test_engines_of_different_tensor_parallel_sizes_are_refused_with_the_reason(tmp_path, model_dir):
+    err = error_of(tmp_path, gpus(tmp_path, model_dir, "cuda:0-1", "cuda:2"))
+    assert "different tensor-parallel sizes" in err and "world size and rank" in err
+
+
+@pytest.mark.parametrize("flag", ["--tensor-parallel-size", "-tp", "--tensor-parallel-size=2"])
+def test_a_tensor_parallel_flag_of_its_own_is_refused(tmp_path, model_dir, flag):
+    doc = gpus(tmp_path, model_dir, "cuda:0", "cuda:1")
+    doc["decode_worker"]["extra_engine_args"] = [flag] if "=" in flag else [flag, "2"]
+    assert "tensor parallelism follows `device`" in error_of(tmp_path, doc)
+
+
+@pytest.mark.parametrize("device", ["cuda:3-1", "cuda:0,0", "cuda:", "cuda:0-", "gpu:0"])
+def test_a_device_that_names_no_sane_gpu_set_is_refused(tmp_path, model_dir, device):
+    assert "decode_worker.device" in error_of(tmp_path, gpus(tmp_path, model_dir, "cuda:0", device))
+
+
+def test_engines_that_share_one_of_their_gpus_must_be_sized(tmp_path, model_dir):
+    doc = gpus(tmp_path, model_dir, "cuda:0-1", "cuda:1-2")
+    doc["prefill_worker"]["kv_cache_memory_bytes"] = None
+    assert "share cuda:1" in error_of(tmp_path, doc)
