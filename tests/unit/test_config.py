@@ -292,3 +292,30 @@ def test_engines_that_share_one_of_their_gpus_must_be_sized(tmp_path, model_dir)
     doc = gpus(tmp_path, model_dir, "cuda:0-1", "cuda:1-2")
     doc["prefill_worker"]["kv_cache_memory_bytes"] = None
     assert "share cuda:1" in error_of(tmp_path, doc)
+
+
+@pytest.mark.parametrize("layout", ["disagg-8gpu-7b.yaml", "disagg-8gpu-70b.yaml"])
+def test_the_eight_gpu_layouts_pass_check_config(tmp_path, model_dir, layout):
+    """(issue 31) An eight-GPU server: four prefill + four decode engines of a 7B model, and a 70B-class model with
+    TP 4 prefill + TP 4 decode; `disaggctl check-config` (the real command) accepts each with a model in place."""
+    import subprocess
+    import sys
+
+    doc = yaml.safe_load((REPO / "etc" / layout).read_text())
+    doc["model"]["path"] = str(model_dir)
+    doc["runtime_dir"], doc["log_dir"] = str(tmp_path / "run"), str(tmp_path / "log")
+    path = write(tmp_path, doc)
+    proc = subprocess.run([sys.executable, "-m", "daemons.ops.ctl", "--config", str(path), "check-config"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    config = load_config(path)
+    from daemons.config import gpu_indices
+
+    engines = [w for kind in ("prefill-worker", "decode-worker") for w in config.workers(kind).values()]
+    used = sorted(g for w in engines for g in gpu_indices(w.device))
+    assert used == list(range(8))  # every GPU of the box, once
+    assert config.local_engine_ranks() == 8
+    # The 70B layout with a decode engine over three GPUs: refused, with the reason.
+    if "70b" in layout:
+        doc["decode_worker"]["device"] = "cuda:4-6"
+        assert "different tensor-parallel sizes" in error_of(tmp_path, doc)
