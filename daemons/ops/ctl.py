@@ -34,6 +34,7 @@ from daemons.config import (
     HOST_ID_ENV,
     Config,
     ConfigError,
+    DaemonId,
     check_model_present,
     config_path,
     load_config,
@@ -180,20 +181,29 @@ def supervisor_env(config: Config) -> dict[str, str]:
     return env
 
 
+def _rendered(config: Config) -> bool:
+    """Does this config need a supervisord config of its own (several hosts, or worker instances)?"""
+    return config.cluster is not None or any(DaemonId.parse(n).instance for n in config.daemon_names())
+
+
 def supervisor_conf(config: Config) -> Path:
-    """The supervisord config for this machine: the shipped one on one box; on a host of a cluster, one
-    written to the runtime dir with only this host's programs (plus lmcache-coordinator where it runs)."""
-    if config.cluster is None:
-        return SUPERVISOR_CONF
-    return config.runtime_dir / "supervisord.conf"
+    """The supervisord config for this machine: the shipped one for one box of one worker each; else (a host of a
+    cluster, worker instances) one written to the runtime dir with exactly this host's programs."""
+    return config.runtime_dir / "supervisord.conf" if _rendered(config) else SUPERVISOR_CONF
 
 
 def render_supervisor_conf(config: Config) -> str:
-    """The shipped config cut to this host's daemons; lmcache-coordinator is lmcache-server's program, renamed."""
+    """The shipped config cut to this host's daemons: lmcache-coordinator is lmcache-server's program renamed, and
+    a worker instance its kind's program named after it (``prefill-worker@a``) with ``--instance a``."""
     head, *programs = SUPERVISOR_CONF.read_text().split("\n[program:")
     sections = {p.split("]", 1)[0]: "[program:" + p for p in programs}
     sections[COORDINATOR] = sections["lmcache-server"].replace("[program:lmcache-server]", f"[program:{COORDINATOR}]") \
         .replace("disagg-lmcache-server", f"disagg-{COORDINATOR}").replace("priority=10", "priority=5")
+    for name in config.daemon_names():
+        daemon = DaemonId.parse(name)
+        if daemon.instance:
+            sections[name] = sections[daemon.kind].replace(f"[program:{daemon.kind}]", f"[program:{name}]") \
+                .replace("--config %(ENV_DISAGG_CONFIG)s\n", f"--config %(ENV_DISAGG_CONFIG)s --instance {daemon.instance}\n", 1)
     local = ["disagg-sockets", *config.daemon_names()]
     return head.rstrip() + "\n\n" + "\n".join(sections[name].rstrip() + "\n" for name in local if name in sections)
 
@@ -231,7 +241,7 @@ def up(config: Config, conf: Path | None = None) -> int:
         log.info("%s: the previous run's state file moved aside (%s.json.last)", daemon, daemon)
     if conf is None:
         conf = supervisor_conf(config)
-        if config.cluster is not None:
+        if _rendered(config):
             conf.write_text(render_supervisor_conf(config))
     exe = str(Path(sys.executable).parent / "supervisord")
     proc = subprocess.run([exe, "-c", str(conf)], env=supervisor_env(config), capture_output=True, text=True)

@@ -1,15 +1,12 @@
 """Several workers of a kind on one box: two prefill-worker instances behind one
-decode-worker, each daemon started as its template unit would start it."""
+decode-worker, under supervisord as `disaggctl up` runs them (a program per instance, held sockets for each)."""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import signal
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import httpx
 import pytest
@@ -20,7 +17,6 @@ from daemons.runtime.statefile import read_state
 
 from .conftest import PORTS, ctl, words_prompt, write_config
 
-BIN = Path(sys.executable).parent
 OFFSET = 3000  # ports 21000-22112: below the ephemeral range (32768+), where vLLM binds random ports
 
 
@@ -37,17 +33,13 @@ def two_prefills(tmp_path_factory, model_dir):
     # "under load" is any other request in progress.
     ports["decode_worker"] = {**ports["decode_worker"], "balance_short_prompts": True, "short_prompt_max_in_flight": 0}
     config = write_config(d, **ports)
-    commands = [
-        [str(BIN / "disagg-lmcache-server"), "--config", str(config)],
-        [str(BIN / "disagg-prefill-worker"), "--config", str(config), "--instance", "a"],
-        [str(BIN / "disagg-prefill-worker"), "--config", str(config), "--instance", "b"],
-        [str(BIN / "disagg-decode-worker"), "--config", str(config)],
-    ]
-    procs = []
-    for i, cmd in enumerate(commands):
-        with (d / f"daemon{i}.log").open("wb") as out:
-            procs.append(subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT))
+    # (issue 31) `disaggctl up` with instances exited 78: the shipped supervisord config had no program for one.
+    proc = ctl(config, "up")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
     try:
+        programs = ctl(config, "supervisorctl", "status").stdout
+        for name in ("disagg-sockets", "lmcache-server", "prefill-worker@a", "prefill-worker@b", "decode-worker"):
+            assert name in programs, programs
         proc = ctl(config, "wait-ready", "--timeout", "900", timeout=930)
         assert proc.returncode == 0, proc.stdout + proc.stderr
         # Ready may come before decode-worker has seen the second instance: wait until its canary passed too.
@@ -58,14 +50,7 @@ def two_prefills(tmp_path_factory, model_dir):
             time.sleep(0.5)
         yield config, pf
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(120)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        ctl(config, "down", timeout=400)
 
 
 def engine_running(port: int) -> float:

@@ -319,3 +319,17 @@ def test_the_eight_gpu_layouts_pass_check_config(tmp_path, model_dir, layout):
     if "70b" in layout:
         doc["decode_worker"]["device"] = "cuda:4-6"
         assert "different tensor-parallel sizes" in error_of(tmp_path, doc)
+
+
+def test_worker_instances_get_a_supervisord_program_each(tmp_path, model_dir):
+    """(issue 31) `disaggctl up` with instances exited 78: the shipped supervisord config had no program for one."""
+    from daemons.ops.ctl import render_supervisor_conf, supervisor_conf
+
+    config = load_config(REPO / "etc" / "disagg-8gpu-7b.yaml", require_model=False)
+    conf = render_supervisor_conf(config)
+    for name in ("prefill-worker@p0", "prefill-worker@p3", "decode-worker@d0", "decode-worker@d3"):
+        kind, instance = name.split("@")
+        assert f"[program:{name}]" in conf
+        assert f"disagg-{kind} --config %(ENV_DISAGG_CONFIG)s --instance {instance}\n" in conf
+    assert "[program:prefill-worker]" not in conf and "[program:lmcache-coordinator]" not in conf
+    assert supervisor_conf(config) == config.runtime_dir / "supervisord.conf"
