@@ -106,10 +106,12 @@ def request_id(request: Request) -> str:
 
 @dataclass(frozen=True)
 class WorkLimits:
-    max_choices: int = 4
-    max_prompts: int = 8
-    max_output_tokens: int = 4096
-    max_logprobs: int = 20
+    """decode_worker's max_choices, max_prompts, max_output_tokens, max_logprobs (the defaults are the config's)."""
+
+    max_choices: int
+    max_prompts: int
+    max_output_tokens: int
+    max_logprobs: int
 
 
 def _count(value: Any) -> int | None:
