@@ -97,11 +97,11 @@ class LMCacheConfig(_Section):
         default=5.0, description="Deadline of one control message between an engine's connector and the server.")
     heartbeat_interval_s: PositiveFloat = Field(
         default=2.0, description="The connector pings the server this often (and waits this long for the answer).")
-    # lmcache-server supervises what it runs (docs/faults.md, "The KV store heals"): LMCache that answers neither its
+    # lmcache-server supervises what it runs (docs/faults.md, "The KV store heals"): LMCache that fails its
     # HTTP health check nor a lookup on its request queue (what the engines use) is restarted in place.
     unresponsive_restart_s: PositiveFloat = Field(
-        default=30.0, description="LMCache answering neither /healthcheck nor a lookup on its request queue this "
-        "long is restarted in place (its threads' stacks logged first); doubled after each such restart within "
+        default=30.0, description="LMCache failing /healthcheck or a lookup on its request queue (either) this long "
+        "is restarted in place (its threads' stacks logged first); doubled after each such restart within "
         "`restart_window_s`.")
     restart_limit: Annotated[int, Field(ge=1)] = Field(
         default=5, description="LMCache restarts in place (unresponsive, an engine lost) within `restart_window_s` "
@@ -512,9 +512,11 @@ class ClusterConfig(_Section):
                                  "coordinator ports and the prefill API bind only on addresses in it: none of "
                                  "them has authentication.")
     hosts: dict[str, HostConfig]
-    secret_file: Path = Field(description="A shared secret (at least 16 characters, the same file on every host, "
-                              "readable only by the daemons' user): our daemons' calls across hosts carry it, and "
-                              "the prefill API answers 401 without it (docs/security.md).")
+    secret_file: Path | None = Field(
+        default=None, description="A shared secret (at least 16 characters, the same file on every host, readable "
+        "only by the daemons' user): our daemons' calls across hosts carry it, and the prefill API answers 401 "
+        "without it (docs/security.md). null: the prefill API takes any caller on the private network (a warning; "
+        "set it once every host runs a release that knows it: a rolling upgrade, then this key and a second roll).")
     coordinator_port: Port = Field(default=9300, description="LMCache's coordinator (membership only, no KV).")
     p2p_port: Port = Field(default=8555, description="Each lmcache-server's P2P transfer-channel port.")
     p2p_transfer_engine: Literal["mooncake_te", "nixl"] = Field(
@@ -801,6 +803,10 @@ class Config(_Section):
         """What is legal but probably not meant: each names the keys (``check-config`` prints them; the
         daemons log them at start)."""
         out = []
+        if self.cluster is not None and self.cluster.secret_file is None:
+            out.append("cluster.secret_file is not set: the prefill API takes any caller on the private network "
+                       "(its /whole route generates whole answers, past the front door's keys and admission); "
+                       "`disaggctl install` writes a secret, docs/hosts.md says how to roll it in")
         r, d = self.readiness, self.decode_worker
         longest = max(d.request_timeout_s, d.first_token_timeout_s)
         if r.drain_timeout_s < longest:

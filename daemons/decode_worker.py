@@ -27,6 +27,7 @@ import time
 from collections import deque
 from dataclasses import fields, replace
 
+from daemons.children.child_daemon import CodeChanged
 from daemons.children.stall import StallDetector
 from daemons.children.worker import EngineDaemon
 from daemons.config import Config, ConfigError, DecodeWorkerConfig
@@ -331,6 +332,7 @@ class DecodeWorker(EngineDaemon):
         try:
             self.front_metrics.engine_reloads.inc()
             await self.stop_engine(self.config.readiness.drain_timeout_s)
+            self.engine_lost_at = time.time()  # gone now: lmcache-server must look after this
             if await self._engine_until_up(f"reloading the decode engine ({why})"):
                 log.info("decode engine back after a restart in place: checking the KV path")
                 self.router.check_now.set()
@@ -370,6 +372,8 @@ class DecodeWorker(EngineDaemon):
             try:
                 if not await self.start_child(what):
                     return False
+            except CodeChanged:
+                raise  # vLLM/LMCache upgraded under this daemon: exit, to start again on them (never retried)
             except (DaemonFailed, TimeoutError) as exc:
                 await self.peers.view(LMCACHE)
                 after = self.lmcache_generation()
@@ -379,7 +383,7 @@ class DecodeWorker(EngineDaemon):
                                 "not ready" if after is None else "restarted")
                 else:
                     failures += 1
-                    if failures >= self.worker.engine_restart_limit:
+                    if failures > self.worker.engine_restart_limit:
                         # In a row, whatever the window: a start that takes longer than engine_restart_window_s
                         # (engine_startup_timeout_s can) would otherwise never fill it, and retry forever.
                         raise DaemonFailed(f"decode engine failed to start {failures} times in a row "

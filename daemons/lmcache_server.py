@@ -6,8 +6,8 @@ re-exposes LMCache's ``lmcache_*`` metrics next to ours.
 
 The KV store is supervised like an engine (docs/faults.md, "The KV store heals"):
 
-- LMCache that answers neither (the HTTP thread can starve behind a thread holding the GIL, and the reverse) for
-  ``lmcache.unresponsive_restart_s`` is restarted in place, its threads' stacks logged first
+- LMCache that fails either probe (the HTTP thread can starve behind a thread holding the GIL, and the reverse)
+  throughout ``lmcache.unresponsive_restart_s`` is restarted in place, its threads' stacks logged first
   (:mod:`daemons.children.stacks`); the threshold doubles after each such restart within the window.
 - When an engine on this host dies without a planned stop, LMCache is restarted before the engine's replacement
   connects (``lmcache.restart_on_engine_loss``, on for GPU engines): LMCache 0.5.x's server waits on the engine's
@@ -130,8 +130,10 @@ class LMCacheServer(ChildDaemon):
         )
         self.probe_tokens = [0] * config.lmcache.chunk_size
         self.unanswered_since: float | None = None  # monotonic: since when LMCache has not answered
+        self._unanswered_wall = ""  # the same, as a time of day for the reason
         self.restarts: deque[tuple[float, str]] = deque()  # restarts in place: (monotonic time, reason)
         self.engines: dict[int, str] = {}  # engine pid -> its worker, from the local workers' state files
+        self.planned: set[int] = set()  # engine pids their workers said they stop on purpose
         self.lm_metrics.unanswered.set_function(self._unanswered_for)
 
     def _unanswered_for(self) -> float:
@@ -214,7 +216,8 @@ class LMCacheServer(ChildDaemon):
     # -- LMCache that stopped answering -------------------------------------------------------------------
     def unresponsive_limit_s(self) -> float:
         """How long LMCache may go unanswered before it is restarted: doubled per restart for it in the window."""
-        recent = sum(1 for _, reason in self.restarts if reason == "unresponsive")
+        now, window = time.monotonic(), self.config.lmcache.restart_window_s
+        recent = sum(1 for at, reason in self.restarts if reason == "unresponsive" and now - at <= window)
         return self.config.lmcache.unresponsive_restart_s * 2 ** min(recent, BACKOFF_DOUBLINGS)
 
     def unanswered(self, http_ok: bool, queue_problem: str | None) -> None:
@@ -222,14 +225,18 @@ class LMCacheServer(ChildDaemon):
         now = time.monotonic()
         if self.unanswered_since is None:
             self.unanswered_since = now
+            self._unanswered_wall = time.strftime("%H:%M:%S")
         silent, limit = now - self.unanswered_since, self.unresponsive_limit_s()
         what = [] if http_ok else ["/healthcheck"]
         if queue_problem:
-            what.append(f"a lookup on its request queue ({queue_problem})")
+            what.append("a lookup on its request queue")
         said = " nor ".join(what)
-        self.set_state(State.DEGRADED, f"LMCache answers neither {said} for {silent:.0f}s (restarted in place at "
-                                       f"{limit:.0f}s)" if len(what) > 1 else
-                       f"LMCache does not answer {said} for {silent:.0f}s (restarted in place at {limit:.0f}s)")
+        # A reason that stays the same while it lasts (the log says a state change once, not every heartbeat); how
+        # long is in disagg_lmcache_unanswered_seconds.
+        self.set_state(State.DEGRADED, f"LMCache has not answered {said} since {self._unanswered_wall} (restarted in "
+                                       f"place after {limit:.0f}s)")
+        if queue_problem and silent < self.config.readiness.heartbeat_interval_s + 1:
+            log.warning("LMCache's request queue: %s", queue_problem)
         if silent >= limit:
             self.restart_lmcache(f"it has not answered {said} for {silent:.0f}s", "unresponsive",
                                  grace_s=WEDGED_STOP_GRACE_S, stacks=True)
@@ -252,18 +259,20 @@ class LMCacheServer(ChildDaemon):
         if not self.config.lmcache_restarts_on_engine_loss:
             return False
         checked_at = time.time()
+        # Which known engines are gone, judged before the records are read: a worker marks a planned stop before it
+        # stops the engine, so a pid gone by now had its mark written by now.
+        gone = {pid for pid in self.engines if not pid_alive(pid)}
         records = await asyncio.to_thread(self._worker_records)
-        planned: set[int] = set()
         for name, record in records.items():
             pid = record.details.get("engine_pid")
             if isinstance(pid, int) and pid_alive(pid):
                 self.engines.setdefault(pid, name)
             stopped = record.details.get("engines_stopped")
-            planned |= {p for p in stopped if isinstance(p, int)} if isinstance(stopped, list) else set()
-        lost = {pid: name for pid, name in self.engines.items() if not pid_alive(pid)}
-        for pid in lost:
-            del self.engines[pid]
-        unplanned = {pid: name for pid, name in lost.items() if pid not in planned}
+            if isinstance(stopped, list):  # remembered: a worker restarted since writes a record without them
+                self.planned |= {p for p in stopped if isinstance(p, int)}
+        lost = {pid: self.engines.pop(pid) for pid in gone}
+        unplanned = {pid: name for pid, name in lost.items() if pid not in self.planned}
+        self.planned = {p for p in self.planned if p in self.engines or (p not in lost and pid_alive(p))}
         self.details["engines_checked_at"] = checked_at
         if not unplanned:
             return False
@@ -298,6 +307,8 @@ class LMCacheServer(ChildDaemon):
             log.error("LMCache (pid %d) is restarted because %s; its threads' stacks:\n%s", pid, why,
                       await thread_stacks(pid, self.child.log_path))
         await self.child.stop(grace_s)
+        if self.stopping:  # asked to stop meanwhile: no new LMCache (and no READY from DRAINING)
+            return
         self.unanswered_since = None
         self.engines.clear()  # the engines that connect to the new server are learned anew
         self.instance_id = new_instance_id(self.config)

@@ -74,12 +74,12 @@ class LMCacheServerMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.restarts = Counter(
             "disagg_lmcache_restarts", "LMCache servers this lmcache-server restarted in place, by reason: "
-            "unresponsive (answered neither its health check nor a lookup for lmcache.unresponsive_restart_s), "
+            "unresponsive (failed its health check or a lookup throughout lmcache.unresponsive_restart_s), "
             "engine_lost (an engine died without a planned stop: lmcache.restart_on_engine_loss), peer_replaced "
             "(several hosts: a peer host's LMCache came back as a new instance).", ["reason"], registry=registry)
         self.unanswered = Gauge(
-            "disagg_lmcache_unanswered_seconds", "How long LMCache has answered neither its health check nor a "
-            "lookup on its request queue (0 while it answers).", registry=registry)
+            "disagg_lmcache_unanswered_seconds", "How long LMCache has failed its health check or a lookup on its "
+            "request queue (0 while it answers both).", registry=registry)
         self.probe = Histogram(
             "disagg_lmcache_probe_seconds", "One lookup on LMCache's request queue (what the engines use), as "
             "lmcache-server's probe measured it, by result.", ["result"], buckets=LATENCY_BUCKETS,

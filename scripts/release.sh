@@ -22,6 +22,7 @@ point() {  # point() LINK TARGET: atomically (a new symlink renamed over the old
 case "$cmd" in
   stage)
     [ -n "$name" ] || { echo "usage: $0 stage NAME" >&2; exit 2; }
+    [ -n "${EXTRA:-}" ] || { echo "say which build: EXTRA=gpu (a GPU server) or EXTRA=cpu, as for scripts/install.sh" >&2; exit 2; }
     dest="$ROOT/releases/$name"
     [ -e "$dest" ] && { echo "release $name exists at $dest: stage under another name" >&2; exit 1; }
     mkdir -p "$ROOT/releases"

@@ -144,6 +144,9 @@ async def run_fault(load: Load, fault: Fault, *, warmup_s: float, recovery_bound
         for pid, sig in targets:
             await seen_to_take_effect(pid, sig)
         ended = await hold(targets[0][0], fault.hold_s) if fault.hold_s else ""
+        for pid, sig in targets[1:]:  # a compound's other stopped processes go on with the first
+            if sig == signal.SIGSTOP and not gone(pid):
+                os.kill(pid, signal.SIGCONT)
         if fault.after is not None:
             await asyncio.to_thread(fault.after)  # never block the clients' loop
         fault_end = time.monotonic() - load.t0

@@ -15,6 +15,7 @@ which drains with its child still serving.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -240,8 +241,17 @@ class ChildProcess:
 
     async def astart(self) -> None:
         """:meth:`start` off the event loop: finding an earlier start's processes reads every process's environment
-        and the port's holder every process's file descriptors (a front door serving failover must not wait)."""
-        await asyncio.to_thread(self.start)
+        and the port's holder every process's file descriptors (a front door serving failover must not wait).
+        Cancelled meanwhile (the daemon stops), it waits for the thread's start and stops what it started: no child
+        is left running after the daemon's stop."""
+        started = asyncio.ensure_future(asyncio.to_thread(self.start))
+        try:
+            await asyncio.shield(started)
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):
+                await started
+            await self.stop(5.0)
+            raise
 
     async def port_stranger_now(self) -> str | None:
         """:meth:`port_stranger` off the event loop."""

@@ -23,6 +23,10 @@ PORT_HELD_RETRY_S = 2.0
 PORT_HELD_LOG_S = 60.0
 
 
+class CodeChanged(DaemonFailed):
+    """vLLM or LMCache were installed over the ones this daemon started with: it exits, never retries a child."""
+
+
 class ChildDaemon(Daemon):
     child: ChildProcess
     child_pid_key = "child_pid"  # where the state file's details name the child's pid
@@ -45,7 +49,7 @@ class ChildDaemon(Daemon):
         now = await asyncio.to_thread(installed_versions)
         ours = self.digest_parts.get("versions")
         if ours is not None and now != ours:
-            raise DaemonFailed(f"vLLM/LMCache were upgraded since this daemon started ({ours} -> {now}): exiting to "
+            raise CodeChanged(f"vLLM/LMCache were upgraded since this daemon started ({ours} -> {now}): exiting to "
                                "start again on them, not to run a child of other code")
         if not await self._start_when_port_free(what):
             return False
@@ -69,6 +73,8 @@ class ChildDaemon(Daemon):
         start a child that cannot bind. False if asked to stop meanwhile."""
         logged_at = -PORT_HELD_LOG_S
         while True:
+            if self.stopping:  # draining: no new child (and no LOADING/WAITING from DRAINING)
+                return False
             try:
                 await self.child.astart()
             except PortHeld as exc:

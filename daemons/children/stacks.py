@@ -73,7 +73,9 @@ async def _py_spy(spy: str, pid: int, timeout_s: float) -> str:
     try:
         out, _ = await asyncio.wait_for(proc.communicate(), timeout_s)
     except TimeoutError:
-        proc.kill()
-        await proc.wait()
         return f"py-spy dump: no answer within {timeout_s:.0f}s"
+    finally:
+        if proc.returncode is None:  # timed out or cancelled: never leave py-spy attached to the process
+            proc.kill()
+            await proc.wait()
     return "py-spy dump --native:\n" + out.decode(errors="replace").strip()

@@ -64,8 +64,10 @@ class Admission:
         granted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append(granted)
         try:
-            await asyncio.wait_for(granted, self.queue_timeout_s)  # a slot granted at the deadline still counts
+            await asyncio.wait_for(granted, self.queue_timeout_s)
         except TimeoutError:
+            if granted.done() and not granted.cancelled():
+                return  # granted at the deadline (Python 3.12's wait_for can say timeout then): it counts, it is ours
             raise Overloaded("queue_timeout") from None
         except asyncio.CancelledError:
             if granted.done() and not granted.cancelled():

@@ -39,7 +39,9 @@ def load_secret(path: Path) -> str:
 def cluster_headers(config: Config) -> dict[str, str]:
     """What our calls to another host's daemons carry ({} on one box)."""
     cluster = config.cluster
-    return {} if cluster is None else {HEADER: load_secret(cluster.secret_file)}
+    if cluster is None or cluster.secret_file is None:
+        return {}
+    return {HEADER: load_secret(cluster.secret_file)}
 
 
 class ClusterKeyMiddleware:

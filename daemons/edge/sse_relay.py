@@ -107,7 +107,8 @@ class StreamRelay:
             return
         while True:
             try:
-                event = await asyncio.wait_for(anext(events), self.idle_timeout_s)
+                async with asyncio.timeout(self.idle_timeout_s):  # no task per event
+                    event = await anext(events)
             except StopAsyncIteration:
                 return
             except TimeoutError:

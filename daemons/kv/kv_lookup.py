@@ -216,11 +216,13 @@ def _serve(out: typing.TextIO, server_url: str, model: str, mq_timeout: float, h
     import zmq
     from lmcache.integration.vllm.vllm_multi_process_adapter import LMCacheMPSchedulerAdapter
 
+    context = zmq.Context()  # one for the process: every reconnect shares it (a context each leaked its I/O thread)
+
     def connect() -> typing.Any:
         # Legacy positional form, accepted by LMCache 0.5.3 and 0.5.6 alike:
         # (urls, context, model, kv world size, kv worker id, vLLM block size).
         return LMCacheMPSchedulerAdapter(
-            [server_url], zmq.Context(), model, world_size, 0, 16, mq_timeout=mq_timeout,
+            [server_url], context, model, world_size, 0, 16, mq_timeout=mq_timeout,
             heartbeat_interval=heartbeat_interval,
         )
 

@@ -285,7 +285,12 @@ def restart(config: Config, names: list[str], timeout_s: float = 900.0) -> int:
         # Stop and start as two calls, the stop's client waiting as long as supervisord may (the daemon's drain:
         # readiness.stop_budget_s, rendered into stopwaitsecs): `supervisorctl restart` under one client timeout
         # was killed between its stop and its start once a drain took longer, leaving the daemon stopped.
-        stop = supervisorctl(config, "stop", name, timeout_s=config.readiness.stop_budget_s + 30)
+        try:
+            stop = supervisorctl(config, "stop", name, timeout_s=config.readiness.stop_budget_s + 30)
+        except subprocess.TimeoutExpired:
+            _out(f"{name} did not stop within {config.readiness.stop_budget_s + 30}s (its stop budget and a margin): "
+                 "stopping the rolling restart; `disaggctl supervisorctl status` says where it is")
+            return 1
         if stop.returncode != 0 and "not running" not in stop.stdout.lower():
             _out(f"supervisorctl stop {name} failed: {(stop.stdout + stop.stderr).strip()}")
             return 1
@@ -318,9 +323,9 @@ def cmd_supervisorctl(args: argparse.Namespace) -> int:
     config = _load(args, require_model=False)
     exe = str(Path(sys.executable).parent / "supervisorctl")
     words = list(args.words) or ["status"]
-    interactive_tail = words[0] == "tail" and "-f" in words
-    return subprocess.run([exe, "-c", str(supervisor_conf(config)), *words], env=supervisor_env(config),
-                          timeout=None if interactive_tail else SUPERVISORCTL_TIMEOUT_S).returncode
+    # No deadline: an operator's `stop` or `restart` waits as long as a drain may (supervisord's stopwaitsecs), and
+    # `tail -f` until interrupted; a client killed between stop and start would leave the daemon stopped.
+    return subprocess.run([exe, "-c", str(supervisor_conf(config)), *words], env=supervisor_env(config)).returncode
 
 
 def cmd_up(args: argparse.Namespace) -> int:

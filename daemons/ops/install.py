@@ -182,8 +182,8 @@ def plan_cluster_dropins(prefix: Path, config: Path | None) -> list[Action]:
     if cluster is None:
         return []
     actions = []
-    secret = prefix / Path(cluster.secret_file).relative_to("/") if Path(cluster.secret_file).is_absolute() \
-        else prefix / cluster.secret_file
+    path = Path(cluster.secret_file or "/etc/disagg/cluster-secret")
+    secret = prefix / path.relative_to("/") if path.is_absolute() else prefix / path
     if not secret.exists():
         actions.append(Action("write a new cluster secret (copy this file to every other host)", secret,
                               secrets.token_hex(32) + "\n", mode=0o640, group=USER if prefix == Path("/") else None))

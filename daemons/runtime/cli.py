@@ -58,7 +58,11 @@ def run_daemon(cls: type[Daemon], argv: list[str] | None = None) -> int:
             raise ConfigError(f"runtime_dir: {exc}") from None
         # Before anything reads a state file, binds a port or looks for an earlier start's processes.
         lock = hold_instance_lock(config.runtime_dir, str(daemon_id))
-        daemon = cls(config, instance=daemon_id.instance)
+        try:
+            daemon = cls(config, instance=daemon_id.instance)
+        except BaseException:
+            os.close(lock)
+            raise
     except ConfigError as exc:
         for line in str(exc).splitlines():
             log.error("bad config: %s", line)

@@ -153,8 +153,8 @@ DESCRIPTIONS = {
     "LMCache lookups: hit vs requested tokens per second": "Tokens engines asked LMCache for vs found there.",
     "LMCache restarts in place by reason (lmcache-server)": "LMCache restarted by lmcache-server: unresponsive, "
     "engine_lost, peer_replaced. Runbook: DisaggLMCacheRestarted.",
-    "LMCache unanswered for (health check and request queue)": "How long LMCache has answered neither its health "
-    "check nor a lookup (restarted in place at lmcache.unresponsive_restart_s).",
+    "LMCache unanswered for (health check and request queue)": "How long LMCache has failed its health check or a "
+    "lookup (restarted in place at lmcache.unresponsive_restart_s).",
     "LMCache chunks written / read per second": "KV chunks stored into and loaded from LMCache's L1.",
     "Requests running / waiting": "Each engine's own queue (vLLM): waiting requests mean a saturated engine.",
     "Engine KV cache usage": "Each engine's GPU KV cache in use.",

@@ -79,7 +79,7 @@ def test_an_unanswering_lmcache_is_degraded_at_once_and_restarted_past_the_limit
         restarts: list[str] = []
         s.restart_lmcache = lambda why, reason, **kw: restarts.append(reason)  # type: ignore[method-assign]
         s.unanswered(False, "no answer in 6s")
-        assert s.state is State.DEGRADED and "answers neither /healthcheck nor a lookup" in s.reason
+        assert s.state is State.DEGRADED and "has not answered /healthcheck nor a lookup" in s.reason
         assert restarts == []
         s.unanswered_since = time.monotonic() - 31  # silent past the limit
         s.unanswered(True, "no answer in 6s")
