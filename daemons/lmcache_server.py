@@ -68,7 +68,8 @@ def lmcache_argv(config: Config, instance_id: str = "") -> list[str]:
     gpu_workers, cpu_workers = config.lmcache_workers()
     argv = [
         # LMCache's own CLI, with faulthandler on SIGUSR1: a stuck server can say where (daemons.children.stacks).
-        sys.executable, "-m", "daemons.children.lmcache_main", "server",
+        # -P: the package this daemon runs (its release), never one in the working directory.
+        sys.executable, "-P", "-m", "daemons.children.lmcache_main", "server",
         "--host", address,
         "--port", str(lm.port),
         # LMCache's HTTP API (cache clearing, reconfiguration; no auth) defaults to 0.0.0.0.

@@ -3,9 +3,10 @@ cheaply for tests that roll the stack from one release to the next.
 
 ``<root>/releases/<name>/`` holds ``src/daemons`` (this checkout's package, its ``__version__`` set to the release's)
 and ``bin/`` (the console scripts supervisord and systemd run: ``disagg-*``, ``disaggctl``, ``supervisord``,
-``supervisorctl``), each running this environment's python on that ``src``; ``<root>/current`` points at one
-release and is switched atomically (a new symlink renamed over the old). A release staged by ``scripts/release.sh``
-is a whole virtual environment instead; the switch is the same.
+``supervisorctl``), each running this environment's python on that ``src`` (``-P``: as a console script does,
+never the package in the working directory, which ``python -m`` would put first: a checkout's ``daemons/``);
+``<root>/current`` points at one release and is switched atomically (a new symlink renamed over the old). A
+release staged by ``scripts/release.sh`` is a whole virtual environment instead; the switch is the same.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ def make_release(root: Path, name: str, version: str) -> Path:
     for script, module in SCRIPTS.items():
         path = release / "bin" / script
         path.write_text(f'#!/bin/sh\nexport PYTHONPATH="{src}${{PYTHONPATH:+:$PYTHONPATH}}"\n'
-                        f'exec "{sys.executable}" -m {module} "$@"\n')
+                        f'exec "{sys.executable}" -P -m {module} "$@"\n')
         path.chmod(0o755)
     return release
 

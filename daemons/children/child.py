@@ -64,6 +64,10 @@ def kill_all(pids: list[int]) -> None:
             pass
 
 
+# The most of a child's new output one look for fatal lines reads (a burst larger than this is read from its end).
+SCAN_LIMIT = 1 << 20
+
+
 class ChildExited(RuntimeError):
     """The child process exited while we waited for it."""
 
@@ -74,8 +78,14 @@ class PortHeld(RuntimeError):
 
 class ChildProcess:
     def __init__(self, name: str, argv: Sequence[str], *, log_path: Path, env: dict[str, str] | None = None,
-                 tag: str | None = None, port: int | None = None, logs: LogsConfig | None = None) -> None:
+                 tag: str | None = None, port: int | None = None, logs: LogsConfig | None = None,
+                 fatal_lines: Sequence[str] = ()) -> None:
         self.name = name
+        # Text in the child's output after which this start never becomes healthy, even if its process lingers:
+        # a vLLM engine whose core failed to start can hang on its way out (seen: its worker caught SystemExit in
+        # a zmq destructor and never exited), and waiting for its health would take engine_startup_timeout_s.
+        self.fatal_lines = tuple(fatal_lines)
+        self._scan_from = 0  # where this start's output not yet scanned for fatal_lines begins in log_path
         self.argv = list(argv)
         self.log_path = Path(log_path)
         self.env = env
@@ -128,6 +138,10 @@ class ChildProcess:
                            "stop it (or give this daemon another port)")
         env = child_env(self.env, self.logs)
         env[strays.TAG_ENV] = self.tag
+        try:
+            self._scan_from = self.log_path.stat().st_size
+        except OSError:
+            self._scan_from = 0
         # -S: the keeper needs only the standard library; it runs by path, needing no install. It writes the
         # child's output itself (rotated; a full disk loses lines, never the start).
         self.proc = subprocess.Popen(
@@ -203,6 +217,27 @@ class ChildProcess:
             text = b""
         return "\n".join(text.decode(errors="replace").strip().splitlines()[-lines:])
 
+    def fatal_line(self) -> str | None:
+        """The first line of ``fatal_lines`` this start wrote since the last look, if any (reads only the new
+        output, at most :data:`SCAN_LIMIT` bytes of it; a log rotated meanwhile is read from its start)."""
+        if not self.fatal_lines:
+            return None
+        try:
+            with self.log_path.open("rb") as fh:
+                end = fh.seek(0, os.SEEK_END)
+                if end < self._scan_from:  # rotated: the new file is all this start's
+                    self._scan_from = 0
+                fh.seek(max(self._scan_from, end - SCAN_LIMIT))
+                chunk = fh.read()
+        except OSError:
+            return None
+        whole = chunk.rfind(b"\n") + 1  # a line still being written is read whole next time
+        self._scan_from = max(self._scan_from, end - SCAN_LIMIT) + whole
+        for line in chunk[:whole].decode(errors="replace").splitlines():
+            if any(marker in line for marker in self.fatal_lines):
+                return line.strip()
+        return None
+
     def exit_reason(self) -> str:
         code = self.returncode()
         if code is None:
@@ -228,6 +263,9 @@ class ChildProcess:
         while True:
             if not self.alive():
                 raise ChildExited(self.exit_reason())
+            fatal = self.fatal_line()
+            if fatal is not None:
+                raise ChildExited(f"{self.name} failed to start and did not exit: {fatal[:300]} (see {self.log_path})")
             if should_stop():
                 return False
             if await probe():

@@ -84,6 +84,11 @@ def engine_env(worker: WorkerConfig) -> dict[str, str]:
     return env
 
 
+# What vLLM logs when its engine core cannot start (vLLM 0.26 and 0.32, v1/engine/core.py): the engine will not
+# become healthy, though its processes may linger (the worker then stops them and starts it again).
+VLLM_FAILED_START = ("EngineCore failed to start",)
+
+
 def engine_url(worker: WorkerConfig) -> str:
     """Where the worker reaches its engine (loopback only: the engine is never exposed)."""
     return f"http://127.0.0.1:{worker.engine_port}"
@@ -93,4 +98,4 @@ def engine_child(config: Config, worker: WorkerConfig, role: KVRole | None, *, n
     """The engine as a child process of the worker ``name``, logging to ``<log_dir>/<name>-engine.log``."""
     return ChildProcess(f"{name} engine", engine_argv(config, worker, role),
                         log_path=Path(config.log_dir) / f"{name}-engine.log", env=engine_env(worker),
-                        port=worker.engine_port, logs=config.logs)
+                        port=worker.engine_port, logs=config.logs, fatal_lines=VLLM_FAILED_START)

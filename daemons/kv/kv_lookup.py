@@ -52,7 +52,8 @@ class KVLookup:
     def __init__(self, *, server_url: str, model: str, mq_timeout_s: float, heartbeat_interval_s: float,
                  log_path: Path, logs: LogsConfig | None = None, world_size: int = 1) -> None:
         self.argv = [
-            sys.executable, "-m", "daemons.kv.kv_lookup", "--server-url", server_url, "--model", model,
+            # -P: the package this daemon runs (its release), never one in the working directory.
+            sys.executable, "-P", "-m", "daemons.kv.kv_lookup", "--server-url", server_url, "--model", model,
             "--mq-timeout", str(mq_timeout_s), "--heartbeat-interval", str(heartbeat_interval_s),
             "--world-size", str(world_size),  # LMCache keys KV by the engine's world size: the engine's TP size
         ]
@@ -213,18 +214,45 @@ def _die_with_parent() -> None:
 # -- the child ---------------------------------------------------------------------------
 def _serve(out: typing.TextIO, server_url: str, model: str, mq_timeout: float, heartbeat_interval: float,
            world_size: int = 1) -> int:
+    import threading
+
     import zmq
     from lmcache.integration.vllm.vllm_multi_process_adapter import LMCacheMPSchedulerAdapter
 
-    context = zmq.Context()  # one for the process: every reconnect shares it (a context each leaked its I/O thread)
+    # A zmq context per connection, ended with it. One shared by every reconnect never reached a restarted server
+    # again: each connection's socket monitor binds an inproc address in the context, named after the socket, and
+    # a new socket that reuses a closed one's name finds it taken (tests/unit/test_kv_lookup_reconnect.py).
+    contexts: dict[int, zmq.Context[typing.Any]] = {}
 
     def connect() -> typing.Any:
+        context: zmq.Context[typing.Any] = zmq.Context()
+        context.setsockopt(zmq.LINGER, 0)  # nothing a closed connection still queues is worth waiting for
         # Legacy positional form, accepted by LMCache 0.5.3 and 0.5.6 alike:
         # (urls, context, model, kv world size, kv worker id, vLLM block size).
-        return LMCacheMPSchedulerAdapter(
-            [server_url], context, model, world_size, 0, 16, mq_timeout=mq_timeout,
-            heartbeat_interval=heartbeat_interval,
-        )
+        try:
+            adapter = LMCacheMPSchedulerAdapter(
+                [server_url], context, model, world_size, 0, 16, mq_timeout=mq_timeout,
+                heartbeat_interval=heartbeat_interval,
+            )
+        except BaseException:
+            end_context(context)
+            raise
+        contexts[id(adapter)] = context
+        return adapter
+
+    def end_context(context: zmq.Context[typing.Any]) -> None:
+        # term() returns once the connection's sockets are closed (its heartbeat thread closes its own last): in
+        # a thread of its own, so that no question waits on it, and the context's I/O thread ends with it.
+        threading.Thread(target=context.term, name="zmq-context-term", daemon=True).start()
+
+    def disconnect(adapter: typing.Any) -> None:
+        try:
+            adapter.shutdown()
+        except Exception:  # noqa: BLE001 - a broken client is replaced either way
+            pass
+        context = contexts.pop(id(adapter), None)
+        if context is not None:
+            end_context(context)
 
     # Connected at the first question, not before: a server that is down (or stopped) now answers each question
     # with an error instead of ending the client (LMCache's adapter raises ConnectionError when the server does
@@ -247,10 +275,7 @@ def _serve(out: typing.TextIO, server_url: str, model: str, mq_timeout: float, h
         if (adapter is None or not adapter.is_healthy) and time.monotonic() - rebuilt_at >= heartbeat_interval:
             if adapter is not None:
                 logging.warning("LMCache client unhealthy: connecting again")
-                try:
-                    adapter.shutdown()
-                except Exception:  # noqa: BLE001 - a broken client is replaced either way
-                    pass
+                disconnect(adapter)
             rebuilt_at = time.monotonic()
             try:
                 adapter = connect()

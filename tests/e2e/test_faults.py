@@ -120,8 +120,9 @@ CASES = [
 ]
 # Rows whose mechanism another row already exercises, run only with DISAGG_FULL_MATRIX=1 (docs/faults.md's table is
 # such a run): a killed prefill keeper is the decode keeper's case on the side that exits to be restarted; SIGTERM
-# of prefill-worker is in the rolling restart (each daemon drained by SIGTERM, then started). ~4 minutes of CI.
-EXTENDED = {"prefill keeper:kill", "prefill-worker:term"}
+# of prefill-worker and of decode-worker is in the rolling upgrade (each daemon drained by SIGTERM, then started, its
+# socket held: nothing refused); SIGTERM of lmcache-server is the planned lmcache-server restart's. ~7 minutes of CI.
+EXTENDED = {"prefill keeper:kill", "prefill-worker:term", "decode-worker:term", "lmcache-server:term"}
 if os.environ.get("DISAGG_FULL_MATRIX") != "1":
     CASES = [c for c in CASES if c not in EXTENDED]
 # Faults that take decode-worker's own process down (it holds the clients' connections):

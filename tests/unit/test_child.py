@@ -302,3 +302,55 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+# A vLLM engine whose core failed to start, as seen on the CPU (the compound fault row): the failure logged, then
+# a worker process caught SystemExit in a zmq destructor and never exited, and the API server waited for it.
+LINGERING = ("import sys, time; print('earlier output', flush=True); "
+             "print('(EngineCore pid=1) ERROR [core.py:1510] EngineCore failed to start.', flush=True); "
+             "print('Traceback ... ConnectionError: Cannot reach the LMCache MP server', flush=True); time.sleep(300)")
+
+
+def test_a_child_that_logged_a_failed_start_and_lingers_is_failed_at_once_not_at_the_startup_timeout(
+        tmp_path: Path) -> None:
+    import pytest
+
+    from daemons.children.child import ChildExited
+    from daemons.children.engine import VLLM_FAILED_START
+
+    log = tmp_path / "engine.log"
+    log.write_text("=== an earlier start\n(EngineCore pid=0) ERROR EngineCore failed to start.\n")  # not this start's
+    child = ChildProcess("engine", [sys.executable, "-c", LINGERING], log_path=log, fatal_lines=VLLM_FAILED_START)
+    child.start()
+    try:
+        async def never_healthy() -> bool:
+            return False
+
+        t0 = time.monotonic()
+        with pytest.raises(ChildExited, match="failed to start and did not exit: .*EngineCore failed to start"):
+            asyncio.run(child.wait_healthy(never_healthy, timeout_s=120))
+        assert time.monotonic() - t0 < 60  # the deadline was 120 s: it is the line that failed it
+        assert child.alive()  # still lingering: the worker stops it (test_stop_* above show how)
+    finally:
+        asyncio.run(child.stop(5))
+
+
+def test_an_earlier_starts_failure_in_the_log_does_not_fail_this_start(tmp_path: Path) -> None:
+    from daemons.children.engine import VLLM_FAILED_START
+
+    log = tmp_path / "engine.log"
+    log.write_text("(EngineCore pid=0) ERROR EngineCore failed to start.\n")
+    child = ChildProcess("engine", [sys.executable, "-c", "import time; print('up', flush=True); time.sleep(300)"],
+                         log_path=log, fatal_lines=VLLM_FAILED_START)
+    child.start()
+    try:
+        calls = 0
+
+        async def healthy_on_the_third_look() -> bool:
+            nonlocal calls
+            calls += 1
+            return calls >= 3
+
+        assert asyncio.run(child.wait_healthy(healthy_on_the_third_look, timeout_s=60))
+    finally:
+        asyncio.run(child.stop(5))
