@@ -219,9 +219,9 @@ def _serve(out: typing.TextIO, server_url: str, model: str, mq_timeout: float, h
     import zmq
     from lmcache.integration.vllm.vllm_multi_process_adapter import LMCacheMPSchedulerAdapter
 
-    # A zmq context per connection, ended with it. One shared by every reconnect never reached a restarted server
-    # again: each connection's socket monitor binds an inproc address in the context, named after the socket, and
-    # a new socket that reuses a closed one's name finds it taken (tests/unit/test_kv_lookup_reconnect.py).
+    # A zmq context per connection, ended with it. With one context shared by every reconnect, the client never
+    # reached a restarted server again (tests/e2e/test_lmcache_probe.py; likely cause: LMCache's client monitors
+    # each socket on an inproc address of the context named after the socket's fd, which a new socket reuses).
     contexts: dict[int, zmq.Context[typing.Any]] = {}
 
     def connect() -> typing.Any:
