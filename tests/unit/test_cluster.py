@@ -60,7 +60,8 @@ def test_each_host_runs_only_its_daemons_and_binds_its_private_address(tmp_path,
     # The decode host reaches the prefill API at the prefill host's address; LMCache's HTTP API stays on loopback.
     assert decode.address_of("prefill-worker") == "10.9.0.2" and not decode.is_local("prefill-worker")
     argv = lmcache_argv(prefill, "p1.abc")
-    flags = dict(zip(argv[4::2], argv[5::2], strict=True))
+    options = argv[argv.index("server") + 1:]  # LMCache's CLI: `<python> -P -m <wrapper> server --flag value ...`
+    flags = dict(zip(options[0::2], options[1::2], strict=True))
     assert flags["--host"] == "10.9.0.2" and flags["--http-host"] == "127.0.0.1"
     assert flags["--coordinator-url"] == "http://10.9.0.1:9300"
     assert flags["--p2p-advertise-url"] == "10.9.0.2:8555" and flags["--instance-id"] == "p1.abc"
