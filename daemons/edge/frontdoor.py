@@ -56,7 +56,7 @@ from daemons.metrics import FrontDoorMetrics
 from daemons.names import RequestPath
 from daemons.routing.engine_share import EngineShare
 from daemons.routing.prefill_backlog import Backlog
-from daemons.routing.prefill_router import PrefillOutcome, PrefillRouter
+from daemons.routing.prefill_router import PrefillChoice, PrefillOutcome, PrefillRouter
 from daemons.routing.prompt_size import PromptSizer
 
 
@@ -192,8 +192,9 @@ class FrontDoor:
         metrics.failover_in_flight.set_function(lambda: self.failovers)
 
     # -- failover ----------------------------------------------------------------------
-    def failover(self, why: str, request_id: str) -> PrefillOutcome:
-        """The whole request on a ready prefill engine (path failover): the decode engine cannot serve it.
+    def failover(self, why: str, request_id: str, tokens: int = 0) -> PrefillOutcome:
+        """The whole request (a prompt of ``tokens``, estimated) on a ready prefill engine (path failover): the
+        decode engine cannot serve it.
 
         Raises :class:`NoEngine` when none can: no prefill-worker ready, or failover at its bound."""
         if self.failovers >= self.settings.failover_max_in_flight:
@@ -203,8 +204,10 @@ class FrontDoor:
         if choice.url is None:
             raise NoEngine("decode engine unavailable and no prefill engine can serve", why)
         self.failovers += 1
+        self.router.take(choice.daemon, tokens)
         log.info("[%s] failover to %s: decode engine unavailable (%s)", request_id, choice.daemon, why)
-        return PrefillOutcome(RequestPath.FAILOVER, why, engine_url=f"{choice.url}/whole")
+        return PrefillOutcome(RequestPath.FAILOVER, why, engine_url=f"{choice.url}/whole",
+                              held=(choice.daemon, tokens))
 
     # -- prefill ---------------------------------------------------------------------
     def short_prompt(self, tokens: int) -> PrefillOutcome | None:
@@ -222,28 +225,34 @@ class FrontDoor:
             choice = self.router.choose()
             if choice.url is not None:
                 self.share.taken()
-                return PrefillOutcome("decode_busy", engine_url=f"{choice.url}/whole")
+                self.router.take(choice.daemon, tokens)
+                return PrefillOutcome("decode_busy", engine_url=f"{choice.url}/whole", held=(choice.daemon, tokens))
         return PrefillOutcome("short_prompt")
 
     async def prefill(self, route: str, body: dict[str, Any], request_id: str) -> PrefillOutcome:
         """Have a prefill-worker compute the prompt (its KV goes to LMCache); the router counts the outcome.
         While the decode engine cannot serve, the whole request goes to a prefill engine instead (failover)."""
+        tokens = self.sizer.estimate(route, body)
         down = self.decode_down()
         if down:
-            return self.failover(down, request_id)
-        tokens = self.sizer.estimate(route, body)
+            return self.failover(down, request_id, tokens)
         short = self.short_prompt(tokens)
         if short is not None:
             return short
         if self.backlog.overflow(tokens):
             return PrefillOutcome("prefill_busy", local_tokens=tokens)
         with self.backlog.at_prefill(tokens):
-            return await self._prefill_call(route, body, request_id)
+            return await self._prefill_call(route, body, request_id, tokens)
 
-    async def _prefill_call(self, route: str, body: dict[str, Any], request_id: str) -> PrefillOutcome:
+    async def _prefill_call(self, route: str, body: dict[str, Any], request_id: str, tokens: int) -> PrefillOutcome:
         choice = self.router.choose()
         if choice.url is None:
             return self.router.report(PrefillOutcome("fallback", choice.skip), request_id)
+        with self.router.holding(choice.daemon, tokens):
+            return await self._call_prefill(choice, route, body, request_id)
+
+    async def _call_prefill(self, choice: PrefillChoice, route: str, body: dict[str, Any],
+                            request_id: str) -> PrefillOutcome:
         prefill_body = {k: v for k, v in body.items() if k not in ("stream", "stream_options")}
         t0 = time.monotonic()
         try:
@@ -393,7 +402,7 @@ class FrontDoor:
                         if outcome.path == RequestPath.FAILOVER:
                             log.warning("[%s] failover to a prefill-worker failed (%s)", request_id, exc)
                             why, outcome = outcome.reason, None
-                            outcome = self.failover(why, request_id)
+                            outcome = self.failover(why, request_id, self.sizer.estimate(route, body))
                             continue
                         log.warning("[%s] prefill-worker did not serve the request (%s): the decode engine does",
                                     request_id, exc)
@@ -401,7 +410,7 @@ class FrontDoor:
                     except DecodeFailed as exc:
                         log.warning("[%s] decode engine could not serve the request (%s): failing over", request_id,
                                     exc)
-                        outcome = self.failover(str(exc), request_id)
+                        outcome = self.failover(str(exc), request_id, self.sizer.estimate(route, body))
                 else:
                     raise NoEngine("no engine served the request in three attempts")
                 streamed = isinstance(response, StreamingResponse)
@@ -458,6 +467,9 @@ class FrontDoor:
         """A request leaves the whole-on-prefill path it was counted on (decode_busy, failover)."""
         if outcome is None:
             return
+        if outcome.held is not None:  # once: the retry loop releases an outcome it then replaces
+            self.router.give_back(*outcome.held)
+            outcome.held = None
         if outcome.path == RequestPath.DECODE_BUSY:
             self.share.released()
         elif outcome.path == RequestPath.FAILOVER:

@@ -1,8 +1,12 @@
 """Where a request's prefill goes, and the one place that counts what became of it.
 
 The front door asks :meth:`PrefillRouter.choose` before each request: a ready
-prefill-worker whose KV path works (round robin), or the reason to skip prefill
-(the decode engine then computes the prompt itself). It tells
+prefill-worker whose KV path works, or the reason to skip prefill (the decode
+engine then computes the prompt itself). Of several, the one with the fewest prompt
+tokens this front door has on it now (prefill calls in flight and whole requests it
+serves, :meth:`PrefillRouter.holding`) is chosen, ties in turn: a 7,000-token prompt
+on one engine sends the next calls to the others, where round robin would queue
+every other call behind it. It tells
 :meth:`PrefillRouter.report` how the call went; every fallback is counted and
 logged there, and only there. The router's judgement comes from the peers'
 state files (:mod:`daemons.runtime.peers`), the KV-path canaries decode-worker sends
@@ -14,7 +18,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from daemons.kv.canary import CanaryResult
@@ -55,6 +60,7 @@ class PrefillOutcome:
     engine_url: str = ""  # decode_busy: the prefill-worker route that serves the whole request
     first_token: FirstToken | None = None  # a greedy request: the prefill engine's first token (the cross-check)
     kv_check: Verdict | None = None  # the cross-check's verdict, once the decode engine's first token is in
+    held: tuple[str, int] | None = None  # failover/decode_busy: (prefill-worker, prompt tokens) counted on it
 
     def verdict(self, cached: int | None) -> tuple[str, str]:
         """(path, reason) once the decode engine said how many prompt tokens it loaded (None: not yet)."""
@@ -99,6 +105,8 @@ class PrefillRouter:
         self.check_now = asyncio.Event()  # the KV path needs a canary now
         self._lost: dict[str, asyncio.Event] = {}  # by prefill-worker: set when it stops being usable
         self._next = 0
+        # Prompt tokens this front door has on each prefill engine now: prefill calls in flight, whole requests.
+        self.load: dict[str, int] = {}
 
     # -- what the front door asks ------------------------------------------------------------
     def ready_prefills(self) -> list[PeerView]:
@@ -131,8 +139,38 @@ class PrefillRouter:
             return None
         return next((r for r in results if not r.ok and r.hop in DECODE_SIDE_HOPS), None)
 
+    def _least_loaded(self, views: Sequence[PeerView]) -> PeerView:
+        """The view whose engine holds the fewest of our prompt tokens; ties in turn (round robin)."""
+        start = self._next % len(views)
+        self._next += 1
+        turn = [*views[start:], *views[:start]]
+        return min(turn, key=lambda v: self.load.get(v.daemon, 0))  # min keeps the first of equals
+
+    def take(self, prefill: str, tokens: int) -> None:
+        """Count ``tokens`` of prompt on ``prefill``'s engine (until :meth:`give_back`)."""
+        self.load[prefill] = self.load.get(prefill, 0) + max(tokens, 1)
+
+    def give_back(self, prefill: str, tokens: int) -> None:
+        left = self.load.get(prefill, 0) - max(tokens, 1)
+        if left < 0:
+            raise RuntimeError(f"PrefillRouter.give_back({prefill!r}) of tokens never taken")
+        if left:
+            self.load[prefill] = left
+        else:
+            self.load.pop(prefill, None)
+
+    @contextmanager
+    def holding(self, prefill: str, tokens: int) -> Iterator[None]:
+        """Count a prefill call's prompt on ``prefill`` while it is in flight."""
+        self.take(prefill, tokens)
+        try:
+            yield
+        finally:
+            self.give_back(prefill, tokens)
+
     def choose(self) -> PrefillChoice:
-        """A working prefill worker (round robin), or why to skip prefill."""
+        """The working prefill worker with the least of our prompt tokens on it (ties in turn), or why to skip
+        prefill."""
         if not self.peers.ready(LMCACHE):
             return PrefillChoice(skip="lmcache_unavailable")
         if not self.ready_prefills():
@@ -140,20 +178,19 @@ class PrefillRouter:
         working = self.working_prefills()
         if not working or self.decode_side_failure() is not None:
             return PrefillChoice(skip="kv_path_broken")
-        view = working[self._next % len(working)]
-        self._next += 1
+        view = self._least_loaded(working)
         if view.record is None:
             return PrefillChoice(skip="prefill_unavailable")
         return PrefillChoice(url=f"http://{view.record.endpoint}", daemon=view.daemon)
 
     def choose_any(self) -> PrefillChoice:
         """A prefill-worker whose engine serves, to take a request start to end (failover: the decode engine
-        cannot), round robin. Neither its KV path nor LMCache need work: no KV moves on that path."""
+        cannot), the least loaded (ties in turn). Neither its KV path nor LMCache need work: no KV moves on that
+        path."""
         ready = [v for v in self.serving_prefills() if v.record is not None]
         if not ready:
             return PrefillChoice(skip="prefill_unavailable")
-        view = ready[self._next % len(ready)]
-        self._next += 1
+        view = self._least_loaded(ready)
         assert view.record is not None
         return PrefillChoice(url=f"http://{view.record.endpoint}", daemon=view.daemon)
 

@@ -21,7 +21,7 @@ from typing import Any
 import httpx
 
 from daemons.edge.upstream import Answer, UpstreamError, UpstreamTimeout
-from daemons.routing.prefill_router import PrefillChoice, PrefillOutcome
+from daemons.routing.prefill_router import PrefillChoice, PrefillOutcome, PrefillRouter
 
 
 class OnePrefill:
@@ -32,6 +32,7 @@ class OnePrefill:
         self.asked = 0  # choose() calls
         self.reports: list[PrefillOutcome] = []
         self.missed: list[str] = []  # kv_missed() reasons
+        self.load: dict[str, int] = {}  # prompt tokens on the prefill engine (PrefillRouter.load)
 
     def working_prefills(self) -> list[str]:
         return [self.daemon]
@@ -52,6 +53,11 @@ class OnePrefill:
 
     def lost_signal(self, name: str) -> asyncio.Event:
         return asyncio.Event()
+
+    # The load it is told of, counted as the real router counts it (every take given back by the end).
+    take = PrefillRouter.take
+    give_back = PrefillRouter.give_back
+    holding = PrefillRouter.holding
 
 
 def wait_until(condition: Callable[[], bool], what: str, timeout: float = 20.0) -> None:

@@ -391,3 +391,46 @@ def test_a_decode_engine_that_never_starts_is_given_up_even_if_each_start_outlas
     with pytest.raises(DaemonFailed, match="in a row"):
         asyncio.run(asyncio.wait_for(worker._engine_until_up("loading"), 20))
     assert len(starts) == worker.worker.engine_restart_limit + 1  # the budget's starts, then one more: the last
+
+
+def test_prefill_calls_go_to_the_engine_with_the_fewest_prompt_tokens_on_it(worker: DecodeWorker) -> None:
+    """Load, not turn: while a long prompt's call is in flight on one prefill engine, the next calls go to the
+    other, and a longer one there sends them back; with nothing in flight they alternate."""
+    worker.router.canary_results = {P0: ok(), P1: ok()}
+    router = worker.router
+    assert [router.choose().daemon for _ in range(4)] in ([P0, P1, P0, P1], [P1, P0, P1, P0])
+    with router.holding(P1, 7000):
+        assert {router.choose().daemon for _ in range(5)} == {P0}
+        with router.holding(P0, 9000):
+            assert {router.choose().daemon for _ in range(5)} == {P1}
+        assert router.choose_any().daemon == P0  # failover weighs the same load
+    assert router.load == {}
+
+
+def test_the_load_of_every_kind_of_request_is_given_back(worker: DecodeWorker) -> None:
+    """Prefill calls, whole requests on a prefill engine (failover) and calls that fail all leave the load at 0."""
+    worker.router.canary_results = {P0: ok(), P1: ok()}
+    door = worker.front_door
+    seen: list[dict[str, int]] = []
+    answer = {"choices": [{"text": "x"}], "usage": {"prompt_tokens": 1}}
+
+    async def answering(request: httpx.Request) -> httpx.Response:
+        seen.append(dict(worker.router.load))  # what was counted while the call was in flight
+        if request.url.port == 8110:
+            raise httpx.ConnectError("refused")
+        return httpx.Response(200, json=answer, headers={"x-disagg-kv-expected-tokens": "0"})
+
+    door.client = FakeUpstream(answering)
+    prompt = {"prompt": "word " * 400}
+
+    async def scenario() -> list[object]:
+        outcomes = [await door.prefill("/v1/completions", prompt, f"r{i}") for i in range(4)]
+        outcome = door.failover("decode engine down", "r9", 400)
+        assert sum(worker.router.load.values()) == 400
+        door._release(outcome)
+        door._release(outcome)  # the retry loop may release an outcome twice: counted once
+        return outcomes
+
+    outcomes = asyncio.run(scenario())
+    assert sorted(o.path for o in outcomes) == ["disaggregated", "disaggregated", "fallback", "fallback"]  # type: ignore[attr-defined]
+    assert all(sum(load.values()) > 0 for load in seen) and worker.router.load == {}
