@@ -41,7 +41,7 @@ from daemons.routing.prefill_router import LMCACHE, PrefillRouter
 from daemons.runtime.cli import run_daemon
 from daemons.runtime.httpserver import EdgeLimits, EmbeddedServer
 from daemons.runtime.lifecycle import DaemonFailed
-from daemons.runtime.listen import inherited_socket
+from daemons.runtime.listen import inherited_socket, loopback_if_wildcard
 from daemons.runtime.remote_state import state_url
 from daemons.runtime.statefile import PeerView
 from daemons.runtime.states import State
@@ -75,14 +75,18 @@ class DecodeWorker(EngineDaemon):
     def __init__(self, config: Config, **kw: object) -> None:
         super().__init__(config, **kw)
         self.prefill_names = list(config.workers("prefill-worker"))
-        self.peers.names = [LMCACHE, *self.prefill_names]
+        # The box's other decode-workers (instances): failover and migration go to one whose engine serves first.
+        siblings = {name: f"http://{loopback_if_wildcard(w.host)}:{w.port}"
+                    for name, w in config.workers("decode-worker").items() if name != self.name and config.is_local(name)}
+        self.peers.names = [LMCACHE, *self.prefill_names, *siblings]
         # Prefill-workers on other hosts: judged from the record they serve (readiness over a socket).
         self.remote_prefills = {n: config.cluster.host_of(n) for n in self.prefill_names
                                 if config.cluster is not None and not config.is_local(n)}
         self.peers.remote = {n: state_url(config.address_of(n), config.workers("prefill-worker")[n].port)
                              for n in self.remote_prefills}
         self.front_metrics = FrontDoorMetrics(self.registry)
-        self.router = PrefillRouter(self.prefill_names, self.peers, self.front_metrics, on_change=self._update_state)
+        self.router = PrefillRouter(self.prefill_names, self.peers, self.front_metrics, on_change=self._update_state,
+                                    siblings=siblings)
         kv = config.kv_path
         self.canary = PathCanary(
             client=self.http, model=config.model.name, vocab=vocabulary(config.model.path),
@@ -134,7 +138,8 @@ class DecodeWorker(EngineDaemon):
         if self.stopping or self.state.terminal:
             return self.state.value, False, self.reason
         down = self.decode_down()
-        can_fail_over = self.worker.failover_max_in_flight > 0 and bool(self.router.serving_prefills())
+        can_fail_over = (self.worker.failover_max_in_flight > 0 and bool(self.router.serving_prefills())
+                         or self.router.choose_sibling().url is not None)
         return self.state.value, not down or can_fail_over, self.reason
 
     # -- state -----------------------------------------------------------------------
@@ -153,6 +158,8 @@ class DecodeWorker(EngineDaemon):
         return "decode computes prompts itself: " + "; ".join(problems)
 
     def _update_state(self) -> None:
+        # Whether this engine takes requests now: a sibling decode-worker sends its failovers here only then.
+        self.details["engine_serving"] = not self.stopping and not self.decode_down()
         # In the state file (disaggctl status): the prefill-workers whose KV path the last canary verified.
         self.details["prefills_checked"] = sorted(
             name for name, result in self.router.canary_results.items() if result.ok and self.peers.ready(name))

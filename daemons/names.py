@@ -50,6 +50,9 @@ class RequestPath(Described):
     FAILOVER = "failover", ("The decode engine could not serve (loading, reloading, wedged, or its call failed): a "
                             "prefill engine computed and decoded the request whole, within "
                             "`decode_worker.failover_max_in_flight` at once.")
+    SIBLING = "sibling", ("The decode engine could not serve: another decode-worker of the box "
+                          "(`decode_worker.instances`) whose engine serves took the request whole through its own "
+                          "front door (its prefill call, its decode engine), before any failover to a prefill engine.")
 
     @property
     def by_design(self) -> bool:

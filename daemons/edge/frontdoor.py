@@ -30,7 +30,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -88,6 +88,9 @@ log = logging.getLogger(__name__)
 # What a vLLM engine answers when it cannot serve at all (its EngineCore died: 500, then it exits; a proxy in
 # front: 502/503): the request is served by another engine instead.
 ENGINE_DOWN_STATUSES = (500, 502, 503)
+# On a request one decode-worker's front door passes to a sibling's (decode_worker.instances): that one serves it on
+# its own engine or a prefill engine, never a third front door.
+FORWARDED_HEADER = "x-disagg-forwarded"
 
 
 __all__ = ["FrontDoor", "FrontDoorSettings", "PrefillOutcome"]
@@ -192,11 +195,22 @@ class FrontDoor:
         metrics.failover_in_flight.set_function(lambda: self.failovers)
 
     # -- failover ----------------------------------------------------------------------
-    def failover(self, why: str, request_id: str, tokens: int = 0) -> PrefillOutcome:
-        """The whole request (a prompt of ``tokens``, estimated) on a ready prefill engine (path failover): the
-        decode engine cannot serve it.
+    def failover(self, why: str, request_id: str, tokens: int = 0, hop: dict[str, str] | None = None,
+                 tried: Sequence[str] = ()) -> PrefillOutcome:
+        """The whole request (a prompt of ``tokens``, estimated) elsewhere: the decode engine cannot serve it.
 
-        Raises :class:`NoEngine` when none can: no prefill-worker ready, or failover at its bound."""
+        First another decode-worker of the box whose engine serves (path sibling: its front door runs the request,
+        KV path and all; ``hop`` is what that call carries, None for a request that already came from a sibling,
+        which never goes on to a third), then a ready prefill engine (path failover). ``tried``: siblings that
+        failed this request. Raises :class:`NoEngine` when none can: no prefill-worker ready, or failover at its
+        bound."""
+        if hop is not None:
+            sibling = self.router.choose_sibling(exclude=tried)
+            if sibling.url is not None:
+                self.router.take(sibling.daemon, tokens)
+                log.info("[%s] to %s: decode engine unavailable (%s)", request_id, sibling.daemon, why)
+                return PrefillOutcome(RequestPath.SIBLING, why, engine_url=sibling.url, held=(sibling.daemon, tokens),
+                                      hop=hop)
         if self.failovers >= self.settings.failover_max_in_flight:
             raise NoEngine(f"decode engine unavailable and {self.failovers} requests already fail over "
                            f"to prefill engines (decode_worker.failover_max_in_flight)", why)
@@ -207,7 +221,7 @@ class FrontDoor:
         self.router.take(choice.daemon, tokens)
         log.info("[%s] failover to %s: decode engine unavailable (%s)", request_id, choice.daemon, why)
         return PrefillOutcome(RequestPath.FAILOVER, why, engine_url=f"{choice.url}/whole",
-                              held=(choice.daemon, tokens))
+                              held=(choice.daemon, tokens), hop=hop)
 
     # -- prefill ---------------------------------------------------------------------
     def short_prompt(self, tokens: int) -> PrefillOutcome | None:
@@ -229,13 +243,15 @@ class FrontDoor:
                 return PrefillOutcome("decode_busy", engine_url=f"{choice.url}/whole", held=(choice.daemon, tokens))
         return PrefillOutcome("short_prompt")
 
-    async def prefill(self, route: str, body: dict[str, Any], request_id: str) -> PrefillOutcome:
+    async def prefill(self, route: str, body: dict[str, Any], request_id: str,
+                      hop: dict[str, str] | None = None) -> PrefillOutcome:
         """Have a prefill-worker compute the prompt (its KV goes to LMCache); the router counts the outcome.
-        While the decode engine cannot serve, the whole request goes to a prefill engine instead (failover)."""
+        While the decode engine cannot serve, the whole request goes to a sibling decode-worker or a prefill engine
+        instead (:meth:`failover`; ``hop``: what a call to a sibling carries)."""
         tokens = self.sizer.estimate(route, body)
         down = self.decode_down()
         if down:
-            return self.failover(down, request_id, tokens)
+            return self.failover(down, request_id, tokens, hop)
         short = self.short_prompt(tokens)
         if short is not None:
             return short
@@ -381,7 +397,9 @@ class FrontDoor:
         status = 499
         outcome: PrefillOutcome | None = None
         try:
-            outcome = await unless_disconnected(request, self.prefill(route, body, request_id))
+            hop = self._hop(request)
+            outcome = await unless_disconnected(request, self.prefill(route, body, request_id, hop))
+            outcome.hop = hop
             if outcome.seconds:
                 timing.set("prefill", outcome.seconds)
                 timing.set("store", outcome.store_s)
@@ -392,17 +410,20 @@ class FrontDoor:
                 status, content = outcome.rejection
                 return Response(content, status_code=status, media_type="application/json")
             with self.backlog.on_decode(outcome.local_tokens):  # until the first token: the decode engine's prefill
+                tried: list[str] = []  # siblings that failed this request
                 for _attempt in range(3):  # the decode engine, else another engine that can serve it
                     try:
                         response = await unless_disconnected(request, self._answer(route, body, request_id, outcome,
                                                                                    timing))
                         break
                     except WholeCallFailed as exc:
+                        if outcome.path == RequestPath.SIBLING and outcome.held is not None:
+                            tried.append(outcome.held[0])  # not that sibling again
                         self._release(outcome)
-                        if outcome.path == RequestPath.FAILOVER:
-                            log.warning("[%s] failover to a prefill-worker failed (%s)", request_id, exc)
+                        if outcome.path in (RequestPath.FAILOVER, RequestPath.SIBLING):
+                            log.warning("[%s] %s to %s failed (%s)", request_id, outcome.path, outcome.engine_url, exc)
                             why, outcome = outcome.reason, None
-                            outcome = self.failover(why, request_id, self.sizer.estimate(route, body))
+                            outcome = self.failover(why, request_id, self.sizer.estimate(route, body), hop, tried)
                             continue
                         log.warning("[%s] prefill-worker did not serve the request (%s): the decode engine does",
                                     request_id, exc)
@@ -410,7 +431,7 @@ class FrontDoor:
                     except DecodeFailed as exc:
                         log.warning("[%s] decode engine could not serve the request (%s): failing over", request_id,
                                     exc)
-                        outcome = self.failover(str(exc), request_id, self.sizer.estimate(route, body))
+                        outcome = self.failover(str(exc), request_id, self.sizer.estimate(route, body), hop)
                 else:
                     raise NoEngine("no engine served the request in three attempts")
                 streamed = isinstance(response, StreamingResponse)
@@ -463,6 +484,30 @@ class FrontDoor:
             path, _ = outcome.verdict(cached)
             log.info("[%s] %s %d %s server-timing: %s", request_id, route, status, path, timing.header())
 
+    @staticmethod
+    def _hop(request: Request) -> dict[str, str] | None:
+        """What a call to a sibling decode-worker's front door carries for this request: the client's key and the
+        mark that keeps it from going on to a third. None: it came from a sibling (it goes no further)."""
+        if FORWARDED_HEADER in request.headers:
+            return None
+        hop = {FORWARDED_HEADER: "1"}
+        if (key := request.headers.get("authorization")) is not None:
+            hop["authorization"] = key
+        return hop
+
+    @staticmethod
+    def _call_headers(outcome: PrefillOutcome, request_id: str) -> dict[str, str]:
+        headers = {"x-request-id": request_id}
+        if outcome.path == RequestPath.SIBLING and outcome.hop is not None:
+            headers.update(outcome.hop)
+        return headers
+
+    @staticmethod
+    def _elsewhere_statuses(outcome: PrefillOutcome) -> tuple[int, ...]:
+        """Answers after which a whole request goes to another engine: an engine down, and a sibling's front door
+        that is full (429) too (the client was admitted here)."""
+        return (*ENGINE_DOWN_STATUSES, 429) if outcome.path == RequestPath.SIBLING else ENGINE_DOWN_STATUSES
+
     def _release(self, outcome: PrefillOutcome | None) -> None:
         """A request leaves the whole-on-prefill path it was counted on (decode_busy, failover)."""
         if outcome is None:
@@ -510,13 +555,13 @@ class FrontDoor:
         timing.start()
         try:
             resp = await asyncio.wait_for(self.client.post(
-                f"{engine_url}{route}", sent, headers={"x-request-id": request_id},
+                f"{engine_url}{route}", sent, headers=self._call_headers(outcome, request_id),
             ), self.settings.request_timeout_s)
         except TimeoutError:
             return self._decode_timeout(f"no answer within {self.settings.request_timeout_s:.0f}s", request_id)
         except UpstreamError as exc:
             return self._engine_unavailable(outcome, exc)
-        if resp.status_code in ENGINE_DOWN_STATUSES and outcome.engine_url:
+        if resp.status_code in self._elsewhere_statuses(outcome) and outcome.engine_url:
             # A prefill engine that cannot serve (draining for a planned restart, its EngineCore gone): elsewhere.
             raise WholeCallFailed(f"prefill-worker answered {resp.status_code}: {resp.text[:200]}")
         if resp.status_code in ENGINE_DOWN_STATUSES and not outcome.engine_url:
@@ -564,7 +609,8 @@ class FrontDoor:
         timing.start()
         try:
             upstream: Stream = await asyncio.wait_for(self.client.stream(
-                f"{outcome.engine_url or self.engine_url}{route}", upstream_body, headers={"x-request-id": request_id},
+                f"{outcome.engine_url or self.engine_url}{route}", upstream_body,
+                headers=self._call_headers(outcome, request_id),
             ), self.settings.first_token_timeout_s)
         except TimeoutError:
             return self._decode_timeout(f"no first token within {self.settings.first_token_timeout_s:.0f}s", request_id)
@@ -572,7 +618,7 @@ class FrontDoor:
             return self._engine_unavailable(outcome, exc)
         if upstream.status_code != 200:
             content = await upstream.error_body()
-            if upstream.status_code in ENGINE_DOWN_STATUSES and outcome.engine_url:
+            if upstream.status_code in self._elsewhere_statuses(outcome) and outcome.engine_url:
                 raise WholeCallFailed(f"prefill-worker answered {upstream.status_code}: {content[:200]!r}")
             if upstream.status_code in ENGINE_DOWN_STATUSES and not outcome.engine_url:
                 self.metrics.errors.labels(kind=f"engine_{upstream.status_code}").inc()
@@ -633,13 +679,12 @@ class FrontDoor:
         async def resume(progress: Progress, why: str) -> tuple[Stream, AsyncIterator[str]] | None:
             """The rest of this stream from an engine that can serve it (not the one whose stream broke)."""
             cont = progress.continuation(body)
-            target = self._continue_on(failed_on[-1], request_id)
+            target, headers = self._continue_on(failed_on, request_id, outcome.hop)
             if cont is None or target is None:
                 return None
             failed_on.append(target)
             stream = await asyncio.wait_for(self.client.stream(
-                f"{target}/v1/completions", cont, headers={"x-request-id": request_id}),
-                self.settings.first_token_timeout_s)
+                f"{target}/v1/completions", cont, headers=headers), self.settings.first_token_timeout_s)
             if stream.status_code != 200:
                 log.warning("[%s] continuation refused by %s: %d %r", request_id, target, stream.status_code,
                             (await stream.error_body())[:200])
@@ -677,16 +722,26 @@ class FrontDoor:
             except StopAsyncIteration:
                 return held
 
-    def _continue_on(self, failed: str, request_id: str) -> str | None:
-        """Where a broken stream goes on: the decode engine if it was not the one that broke and it can serve,
-        else a ready prefill engine's pass-through route (``/whole``); None when there is none."""
-        if failed != self.engine_url and not self.decode_down():
-            return self.engine_url
+    def _continue_on(self, failed: Sequence[str], request_id: str,
+                     hop: dict[str, str] | None) -> tuple[str | None, dict[str, str]]:
+        """Where a broken stream goes on, and what the call carries: the decode engine if it did not break and can
+        serve, else a sibling decode-worker's front door (``hop`` allowing) that has not failed it, else a ready
+        prefill engine's pass-through route (``/whole``); None when there is none. ``failed``: the URLs that
+        broke it so far."""
+        headers = {"x-request-id": request_id}
+        if failed[-1] != self.engine_url and not self.decode_down():
+            return self.engine_url, headers
+        if hop is not None:
+            tried = [name for name, url in self.router.siblings.items() if url in failed]
+            sibling = self.router.choose_sibling(exclude=tried)
+            if sibling.url is not None:
+                log.info("[%s] the stream goes on on %s", request_id, sibling.daemon)
+                return sibling.url, {**headers, **hop}
         choice = self.router.choose_any()
         if choice.url is None:
-            return None
+            return None, headers
         log.info("[%s] the stream goes on on %s", request_id, choice.daemon)
-        return f"{choice.url}/whole"
+        return f"{choice.url}/whole", headers
 
     async def models(self, request: Request) -> Response:
         if not self.keys.allows(request.headers.get("authorization")):

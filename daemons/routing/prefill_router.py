@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -60,7 +60,10 @@ class PrefillOutcome:
     engine_url: str = ""  # decode_busy: the prefill-worker route that serves the whole request
     first_token: FirstToken | None = None  # a greedy request: the prefill engine's first token (the cross-check)
     kv_check: Verdict | None = None  # the cross-check's verdict, once the decode engine's first token is in
-    held: tuple[str, int] | None = None  # failover/decode_busy: (prefill-worker, prompt tokens) counted on it
+    held: tuple[str, int] | None = None  # failover/decode_busy/sibling: (daemon, prompt tokens) counted on it
+    # What a call to another decode-worker's front door would carry (the client's key, the hop mark); sent only on
+    # the sibling path. None: the request came from a sibling and goes to no other.
+    hop: dict[str, str] | None = None
 
     def verdict(self, cached: int | None) -> tuple[str, str]:
         """(path, reason) once the decode engine said how many prompt tokens it loaded (None: not yet)."""
@@ -95,8 +98,10 @@ class PrefillChoice:
 
 class PrefillRouter:
     def __init__(self, prefill_names: list[str], peers: Peers, metrics: FrontDoorMetrics, *,
-                 on_change: Callable[[], None] = lambda: None) -> None:
+                 on_change: Callable[[], None] = lambda: None, siblings: Mapping[str, str] | None = None) -> None:
         self.prefill_names = list(prefill_names)
+        # The box's other decode-workers and their front doors' URLs (failover and migration go there first).
+        self.siblings = dict(siblings or {})
         self.peers = peers
         self.metrics = metrics
         self.on_change = on_change  # the router's verdict may have changed (decode-worker re-judges its state)
@@ -193,6 +198,16 @@ class PrefillRouter:
         view = self._least_loaded(ready)
         assert view.record is not None
         return PrefillChoice(url=f"http://{view.record.endpoint}", daemon=view.daemon)
+
+    def choose_sibling(self, exclude: Sequence[str] = ()) -> PrefillChoice:
+        """Another decode-worker of the box whose engine serves (its front door takes a request whole, KV path and
+        all), the least loaded by our count (ties in turn); none past ``exclude``."""
+        serving = [v for n in self.siblings if n not in exclude
+                   and (v := self.peers.views.get(n)) is not None and v.serves_whole]
+        if not serving:
+            return PrefillChoice(skip="no_sibling")
+        view = self._least_loaded(serving)
+        return PrefillChoice(url=self.siblings[view.daemon], daemon=view.daemon)
 
     def report(self, outcome: PrefillOutcome, request_id: str) -> PrefillOutcome:
         """How a request's prefill went: counted, logged, remembered. Returns ``outcome``."""

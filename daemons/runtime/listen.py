@@ -99,6 +99,11 @@ def inherited_socket(name: str, host: str, port: int, env: dict[str, str] | None
 WILDCARDS = ("0.0.0.0", "::", "")
 
 
+def loopback_if_wildcard(host: str) -> str:
+    """The address a process on this machine connects to for a server bound to ``host``."""
+    return "127.0.0.1" if host in WILDCARDS else host
+
+
 def same_address(bound: str, host: str, family: int = socket.AF_INET) -> bool:
     """Is a socket bound to ``bound`` listening where ``host`` says? A wildcard only for a wildcard host (IPv4's and
     IPv6's stand for each other); a name by what it resolves to in the socket's family."""

@@ -44,6 +44,11 @@ class OnePrefill:
     def choose_any(self) -> PrefillChoice:
         return PrefillChoice(url=self.url, daemon=self.daemon)
 
+    siblings: dict[str, str] = {}  # noqa: RUF012 - never written: no sibling decode-worker
+
+    def choose_sibling(self, exclude: object = ()) -> PrefillChoice:
+        return PrefillChoice(skip="no_sibling")
+
     def report(self, outcome: PrefillOutcome, request_id: str) -> PrefillOutcome:
         self.reports.append(outcome)
         return outcome

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Sequence
 from typing import Any
 
 import httpx
@@ -14,7 +15,7 @@ from prometheus_client import CollectorRegistry
 
 from daemons.edge.frontdoor import FrontDoor, FrontDoorSettings
 from daemons.metrics import FrontDoorMetrics
-from daemons.routing.prefill_router import PrefillChoice, PrefillOutcome
+from daemons.routing.prefill_router import PrefillChoice, PrefillOutcome, PrefillRouter
 
 from .fakes import FakeUpstream
 
@@ -26,10 +27,20 @@ STREAM = ('data: {"choices":[{"text":"x"}]}\n\n'
 class Prefills:
     """Stands in for PrefillRouter: ``ready`` prefill-workers (each at http://pN), round robin."""
 
-    def __init__(self, ready: int = 1) -> None:
+    def __init__(self, ready: int = 1, siblings: dict[str, str] | None = None) -> None:
         self.ready = ready
         self.reports: list[PrefillOutcome] = []
         self._next = 0
+        self.siblings = dict(siblings or {})  # decode-workers whose engines serve: name -> front door URL
+        self.load: dict[str, int] = {}
+
+    take = PrefillRouter.take
+    give_back = PrefillRouter.give_back
+    holding = PrefillRouter.holding
+
+    def choose_sibling(self, exclude: Sequence[str] = ()) -> PrefillChoice:
+        name = next((n for n in self.siblings if n not in exclude), None)
+        return PrefillChoice(skip="no_sibling") if name is None else PrefillChoice(url=self.siblings[name], daemon=name)
 
     def working_prefills(self) -> list[str]:
         return [f"p{i}" for i in range(self.ready)]
@@ -58,8 +69,8 @@ def engine_answer(request: httpx.Request) -> httpx.Response:
     return httpx.Response(200, json=ANSWER)
 
 
-def door_with(handler: Any, *, down: str = "", ready: int = 1, bound: int = 64
-              ) -> tuple[FrontDoor, FrontDoorMetrics, list[str]]:
+def door_with(handler: Any, *, down: str = "", ready: int = 1, bound: int = 64,
+              siblings: dict[str, str] | None = None) -> tuple[FrontDoor, FrontDoorMetrics, list[str]]:
     metrics = FrontDoorMetrics(CollectorRegistry())
     seen: list[str] = []
 
@@ -69,16 +80,17 @@ def door_with(handler: Any, *, down: str = "", ready: int = 1, bound: int = 64
         return await result if asyncio.iscoroutine(result) else result
 
     settings = FrontDoorSettings(engine_url="http://engine", disaggregate_min_tokens=0, failover_max_in_flight=bound)
-    door = FrontDoor(settings, client=FakeUpstream(recording), metrics=metrics, router=Prefills(ready),  # type: ignore
+    door = FrontDoor(settings, client=FakeUpstream(recording), metrics=metrics,
+                     router=Prefills(ready, siblings),  # type: ignore[arg-type]
                      health=lambda: ("degraded", True, ""), decode_down=lambda: down)
     return door, metrics, seen
 
 
-async def post(door: FrontDoor, stream: bool) -> httpx.Response:
+async def post(door: FrontDoor, stream: bool, headers: dict[str, str] | None = None) -> httpx.Response:
     body = {"model": "m", "prompt": list(range(100)), "max_tokens": 3, "stream": stream}
     async with httpx.AsyncClient(transport=httpx.ASGITransport(door.app()), base_url="http://door",
                                  timeout=10) as client:
-        return await client.post("/v1/completions", json=body)
+        return await client.post("/v1/completions", json=body, headers=headers or {})
 
 
 def paths(metrics: FrontDoorMetrics, path: str) -> float:
@@ -294,3 +306,70 @@ def test_a_prefill_engine_that_cannot_serve_a_failover_passes_it_on(stream: bool
     assert resp.status_code == 200 and resp.headers["x-disagg-path"] == "failover", resp.text
     assert seen == ["p0/whole/v1/completions", "p1/whole/v1/completions"]
     assert door.failovers == 0 and door.admission.active == 0
+
+
+SIBLINGS = {"decode-worker@b": "http://sib-b", "decode-worker@c": "http://sib-c"}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_while_the_decode_engine_is_down_a_sibling_decode_worker_serves_first(stream: bool) -> None:
+    """Instances: the request goes to another decode-worker's front door (its own prefill and decode engine) with
+    the client's key and the hop mark, not to a prefill engine; the load counted there is given back."""
+    sent: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        sent.append(request)
+        return engine_answer(request)
+
+    door, metrics, seen = door_with(handler, down="reloading: it died", siblings=SIBLINGS)
+    resp = asyncio.run(post(door, stream, {"authorization": "Bearer k1"}))
+    assert resp.status_code == 200 and resp.headers["x-disagg-path"] == "sibling", resp.text
+    assert seen == ["sib-b/v1/completions"]
+    assert sent[0].headers["authorization"] == "Bearer k1" and sent[0].headers["x-disagg-forwarded"] == "1"
+    assert paths(metrics, "sibling") == 1 and paths(metrics, "failover") == 0
+    assert door.router.load == {} and door.failovers == 0 and door.admission.active == 0  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("refusal", [429, 503, "refused"])
+def test_a_sibling_that_cannot_take_it_passes_it_to_the_next_then_to_a_prefill_engine(refusal: int | str) -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.host.startswith("sib-"):
+            if refusal == "refused":
+                raise httpx.ConnectError("connection refused")
+            return httpx.Response(int(refusal), json={"error": {"message": "busy"}})
+        return engine_answer(request)
+
+    door, metrics, seen = door_with(handler, down="loading", siblings=SIBLINGS)
+    resp = asyncio.run(post(door, True))
+    assert resp.status_code == 200 and resp.headers["x-disagg-path"] == "failover", resp.text
+    assert seen == ["sib-b/v1/completions", "sib-c/v1/completions", "p0/whole/v1/completions"]
+    assert door.router.load == {} and door.failovers == 0 and door.admission.active == 0  # type: ignore[attr-defined]
+
+
+def test_a_request_a_sibling_passed_on_goes_to_a_prefill_engine_never_a_third_front_door() -> None:
+    door, metrics, seen = door_with(engine_answer, down="loading", siblings=SIBLINGS)
+    resp = asyncio.run(post(door, False, {"x-disagg-forwarded": "1"}))
+    assert resp.status_code == 200 and resp.headers["x-disagg-path"] == "failover"
+    assert seen == ["p0/whole/v1/completions"]
+
+
+def test_a_stream_whose_decode_engine_dies_goes_on_on_a_sibling_decode_worker_first() -> None:
+    continuations: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.host == "engine":
+            return httpx.Response(200, text=chunk("a", [1], [5, 6]) + '\n\ndata: {"choi',
+                                  headers={"content-type": "text/event-stream"})
+        continuations.append(request)
+        text = (chunk("b", [2], [5, 6, 1]) + "\n\n" + chunk("c", [3], finish="length") + "\n\n" + "data: [DONE]\n\n")
+        return httpx.Response(200, text=text, headers={"content-type": "text/event-stream"})
+
+    door, metrics, seen = door_with(handler, siblings=SIBLINGS)
+    resp = asyncio.run(post(door, True, {"authorization": "Bearer k1"}))
+    assert resp.status_code == 200 and "error" not in resp.text
+    assert "".join(c.get("text", "") for e in events_of(resp.text) for c in e.get("choices", [])) == "abc"
+    assert [f"{r.url.host}{r.url.path}" for r in continuations] == ["sib-b/v1/completions"]
+    assert continuations[0].headers["authorization"] == "Bearer k1"
+    assert continuations[0].headers["x-disagg-forwarded"] == "1"
+    assert json.loads(continuations[0].content)["prompt"] == [5, 6, 1]
+    assert metrics.migrations.labels(outcome="continued")._value.get() == 1
