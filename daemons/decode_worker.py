@@ -139,7 +139,7 @@ class DecodeWorker(EngineDaemon):
             return self.state.value, False, self.reason
         down = self.decode_down()
         can_fail_over = (self.worker.failover_max_in_flight > 0 and bool(self.router.serving_prefills())
-                         or self.router.choose_sibling().url is not None)
+                         or bool(self.router.serving_siblings()))
         return self.state.value, not down or can_fail_over, self.reason
 
     # -- state -----------------------------------------------------------------------

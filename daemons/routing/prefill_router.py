@@ -199,11 +199,15 @@ class PrefillRouter:
         assert view.record is not None
         return PrefillChoice(url=f"http://{view.record.endpoint}", daemon=view.daemon)
 
+    def serving_siblings(self, exclude: Sequence[str] = ()) -> list[PeerView]:
+        """The box's other decode-workers whose engines serve now (by their state records), but ``exclude``."""
+        return [v for n in self.siblings if n not in exclude
+                and (v := self.peers.views.get(n)) is not None and v.serves_whole]
+
     def choose_sibling(self, exclude: Sequence[str] = ()) -> PrefillChoice:
         """Another decode-worker of the box whose engine serves (its front door takes a request whole, KV path and
         all), the least loaded by our count (ties in turn); none past ``exclude``."""
-        serving = [v for n in self.siblings if n not in exclude
-                   and (v := self.peers.views.get(n)) is not None and v.serves_whole]
+        serving = self.serving_siblings(exclude)
         if not serving:
             return PrefillChoice(skip="no_sibling")
         view = self._least_loaded(serving)
