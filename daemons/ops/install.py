@@ -80,6 +80,30 @@ def render_unit(path: Path, bin_dir: str, config: Config | None = None) -> str:
     return text
 
 
+INSTANCE_SOCKET_GLOB = "disagg-*-worker@*.socket"
+
+
+def instance_sockets(config: Config) -> dict[str, str]:
+    """A socket unit for every worker instance of ``config`` (file name -> text), made from the kind's shipped
+    ``.socket``: the instance's address and port, its daemon's name for the descriptor, its template service.
+    Template units cannot carry a port each; a unit file for one instance (``NAME@INSTANCE.socket``) can."""
+    units = {}
+    for kind in ("prefill-worker", "decode-worker"):
+        shipped = (UNIT_DIR / f"disagg-{kind}.socket").read_text()
+        for name, worker in config.workers(kind).items():
+            if "@" not in name:
+                continue
+            instance = name.split("@", 1)[1]
+            host = config.listen_address(name)
+            address = f"[{host}]:{worker.port}" if ":" in host else f"{host}:{worker.port}"
+            text = re.sub(r"^ListenStream=.*$", f"ListenStream={address}", shipped, flags=re.M)
+            text = re.sub(r"^FileDescriptorName=.*$", f"FileDescriptorName={name}", text, flags=re.M)
+            text = re.sub(r"^Service=.*$", f"Service=disagg-{kind}@{instance}.service", text, flags=re.M)
+            text = re.sub(r"^(Description=.*?)(,|:)", rf"\1 {instance}\2", text, count=1, flags=re.M)
+            units[f"disagg-{kind}@{instance}.socket"] = text
+    return units
+
+
 def _load(path: Path) -> Config:
     from daemons.config import load_config
 
@@ -111,6 +135,16 @@ def plan_install(prefix: Path, config: Path | None, bin_dir: str) -> list[Action
         content = render_unit(unit, bin_dir, loaded)
         if not target.exists() or target.read_text() != content:
             actions.append(Action("write unit", target, content))
+    # One socket unit per instance (the template services want theirs); those of instances no longer in the config go.
+    sockets = instance_sockets(loaded)
+    unit_dir = prefix / "etc/systemd/system"
+    for name, content in sockets.items():
+        target = unit_dir / name
+        if not target.exists() or target.read_text() != content:
+            actions.append(Action("write unit (an instance's socket)", target, content))
+    for stale in sorted(unit_dir.glob(INSTANCE_SOCKET_GLOB)) if unit_dir.exists() else ():
+        if stale.name not in sockets:
+            actions.append(Action("remove unit (an instance no longer in the config)", stale))
     actions += plan_cluster_dropins(prefix, config or (installed if installed.exists() else None))
     cfg_target = prefix / "etc/disagg/disagg.yaml"
     if not cfg_target.exists():
@@ -210,6 +244,9 @@ def plan_uninstall(prefix: Path, purge: bool) -> list[Action]:
         dropin = prefix / "etc/systemd/system" / f"{unit.name}.d" / DROPIN
         if dropin.exists():
             actions.append(Action("remove drop-in", dropin))
+    unit_dir = prefix / "etc/systemd/system"
+    for instance_socket in sorted(unit_dir.glob(INSTANCE_SOCKET_GLOB)) if unit_dir.exists() else ():
+        actions.append(Action("remove unit", instance_socket))
     if purge:
         for path in (prefix / "etc/disagg/disagg.yaml", prefix / "etc/default/disagg",
                      prefix / API_KEYS_PATH.relative_to("/")):

@@ -88,3 +88,43 @@ def test_a_cluster_install_writes_a_secret_once_and_the_firewall_rules(tmp_path)
     first = secret.read_text()
     ctl("install", "--prefix", str(tmp_path), "--config", str(repo / "etc/disagg-cluster.yaml"))
     assert secret.read_text() == first  # never replaced: every host must keep the same one
+
+
+def test_every_instance_gets_its_own_socket_unit(tmp_path):
+    """Template units cannot carry a port each: install writes a socket unit per instance of the config (its address
+    and port, its daemon's name for the descriptor, its template service), which the template services want; one
+    for an instance that left the config is removed; uninstall removes them all."""
+    import shutil
+
+    import yaml
+
+    repo = Path(__file__).resolve().parents[2]
+    prefix = str(tmp_path)
+    done = ctl("install", "--prefix", prefix, "--config", str(repo / "etc/disagg-8gpu-7b.yaml"))
+    assert done.returncode == 0, done.stdout + done.stderr
+    units = tmp_path / "etc/systemd/system"
+    sockets = sorted(p.name for p in units.glob("disagg-*-worker@*.socket"))
+    assert sockets == [f"disagg-decode-worker@d{i}.socket" for i in range(4)] + [
+        f"disagg-prefill-worker@p{i}.socket" for i in range(4)]
+    d1 = (units / "disagg-decode-worker@d1.socket").read_text()
+    for line in ("ListenStream=0.0.0.0:8010", "FileDescriptorName=decode-worker@d1",
+                 "Service=disagg-decode-worker@d1.service"):
+        assert f"\n{line}\n" in d1, line
+    assert "ListenStream=127.0.0.1:8104" in (units / "disagg-prefill-worker@p2.socket").read_text()
+    for kind in ("prefill", "decode"):
+        template = (units / f"disagg-{kind}-worker@.service").read_text()
+        assert f"Wants=disagg-{kind}-worker@%i.socket" in template and f"After=disagg-{kind}-worker@%i.socket" in template
+    if shutil.which("systemd-analyze"):
+        proc = subprocess.run(["systemd-analyze", "verify", "disagg-decode-worker@d1.socket"], cwd=units,
+                              capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+    # An instance taken out of the config loses its socket unit at the next install.
+    installed = tmp_path / "etc/disagg/disagg.yaml"
+    doc = yaml.safe_load(installed.read_text())
+    del doc["decode_worker"]["instances"]["d3"]
+    installed.write_text(yaml.safe_dump(doc))
+    again = ctl("install", "--prefix", prefix)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert not (units / "disagg-decode-worker@d3.socket").exists() and (units / "disagg-decode-worker@d2.socket").exists()
+    gone = ctl("uninstall", "--prefix", prefix)
+    assert gone.returncode == 0 and not list(units.glob("*.socket"))
