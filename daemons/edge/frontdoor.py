@@ -504,9 +504,10 @@ class FrontDoor:
 
     @staticmethod
     def _elsewhere_statuses(outcome: PrefillOutcome) -> tuple[int, ...]:
-        """Answers after which a whole request goes to another engine: an engine down, and a sibling's front door
-        that is full (429) too (the client was admitted here)."""
-        return (*ENGINE_DOWN_STATUSES, 429) if outcome.path == RequestPath.SIBLING else ENGINE_DOWN_STATUSES
+        """Answers after which a whole request goes to another engine: an engine down; from a sibling's front door
+        also full (429: the client was admitted here) and a key it does not take (401/403: the client's key is
+        good here; the two api_keys_file differ)."""
+        return (*ENGINE_DOWN_STATUSES, 401, 403, 429) if outcome.path == RequestPath.SIBLING else ENGINE_DOWN_STATUSES
 
     def _release(self, outcome: PrefillOutcome | None) -> None:
         """A request leaves the whole-on-prefill path it was counted on (decode_busy, failover)."""

@@ -330,7 +330,7 @@ def test_while_the_decode_engine_is_down_a_sibling_decode_worker_serves_first(st
     assert door.router.load == {} and door.failovers == 0 and door.admission.active == 0  # type: ignore[attr-defined]
 
 
-@pytest.mark.parametrize("refusal", [429, 503, "refused"])
+@pytest.mark.parametrize("refusal", [429, 401, 503, "refused"])
 def test_a_sibling_that_cannot_take_it_passes_it_to_the_next_then_to_a_prefill_engine(refusal: int | str) -> None:
     def handler(request: httpx.Request) -> httpx.Response:
         if request.url.host.startswith("sib-"):
