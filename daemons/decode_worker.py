@@ -41,7 +41,7 @@ from daemons.routing.prefill_router import LMCACHE, PrefillRouter
 from daemons.runtime.cli import run_daemon
 from daemons.runtime.httpserver import EdgeLimits, EmbeddedServer
 from daemons.runtime.lifecycle import DaemonFailed
-from daemons.runtime.listen import inherited_socket, loopback_if_wildcard
+from daemons.runtime.listen import inherited_socket, loopback_if_wildcard, url_host
 from daemons.runtime.remote_state import state_url
 from daemons.runtime.statefile import PeerView
 from daemons.runtime.states import State
@@ -76,7 +76,7 @@ class DecodeWorker(EngineDaemon):
         super().__init__(config, **kw)
         self.prefill_names = list(config.workers("prefill-worker"))
         # The box's other decode-workers (instances): failover and migration go to one whose engine serves first.
-        siblings = {name: f"http://{loopback_if_wildcard(w.host)}:{w.port}"
+        siblings = {name: f"http://{url_host(loopback_if_wildcard(w.host))}:{w.port}"
                     for name, w in config.workers("decode-worker").items() if name != self.name and config.is_local(name)}
         self.peers.names = [LMCACHE, *self.prefill_names, *siblings]
         # Prefill-workers on other hosts: judged from the record they serve (readiness over a socket).

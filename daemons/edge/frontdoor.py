@@ -411,7 +411,8 @@ class FrontDoor:
                 return Response(content, status_code=status, media_type="application/json")
             with self.backlog.on_decode(outcome.local_tokens):  # until the first token: the decode engine's prefill
                 tried: list[str] = []  # siblings that failed this request
-                for _attempt in range(3):  # the decode engine, else another engine that can serve it
+                # The decode engine, else another engine that can serve it: each sibling, then prefill engines.
+                for _attempt in range(3 + len(self.router.siblings)):
                     try:
                         response = await unless_disconnected(request, self._answer(route, body, request_id, outcome,
                                                                                    timing))
@@ -428,6 +429,7 @@ class FrontDoor:
                         log.warning("[%s] prefill-worker did not serve the request (%s): the decode engine does",
                                     request_id, exc)
                         outcome = self.router.report(PrefillOutcome("fallback", "prefill_unreachable"), request_id)
+                        outcome.hop = hop
                     except DecodeFailed as exc:
                         log.warning("[%s] decode engine could not serve the request (%s): failing over", request_id,
                                     exc)
@@ -564,7 +566,7 @@ class FrontDoor:
             return self._engine_unavailable(outcome, exc)
         if resp.status_code in self._elsewhere_statuses(outcome) and outcome.engine_url:
             # A prefill engine that cannot serve (draining for a planned restart, its EngineCore gone): elsewhere.
-            raise WholeCallFailed(f"prefill-worker answered {resp.status_code}: {resp.text[:200]}")
+            raise WholeCallFailed(f"{outcome.engine_url} answered {resp.status_code}: {resp.text[:200]}")
         if resp.status_code in ENGINE_DOWN_STATUSES and not outcome.engine_url:
             self.metrics.errors.labels(kind=f"engine_{resp.status_code}").inc()
             raise DecodeFailed(f"decode engine answered {resp.status_code}: {resp.text[:200]}")
@@ -620,7 +622,7 @@ class FrontDoor:
         if upstream.status_code != 200:
             content = await upstream.error_body()
             if upstream.status_code in self._elsewhere_statuses(outcome) and outcome.engine_url:
-                raise WholeCallFailed(f"prefill-worker answered {upstream.status_code}: {content[:200]!r}")
+                raise WholeCallFailed(f"{outcome.engine_url} answered {upstream.status_code}: {content[:200]!r}")
             if upstream.status_code in ENGINE_DOWN_STATUSES and not outcome.engine_url:
                 self.metrics.errors.labels(kind=f"engine_{upstream.status_code}").inc()
                 raise DecodeFailed(f"decode engine answered {upstream.status_code}: {content[:200]!r}")
@@ -680,17 +682,23 @@ class FrontDoor:
         async def resume(progress: Progress, why: str) -> tuple[Stream, AsyncIterator[str]] | None:
             """The rest of this stream from an engine that can serve it (not the one whose stream broke)."""
             cont = progress.continuation(body)
-            target, headers = self._continue_on(failed_on, request_id, outcome.hop)
-            if cont is None or target is None:
+            if cont is None:
                 return None
-            failed_on.append(target)
-            stream = await asyncio.wait_for(self.client.stream(
-                f"{target}/v1/completions", cont, headers=headers), self.settings.first_token_timeout_s)
-            if stream.status_code != 200:
+            for _attempt in range(2 + len(self.router.siblings)):  # a refusing sibling passes it to the next
+                target, headers = self._continue_on(failed_on, request_id, outcome.hop)
+                if target is None:
+                    return None
+                failed_on.append(target)
+                stream = await asyncio.wait_for(self.client.stream(
+                    f"{target}/v1/completions", cont, headers=headers), self.settings.first_token_timeout_s)
+                if stream.status_code == 200:
+                    return stream, stream.events()
                 log.warning("[%s] continuation refused by %s: %d %r", request_id, target, stream.status_code,
                             (await stream.error_body())[:200])
-                return None
-            return stream, stream.events()
+                await stream.aclose()
+                if target not in self.router.siblings.values():
+                    return None
+            return None
 
         progress = Progress(client_wants_ids=bool(body.get("return_token_ids"))) if migrate else None
         relay = StreamRelay(upstream, first_event, events, metrics=self.metrics,

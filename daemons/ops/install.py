@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
+from daemons.config import ConfigError
+
 if TYPE_CHECKING:
     from daemons.config import Config
 
@@ -88,10 +90,16 @@ def instance_sockets(config: Config) -> dict[str, str]:
     ``.socket``: the instance's address and port, its daemon's name for the descriptor, its template service.
     Template units cannot carry a port each; a unit file for one instance (``NAME@INSTANCE.socket``) can."""
     units = {}
+    local = set(config.cluster_daemon_names())
+    if config.cluster is not None:  # this host's instances only, where it can tell which host this is
+        try:
+            local = set(config.on_host().daemon_names())
+        except ConfigError:
+            log.warning("cannot tell which host of the cluster this is: socket units for every host's instances")
     for kind in ("prefill-worker", "decode-worker"):
         shipped = (UNIT_DIR / f"disagg-{kind}.socket").read_text()
         for name, worker in config.workers(kind).items():
-            if "@" not in name:
+            if "@" not in name or name not in local:
                 continue
             instance = name.split("@", 1)[1]
             host = config.listen_address(name)
@@ -102,6 +110,11 @@ def instance_sockets(config: Config) -> dict[str, str]:
             text = re.sub(r"^(Description=.*?)(,|:)", rf"\1 {instance}\2", text, count=1, flags=re.M)
             units[f"disagg-{kind}@{instance}.socket"] = text
     return units
+
+
+def _systemd_here(prefix: Path) -> bool:
+    """Does the install target the running system's systemd (not a staged --prefix)?"""
+    return prefix == Path("/") and shutil.which("systemctl") is not None and Path("/run/systemd/system").exists()
 
 
 def _load(path: Path) -> Config:
@@ -144,6 +157,8 @@ def plan_install(prefix: Path, config: Path | None, bin_dir: str) -> list[Action
             actions.append(Action("write unit (an instance's socket)", target, content))
     for stale in sorted(unit_dir.glob(INSTANCE_SOCKET_GLOB)) if unit_dir.exists() else ():
         if stale.name not in sockets:
+            if _systemd_here(prefix):  # a loaded socket unit keeps its port after its file is gone
+                actions.append(Action("stop", command=["systemctl", "disable", "--now", stale.name]))
             actions.append(Action("remove unit (an instance no longer in the config)", stale))
     actions += plan_cluster_dropins(prefix, config or (installed if installed.exists() else None))
     cfg_target = prefix / "etc/disagg/disagg.yaml"
@@ -246,6 +261,8 @@ def plan_uninstall(prefix: Path, purge: bool) -> list[Action]:
             actions.append(Action("remove drop-in", dropin))
     unit_dir = prefix / "etc/systemd/system"
     for instance_socket in sorted(unit_dir.glob(INSTANCE_SOCKET_GLOB)) if unit_dir.exists() else ():
+        if _systemd_here(prefix):
+            actions.append(Action("stop", command=["systemctl", "disable", "--now", instance_socket.name]))
         actions.append(Action("remove unit", instance_socket))
     if purge:
         for path in (prefix / "etc/disagg/disagg.yaml", prefix / "etc/default/disagg",

@@ -157,8 +157,9 @@ class PrefillRouter:
 
     def give_back(self, prefill: str, tokens: int) -> None:
         left = self.load.get(prefill, 0) - max(tokens, 1)
-        if left < 0:
-            raise RuntimeError(f"PrefillRouter.give_back({prefill!r}) of tokens never taken")
+        if left < 0:  # a bug in the counting: logged, and never let it skew the choice or fail the request
+            log.error("prompt tokens on %s given back but never taken (%d): counted as 0", prefill, -left)
+            left = 0
         if left:
             self.load[prefill] = left
         else:

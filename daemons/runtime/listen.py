@@ -104,6 +104,11 @@ def loopback_if_wildcard(host: str) -> str:
     return "127.0.0.1" if host in WILDCARDS else host
 
 
+def url_host(host: str) -> str:
+    """``host`` as a URL's authority wants it (an IPv6 literal in brackets)."""
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
 def same_address(bound: str, host: str, family: int = socket.AF_INET) -> bool:
     """Is a socket bound to ``bound`` listening where ``host`` says? A wildcard only for a wildcard host (IPv4's and
     IPv6's stand for each other); a name by what it resolves to in the socket's family."""

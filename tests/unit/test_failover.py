@@ -373,3 +373,24 @@ def test_a_stream_whose_decode_engine_dies_goes_on_on_a_sibling_decode_worker_fi
     assert continuations[0].headers["x-disagg-forwarded"] == "1"
     assert json.loads(continuations[0].content)["prompt"] == [5, 6, 1]
     assert metrics.migrations.labels(outcome="continued")._value.get() == 1
+
+
+def test_a_sibling_that_refuses_a_continuation_passes_it_to_the_next() -> None:
+    tried: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.host == "engine":
+            return httpx.Response(200, text=chunk("a", [1], [5, 6]) + '\n\ndata: {"choi',
+                                  headers={"content-type": "text/event-stream"})
+        tried.append(request.url.host)
+        if request.url.host == "sib-b":
+            return httpx.Response(429, json={"error": {"message": "too many requests in progress"}})
+        text = chunk("b", [2], [5, 6, 1]) + "\n\n" + chunk("c", [3], finish="length") + "\n\n" + "data: [DONE]\n\n"
+        return httpx.Response(200, text=text, headers={"content-type": "text/event-stream"})
+
+    door, metrics, seen = door_with(handler, siblings=SIBLINGS)
+    resp = asyncio.run(post(door, True))
+    assert resp.status_code == 200 and "error" not in resp.text
+    assert "".join(c.get("text", "") for e in events_of(resp.text) for c in e.get("choices", [])) == "abc"
+    assert tried == ["sib-b", "sib-c"]
+    assert metrics.migrations.labels(outcome="continued")._value.get() == 1
