@@ -738,7 +738,7 @@ class FrontDoor:
         prefill engine's pass-through route (``/whole``); None when there is none. ``failed``: the URLs that
         broke it so far."""
         headers = {"x-request-id": request_id}
-        if failed[-1] != self.engine_url and not self.decode_down():
+        if self.engine_url not in failed and not self.decode_down():  # never back to the engine that broke it
             return self.engine_url, headers
         if hop is not None:
             tried = [name for name, url in self.router.siblings.items() if url in failed]
