@@ -1,23 +1,32 @@
-"""Several workers of a kind on one box: two prefill-worker instances behind one
-decode-worker, under supervisord as `disaggctl up` runs them (a program per instance, held sockets for each)."""
+"""Several workers of a kind on one box: two prefill-worker and two decode-worker instances, under supervisord as
+`disaggctl up` runs them (a program per instance, held sockets for each). Requests go to decode-worker@a's front
+door; decode-worker@b is its sibling, which takes them while a's decode engine is down."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import logging
 import os
 import signal
 import time
+from collections import Counter
+from pathlib import Path
 
 import httpx
 import pytest
 
+from benchmarks.harness.load import Load, summary
 from benchmarks.harness.scrape import metric_value
 from daemons.config import load_config
+from daemons.kv.canary import vocabulary
 from daemons.runtime.statefile import read_state
 
 from .conftest import PORTS, ctl, words_prompt, write_config
 
 OFFSET = 3000  # ports 21000-22112: below the ephemeral range (32768+), where vLLM binds random ports
+DECODE, SIBLING = "decode-worker@a", "decode-worker@b"
+log = logging.getLogger(__name__)
 
 
 @pytest.fixture(scope="module")
@@ -31,20 +40,24 @@ def two_prefills(tmp_path_factory, model_dir):
     }}
     # Short prompts under load go whole to the less busy side (test_short_prompts_under_load_...): here
     # "under load" is any other request in progress.
-    ports["decode_worker"] = {**ports["decode_worker"], "balance_short_prompts": True, "short_prompt_max_in_flight": 0}
+    dw = ports["decode_worker"]
+    ports["decode_worker"] = {"balance_short_prompts": True, "short_prompt_max_in_flight": 0, "instances": {
+        "a": dw,
+        "b": {"port": dw["port"] + 10, "engine_port": dw["engine_port"] + 10, "metrics_port": dw["metrics_port"] + 10},
+    }}
     config = write_config(d, **ports)
     # (issue 31) `disaggctl up` with instances exited 78: the shipped supervisord config had no program for one.
     proc = ctl(config, "up")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     try:
         programs = ctl(config, "supervisorctl", "status").stdout
-        for name in ("disagg-sockets", "lmcache-server", "prefill-worker@a", "prefill-worker@b", "decode-worker"):
+        for name in ("disagg-sockets", "lmcache-server", "prefill-worker@a", "prefill-worker@b", DECODE, SIBLING):
             assert name in programs, programs
         proc = ctl(config, "wait-ready", "--timeout", "900", timeout=930)
         assert proc.returncode == 0, proc.stdout + proc.stderr
         # Ready may come before decode-worker has seen the second instance: wait until its canary passed too.
         runtime_dir, deadline = load_config(config).runtime_dir, time.monotonic() + 300
-        while (rec := read_state(runtime_dir, "decode-worker")) is None or rec.details.get("prefills_checked") != [
+        while (rec := read_state(runtime_dir, DECODE)) is None or rec.details.get("prefills_checked") != [
                 "prefill-worker@a", "prefill-worker@b"] or rec.state.value != "ready":
             assert time.monotonic() < deadline, rec
             time.sleep(0.5)
@@ -94,6 +107,67 @@ def test_short_prompts_under_load_are_served_whole_by_the_less_busy_side(two_pre
         time.sleep(0.5)
 
 
+def _serving(runtime_dir: Path, name: str) -> bool:
+    rec = read_state(runtime_dir, name)
+    return rec is not None and rec.details.get("engine_serving") is True
+
+
+def _wait(what: str, condition, timeout: float = 300.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout  # an engine restart on two busy CPU cores is ~60-120 s
+    while not condition():
+        assert time.monotonic() < deadline, f"not within {timeout:.0f}s: {what}"
+        time.sleep(0.5)
+
+
+def test_a_killed_decode_engine_s_requests_go_to_the_sibling_decode_worker(two_prefills):
+    """kill -9 of decode-worker@a's engine under four clients of disaggregated-length prompts: its requests go to
+    decode-worker@b's front door (path sibling: b's prefill call, b's engine loading the KV), none refused, failed,
+    lost or hung; a's engine comes back and so does its KV path."""
+    config_path, _pf = two_prefills
+    cfg = load_config(config_path)
+    runtime = cfg.runtime_dir
+    _wait("both decode engines serving", lambda: _serving(runtime, DECODE) and _serving(runtime, SIBLING))
+    url = f"http://127.0.0.1:{PORTS['decode_worker']['port'] + OFFSET}"
+    load = Load(url=url, model=cfg.model.name, vocab=vocabulary(cfg.model.path), clients=4, duration_s=900,
+                prompt_tokens=600, max_tokens=8, deadline_s=180, think_s=1.0)
+
+    def kv_back() -> bool:
+        body = {"model": cfg.model.name, "prompt": words_prompt(int(time.time() * 1000) % 10**6, 600),
+                "max_tokens": 2, "temperature": 0.0}
+        r = httpx.post(f"{url}/v1/completions", json=body, timeout=180, trust_env=False)
+        if r.status_code != 200 or r.headers.get("x-disagg-path") != "disaggregated":
+            return False
+        return (r.json()["usage"].get("prompt_tokens_details") or {}).get("cached_tokens", 0) > 0
+
+    async def scenario() -> None:
+        load.stop = asyncio.Event()
+        running = asyncio.create_task(load.run())
+        try:
+            await asyncio.sleep(10)  # requests flow on the disaggregated path before the fault
+            engine = int(read_state(runtime, DECODE).details["engine_pid"])  # type: ignore[union-attr]
+            os.kill(engine, signal.SIGKILL)
+            # The fault takes effect (a sees its engine gone) before anything counts as recovered.
+            await asyncio.to_thread(_wait, "decode-worker@a noticing its engine's death",
+                                    lambda: not _serving(runtime, DECODE), 120)
+            await asyncio.to_thread(_wait, "decode-worker@a's engine serving again", lambda: _serving(runtime, DECODE))
+            await asyncio.to_thread(_wait, "the KV path back through decode-worker@a", kv_back)
+        finally:
+            load.stop.set()
+            await asyncio.wait_for(running, 240)
+
+    asyncio.run(scenario())
+    got = summary(load.records)
+    paths = Counter(r.path for r in load.records if r.outcome == "succeeded")
+    log.info("sibling row: %d sent, %s, paths %s", got["sent"], got, dict(paths))
+    assert got["refused"] == 0 and got["failed_cleanly"] == 0 and got["lost"] == 0 and got["hung"] == 0, got
+    assert paths["sibling"] > 0, f"no request went to the sibling decode-worker: {dict(paths)}"
+    assert paths["disaggregated"] > 0, dict(paths)
+    # The sibling served them through its own front door (its prefill call, its decode engine).
+    metrics = PORTS["decode_worker"]["metrics_port"] + OFFSET + 10
+    text = httpx.get(f"http://127.0.0.1:{metrics}/metrics", timeout=10, trust_env=False).text
+    assert metric_value(text, "disagg_requests_total", 'route="/v1/completions",status="200"') >= paths["sibling"]
+
+
 def test_decode_spreads_prefill_over_instances_and_survives_one_going(two_prefills):
     config_path, pf = two_prefills
     config = load_config(config_path)
@@ -117,7 +191,7 @@ def test_decode_spreads_prefill_over_instances_and_survives_one_going(two_prefil
         assert time.monotonic() < deadline
         time.sleep(0.5)
     time.sleep(config.readiness.heartbeat_interval_s * 2)
-    assert read_state(config.runtime_dir, "decode-worker").state.value == "ready"
+    assert read_state(config.runtime_dir, DECODE).state.value == "ready"
     for i in range(2):
         body = {"model": "tiny-llama", "prompt": words_prompt(310 + i, 600), "max_tokens": 2, "temperature": 0.0}
         r = httpx.post(f"{url}/v1/completions", json=body, timeout=300, trust_env=False)
