@@ -412,7 +412,8 @@ class FrontDoor:
             with self.backlog.on_decode(outcome.local_tokens):  # until the first token: the decode engine's prefill
                 tried: list[str] = []  # siblings that failed this request
                 # The decode engine, else another engine that can serve it: each sibling, then prefill engines.
-                for _attempt in range(3 + len(self.router.siblings)):
+                attempts = 3 + len(self.router.siblings)
+                for _attempt in range(attempts):
                     try:
                         response = await unless_disconnected(request, self._answer(route, body, request_id, outcome,
                                                                                    timing))
@@ -435,7 +436,7 @@ class FrontDoor:
                                     exc)
                         outcome = self.failover(str(exc), request_id, self.sizer.estimate(route, body), hop)
                 else:
-                    raise NoEngine("no engine served the request in three attempts")
+                    raise NoEngine(f"no engine served the request in {attempts} attempts")
                 streamed = isinstance(response, StreamingResponse)
             status = response.status_code
             return response
@@ -498,11 +499,13 @@ class FrontDoor:
         return hop
 
     @staticmethod
-    def _call_headers(outcome: PrefillOutcome, request_id: str) -> dict[str, str]:
-        headers = {"x-request-id": request_id}
-        if outcome.path == RequestPath.SIBLING and outcome.hop is not None:
-            headers.update(outcome.hop)
-        return headers
+    def _call_headers(request_id: str, hop: dict[str, str] | None = None) -> dict[str, str]:
+        """What a call to an engine carries; to a sibling's front door also ``hop`` (:meth:`_hop`)."""
+        return {"x-request-id": request_id, **(hop or {})}
+
+    @classmethod
+    def _outcome_headers(cls, outcome: PrefillOutcome, request_id: str) -> dict[str, str]:
+        return cls._call_headers(request_id, outcome.hop if outcome.path == RequestPath.SIBLING else None)
 
     @staticmethod
     def _elsewhere_statuses(outcome: PrefillOutcome) -> tuple[int, ...]:
@@ -558,7 +561,7 @@ class FrontDoor:
         timing.start()
         try:
             resp = await asyncio.wait_for(self.client.post(
-                f"{engine_url}{route}", sent, headers=self._call_headers(outcome, request_id),
+                f"{engine_url}{route}", sent, headers=self._outcome_headers(outcome, request_id),
             ), self.settings.request_timeout_s)
         except TimeoutError:
             return self._decode_timeout(f"no answer within {self.settings.request_timeout_s:.0f}s", request_id)
@@ -613,7 +616,7 @@ class FrontDoor:
         try:
             upstream: Stream = await asyncio.wait_for(self.client.stream(
                 f"{outcome.engine_url or self.engine_url}{route}", upstream_body,
-                headers=self._call_headers(outcome, request_id),
+                headers=self._outcome_headers(outcome, request_id),
             ), self.settings.first_token_timeout_s)
         except TimeoutError:
             return self._decode_timeout(f"no first token within {self.settings.first_token_timeout_s:.0f}s", request_id)
@@ -737,7 +740,7 @@ class FrontDoor:
         serve, else a sibling decode-worker's front door (``hop`` allowing) that has not failed it, else a ready
         prefill engine's pass-through route (``/whole``); None when there is none. ``failed``: the URLs that
         broke it so far."""
-        headers = {"x-request-id": request_id}
+        headers = self._call_headers(request_id)
         if self.engine_url not in failed and not self.decode_down():  # never back to the engine that broke it
             return self.engine_url, headers
         if hop is not None:
@@ -745,7 +748,7 @@ class FrontDoor:
             sibling = self.router.choose_sibling(exclude=tried)
             if sibling.url is not None:
                 log.info("[%s] the stream goes on on %s", request_id, sibling.daemon)
-                return sibling.url, {**headers, **hop}
+                return sibling.url, self._call_headers(request_id, hop)
         choice = self.router.choose_any()
         if choice.url is None:
             return None, headers

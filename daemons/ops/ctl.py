@@ -40,6 +40,7 @@ from daemons.config import (
     load_config,
 )
 from daemons.edge.auth import client_key
+from daemons.runtime.listen import loopback_if_wildcard, url_host
 from daemons.runtime.statefile import PeerView, State, assess, pid_alive, read_state, retire_dead_records
 
 log = logging.getLogger("disaggctl")
@@ -383,7 +384,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             return 1
         _out(f"all three daemons ready after {time.monotonic() - t0:.1f}s")
         dw = config.decode_worker
-        host = "127.0.0.1" if dw.host in ("0.0.0.0", "::") else dw.host
+        host = url_host(loopback_if_wildcard(dw.host))
         result = ask(f"http://{host}:{dw.port}", config.model.name, SEED_PROMPT, args.max_tokens,
                      api_key=client_key(dw.api_keys_file))
         _out(f"prompt: {SEED_PROMPT[:19]!r} x 1000")

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
 from daemons.config import ConfigError
+from daemons.runtime.listen import url_host
 
 if TYPE_CHECKING:
     from daemons.config import Config
@@ -64,6 +65,11 @@ def unit_files() -> list[Path]:
     return sorted(p for p in UNIT_DIR.iterdir() if p.suffix in (".service", ".target", ".socket"))
 
 
+def _listening_at(socket_unit: str, host: str, port: int) -> str:
+    """A ``.socket`` unit's text with its ``ListenStream=`` at ``host``:``port``."""
+    return re.sub(r"^ListenStream=.*$", f"ListenStream={url_host(host)}:{port}", socket_unit, flags=re.M)
+
+
 def render_unit(path: Path, bin_dir: str, config: Config | None = None) -> str:
     """A shipped unit for this machine: ``ExecStart=`` at ``bin_dir``; a ``.socket`` listening where ``config``
     has its worker listen."""
@@ -72,9 +78,7 @@ def render_unit(path: Path, bin_dir: str, config: Config | None = None) -> str:
         kind = path.name.removeprefix("disagg-").removesuffix(".socket")
         worker = config.workers(kind).get(kind)
         if worker is not None:
-            host = config.listen_address(kind)
-            address = f"[{host}]:{worker.port}" if ":" in host else f"{host}:{worker.port}"
-            text = re.sub(r"^ListenStream=.*$", f"ListenStream={address}", text, flags=re.M)
+            text = _listening_at(text, config.listen_address(kind), worker.port)
     if path.suffix == ".service" and config is not None:  # never SIGKILL a daemon in the middle of its drain
         shipped = re.search(r"^TimeoutStopSec=(\d+)$", text, flags=re.M)
         if shipped is not None and int(shipped.group(1)) < config.readiness.stop_budget_s:
@@ -102,9 +106,7 @@ def instance_sockets(config: Config) -> dict[str, str]:
             if "@" not in name or name not in local:
                 continue
             instance = name.split("@", 1)[1]
-            host = config.listen_address(name)
-            address = f"[{host}]:{worker.port}" if ":" in host else f"{host}:{worker.port}"
-            text = re.sub(r"^ListenStream=.*$", f"ListenStream={address}", shipped, flags=re.M)
+            text = _listening_at(shipped, config.listen_address(name), worker.port)
             text = re.sub(r"^FileDescriptorName=.*$", f"FileDescriptorName={name}", text, flags=re.M)
             text = re.sub(r"^Service=.*$", f"Service=disagg-{kind}@{instance}.service", text, flags=re.M)
             text = re.sub(r"^(Description=.*?)(,|:)", rf"\1 {instance}\2", text, count=1, flags=re.M)
@@ -115,6 +117,13 @@ def instance_sockets(config: Config) -> dict[str, str]:
 def _systemd_here(prefix: Path) -> bool:
     """Does the install target the running system's systemd (not a staged --prefix)?"""
     return prefix == Path("/") and shutil.which("systemctl") is not None and Path("/run/systemd/system").exists()
+
+
+def _remove_instance_socket(prefix: Path, unit: Path, what: str) -> list[Action]:
+    """Remove an instance's socket unit, stopped first where systemd runs it (a loaded socket unit keeps its port
+    after its file is gone)."""
+    stop = [Action("stop", command=["systemctl", "disable", "--now", unit.name])] if _systemd_here(prefix) else []
+    return [*stop, Action(what, unit)]
 
 
 def _load(path: Path) -> Config:
@@ -157,9 +166,7 @@ def plan_install(prefix: Path, config: Path | None, bin_dir: str) -> list[Action
             actions.append(Action("write unit (an instance's socket)", target, content))
     for stale in sorted(unit_dir.glob(INSTANCE_SOCKET_GLOB)) if unit_dir.exists() else ():
         if stale.name not in sockets:
-            if _systemd_here(prefix):  # a loaded socket unit keeps its port after its file is gone
-                actions.append(Action("stop", command=["systemctl", "disable", "--now", stale.name]))
-            actions.append(Action("remove unit (an instance no longer in the config)", stale))
+            actions += _remove_instance_socket(prefix, stale, "remove unit (an instance no longer in the config)")
     actions += plan_cluster_dropins(prefix, config or (installed if installed.exists() else None))
     cfg_target = prefix / "etc/disagg/disagg.yaml"
     if not cfg_target.exists():
@@ -261,9 +268,7 @@ def plan_uninstall(prefix: Path, purge: bool) -> list[Action]:
             actions.append(Action("remove drop-in", dropin))
     unit_dir = prefix / "etc/systemd/system"
     for instance_socket in sorted(unit_dir.glob(INSTANCE_SOCKET_GLOB)) if unit_dir.exists() else ():
-        if _systemd_here(prefix):
-            actions.append(Action("stop", command=["systemctl", "disable", "--now", instance_socket.name]))
-        actions.append(Action("remove unit", instance_socket))
+        actions += _remove_instance_socket(prefix, instance_socket, "remove unit")
     if purge:
         for path in (prefix / "etc/disagg/disagg.yaml", prefix / "etc/default/disagg",
                      prefix / API_KEYS_PATH.relative_to("/")):
