@@ -268,6 +268,11 @@ class DecodeWorkerConfig(WorkerConfig):
     port: Port = 8000
     engine_port: Port = 8001
     metrics_port: Port = 9102
+    shared_port: Port | None = Field(
+        default=None, description="The box's one endpoint: every decode-worker instance of this host also accepts "
+        "requests on this port (one listening socket, held like the others), and sends each to the decode engine "
+        "with fewer requests in progress (its own, or a sibling's through that sibling's `port`). Null: each "
+        "front door on its own `port` only.")
     prefill_timeout_s: PositiveFloat = Field(
         default=30.0, description="Longer than this and the decode engine recomputes the prompt."
     )
@@ -829,6 +834,17 @@ class Config(_Section):
             for name, o in base.instances.items()
         }
 
+    def decode_workers(self) -> dict[str, DecodeWorkerConfig]:
+        """Daemon name -> resolved settings of every decode-worker."""
+        return {name: w for name, w in self.workers("decode-worker").items() if isinstance(w, DecodeWorkerConfig)}
+
+    def shared_front_door(self) -> tuple[str, int] | None:
+        """(host, port) of the box's one endpoint (``decode_worker.shared_port``), None when there is none."""
+        for w in self.decode_workers().values():
+            if w.shared_port is not None:
+                return w.host, w.shared_port
+        return None
+
     def worker(self, kind: str, instance: str | None) -> WorkerConfig:
         """One worker's settings; ConfigError if ``instance`` does not match the config."""
         section = WORKER_KINDS[kind]
@@ -851,6 +867,21 @@ class Config(_Section):
         host = self.host
         names = self.cluster_daemon_names()
         return names if host is None else [n for n in names if n in host.daemons]
+
+    @model_validator(mode="after")
+    def _one_shared_port(self) -> Config:
+        """decode-worker instances that share a port share all of it: the same port, on the same address."""
+        doors = {name: w for name, w in self.decode_workers().items() if w.shared_port is not None}
+        if not doors:
+            return self
+        if len(doors) != len(self.decode_workers()):
+            raise ValueError("decode_worker.shared_port: set for some instances and not others; set it once, for "
+                             "all of them (decode_worker.shared_port), or for none")
+        if len({(w.shared_port, w.host) for w in doors.values()}) > 1:
+            raise ValueError("decode_worker.shared_port: the instances name different shared ports or hosts; the "
+                             "box's one endpoint is one port on one address (set shared_port and host once, "
+                             "not per instance)")
+        return self
 
     @model_validator(mode="after")
     def _no_port_clash(self) -> Config:
@@ -878,6 +909,9 @@ class Config(_Section):
                 prefix = section if instance is None else f"{section}.instances.{instance}"
                 for key in ("port", "engine_port", "metrics_port"):
                     ports[f"{prefix}.{key}"] = getattr(worker, key)
+        shared = self.shared_front_door()
+        if shared is not None:  # one socket, however many front doors accept on it
+            ports["decode_worker.shared_port"] = shared[1]
         return ports
 
 

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
 import sys
 import time
 from collections import deque
@@ -41,7 +43,13 @@ from daemons.routing.prefill_router import LMCACHE, PrefillRouter
 from daemons.runtime.cli import run_daemon
 from daemons.runtime.httpserver import EdgeLimits, EmbeddedServer
 from daemons.runtime.lifecycle import DaemonFailed
-from daemons.runtime.listen import inherited_socket, loopback_if_wildcard, url_host
+from daemons.runtime.listen import (
+    SHARED_FRONT_DOOR,
+    bind_listening,
+    inherited_socket,
+    loopback_if_wildcard,
+    url_host,
+)
 from daemons.runtime.remote_state import state_url
 from daemons.runtime.statefile import PeerView
 from daemons.runtime.states import State
@@ -160,6 +168,8 @@ class DecodeWorker(EngineDaemon):
     def _update_state(self) -> None:
         # Whether this engine takes requests now: a sibling decode-worker sends its failovers here only then.
         self.details["engine_serving"] = not self.stopping and not self.decode_down()
+        # Requests on this engine now: the box's endpoint sends a sibling's requests here while it holds fewer.
+        self.details["in_progress"] = self.front_door.engine_requests()
         # In the state file (disaggctl status): the prefill-workers whose KV path the last canary verified.
         self.details["prefills_checked"] = sorted(
             name for name, result in self.router.canary_results.items() if result.ok and self.peers.ready(name))
@@ -176,12 +186,20 @@ class DecodeWorker(EngineDaemon):
         w = self.worker
         limits = EdgeLimits(keep_alive_s=w.keep_alive_timeout_s, header_timeout_s=w.header_timeout_s,
                             max_connections=w.max_connections)
-        sock = await asyncio.to_thread(inherited_socket, self.name, self.api_host, w.port)
+        env = dict(os.environ)  # both sockets from the same activation variables (the first call clears them)
+        sock = await asyncio.to_thread(inherited_socket, self.name, self.api_host, w.port, env)
+        shared = await asyncio.to_thread(self._shared_socket, env)
         # The peers first: the requests waiting in a held socket's backlog fail over to a ready prefill engine
         # the moment the front door opens (a restarted decode-worker knows nothing of them before this).
         await self.refresh_peers()
         await self.serve_http(EmbeddedServer(self.front_door.app(), self.api_host, w.port, name="front door",
                                              drain_s=self.config.readiness.drain_timeout_s, limits=limits, sock=sock))
+        if shared is not None:
+            host, port = shared.getsockname()[:2]
+            await self.serve_http(EmbeddedServer(self.front_door.app(shared=True), host, port,
+                                                 name="front door (the box's endpoint)",
+                                                 drain_s=self.config.readiness.drain_timeout_s, limits=limits,
+                                                 sock=shared))
         if await self.wait_for("lmcache-server") is None:
             return
         if not await self._engine_until_up(f"loading {self.config.model.name} on {self.worker.device}"):
@@ -202,6 +220,21 @@ class DecodeWorker(EngineDaemon):
         self.set_state(State.DEGRADED if problems else State.READY,
                        self.degraded_reason(problems) if problems else "")
         self._canary_task = asyncio.create_task(self._canary_loop(), name="canary")
+
+    def _shared_socket(self, env: dict[str, str]) -> socket.socket | None:
+        """The box's one endpoint (decode_worker.shared_port), every decode-worker of the host accepting on it: one
+        socket from systemd or the socket holder, else bound here with SO_REUSEPORT beside the siblings' own.
+        OSError (the port is taken by something else) fails the start like the front door's own port."""
+        shared = self.config.shared_front_door()
+        if shared is None:
+            return None
+        host, port = shared
+        sock = inherited_socket(SHARED_FRONT_DOOR, host, port, env)
+        if sock is None:
+            sock = bind_listening(host, port, reuse_port=True)
+            log.info("the box's endpoint %s:%d bound here (SO_REUSEPORT: the kernel spreads connections over the "
+                     "decode-workers that bound it; none holds it across restarts)", host, port)
+        return sock
 
     async def run_canaries(self) -> None:
         """One canary through each ready prefill-worker; the results feed state and routing."""

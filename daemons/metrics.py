@@ -184,6 +184,10 @@ class FrontDoorMetrics:
         self.failover_in_flight = Gauge(
             "disagg_failover_in_flight", "Requests being served whole by a prefill engine because the decode engine "
             "cannot (path failover).", registry=registry)
+        self.sibling_forwards = Counter(
+            "disagg_sibling_forwards", "Requests this front door relayed to a sibling decode-worker of the box (path "
+            "sibling), by why: load (the box's endpoint: the sibling's engine held fewer requests) or engine_down "
+            "(this worker's decode engine could not serve).", ["why"], registry=registry)
         self.migrations = Counter(
             "disagg_request_migrations", "Streams whose engine broke mid-way, by outcome: continued on another "
             "engine from the tokens generated so far, or failed (ended with an error event).", ["outcome"],

@@ -91,6 +91,8 @@ ENGINE_DOWN_STATUSES = (500, 502, 503)
 # On a request one decode-worker's front door passes to a sibling's (decode_worker.instances): that one serves it on
 # its own engine or a prefill engine, never a third front door.
 FORWARDED_HEADER = "x-disagg-forwarded"
+# The reason of a request the box's endpoint sent to a sibling's engine because it held fewer requests.
+BY_LOAD = "load"
 
 
 __all__ = ["FrontDoor", "FrontDoorSettings", "PrefillOutcome"]
@@ -208,6 +210,7 @@ class FrontDoor:
             sibling = self.router.choose_sibling(exclude=tried)
             if sibling.url is not None:
                 self.router.take(sibling.daemon, tokens)
+                self.metrics.sibling_forwards.labels(why="engine_down").inc()
                 log.info("[%s] to %s: decode engine unavailable (%s)", request_id, sibling.daemon, why)
                 return PrefillOutcome(RequestPath.SIBLING, why, engine_url=sibling.url, held=(sibling.daemon, tokens),
                                       hop=hop)
@@ -222,6 +225,26 @@ class FrontDoor:
         log.info("[%s] failover to %s: decode engine unavailable (%s)", request_id, choice.daemon, why)
         return PrefillOutcome(RequestPath.FAILOVER, why, engine_url=f"{choice.url}/whole",
                               held=(choice.daemon, tokens), hop=hop)
+
+    # -- the box's endpoint: by load ------------------------------------------------------
+    def engine_requests(self) -> int:
+        """Requests in progress on this worker's decode engine, by this front door's count: those it admitted, less
+        those it relayed to a sibling or serves whole on a prefill engine. Published (``in_progress``) for the
+        siblings' choice."""
+        return max(0, self.admission.active - self.router.relayed() - self.failovers - self.share.on_prefill)
+
+    def by_load(self, request_id: str, tokens: int, hop: dict[str, str]) -> PrefillOutcome | None:
+        """A request that came in on the box's one endpoint goes to a sibling whose decode engine holds fewer
+        requests (by LOAD_MARGIN or more) than this one's; None: it stays here."""
+        mine = self.engine_requests() - 1  # the others on this engine (this request is admitted already)
+        choice = self.router.lighter_sibling(mine)
+        if choice.url is None:
+            return None
+        self.router.take(choice.daemon, tokens)
+        self.metrics.sibling_forwards.labels(why="load").inc()
+        log.debug("[%s] to %s by load (%d others in progress here)", request_id, choice.daemon, mine)
+        return PrefillOutcome(RequestPath.SIBLING, BY_LOAD, engine_url=choice.url, held=(choice.daemon, tokens),
+                              hop=hop)
 
     # -- prefill ---------------------------------------------------------------------
     def short_prompt(self, tokens: int) -> PrefillOutcome | None:
@@ -244,14 +267,19 @@ class FrontDoor:
         return PrefillOutcome("short_prompt")
 
     async def prefill(self, route: str, body: dict[str, Any], request_id: str,
-                      hop: dict[str, str] | None = None) -> PrefillOutcome:
+                      hop: dict[str, str] | None = None, balanced: bool = False) -> PrefillOutcome:
         """Have a prefill-worker compute the prompt (its KV goes to LMCache); the router counts the outcome.
         While the decode engine cannot serve, the whole request goes to a sibling decode-worker or a prefill engine
-        instead (:meth:`failover`; ``hop``: what a call to a sibling carries)."""
+        instead (:meth:`failover`; ``hop``: what a call to a sibling carries). ``balanced``: it came in on the box's
+        one endpoint, and goes to a less loaded sibling's engine where there is one (:meth:`by_load`)."""
         tokens = self.sizer.estimate(route, body)
         down = self.decode_down()
         if down:
             return self.failover(down, request_id, tokens, hop)
+        if balanced and hop is not None:
+            moved = self.by_load(request_id, tokens, hop)
+            if moved is not None:
+                return moved
         short = self.short_prompt(tokens)
         if short is not None:
             return short
@@ -357,7 +385,11 @@ class FrontDoor:
                 self.router.kv_missed(reason)
 
     # -- routes ----------------------------------------------------------------------
-    async def generate(self, request: Request) -> Response:
+    async def generate_balanced(self, request: Request) -> Response:
+        """One completion that came in on the box's one endpoint (``decode_worker.shared_port``)."""
+        return await self.generate(request, balanced=True)
+
+    async def generate(self, request: Request, balanced: bool = False) -> Response:
         """One completion: checks, a slot, prefill, decode; never a hang, never a 500 for bad input."""
         route = request.url.path
         t0 = time.monotonic()
@@ -398,7 +430,7 @@ class FrontDoor:
         outcome: PrefillOutcome | None = None
         try:
             hop = self._hop(request)
-            outcome = await unless_disconnected(request, self.prefill(route, body, request_id, hop))
+            outcome = await unless_disconnected(request, self.prefill(route, body, request_id, hop, balanced))
             outcome.hop = hop
             if outcome.seconds:
                 timing.set("prefill", outcome.seconds)
@@ -422,6 +454,16 @@ class FrontDoor:
                         if outcome.path == RequestPath.SIBLING and outcome.held is not None:
                             tried.append(outcome.held[0])  # not that sibling again
                         self._release(outcome)
+                        if outcome.path == RequestPath.SIBLING and outcome.reason == BY_LOAD:
+                            # Sent away by load, not because this engine cannot serve: it is served here.
+                            log.warning("[%s] %s did not take the request (%s): served here", request_id,
+                                        outcome.engine_url, exc)
+                            outcome = await unless_disconnected(request, self.prefill(route, body, request_id, hop))
+                            outcome.hop = hop
+                            if outcome.rejection is not None:
+                                status, content = outcome.rejection
+                                return Response(content, status_code=status, media_type="application/json")
+                            continue
                         if outcome.path in (RequestPath.FAILOVER, RequestPath.SIBLING):
                             log.warning("[%s] %s to %s failed (%s)", request_id, outcome.path, outcome.engine_url, exc)
                             why, outcome = outcome.reason, None
@@ -772,10 +814,12 @@ class FrontDoor:
         state, serving, _reason = self.health_of()
         return JSONResponse({"state": state}, status_code=200 if serving else 503)
 
-    def app(self) -> Starlette:
+    def app(self, shared: bool = False) -> Starlette:
+        """The front door's routes; ``shared``: on the box's one endpoint, where requests are routed by load."""
+        generate = self.generate_balanced if shared else self.generate
         return Starlette(routes=[
-            Route("/v1/completions", self.generate, methods=["POST"]),
-            Route("/v1/chat/completions", self.generate, methods=["POST"]),
+            Route("/v1/completions", generate, methods=["POST"]),
+            Route("/v1/chat/completions", generate, methods=["POST"]),
             Route("/v1/models", self.models),
             Route("/health", self.health),
         ])

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
-from daemons.config import ConfigError
-from daemons.runtime.listen import url_host
+from daemons.config import ConfigError, DaemonId
+from daemons.runtime.listen import SHARED_FRONT_DOOR, url_host
 
 if TYPE_CHECKING:
     from daemons.config import Config
@@ -94,12 +94,7 @@ def instance_sockets(config: Config) -> dict[str, str]:
     ``.socket``: the instance's address and port, its daemon's name for the descriptor, its template service.
     Template units cannot carry a port each; a unit file for one instance (``NAME@INSTANCE.socket``) can."""
     units = {}
-    local = set(config.cluster_daemon_names())
-    if config.cluster is not None:  # this host's instances only, where it can tell which host this is
-        try:
-            local = set(config.on_host().daemon_names())
-        except ConfigError:
-            log.warning("cannot tell which host of the cluster this is: socket units for every host's instances")
+    local = _local_daemons(config)  # this host's instances only, where it can tell which host this is
     for kind in ("prefill-worker", "decode-worker"):
         shipped = (UNIT_DIR / f"disagg-{kind}.socket").read_text()
         for name, worker in config.workers(kind).items():
@@ -112,6 +107,57 @@ def instance_sockets(config: Config) -> dict[str, str]:
             text = re.sub(r"^(Description=.*?)(,|:)", rf"\1 {instance}\2", text, count=1, flags=re.M)
             units[f"disagg-{kind}@{instance}.socket"] = text
     return units
+
+
+FRONT_DOOR_SOCKET = "disagg-front-door.socket"
+FRONT_DOOR_DROPIN = "front-door.conf"
+FRONT_DOOR_DROPINS = ("disagg-decode-worker.service.d", "disagg-decode-worker@.service.d")
+
+
+def front_door_units(config: Config) -> dict[str, str]:
+    """The box's one endpoint under systemd (``decode_worker.shared_port``; empty without one): a socket unit
+    (file name -> text) that every decode-worker service of this host inherits besides its own (a drop-in's
+    ``Sockets=``, path relative to the unit directory). One listening socket, one backlog: each decode-worker
+    accepts from it, and while one restarts the others take its connections."""
+    shared = config.shared_front_door()
+    if shared is None:
+        return {}
+    local = [n for n in config.decode_workers() if n in _local_daemons(config)]
+    if not local:
+        return {}
+    host, port = shared
+    first = DaemonId.parse(local[0])
+    service = f"disagg-decode-worker@{first.instance}.service" if first.instance else "disagg-decode-worker.service"
+    text = _listening_at((UNIT_DIR / "disagg-decode-worker.socket").read_text(), host, port)
+    text = re.sub(r"^Description=.*$", "Description=disagg: the box's one endpoint, a socket every decode-worker "
+                  "accepts on (decode_worker.shared_port), held across their restarts", text, flags=re.M)
+    text = re.sub(r"^FileDescriptorName=.*$", f"FileDescriptorName={SHARED_FRONT_DOOR}", text, flags=re.M)
+    # The unit systemd starts on a connection while no decode-worker runs (a socket unit names one).
+    text = re.sub(r"^Service=.*$", f"Service={service}", text, flags=re.M)
+    instanced = first.instance is not None
+    own = "disagg-decode-worker@%i.socket" if instanced else "disagg-decode-worker.socket"
+    dropin = ("# Written by `disaggctl install`: the box's one endpoint (decode_worker.shared_port).\n"
+              f"[Unit]\nWants={FRONT_DOOR_SOCKET}\nAfter={FRONT_DOOR_SOCKET}\n\n"
+              f"[Service]\n# Its own socket and the box's: Sockets= names every socket the service inherits.\n"
+              f"Sockets={own} {FRONT_DOOR_SOCKET}\n")
+    return {FRONT_DOOR_SOCKET: text, f"{FRONT_DOOR_DROPINS[int(instanced)]}/{FRONT_DOOR_DROPIN}": dropin}
+
+
+def _front_door_files(unit_dir: Path) -> list[Path]:
+    """The box's endpoint units installed in ``unit_dir`` (to replace or remove)."""
+    return [p for p in (unit_dir / FRONT_DOOR_SOCKET, *(unit_dir / d / FRONT_DOOR_DROPIN for d in FRONT_DOOR_DROPINS))
+            if p.exists()]
+
+
+def _local_daemons(config: Config) -> set[str]:
+    """The daemons whose units this host gets: this host's in a cluster (all, where it cannot tell which it is)."""
+    local = set(config.cluster_daemon_names())
+    if config.cluster is not None:
+        try:
+            local = set(config.on_host().daemon_names())
+        except ConfigError:
+            log.warning("cannot tell which host of the cluster this is: socket units for every host's instances")
+    return local
 
 
 def _systemd_here(prefix: Path) -> bool:
@@ -167,6 +213,16 @@ def plan_install(prefix: Path, config: Path | None, bin_dir: str) -> list[Action
     for stale in sorted(unit_dir.glob(INSTANCE_SOCKET_GLOB)) if unit_dir.exists() else ():
         if stale.name not in sockets:
             actions += _remove_instance_socket(prefix, stale, "remove unit (an instance no longer in the config)")
+    # The box's one endpoint (decode_worker.shared_port): its socket unit and the decode-workers' drop-in.
+    front = front_door_units(loaded)
+    for name, content in front.items():
+        target = unit_dir / name
+        if not target.exists() or target.read_text() != content:
+            actions.append(Action("write unit (the box's endpoint)", target, content))
+    for stale in _front_door_files(unit_dir):
+        if str(stale.relative_to(unit_dir)) not in front:
+            actions += _remove_instance_socket(prefix, stale, "remove unit (no decode_worker.shared_port now)") \
+                if stale.suffix == ".socket" else [Action("remove drop-in (no decode_worker.shared_port now)", stale)]
     actions += plan_cluster_dropins(prefix, config or (installed if installed.exists() else None))
     cfg_target = prefix / "etc/disagg/disagg.yaml"
     if not cfg_target.exists():
@@ -269,6 +325,9 @@ def plan_uninstall(prefix: Path, purge: bool) -> list[Action]:
     unit_dir = prefix / "etc/systemd/system"
     for instance_socket in sorted(unit_dir.glob(INSTANCE_SOCKET_GLOB)) if unit_dir.exists() else ():
         actions += _remove_instance_socket(prefix, instance_socket, "remove unit")
+    for front in _front_door_files(unit_dir) if unit_dir.exists() else ():
+        actions += _remove_instance_socket(prefix, front, "remove unit") if front.suffix == ".socket" else [
+            Action("remove drop-in", front)]
     if purge:
         for path in (prefix / "etc/disagg/disagg.yaml", prefix / "etc/default/disagg",
                      prefix / API_KEYS_PATH.relative_to("/")):

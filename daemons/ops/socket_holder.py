@@ -2,7 +2,8 @@
 
 Under supervisord (which passes no socket that survives a program's restart) this small program runs
 first (``[program:disagg-sockets]``): it binds every listening port of this host's workers — the front
-doors and the prefill APIs — once, and hands a copy of a socket to each daemon that asks at its start,
+doors, the prefill APIs and the box's one endpoint (``decode_worker.shared_port``, one socket handed to every
+decode-worker) — once, and hands a copy of a socket to each daemon that asks at its start,
 over the unix socket ``<runtime_dir>/sockets.sock`` (``SCM_RIGHTS``; only this user can connect). While a
 daemon is down, the kernel goes on accepting connections into the socket's backlog, and the next
 process of that daemon serves them: a restart refuses nothing. systemd does the same with the
@@ -22,11 +23,11 @@ import sys
 import threading
 from pathlib import Path
 
-from daemons.config import WORKER_KINDS, Config
+from daemons.config import WORKER_KINDS, Config, DaemonId
+from daemons.runtime.listen import SHARED_FRONT_DOOR, bind_listening
 
 log = logging.getLogger(__name__)
 
-BACKLOG = 1024
 SOCKETS_FILE = "sockets.sock"
 
 
@@ -35,25 +36,32 @@ def sockets_path(config: Config) -> Path:
 
 
 def wanted(config: Config) -> dict[str, tuple[str, int]]:
-    """This host's listening daemons and where they listen (the workers' APIs)."""
+    """This host's listening daemons and where they listen (the workers' APIs), and the box's one endpoint
+    (``front-door``: one socket that every decode-worker of the host accepts on) where the config has one."""
     local = set(config.daemon_names())
-    return {name: (config.listen_address(name), worker.port) for kind in WORKER_KINDS
-            for name, worker in config.workers(kind).items() if name in local}
+    sockets = {name: (config.listen_address(name), worker.port) for kind in WORKER_KINDS
+               for name, worker in config.workers(kind).items() if name in local}
+    shared = config.shared_front_door()
+    if shared is not None and any(DaemonId.parse(name).kind == "decode-worker" for name in sockets):
+        sockets[SHARED_FRONT_DOOR] = shared
+    return sockets
 
 
 def bind(host: str, port: int) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    sock.listen(BACKLOG)
-    return sock
+    return bind_listening(host, port)
 
 
 class SocketHolder:
     def __init__(self, config: Config) -> None:
         self.path = sockets_path(config)
-        self.sockets = {name: bind(host, port) for name, (host, port) in wanted(config).items()}
+        self.sockets: dict[str, socket.socket] = {}
+        try:
+            for name, (host, port) in wanted(config).items():
+                self.sockets[name] = bind(host, port)
+        except OSError:
+            for sock in self.sockets.values():
+                sock.close()
+            raise
         self._stop = threading.Event()
 
     def serve(self) -> None:

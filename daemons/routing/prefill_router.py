@@ -41,6 +41,8 @@ PREFILL_SIDE_HOPS = ("prefill", "lmcache_store", "p2p_fetch", "kv_mismatch")
 DECODE_SIDE_HOPS = ("decode_engine", "decode_load")
 # Fallbacks decided before any call, from what status already says (no news: logged at INFO), and
 # a request the prefill-worker rejected (the client's error, not the path's).
+# The box's endpoint moves a request to a sibling's engine only when that engine holds this many fewer requests.
+LOAD_MARGIN = 2
 KNOWN_FALLBACKS = ("lmcache_unavailable", "kv_path_broken", "prefill_unavailable", "prefill_rejected")
 
 
@@ -112,6 +114,7 @@ class PrefillRouter:
         self._next = 0
         # Prompt tokens this front door has on each prefill engine now: prefill calls in flight, whole requests.
         self.load: dict[str, int] = {}
+        self.requests: dict[str, int] = {}  # requests in flight at each engine or sibling, by our count
 
     # -- what the front door asks ------------------------------------------------------------
     def ready_prefills(self) -> list[PeerView]:
@@ -152,10 +155,15 @@ class PrefillRouter:
         return min(turn, key=lambda v: self.load.get(v.daemon, 0))  # min keeps the first of equals
 
     def take(self, prefill: str, tokens: int) -> None:
-        """Count ``tokens`` of prompt on ``prefill``'s engine (until :meth:`give_back`)."""
+        """Count ``tokens`` of prompt (and one request) on ``prefill``'s engine (until :meth:`give_back`)."""
         self.load[prefill] = self.load.get(prefill, 0) + max(tokens, 1)
+        self.requests[prefill] = self.requests.get(prefill, 0) + 1
 
     def give_back(self, prefill: str, tokens: int) -> None:
+        if self.requests.get(prefill, 0) > 1:
+            self.requests[prefill] -= 1
+        else:
+            self.requests.pop(prefill, None)
         left = self.load.get(prefill, 0) - max(tokens, 1)
         if left < 0:  # a bug in the counting: logged, and never let it skew the choice or fail the request
             log.error("prompt tokens on %s given back but never taken (%d): counted as 0", prefill, -left)
@@ -213,6 +221,30 @@ class PrefillRouter:
             return PrefillChoice(skip="no_sibling")
         view = self._least_loaded(serving)
         return PrefillChoice(url=self.siblings[view.daemon], daemon=view.daemon)
+
+    def relayed(self) -> int:
+        """Requests this front door has at siblings now (relayed to their front doors)."""
+        return sum(self.requests.get(name, 0) for name in self.siblings)
+
+    def lighter_sibling(self, mine: int, margin: int = LOAD_MARGIN) -> PrefillChoice:
+        """A sibling whose decode engine holds at least ``margin`` fewer requests than ``mine`` (the others in
+        progress on this front door's engine), the lightest; else none (skip ``balanced``).
+
+        A sibling's load is what its state record says (``in_progress``: requests on its engine, as of its last
+        heartbeat) plus what this front door relayed to it since that it counts itself; a sibling that publishes
+        no load is not chosen by load. The margin keeps a request where it is when moving it saves little (the
+        hop costs a relay), and two front doors from trading requests on stale counts."""
+        best: tuple[int, PeerView] | None = None
+        for view in self.serving_siblings():
+            published = view.record.details.get("in_progress") if view.record is not None else None
+            if not isinstance(published, int) or isinstance(published, bool):
+                continue
+            score = published + self.requests.get(view.daemon, 0)
+            if best is None or score < best[0]:
+                best = (score, view)
+        if best is None or mine - best[0] < margin:
+            return PrefillChoice(skip="balanced")
+        return PrefillChoice(url=self.siblings[best[1].daemon], daemon=best[1].daemon)
 
     def report(self, outcome: PrefillOutcome, request_id: str) -> PrefillOutcome:
         """How a request's prefill went: counted, logged, remembered. Returns ``outcome``."""

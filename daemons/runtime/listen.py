@@ -96,6 +96,29 @@ def inherited_socket(name: str, host: str, port: int, env: dict[str, str] | None
     return sock
 
 
+# The name of the box's one endpoint (decode_worker.shared_port): the socket every decode-worker accepts on, besides
+# its own (the holder's name for it, and the FileDescriptorName of disagg-front-door.socket).
+SHARED_FRONT_DOOR = "front-door"
+BACKLOG = 1024
+
+
+def bind_listening(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
+    """A listening TCP socket at ``host``:``port``; ``reuse_port``: several processes may bind the same port (each
+    decode-worker binding the box's shared port itself, with neither systemd nor the socket holder to share one)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+        sock.listen(BACKLOG)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
 WILDCARDS = ("0.0.0.0", "::", "")
 
 

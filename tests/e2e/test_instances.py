@@ -1,6 +1,8 @@
 """Several workers of a kind on one box: two prefill-worker and two decode-worker instances, under supervisord as
-`disaggctl up` runs them (a program per instance, held sockets for each). Requests go to decode-worker@a's front
-door; decode-worker@b is its sibling, which takes them while a's decode engine is down."""
+`disaggctl up` runs them (a program per instance, held sockets for each), both decode-workers also on the box's one
+endpoint (decode_worker.shared_port). Requests go to decode-worker@a's own front door or to the shared port;
+decode-worker@b is a's sibling, which takes a's requests while a's decode engine is down, and the ones the shared
+port sends it because its engine holds fewer."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import os
 import signal
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -20,12 +23,14 @@ from benchmarks.harness.load import Load, summary
 from benchmarks.harness.scrape import metric_value
 from daemons.config import load_config
 from daemons.kv.canary import vocabulary
+from daemons.names import RequestPath
 from daemons.runtime.statefile import read_state
 
 from .conftest import PORTS, ctl, words_prompt, write_config
 
 OFFSET = 3000  # ports 21000-22112: below the ephemeral range (32768+), where vLLM binds random ports
 DECODE, SIBLING = "decode-worker@a", "decode-worker@b"
+SHARED_PORT = PORTS["decode_worker"]["port"] + OFFSET + 20  # the box's one endpoint
 log = logging.getLogger(__name__)
 
 
@@ -41,7 +46,8 @@ def two_prefills(tmp_path_factory, model_dir):
     # Short prompts under load go whole to the less busy side (test_short_prompts_under_load_...): here
     # "under load" is any other request in progress.
     dw = ports["decode_worker"]
-    ports["decode_worker"] = {"balance_short_prompts": True, "short_prompt_max_in_flight": 0, "instances": {
+    ports["decode_worker"] = {"balance_short_prompts": True, "short_prompt_max_in_flight": 0,
+                              "shared_port": SHARED_PORT, "instances": {
         "a": dw,
         "b": {"port": dw["port"] + 10, "engine_port": dw["engine_port"] + 10, "metrics_port": dw["metrics_port"] + 10},
     }}
@@ -128,8 +134,11 @@ def test_a_killed_decode_engine_s_requests_go_to_the_sibling_decode_worker(two_p
     runtime = cfg.runtime_dir
     _wait("both decode engines serving", lambda: _serving(runtime, DECODE) and _serving(runtime, SIBLING))
     url = f"http://127.0.0.1:{PORTS['decode_worker']['port'] + OFFSET}"
-    load = Load(url=url, model=cfg.model.name, vocab=vocabulary(cfg.model.path), clients=4, duration_s=900,
-                prompt_tokens=600, max_tokens=8, deadline_s=180, think_s=1.0)
+    # Two clients on decode-worker@a's own port (its requests must go to the sibling), two on the box's endpoint
+    # (either front door takes them; a's pass theirs to b).
+    load, shared = (Load(url=u, model=cfg.model.name, vocab=vocabulary(cfg.model.path), clients=2, duration_s=900,
+                         prompt_tokens=600, max_tokens=8, deadline_s=180, think_s=1.0)
+                    for u in (url, f"http://127.0.0.1:{SHARED_PORT}"))
 
     def kv_back() -> bool:
         body = {"model": cfg.model.name, "prompt": words_prompt(int(time.time() * 1000) % 10**6, 600),
@@ -140,8 +149,8 @@ def test_a_killed_decode_engine_s_requests_go_to_the_sibling_decode_worker(two_p
         return (r.json()["usage"].get("prompt_tokens_details") or {}).get("cached_tokens", 0) > 0
 
     async def scenario() -> None:
-        load.stop = asyncio.Event()
-        running = asyncio.create_task(load.run())
+        load.stop = shared.stop = asyncio.Event()
+        running = asyncio.gather(load.run(), shared.run())
         try:
             await asyncio.sleep(10)  # requests flow on the disaggregated path before the fault
             engine = int(read_state(runtime, DECODE).details["engine_pid"])  # type: ignore[union-attr]
@@ -156,16 +165,114 @@ def test_a_killed_decode_engine_s_requests_go_to_the_sibling_decode_worker(two_p
             await asyncio.wait_for(running, 240)
 
     asyncio.run(scenario())
-    got = summary(load.records)
+    got, via_shared = summary(load.records), summary(shared.records)
     paths = Counter(r.path for r in load.records if r.outcome == "succeeded")
-    log.info("sibling row: %d sent, %s, paths %s", got["sent"], got, dict(paths))
-    assert got["refused"] == 0 and got["failed_cleanly"] == 0 and got["lost"] == 0 and got["hung"] == 0, got
+    log.info("sibling row: a's port %s; the box's endpoint %s", got, via_shared)
+    for row in (got, via_shared):
+        assert row["refused"] == 0 and row["failed_cleanly"] == 0 and row["lost"] == 0 and row["hung"] == 0, row
+        assert row["sent"] > 0
     assert paths["sibling"] > 0, f"no request went to the sibling decode-worker: {dict(paths)}"
     assert paths["disaggregated"] > 0, dict(paths)
     # The sibling served them through its own front door (its prefill call, its decode engine).
     metrics = PORTS["decode_worker"]["metrics_port"] + OFFSET + 10
     text = httpx.get(f"http://127.0.0.1:{metrics}/metrics", timeout=10, trust_env=False).text
     assert metric_value(text, "disagg_requests_total", 'route="/v1/completions",status="200"') >= paths["sibling"]
+    text = httpx.get(f"http://127.0.0.1:{metrics - 10}/metrics", timeout=10, trust_env=False).text
+    assert metric_value(text, "disagg_sibling_forwards_total", 'why="engine_down"') >= paths["sibling"]
+
+
+def published_load(runtime_dir: Path, name: str) -> object:
+    rec = read_state(runtime_dir, name)
+    return None if rec is None else rec.details.get("in_progress")
+
+
+def engine_successes(port: int) -> float:
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10, trust_env=False).text
+    return metric_value(text, "vllm:request_success_total")
+
+
+def test_the_box_s_endpoint_sends_requests_to_the_decode_engine_with_fewer_in_progress(two_prefills):
+    """decode_worker.shared_port: four long streams held on decode-worker@a's engine (through a's own port), then
+    requests on the box's one endpoint: whichever front door takes one, it is decoded on b's engine (a passes it to
+    b, path sibling, why load), with its KV loaded there (cached_tokens > 0)."""
+    config_path, _pf = two_prefills
+    cfg = load_config(config_path)
+    runtime = cfg.runtime_dir
+    _wait("both decode engines serving", lambda: _serving(runtime, DECODE) and _serving(runtime, SIBLING))
+    own = f"http://127.0.0.1:{PORTS['decode_worker']['port'] + OFFSET}"
+    engine_a, engine_b = (PORTS["decode_worker"]["engine_port"] + OFFSET + d for d in (0, 10))
+    metrics_a = PORTS["decode_worker"]["metrics_port"] + OFFSET
+    with httpx.Client(timeout=180, trust_env=False) as client, contextlib.ExitStack() as streams:
+        readers = []
+        for i in range(4):
+            body = {"model": cfg.model.name, "prompt": words_prompt(900 + i, 600), "max_tokens": 4000,
+                    "ignore_eos": True, "stream": True}
+            resp = streams.enter_context(client.stream("POST", f"{own}/v1/completions", json=body))
+            assert resp.status_code == 200 and resp.headers["x-disagg-path"] == "disaggregated", resp.read()
+            lines = resp.iter_lines()
+            assert next(line for line in lines if line.startswith("data: "))
+            readers.append(lines)
+        # The fault-free premise, seen before anything counts: a's engine holds the four, b's none, both published.
+        _wait("a publishing its four requests, b none", lambda: published_load(runtime, DECODE) == 4
+              and published_load(runtime, SIBLING) == 0, 60)
+        before_b, before_a = engine_successes(engine_b), door_paths(metrics_a)
+        paths = Counter()
+        for i in range(6):
+            body = {"model": cfg.model.name, "prompt": words_prompt(950 + i, 600), "max_tokens": 2,
+                    "temperature": 0.0}
+            # A new connection each (a kept-alive one would stay with the front door that accepted it).
+            r = client.post(f"http://127.0.0.1:{SHARED_PORT}/v1/completions", json=body, headers={"connection": "close"})
+            assert r.status_code == 200, r.text
+            assert r.json()["usage"]["prompt_tokens_details"]["cached_tokens"] > 0, r.json()
+            paths[r.headers["x-disagg-path"]] += 1
+        log.info("the box's endpoint under a's load: paths %s", dict(paths))
+        assert set(paths) <= {"sibling", "disaggregated"}, dict(paths)
+        # None of them stayed on a's engine: what a's front door took it passed to b (its paths counted only
+        # sibling, each a forward by load); b's engine decoded all six (a canary passing through may add one).
+        after_a = door_paths(metrics_a)
+        assert after_a["sibling"] - before_a["sibling"] == paths["sibling"], (before_a, after_a)
+        assert after_a["load"] - before_a["load"] == paths["sibling"], (before_a, after_a)
+        assert {k: v for k, v in after_a.items() if k not in ("sibling", "load")} == {
+            k: v for k, v in before_a.items() if k not in ("sibling", "load")}, (before_a, after_a)
+        assert engine_successes(engine_b) - before_b >= 6
+        # Which front door accepts is the kernel's choice (above, b may have taken them all). With b's daemon
+        # stopped (SIGSTOP: it accepts nothing, its engine runs on), every connection is a's: a passes each to b's
+        # own port, whose held socket keeps it until b goes on.
+        before_a = door_paths(metrics_a)
+        b = read_state(runtime, SIBLING).pid  # type: ignore[union-attr]
+        os.kill(b, signal.SIGSTOP)
+        try:
+            _wait("decode-worker@b stopped", lambda: Path(f"/proc/{b}/stat").read_text().split(")")[1].split()[0]
+                  == "T", 10)
+            # New connections (a kept-alive one from above may be b's), sent at once.
+            with httpx.Client(timeout=180, trust_env=False) as fresh, ThreadPoolExecutor(3) as pool:
+                sent = [pool.submit(fresh.post, f"http://127.0.0.1:{SHARED_PORT}/v1/completions", json={
+                    "model": cfg.model.name, "prompt": words_prompt(970 + i, 600), "max_tokens": 2,
+                    "temperature": 0.0}, headers={"connection": "close"}) for i in range(3)]
+                try:
+                    _wait("a passing the three to b", lambda: door_paths(metrics_a)["load"] - before_a["load"] == 3,
+                          30)
+                finally:
+                    os.kill(b, signal.SIGCONT)  # before the pool waits for answers that need b
+                answers = [f.result(timeout=180) for f in sent]
+        finally:
+            os.kill(b, signal.SIGCONT)
+        for r in answers:
+            assert r.status_code == 200 and r.headers["x-disagg-path"] == "sibling", r.text
+            assert r.json()["usage"]["prompt_tokens_details"]["cached_tokens"] > 0, r.json()
+        after_a = door_paths(metrics_a)
+        assert after_a["sibling"] - before_a["sibling"] == 3 and after_a["load"] - before_a["load"] == 3
+        assert engine_running(engine_a) >= 4  # still generating the four held streams
+
+
+def door_paths(metrics_port: int) -> Counter[str]:
+    """A front door's answered requests by path, and (``load``) those it passed to a sibling by load."""
+    text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10, trust_env=False).text
+    counts: Counter[str] = Counter()
+    for path in RequestPath:
+        counts[path.value] = int(metric_value(text, "disagg_request_paths_total", f'path="{path.value}"'))
+    counts["load"] = int(metric_value(text, "disagg_sibling_forwards_total", 'why="load"'))
+    return counts
 
 
 def test_decode_spreads_prefill_over_instances_and_survives_one_going(two_prefills):

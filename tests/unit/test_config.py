@@ -333,3 +333,33 @@ def test_worker_instances_get_a_supervisord_program_each(tmp_path, model_dir):
         assert f"disagg-{kind} --config %(ENV_DISAGG_CONFIG)s --instance {instance}\n" in conf
     assert "[program:prefill-worker]" not in conf and "[program:lmcache-coordinator]" not in conf
     assert supervisor_conf(config) == config.runtime_dir / "supervisord.conf"
+
+
+def shared_doc(model_dir: Path) -> dict:
+    doc = base(model_dir)
+    doc["decode_worker"]["shared_port"] = 8090
+    doc["decode_worker"]["instances"] = {
+        "a": {"port": 8010, "engine_port": 8011, "metrics_port": 9120},
+        "b": {"port": 8020, "engine_port": 8021, "metrics_port": 9121},
+    }
+    return doc
+
+
+def test_decode_instances_share_one_endpoint_counted_once(tmp_path, model_dir):
+    config = load_config(write(tmp_path, shared_doc(model_dir)))
+    assert config.shared_front_door() == ("127.0.0.1", 8090)
+    assert config.listening_ports()["decode_worker.shared_port"] == 8090
+    assert load_config(write(tmp_path, base(model_dir))).shared_front_door() is None
+
+
+@pytest.mark.parametrize("change, expected", [
+    (lambda d: d["decode_worker"]["instances"]["b"].update(shared_port=8091), "different shared ports or hosts"),
+    (lambda d: d["decode_worker"]["instances"]["b"].update(host="::1"), "different shared ports or hosts"),
+    (lambda d: d["decode_worker"]["instances"]["b"].update(shared_port=None), "set for some instances and not others"),
+    (lambda d: d["decode_worker"].update(shared_port=8010), "port 8010 is used by both"),
+    (lambda d: d["decode_worker"].update(shared_port=9121), "port 9121 is used by both"),
+])
+def test_a_shared_port_that_is_not_one_endpoint_is_refused_with_the_reason(tmp_path, model_dir, change, expected):
+    doc = shared_doc(model_dir)
+    change(doc)
+    assert expected in error_of(tmp_path, doc)

@@ -17,7 +17,7 @@ from daemons.config import parse_config
 from daemons.decode_worker import DecodeWorker
 from daemons.kv.canary import CanaryResult
 from daemons.metrics import FALLBACK_REASONS
-from daemons.routing.prefill_router import PrefillChoice
+from daemons.routing.prefill_router import LOAD_MARGIN, PrefillChoice, PrefillRouter
 from daemons.runtime.statefile import PeerView, State, StateRecord
 
 from .fakes import FakeUpstream
@@ -434,3 +434,53 @@ def test_the_load_of_every_kind_of_request_is_given_back(worker: DecodeWorker) -
     outcomes = asyncio.run(scenario())
     assert sorted(o.path for o in outcomes) == ["disaggregated", "disaggregated", "fallback", "fallback"]  # type: ignore[attr-defined]
     assert all(sum(load.values()) > 0 for load in seen) and worker.router.load == {}
+
+
+def sibling_view(name: str, in_progress: object, serving: bool = True) -> PeerView:
+    rec = record(name, 40, "127.0.0.1:8010")
+    rec.details.update({"engine_serving": serving, "in_progress": in_progress})
+    return PeerView(name, "ready", True, "", rec)
+
+
+class Views:
+    """Stands in for Peers: the siblings' records as the last refresh read them."""
+
+    def __init__(self, *views: PeerView) -> None:
+        self.views = {v.daemon: v for v in views}
+
+
+def by_load_router(*views: PeerView) -> PrefillRouter:
+    from prometheus_client import CollectorRegistry
+
+    from daemons.metrics import FrontDoorMetrics
+
+    return PrefillRouter([], Views(*views), FrontDoorMetrics(CollectorRegistry()),  # type: ignore[arg-type]
+                         siblings={v.daemon: f"http://{v.daemon}" for v in views})
+
+
+def test_the_box_s_endpoint_moves_a_request_only_to_a_sibling_lighter_by_the_margin() -> None:
+    """A sibling's load: its published in_progress plus what this door relayed there since; the lightest serving one
+    is chosen, and only when it holds LOAD_MARGIN fewer than this engine's others (no trading on stale counts)."""
+    b, c = "decode-worker@b", "decode-worker@c"
+    router = by_load_router(sibling_view(b, 3), sibling_view(c, 1))
+    assert router.lighter_sibling(mine=2).url is None  # 2 - 1 < LOAD_MARGIN: it stays
+    assert LOAD_MARGIN == 2 and router.lighter_sibling(mine=3).daemon == c
+    router.take(c, 100)  # relayed there, not yet in its record: now c counts 2
+    router.take(c, 100)  # ... and 3: b and c are equal, the first of them
+    assert router.relayed() == 2 and router.lighter_sibling(mine=5).daemon == b
+    router.give_back(c, 100)
+    router.give_back(c, 100)
+    assert router.relayed() == 0 and router.requests == {} and router.lighter_sibling(mine=3).daemon == c
+    # Only siblings whose engine serves and that publish a load count.
+    assert by_load_router(sibling_view(b, 0, serving=False)).lighter_sibling(mine=9).url is None
+    for published in (None, "2", True, 1.5):
+        assert by_load_router(sibling_view(b, published)).lighter_sibling(mine=9).url is None, published
+
+
+def test_a_decode_worker_publishes_the_requests_on_its_engine(worker: DecodeWorker) -> None:
+    worker.router.siblings["decode-worker@b"] = "http://127.0.0.1:8010"
+    worker.front_door.admission.active = 3
+    worker.router.take("decode-worker@b", 10)  # one of them relayed to a sibling
+    worker.router.take(P0, 10)  # a prefill call in flight: still this engine's request
+    worker._update_state()
+    assert worker.details["in_progress"] == 2

@@ -33,10 +33,19 @@ class Prefills:
         self._next = 0
         self.siblings = dict(siblings or {})  # decode-workers whose engines serve: name -> front door URL
         self.load: dict[str, int] = {}
+        self.requests: dict[str, int] = {}
+        self.lighter = False  # by load, the first sibling is lighter (the real choice: test_decode_routing)
 
     take = PrefillRouter.take
     give_back = PrefillRouter.give_back
     holding = PrefillRouter.holding
+    relayed = PrefillRouter.relayed
+
+    def lighter_sibling(self, mine: int) -> PrefillChoice:
+        if not self.lighter or not self.siblings:
+            return PrefillChoice(skip="balanced")
+        name = next(iter(self.siblings))
+        return PrefillChoice(url=self.siblings[name], daemon=name)
 
     def choose_sibling(self, exclude: Sequence[str] = ()) -> PrefillChoice:
         name = next((n for n in self.siblings if n not in exclude), None)
@@ -86,9 +95,10 @@ def door_with(handler: Any, *, down: str = "", ready: int = 1, bound: int = 64,
     return door, metrics, seen
 
 
-async def post(door: FrontDoor, stream: bool, headers: dict[str, str] | None = None) -> httpx.Response:
+async def post(door: FrontDoor, stream: bool, headers: dict[str, str] | None = None,
+               shared: bool = False) -> httpx.Response:
     body = {"model": "m", "prompt": list(range(100)), "max_tokens": 3, "stream": stream}
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(door.app()), base_url="http://door",
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(door.app(shared)), base_url="http://door",
                                  timeout=10) as client:
         return await client.post("/v1/completions", json=body, headers=headers or {})
 
@@ -394,3 +404,63 @@ def test_a_sibling_that_refuses_a_continuation_passes_it_to_the_next() -> None:
     assert "".join(c.get("text", "") for e in events_of(resp.text) for c in e.get("choices", [])) == "abc"
     assert tried == ["sib-b", "sib-c"]
     assert metrics.migrations.labels(outcome="continued")._value.get() == 1
+
+
+def forwards(metrics: FrontDoorMetrics, why: str) -> float:
+    return metrics.sibling_forwards.labels(why=why)._value.get()
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_the_box_s_endpoint_sends_a_request_to_a_lighter_sibling_and_a_door_s_own_port_never_does(
+        stream: bool) -> None:
+    """decode_worker.shared_port: a request that came in on the box's endpoint goes to the sibling whose engine
+    holds fewer requests (path sibling, why load, the client's key and the hop mark); the same request on this
+    front door's own port stays on its engine; one a sibling passed on is never moved again."""
+    sent: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        sent.append(request)
+        return engine_answer(request)
+
+    door, metrics, seen = door_with(handler, siblings=SIBLINGS)
+    door.router.lighter = True  # type: ignore[attr-defined]
+    resp = asyncio.run(post(door, stream, {"authorization": "Bearer k1"}, shared=True))
+    assert resp.status_code == 200 and resp.headers["x-disagg-path"] == "sibling", resp.text
+    assert seen == ["sib-b/v1/completions"]
+    assert sent[0].headers["authorization"] == "Bearer k1" and sent[0].headers["x-disagg-forwarded"] == "1"
+    assert forwards(metrics, "load") == 1 and forwards(metrics, "engine_down") == 0
+    assert door.router.requests == {} and door.router.load == {}  # type: ignore[attr-defined]
+    assert door.admission.active == 0 and door.engine_requests() == 0
+    for headers, shared in (({}, False), ({"x-disagg-forwarded": "1"}, True)):
+        seen.clear()
+        resp = asyncio.run(post(door, stream, headers, shared=shared))
+        assert resp.status_code == 200 and resp.headers["x-disagg-path"] != "sibling", resp.text
+        assert seen == ["engine/v1/completions"]
+    assert forwards(metrics, "load") == 1
+
+
+@pytest.mark.parametrize("refusal", [503, "refused"])
+def test_a_request_sent_away_by_load_that_the_sibling_cannot_take_is_served_here(refusal: int | str) -> None:
+    """Moved by load, not because this engine is down: a sibling that fails it hands it back to this engine, never
+    to a prefill engine whole (failover is for an engine that cannot serve)."""
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.host.startswith("sib-"):
+            if refusal == "refused":
+                raise httpx.ConnectError("connection refused")
+            return httpx.Response(int(refusal), json={"error": {"message": "busy"}})
+        return engine_answer(request)
+
+    door, metrics, seen = door_with(handler, siblings=SIBLINGS)
+    door.router.lighter = True  # type: ignore[attr-defined]
+    resp = asyncio.run(post(door, True, shared=True))
+    assert resp.status_code == 200 and resp.headers["x-disagg-path"] not in ("sibling", "failover"), resp.text
+    assert seen == ["sib-b/v1/completions", "engine/v1/completions"]
+    assert paths(metrics, "failover") == 0 and door.failovers == 0 and door.admission.active == 0
+    assert door.router.requests == {} and door.router.load == {}  # type: ignore[attr-defined]
+
+
+def test_a_sibling_taking_a_down_engine_s_request_is_counted_as_engine_down() -> None:
+    door, metrics, seen = door_with(engine_answer, down="loading", siblings=SIBLINGS)
+    resp = asyncio.run(post(door, False, shared=True))
+    assert resp.headers["x-disagg-path"] == "sibling" and seen == ["sib-b/v1/completions"]
+    assert forwards(metrics, "engine_down") == 1 and forwards(metrics, "load") == 0

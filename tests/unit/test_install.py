@@ -107,24 +107,34 @@ def test_every_instance_gets_its_own_socket_unit(tmp_path):
     assert sockets == [f"disagg-decode-worker@d{i}.socket" for i in range(4)] + [
         f"disagg-prefill-worker@p{i}.socket" for i in range(4)]
     d1 = (units / "disagg-decode-worker@d1.socket").read_text()
-    for line in ("ListenStream=0.0.0.0:8010", "FileDescriptorName=decode-worker@d1",
+    for line in ("ListenStream=0.0.0.0:8020", "FileDescriptorName=decode-worker@d1",
                  "Service=disagg-decode-worker@d1.service"):
         assert f"\n{line}\n" in d1, line
     assert "ListenStream=127.0.0.1:8104" in (units / "disagg-prefill-worker@p2.socket").read_text()
     for kind in ("prefill", "decode"):
         template = (units / f"disagg-{kind}-worker@.service").read_text()
         assert f"Wants=disagg-{kind}-worker@%i.socket" in template and f"After=disagg-{kind}-worker@%i.socket" in template
+    # The box's one endpoint (decode_worker.shared_port): one socket unit, inherited by every decode-worker.
+    front = (units / "disagg-front-door.socket").read_text()
+    for line in ("ListenStream=0.0.0.0:8000", "FileDescriptorName=front-door", "Service=disagg-decode-worker@d0.service"):
+        assert f"\n{line}\n" in front, line
+    dropin = (units / "disagg-decode-worker@.service.d/front-door.conf").read_text()
+    for line in ("Wants=disagg-front-door.socket", "Sockets=disagg-decode-worker@%i.socket disagg-front-door.socket"):
+        assert f"\n{line}\n" in dropin, line
     if shutil.which("systemd-analyze"):
-        proc = subprocess.run(["systemd-analyze", "verify", "disagg-decode-worker@d1.socket"], cwd=units,
-                              capture_output=True, text=True)
-        assert proc.returncode == 0, proc.stderr
+        for unit in ("disagg-decode-worker@d1.socket", "disagg-front-door.socket"):
+            proc = subprocess.run(["systemd-analyze", "verify", unit], cwd=units, capture_output=True, text=True)
+            assert proc.returncode == 0, proc.stderr
     # An instance taken out of the config loses its socket unit at the next install.
     installed = tmp_path / "etc/disagg/disagg.yaml"
     doc = yaml.safe_load(installed.read_text())
     del doc["decode_worker"]["instances"]["d3"]
+    del doc["decode_worker"]["shared_port"]  # ... and without the shared port, its units go
     installed.write_text(yaml.safe_dump(doc))
     again = ctl("install", "--prefix", prefix)
     assert again.returncode == 0, again.stdout + again.stderr
     assert not (units / "disagg-decode-worker@d3.socket").exists() and (units / "disagg-decode-worker@d2.socket").exists()
+    assert not (units / "disagg-front-door.socket").exists()
+    assert not (units / "disagg-decode-worker@.service.d/front-door.conf").exists()
     gone = ctl("uninstall", "--prefix", prefix)
     assert gone.returncode == 0 and not list(units.glob("*.socket"))

@@ -99,3 +99,51 @@ def test_addresses_match_exactly_a_wildcard_only_a_wildcard() -> None:
     assert not listen.same_address("0.0.0.0", "127.0.0.1") and not listen.same_address("127.0.0.1", "0.0.0.0")
     assert listen.same_address("127.0.0.1", "localhost") and listen.same_address("127.0.0.1", "127.0.0.1")
     assert not listen.same_address("127.0.0.1", "10.0.0.1")
+
+
+def test_the_box_s_endpoint_is_one_socket_every_decode_worker_accepts_on(tmp_path: Path) -> None:
+    """decode_worker.shared_port: the holder binds it once and hands the same socket to each decode-worker that
+    asks (one backlog: a connection made while one of them is gone is accepted by another); without a holder, each
+    binds it with SO_REUSEPORT beside the others."""
+    from daemons.config import parse_config
+    from daemons.ops.socket_holder import SocketHolder, sockets_path, wanted
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    probes = [bound() for _ in range(4)]
+    nums = [s.getsockname()[1] for s in probes]
+    for s in probes:
+        s.close()
+    doc = {"runtime_dir": str(tmp_path / "run"), "log_dir": str(tmp_path / "log"), "model": {"path": str(model)},
+           "decode_worker": {"kv_cache_memory_bytes": 1 << 28, "shared_port": nums[0], "instances": {
+               "a": {"port": nums[1], "engine_port": 18901, "metrics_port": 18902},
+               "b": {"port": nums[2], "engine_port": 18911, "metrics_port": 18912}}},
+           "prefill_worker": {"kv_cache_memory_bytes": 1 << 28, "port": nums[3]}}
+    (tmp_path / "run").mkdir()
+    config = parse_config(doc, tmp_path / "disagg.yaml")
+    assert wanted(config)[listen.SHARED_FRONT_DOOR] == ("127.0.0.1", nums[0])
+    holder = SocketHolder(config)
+    thread = threading.Thread(target=holder.serve, daemon=True)
+    thread.start()
+    try:
+        env = {listen.HOLDER_ENV: str(sockets_path(config))}
+        a = listen.inherited_socket(listen.SHARED_FRONT_DOOR, "127.0.0.1", nums[0], env)
+        b = listen.inherited_socket(listen.SHARED_FRONT_DOOR, "127.0.0.1", nums[0], env)
+        assert a is not None and b is not None
+        a.close()  # decode-worker@a is gone: its siblings accept what comes in
+        client = socket.create_connection(("127.0.0.1", nums[0]), timeout=5)
+        b.settimeout(5)
+        conn, _ = b.accept()
+        client.sendall(b"one endpoint")
+        assert conn.recv(12) == b"one endpoint"
+        conn.close(), client.close(), b.close()
+    finally:
+        holder.stop()
+        thread.join(5)
+        for sock in holder.sockets.values():
+            sock.close()
+    # No holder, no systemd: each decode-worker binds the shared port itself, side by side.
+    first = listen.bind_listening("127.0.0.1", nums[0], reuse_port=True)
+    second = listen.bind_listening("127.0.0.1", nums[0], reuse_port=True)
+    first.close(), second.close()
