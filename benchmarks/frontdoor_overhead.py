@@ -66,7 +66,8 @@ def fake_engine() -> None:
 def disagg_proxy() -> None:
     from prometheus_client import CollectorRegistry
 
-    from daemons.edge.frontdoor import FrontDoor, FrontDoorSettings
+    from daemons.edge.door_settings import FrontDoorSettings
+    from daemons.edge.frontdoor import FrontDoor
     from daemons.edge.upstream import Upstream
     from daemons.metrics import FrontDoorMetrics
     from daemons.routing.prefill_router import PrefillChoice, PrefillRouter

@@ -169,7 +169,7 @@ class DecodeWorker(EngineDaemon):
         # Whether this engine takes requests now: a sibling decode-worker sends its failovers here only then.
         self.details["engine_serving"] = not self.stopping and not self.decode_down()
         # Requests on this engine now: the box's endpoint sends a sibling's requests here while it holds fewer.
-        self.details["in_progress"] = self.front_door.engine_requests()
+        self.details["in_progress"] = self.front_door.placement.engine_requests()
         # In the state file (disaggctl status): the prefill-workers whose KV path the last canary verified.
         self.details["prefills_checked"] = sorted(
             name for name, result in self.router.canary_results.items() if result.ok and self.peers.ready(name))
@@ -313,9 +313,9 @@ class DecodeWorker(EngineDaemon):
         door.settings = FrontDoorSettings.from_config(worker, self.engine_url)
         s = door.settings
         door.admission.resize(s.max_concurrent_requests, s.max_queued_requests, s.queue_timeout_s)
-        door.backlog.overflow_backlog_tokens = s.overflow_backlog_tokens
-        door.backlog.overflow_max_local_tokens = s.overflow_max_local_tokens
-        door.share.enabled = s.balance_short_prompts
+        door.placement.backlog.overflow_backlog_tokens = s.overflow_backlog_tokens
+        door.placement.backlog.overflow_max_local_tokens = s.overflow_max_local_tokens
+        door.placement.share.enabled = s.balance_short_prompts
         applied = {key for key in changed if key in live}
         keys_key = f"{prefix}api_keys_file"
         try:

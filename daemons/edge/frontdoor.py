@@ -31,7 +31,6 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass, fields
 from typing import Any
 
 from starlette.applications import Starlette
@@ -39,13 +38,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from daemons.config import DecodeWorkerConfig
 from daemons.edge.admission import Admission, Overloaded
 from daemons.edge.auth import ApiKeys
 from daemons.edge.disconnect import ClientGone, unless_disconnected
+from daemons.edge.door_settings import FrontDoorSettings
 from daemons.edge.errors import RETRY_AFTER_S, openai_error, unavailable
 from daemons.edge.migration import Progress, can_migrate
-from daemons.edge.request_limits import BadRequest, WorkLimits, check_work, parse_json_object, read_body, too_large
+from daemons.edge.request_limits import BadRequest, check_work, parse_json_object, read_body, too_large
 from daemons.edge.request_limits import request_id as checked_request_id
 from daemons.edge.sse_relay import RelayedResponse, StreamRelay
 from daemons.edge.timing import ASK_HEADER, COMMENT, Timing
@@ -54,10 +53,8 @@ from daemons.kv import crosscheck
 from daemons.kv.canary import cached_tokens
 from daemons.metrics import FrontDoorMetrics
 from daemons.names import RequestPath
-from daemons.routing.engine_share import EngineShare
-from daemons.routing.prefill_backlog import Backlog
+from daemons.routing.placement import BY_LOAD, NoEngine, Placement
 from daemons.routing.prefill_router import PrefillChoice, PrefillOutcome, PrefillRouter
-from daemons.routing.prompt_size import PromptSizer
 
 
 class PrefillLost(Exception):
@@ -73,14 +70,6 @@ class DecodeFailed(Exception):
     to the client yet, so another engine may serve the request."""
 
 
-class NoEngine(Exception):
-    """No engine can serve the request now: 503 + Retry-After. The message is the client's; ``detail`` (which
-    may name internal addresses) is for the log only."""
-
-    def __init__(self, message: str, detail: str = "") -> None:
-        super().__init__(message)
-        self.detail = detail
-
 
 
 log = logging.getLogger(__name__)
@@ -91,8 +80,6 @@ ENGINE_DOWN_STATUSES = (500, 502, 503)
 # On a request one decode-worker's front door passes to a sibling's (decode_worker.instances): that one serves it on
 # its own engine or a prefill engine, never a third front door.
 FORWARDED_HEADER = "x-disagg-forwarded"
-# The reason of a request the box's endpoint sent to a sibling's engine because it held fewer requests.
-BY_LOAD = "load"
 
 
 __all__ = ["FrontDoor", "FrontDoorSettings", "PrefillOutcome"]
@@ -119,51 +106,6 @@ def _int_header(resp: Answer, name: str) -> int | None:
         return None
 
 
-def _default(name: str) -> Any:
-    """The config's default for ``decode_worker.<name>``: the front door has no defaults of its own."""
-    return DecodeWorkerConfig.model_fields[name].default
-
-
-@dataclass(frozen=True)
-class FrontDoorSettings:
-    """What the front door is told, from the decode-worker's config (:meth:`from_config`)."""
-
-    engine_url: str
-    prefill_timeout_s: float = _default("prefill_timeout_s")
-    first_token_timeout_s: float = _default("first_token_timeout_s")
-    request_timeout_s: float = _default("request_timeout_s")
-    max_concurrent_requests: int = _default("max_concurrent_requests")
-    max_queued_requests: int = _default("max_queued_requests")
-    queue_timeout_s: float = _default("queue_timeout_s")
-    max_body_bytes: int = _default("max_body_bytes")
-    disaggregate_min_tokens: int = _default("disaggregate_min_tokens")
-    short_prompt_max_in_flight: int = _default("short_prompt_max_in_flight")
-    balance_short_prompts: bool = _default("balance_short_prompts")
-    overflow_backlog_tokens: int = _default("overflow_backlog_tokens")
-    overflow_max_local_tokens: int = _default("overflow_max_local_tokens")
-    failover_max_in_flight: int = _default("failover_max_in_flight")
-    migration_attempts: int = _default("migration_attempts")
-    kv_crosscheck: bool = _default("kv_crosscheck")
-    access_log: bool = _default("access_log")
-    kv_crosscheck_tolerance: float = _default("kv_crosscheck_tolerance")
-    body_timeout_s: float = _default("body_timeout_s")
-    write_timeout_s: float = _default("write_timeout_s")
-    stream_idle_timeout_s: float = _default("stream_idle_timeout_s")
-    max_choices: int = _default("max_choices")
-    max_prompts: int = _default("max_prompts")
-    max_output_tokens: int = _default("max_output_tokens")
-    max_logprobs: int = _default("max_logprobs")
-
-    @property
-    def work_limits(self) -> WorkLimits:
-        return WorkLimits(self.max_choices, self.max_prompts, self.max_output_tokens, self.max_logprobs)
-
-    @classmethod
-    def from_config(cls, worker: DecodeWorkerConfig, engine_url: str) -> FrontDoorSettings:
-        names = [f.name for f in fields(cls) if f.name != "engine_url"]
-        return cls(engine_url=engine_url, **{name: getattr(worker, name) for name in names})
-
-
 class FrontDoor:
     def __init__(
         self,
@@ -182,110 +124,24 @@ class FrontDoor:
         self.metrics = metrics
         self.router = router
         self.health_of = health  # (state, serving, reason) for /health
-        # Why the decode engine cannot serve now ("" while it can): loading, reloading, silent. Then requests
-        # fail over whole to a prefill engine (path failover), within failover_max_in_flight.
-        self.decode_down = decode_down
-        self.failovers = 0  # requests on the failover path now
         self.admission = Admission(s.max_concurrent_requests, s.max_queued_requests, s.queue_timeout_s)
         self.keys = keys if keys is not None else ApiKeys(None, env={})
-        self.sizer = PromptSizer()
-        self.backlog = Backlog(s.overflow_backlog_tokens, s.overflow_max_local_tokens)
-        self.share = EngineShare(s.balance_short_prompts)
-        metrics.prompt_tokens_in_flight.labels(where="prefill").set_function(lambda: self.backlog.prefill_tokens)
-        metrics.prompt_tokens_in_flight.labels(where="decode").set_function(lambda: self.backlog.local_tokens)
-        metrics.on_prefill_engines.set_function(lambda: self.share.on_prefill)
-        metrics.failover_in_flight.set_function(lambda: self.failovers)
+        self.placement = Placement(lambda: self.settings, router=router, metrics=metrics, admission=self.admission,
+                                   decode_down=decode_down)
 
-    # -- failover ----------------------------------------------------------------------
-    def failover(self, why: str, request_id: str, tokens: int = 0, hop: dict[str, str] | None = None,
-                 tried: Sequence[str] = ()) -> PrefillOutcome:
-        """The whole request (a prompt of ``tokens``, estimated) elsewhere: the decode engine cannot serve it.
-
-        First another decode-worker of the box whose engine serves (path sibling: its front door runs the request,
-        KV path and all; ``hop`` is what that call carries, None for a request that already came from a sibling,
-        which never goes on to a third), then a ready prefill engine (path failover). ``tried``: siblings that
-        failed this request. Raises :class:`NoEngine` when none can: no prefill-worker ready, or failover at its
-        bound."""
-        if hop is not None:
-            sibling = self.router.choose_sibling(exclude=tried)
-            if sibling.url is not None:
-                self.router.take(sibling.daemon, tokens)
-                self.metrics.sibling_forwards.labels(why="engine_down").inc()
-                log.info("[%s] to %s: decode engine unavailable (%s)", request_id, sibling.daemon, why)
-                return PrefillOutcome(RequestPath.SIBLING, why, engine_url=sibling.url, held=(sibling.daemon, tokens),
-                                      hop=hop)
-        if self.failovers >= self.settings.failover_max_in_flight:
-            raise NoEngine(f"decode engine unavailable and {self.failovers} requests already fail over "
-                           f"to prefill engines (decode_worker.failover_max_in_flight)", why)
-        choice = self.router.choose_any()
-        if choice.url is None:
-            raise NoEngine("decode engine unavailable and no prefill engine can serve", why)
-        self.failovers += 1
-        self.router.take(choice.daemon, tokens)
-        log.info("[%s] failover to %s: decode engine unavailable (%s)", request_id, choice.daemon, why)
-        return PrefillOutcome(RequestPath.FAILOVER, why, engine_url=f"{choice.url}/whole",
-                              held=(choice.daemon, tokens), hop=hop)
-
-    # -- the box's endpoint: by load ------------------------------------------------------
-    def engine_requests(self) -> int:
-        """Requests in progress on this worker's decode engine, by this front door's count: those it admitted, less
-        those it relayed to a sibling or serves whole on a prefill engine. Published (``in_progress``) for the
-        siblings' choice."""
-        return max(0, self.admission.active - self.router.relayed() - self.failovers - self.share.on_prefill)
-
-    def by_load(self, request_id: str, tokens: int, hop: dict[str, str]) -> PrefillOutcome | None:
-        """A request that came in on the box's one endpoint goes to a sibling whose decode engine holds fewer
-        requests (by LOAD_MARGIN or more) than this one's; None: it stays here."""
-        mine = self.engine_requests() - 1  # the others on this engine (this request is admitted already)
-        choice = self.router.lighter_sibling(mine)
-        if choice.url is None:
-            return None
-        self.router.take(choice.daemon, tokens)
-        self.metrics.sibling_forwards.labels(why="load").inc()
-        log.debug("[%s] to %s by load (%d others in progress here)", request_id, choice.daemon, mine)
-        return PrefillOutcome(RequestPath.SIBLING, BY_LOAD, engine_url=choice.url, held=(choice.daemon, tokens),
-                              hop=hop)
-
-    # -- prefill ---------------------------------------------------------------------
-    def short_prompt(self, tokens: int) -> PrefillOutcome | None:
-        """Where a prompt of ``tokens`` (estimated) goes if it is too short to disaggregate: the decode engine
-        while the box is quiet; under load, the decode engine or (balance_short_prompts) a prefill engine,
-        whichever is less busy, else the prefill call. None: not short, or disaggregate it."""
-        if self.settings.disaggregate_min_tokens <= 0 or tokens >= self.settings.disaggregate_min_tokens:
-            return None
-        others = self.admission.active - 1
-        if others < self.settings.short_prompt_max_in_flight:
-            return PrefillOutcome("short_prompt")
-        if not self.share.enabled:
-            return None
-        if self.share.to_prefill(others, self.backlog.prefill_calls, len(self.router.working_prefills())):
-            choice = self.router.choose()
-            if choice.url is not None:
-                self.share.taken()
-                self.router.take(choice.daemon, tokens)
-                return PrefillOutcome("decode_busy", engine_url=f"{choice.url}/whole", held=(choice.daemon, tokens))
-        return PrefillOutcome("short_prompt")
+    def _tokens(self, route: str, body: dict[str, Any]) -> int:
+        """The prompt's length in tokens, estimated (:mod:`daemons.routing.prompt_size`)."""
+        return self.placement.sizer.estimate(route, body)
 
     async def prefill(self, route: str, body: dict[str, Any], request_id: str,
                       hop: dict[str, str] | None = None, balanced: bool = False) -> PrefillOutcome:
-        """Have a prefill-worker compute the prompt (its KV goes to LMCache); the router counts the outcome.
-        While the decode engine cannot serve, the whole request goes to a sibling decode-worker or a prefill engine
-        instead (:meth:`failover`; ``hop``: what a call to a sibling carries). ``balanced``: it came in on the box's
-        one endpoint, and goes to a less loaded sibling's engine where there is one (:meth:`by_load`)."""
-        tokens = self.sizer.estimate(route, body)
-        down = self.decode_down()
-        if down:
-            return self.failover(down, request_id, tokens, hop)
-        if balanced and hop is not None:
-            moved = self.by_load(request_id, tokens, hop)
-            if moved is not None:
-                return moved
-        short = self.short_prompt(tokens)
-        if short is not None:
-            return short
-        if self.backlog.overflow(tokens):
-            return PrefillOutcome("prefill_busy", local_tokens=tokens)
-        with self.backlog.at_prefill(tokens):
+        """Where the request goes (:meth:`Placement.place`), else have a prefill-worker compute the prompt (its KV
+        goes to LMCache); the router counts the outcome."""
+        tokens = self._tokens(route, body)
+        placed = self.placement.place(tokens, request_id, hop, balanced)
+        if placed is not None:
+            return placed
+        with self.placement.backlog.at_prefill(tokens):
             return await self._prefill_call(route, body, request_id, tokens)
 
     async def _prefill_call(self, route: str, body: dict[str, Any], request_id: str, tokens: int) -> PrefillOutcome:
@@ -441,7 +297,7 @@ class FrontDoor:
                 # the decode engine would too. The client hears why, and no decode work is done.
                 status, content = outcome.rejection
                 return Response(content, status_code=status, media_type="application/json")
-            with self.backlog.on_decode(outcome.local_tokens):  # until the first token: the decode engine's prefill
+            with self.placement.backlog.on_decode(outcome.local_tokens):  # until the first token: the decode engine's prefill
                 tried: list[str] = []  # siblings that failed this request
                 # The decode engine, else another engine that can serve it: each sibling, then prefill engines.
                 attempts = 3 + len(self.router.siblings)
@@ -453,7 +309,7 @@ class FrontDoor:
                     except WholeCallFailed as exc:
                         if outcome.path == RequestPath.SIBLING and outcome.held is not None:
                             tried.append(outcome.held[0])  # not that sibling again
-                        self._release(outcome)
+                        self.placement.release(outcome)
                         if outcome.path == RequestPath.SIBLING and outcome.reason == BY_LOAD:
                             # Sent away by load, not because this engine cannot serve: it is served here.
                             log.warning("[%s] %s did not take the request (%s): served here", request_id,
@@ -467,7 +323,7 @@ class FrontDoor:
                         if outcome.path in (RequestPath.FAILOVER, RequestPath.SIBLING):
                             log.warning("[%s] %s to %s failed (%s)", request_id, outcome.path, outcome.engine_url, exc)
                             why, outcome = outcome.reason, None
-                            outcome = self.failover(why, request_id, self.sizer.estimate(route, body), hop, tried)
+                            outcome = self.placement.failover(why, request_id, self._tokens(route, body), hop, tried)
                             continue
                         log.warning("[%s] prefill-worker did not serve the request (%s): the decode engine does",
                                     request_id, exc)
@@ -476,7 +332,7 @@ class FrontDoor:
                     except DecodeFailed as exc:
                         log.warning("[%s] decode engine could not serve the request (%s): failing over", request_id,
                                     exc)
-                        outcome = self.failover(str(exc), request_id, self.sizer.estimate(route, body), hop)
+                        outcome = self.placement.failover(str(exc), request_id, self._tokens(route, body), hop)
                 else:
                     raise NoEngine(f"no engine served the request in {attempts} attempts")
                 streamed = isinstance(response, StreamingResponse)
@@ -556,20 +412,8 @@ class FrontDoor:
         good here; the two api_keys_file differ)."""
         return (*ENGINE_DOWN_STATUSES, 401, 403, 429) if outcome.path == RequestPath.SIBLING else ENGINE_DOWN_STATUSES
 
-    def _release(self, outcome: PrefillOutcome | None) -> None:
-        """A request leaves the whole-on-prefill path it was counted on (decode_busy, failover)."""
-        if outcome is None:
-            return
-        if outcome.held is not None:  # once: the retry loop releases an outcome it then replaces
-            self.router.give_back(*outcome.held)
-            outcome.held = None
-        if outcome.path == RequestPath.DECODE_BUSY:
-            self.share.released()
-        elif outcome.path == RequestPath.FAILOVER:
-            self.failovers -= 1
-
     def _finished(self, route: str, status: int, outcome: PrefillOutcome | None) -> None:
-        self._release(outcome)
+        self.placement.release(outcome)
         self.metrics.in_flight.dec()
         self.metrics.requests.labels(route=route, status=str(status)).inc()
         self.admission.release()
@@ -629,7 +473,7 @@ class FrontDoor:
                 cached = cached_tokens(answer)
                 usage = answer.get("usage")
                 if isinstance(usage, dict):
-                    self.sizer.learn(route, body, usage.get("prompt_tokens"))
+                    self.placement.sizer.learn(route, body, usage.get("prompt_tokens"))
                 if check:
                     self._judge(outcome, crosscheck.decode_first_token(answer), request_id)
                     content = json.dumps(self._strip(body, chat)(answer), ensure_ascii=False).encode()
@@ -715,7 +559,7 @@ class FrontDoor:
                 self.metrics.e2e.observe(timing.since_arrival("total"))
                 self.metrics.stages.labels(stage="total").observe(timing.stages["total"])
                 self._count_path(outcome, cached, request_id)
-                self.sizer.learn(route, body, relay.prompt_tokens)
+                self.placement.sizer.learn(route, body, relay.prompt_tokens)
                 self._access(request_id, route, 200, outcome, timing, cached)
 
         def trailer() -> str:  # the whole breakdown, for a client that asked, before [DONE]
@@ -783,7 +627,7 @@ class FrontDoor:
         prefill engine's pass-through route (``/whole``); None when there is none. ``failed``: the URLs that
         broke it so far."""
         headers = self._call_headers(request_id)
-        if self.engine_url not in failed and not self.decode_down():  # never back to the engine that broke it
+        if self.engine_url not in failed and not self.placement.decode_down():  # never back to the one that broke it
             return self.engine_url, headers
         if hop is not None:
             tried = [name for name, url in self.router.siblings.items() if url in failed]

@@ -29,12 +29,13 @@ import pytest
 import yaml
 
 from daemons.config import load_config
-from daemons.ops.install import render_unit, unit_files
+from daemons.ops.install import front_door_units, render_unit, unit_files
 
 from .conftest import PORTS, REPO, write_config
 
 SYSTEMD = "/lib/systemd/systemd"
 OFFSET = 5000  # ports 23000-24112: below the ephemeral range (32768+), where vLLM binds random ports
+SHARED_PORT = PORTS["decode_worker"]["port"] + OFFSET + 20
 UNITS = ("disagg-lmcache-server.service", "disagg-prefill-worker.service", "disagg-decode-worker.service")
 MASKED = ("systemd-tmpfiles-setup.service", "systemd-tmpfiles-setup-dev.service",
           "systemd-tmpfiles-setup-dev-early.service", "systemd-tmpfiles-clean.service",
@@ -107,13 +108,16 @@ def stage_units(pid: int, staging: Path, config: Path) -> None:
     loaded = load_config(config)
     for unit in unit_files():
         (staging / unit.name).write_text(render_unit(unit, str(Path(sys.executable).parent), loaded))
+    for name, text in front_door_units(loaded).items():  # the box's endpoint: a socket, and a drop-in for it
+        (staging / name).parent.mkdir(exist_ok=True)
+        (staging / name).write_text(text)
     drop_in = ["[Service]", f"Environment=DISAGG_CONFIG={config}", "User=root", "Group=root",
                "ProtectHome=read-only"]
     if str(REPO).startswith(("/tmp/", "/var/tmp/")):
         # The checkout must stay visible, and the daemons still need a writable /tmp.
         drop_in += ["PrivateTmp=no", "ReadWritePaths=/tmp /var/tmp"]
     for unit in UNITS:
-        (staging / f"{unit}.d").mkdir()
+        (staging / f"{unit}.d").mkdir(exist_ok=True)
         (staging / f"{unit}.d" / "test.conf").write_text("\n".join(drop_in) + "\n")
     proc = ns(pid, "sh", "-c", f"cp -r {staging}/. /run/systemd/system/ && systemctl daemon-reload")
     assert proc.returncode == 0, proc.stderr
@@ -126,6 +130,7 @@ def test_systemctl_start_target_gates_on_readiness_and_stop_drains(booted, model
     shutil.rmtree(directory, ignore_errors=True)
     directory.mkdir(parents=True)
     ports = {name: {k: v + OFFSET for k, v in section.items()} for name, section in PORTS.items()}
+    ports["decode_worker"]["shared_port"] = SHARED_PORT  # the box's endpoint: disagg-front-door.socket
     config = write_config(directory, **ports)
     doc = yaml.safe_load(config.read_text())
     doc.update(runtime_dir="/run/disagg", log_dir="/var/log/disagg")  # RuntimeDirectory=, LogsDirectory=
@@ -153,6 +158,13 @@ def test_systemctl_start_target_gates_on_readiness_and_stop_drains(booted, model
     assert r.status_code == 200 and r.headers["x-disagg-path"] == "disaggregated", r.text
     journal = ns(pid, "journalctl", "--no-pager", "-u", "disagg-decode-worker").stdout
     assert "from systemd socket activation" in journal, journal[-3000:]
+    # The box's endpoint is systemd's too (Sockets= in the drop-in), and serves.
+    assert "front-door: listening socket" in journal and show(
+        pid, "disagg-front-door.socket", "ActiveState")["ActiveState"] == "active", journal[-3000:]
+    r = httpx.post(f"http://127.0.0.1:{SHARED_PORT}/v1/completions",
+                   json={"model": "tiny-llama", "prompt": "Hello, how are you?" * 300, "max_tokens": 2},
+                   timeout=300, trust_env=False)
+    assert r.status_code == 200 and r.headers["x-disagg-path"] == "disaggregated", r.text
     # The engine's own output is in the journal too, under the unit, named after the child (logs.children auto).
     engine = ns(pid, "journalctl", "--no-pager", "-u", "disagg-decode-worker", "-t", "decode-worker-engine").stdout
     assert "=== " in engine and "starting (keeper" in engine and "vllm" in engine.lower(), engine[-2000:]
@@ -163,8 +175,8 @@ def test_systemctl_start_target_gates_on_readiness_and_stop_drains(booted, model
     seen: list[str] = []
     stop = threading.Event()
 
-    def client() -> None:
-        url = f"http://127.0.0.1:{PORTS['decode_worker']['port'] + OFFSET}/v1/completions"
+    def client(port: int) -> None:
+        url = f"http://127.0.0.1:{port}/v1/completions"
         body = {"model": "tiny-llama", "prompt": "Hello, how are you?" * 20, "max_tokens": 2}
         with httpx.Client(trust_env=False, timeout=120) as c:
             while not stop.is_set():
@@ -177,15 +189,19 @@ def test_systemctl_start_target_gates_on_readiness_and_stop_drains(booted, model
                     seen.append(type(exc).__name__)
                 time.sleep(0.2)
 
-    thread = threading.Thread(target=client, daemon=True)
-    thread.start()
+    threads = [threading.Thread(target=client, args=(port,), daemon=True)  # its own port and the box's
+               for port in (PORTS["decode_worker"]["port"] + OFFSET, SHARED_PORT)]
+    for thread in threads:
+        thread.start()
     time.sleep(2)
     restart = ns(pid, "systemctl", "restart", "disagg-decode-worker.service", timeout=600)
     time.sleep(3)
     stop.set()
-    thread.join(130)
+    for thread in threads:
+        thread.join(130)
     assert restart.returncode == 0, restart.stderr
-    assert show(pid, "disagg-decode-worker.socket", "ActiveState")["ActiveState"] == "active"
+    for socket_unit in ("disagg-decode-worker.socket", "disagg-front-door.socket"):
+        assert show(pid, socket_unit, "ActiveState")["ActiveState"] == "active", socket_unit
     assert seen and set(seen) == {"200"}, Counter(seen)
     print(f"restart of decode-worker under a client: {len(seen)} requests, {Counter(seen)}")
 

@@ -33,6 +33,7 @@ class OnePrefill:
         self.reports: list[PrefillOutcome] = []
         self.missed: list[str] = []  # kv_missed() reasons
         self.load: dict[str, int] = {}  # prompt tokens on the prefill engine (PrefillRouter.load)
+        self.requests: dict[str, int] = {}  # requests there (PrefillRouter.requests)
 
     def working_prefills(self) -> list[str]:
         return [self.daemon]
@@ -63,6 +64,7 @@ class OnePrefill:
     take = PrefillRouter.take
     give_back = PrefillRouter.give_back
     holding = PrefillRouter.holding
+    relayed = PrefillRouter.relayed
 
 
 def wait_until(condition: Callable[[], bool], what: str, timeout: float = 20.0) -> None:

@@ -14,7 +14,8 @@ import httpx
 import pytest
 from prometheus_client import CollectorRegistry
 
-from daemons.edge.frontdoor import FrontDoor, FrontDoorSettings
+from daemons.edge.door_settings import FrontDoorSettings
+from daemons.edge.frontdoor import FrontDoor
 from daemons.kv import crosscheck
 from daemons.kv.crosscheck import FirstToken, judge
 from daemons.metrics import FrontDoorMetrics

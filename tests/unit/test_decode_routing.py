@@ -425,10 +425,10 @@ def test_the_load_of_every_kind_of_request_is_given_back(worker: DecodeWorker) -
 
     async def scenario() -> list[object]:
         outcomes = [await door.prefill("/v1/completions", prompt, f"r{i}") for i in range(4)]
-        outcome = door.failover("decode engine down", "r9", 400)
+        outcome = door.placement.failover("decode engine down", "r9", 400)
         assert sum(worker.router.load.values()) == 400
-        door._release(outcome)
-        door._release(outcome)  # the retry loop may release an outcome twice: counted once
+        door.placement.release(outcome)
+        door.placement.release(outcome)  # the retry loop may release an outcome twice: counted once
         return outcomes
 
     outcomes = asyncio.run(scenario())

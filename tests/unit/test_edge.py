@@ -17,7 +17,8 @@ from prometheus_client import CollectorRegistry
 
 from daemons.edge.admission import Admission, Overloaded
 from daemons.edge.auth import ApiKeyError, ApiKeys
-from daemons.edge.frontdoor import FrontDoor, FrontDoorSettings
+from daemons.edge.door_settings import FrontDoorSettings
+from daemons.edge.frontdoor import FrontDoor
 from daemons.edge.upstream import Upstream
 from daemons.metrics import FrontDoorMetrics
 from daemons.routing.prefill_router import PrefillRouter

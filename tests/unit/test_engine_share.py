@@ -11,7 +11,8 @@ import httpx
 import pytest
 from prometheus_client import CollectorRegistry
 
-from daemons.edge.frontdoor import FrontDoor, FrontDoorSettings
+from daemons.edge.door_settings import FrontDoorSettings
+from daemons.edge.frontdoor import FrontDoor
 from daemons.metrics import FrontDoorMetrics
 from daemons.routing.engine_share import EngineShare
 
@@ -79,13 +80,13 @@ def test_under_load_short_prompts_alternate_between_the_engines_streamed_or_not(
             # quiet -> decode engine; then the less busy side each time: prefill, decode, prefill
             assert seen == ["engine/v1/completions", "prefill/whole/v1/completions",
                             "engine/v1/completions", "prefill/whole/v1/completions"]
-            assert door.share.on_prefill == 2
+            assert door.placement.share.on_prefill == 2
             gate.set()
             answers = await asyncio.wait_for(asyncio.gather(*tasks), 30)
         assert [r.status_code for r in answers] == [200] * 4
         assert [r.headers["x-disagg-path"] for r in answers] == ["short_prompt", "decode_busy"] * 2
         assert "x" in answers[3].text  # the streamed answer came through the prefill-worker
-        assert door.share.on_prefill == 0 and door.admission.active == 0
+        assert door.placement.share.on_prefill == 0 and door.admission.active == 0
         assert metrics.paths.labels(path="decode_busy")._value.get() == 2
         assert metrics.paths.labels(path="short_prompt")._value.get() == 2
         assert router.reports == []  # no prefill call, no fallback
@@ -121,7 +122,7 @@ def test_a_prefill_worker_that_cannot_serve_the_whole_request_leaves_it_to_the_d
         assert [r.status_code for r in answers] == [200, 200]
         assert answers[1].headers["x-disagg-path"] == "fallback"
         assert answers[1].headers["x-disagg-fallback-reason"] == "prefill_unreachable"
-        assert door.share.on_prefill == 0 and door.admission.active == 0
+        assert door.placement.share.on_prefill == 0 and door.admission.active == 0
         assert metrics.paths.labels(path="decode_busy")._value.get() == 0
 
     asyncio.run(asyncio.wait_for(scenario(), 30))

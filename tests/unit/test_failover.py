@@ -13,7 +13,8 @@ import httpx
 import pytest
 from prometheus_client import CollectorRegistry
 
-from daemons.edge.frontdoor import FrontDoor, FrontDoorSettings
+from daemons.edge.door_settings import FrontDoorSettings
+from daemons.edge.frontdoor import FrontDoor
 from daemons.metrics import FrontDoorMetrics
 from daemons.routing.prefill_router import PrefillChoice, PrefillOutcome, PrefillRouter
 
@@ -114,7 +115,7 @@ def test_while_the_decode_engine_is_down_requests_are_served_whole_by_a_prefill_
     assert resp.status_code == 200 and resp.headers["x-disagg-path"] == "failover"
     assert "x" in resp.text
     assert seen == ["p0/whole/v1/completions"]  # never the decode engine
-    assert paths(metrics, "failover") == 1 and door.failovers == 0 and door.admission.active == 0
+    assert paths(metrics, "failover") == 1 and door.placement.failovers == 0 and door.admission.active == 0
 
 
 @pytest.mark.parametrize("stream", [False, True])
@@ -131,7 +132,7 @@ def test_a_decode_call_that_fails_before_any_answer_is_served_by_a_prefill_engin
     resp = asyncio.run(post(door, stream))
     assert resp.status_code == 200 and resp.headers["x-disagg-path"] == "failover", resp.text
     assert seen == ["engine/v1/completions", "p0/whole/v1/completions"]
-    assert paths(metrics, "failover") == 1 and door.failovers == 0 and door.admission.active == 0
+    assert paths(metrics, "failover") == 1 and door.placement.failovers == 0 and door.admission.active == 0
 
 
 def test_with_no_prefill_worker_ready_it_is_503_with_retry_after() -> None:
@@ -140,7 +141,7 @@ def test_with_no_prefill_worker_ready_it_is_503_with_retry_after() -> None:
     assert resp.status_code == 503 and resp.headers["retry-after"]
     assert "no prefill engine can serve" in resp.json()["error"]["message"]
     assert seen == [] and metrics.errors.labels(kind="no_engine")._value.get() == 1
-    assert door.failovers == 0 and door.admission.active == 0
+    assert door.placement.failovers == 0 and door.admission.active == 0
 
 
 def test_failover_is_bounded_and_the_one_past_the_bound_is_503() -> None:
@@ -154,16 +155,16 @@ def test_failover_is_bounded_and_the_one_past_the_bound_is_503() -> None:
         door, metrics, seen = door_with(held, down="loading", bound=2)
         first = [asyncio.create_task(post(door, False)) for _ in range(2)]
         for _ in range(200):
-            if door.failovers == 2:
+            if door.placement.failovers == 2:
                 break
             await asyncio.sleep(0.01)
-        assert door.failovers == 2
+        assert door.placement.failovers == 2
         third = await post(door, False)
         assert third.status_code == 503 and "failover_max_in_flight" in third.json()["error"]["message"]
         gate.set()
         answers = await asyncio.gather(*first)
         assert [r.headers["x-disagg-path"] for r in answers] == ["failover", "failover"]
-        assert door.failovers == 0 and door.admission.active == 0
+        assert door.placement.failovers == 0 and door.admission.active == 0
 
     asyncio.run(asyncio.wait_for(scenario(), 20))
 
@@ -178,7 +179,7 @@ def test_a_prefill_worker_that_refuses_the_failover_is_skipped_for_another() -> 
     resp = asyncio.run(post(door, True))
     assert resp.status_code == 200 and resp.headers["x-disagg-path"] == "failover"
     assert seen == ["p0/whole/v1/completions", "p1/whole/v1/completions"]
-    assert door.failovers == 0 and door.admission.active == 0
+    assert door.placement.failovers == 0 and door.admission.active == 0
 
 
 def chunk(text: str, ids: list[int], prompt_ids: list[int] | None = None, finish: str | None = None) -> str:
@@ -315,7 +316,7 @@ def test_a_prefill_engine_that_cannot_serve_a_failover_passes_it_on(stream: bool
     resp = asyncio.run(post(door, stream))
     assert resp.status_code == 200 and resp.headers["x-disagg-path"] == "failover", resp.text
     assert seen == ["p0/whole/v1/completions", "p1/whole/v1/completions"]
-    assert door.failovers == 0 and door.admission.active == 0
+    assert door.placement.failovers == 0 and door.admission.active == 0
 
 
 SIBLINGS = {"decode-worker@b": "http://sib-b", "decode-worker@c": "http://sib-c"}
@@ -337,7 +338,7 @@ def test_while_the_decode_engine_is_down_a_sibling_decode_worker_serves_first(st
     assert seen == ["sib-b/v1/completions"]
     assert sent[0].headers["authorization"] == "Bearer k1" and sent[0].headers["x-disagg-forwarded"] == "1"
     assert paths(metrics, "sibling") == 1 and paths(metrics, "failover") == 0
-    assert door.router.load == {} and door.failovers == 0 and door.admission.active == 0  # type: ignore[attr-defined]
+    assert door.router.load == {} and door.placement.failovers == 0 and door.admission.active == 0  # type: ignore[attr-defined]
 
 
 @pytest.mark.parametrize("refusal", [429, 401, 503, "refused"])
@@ -353,7 +354,7 @@ def test_a_sibling_that_cannot_take_it_passes_it_to_the_next_then_to_a_prefill_e
     resp = asyncio.run(post(door, True))
     assert resp.status_code == 200 and resp.headers["x-disagg-path"] == "failover", resp.text
     assert seen == ["sib-b/v1/completions", "sib-c/v1/completions", "p0/whole/v1/completions"]
-    assert door.router.load == {} and door.failovers == 0 and door.admission.active == 0  # type: ignore[attr-defined]
+    assert door.router.load == {} and door.placement.failovers == 0 and door.admission.active == 0  # type: ignore[attr-defined]
 
 
 def test_a_request_a_sibling_passed_on_goes_to_a_prefill_engine_never_a_third_front_door() -> None:
@@ -430,7 +431,7 @@ def test_the_box_s_endpoint_sends_a_request_to_a_lighter_sibling_and_a_door_s_ow
     assert sent[0].headers["authorization"] == "Bearer k1" and sent[0].headers["x-disagg-forwarded"] == "1"
     assert forwards(metrics, "load") == 1 and forwards(metrics, "engine_down") == 0
     assert door.router.requests == {} and door.router.load == {}  # type: ignore[attr-defined]
-    assert door.admission.active == 0 and door.engine_requests() == 0
+    assert door.admission.active == 0 and door.placement.engine_requests() == 0
     for headers, shared in (({}, False), ({"x-disagg-forwarded": "1"}, True)):
         seen.clear()
         resp = asyncio.run(post(door, stream, headers, shared=shared))
@@ -455,7 +456,7 @@ def test_a_request_sent_away_by_load_that_the_sibling_cannot_take_is_served_here
     resp = asyncio.run(post(door, True, shared=True))
     assert resp.status_code == 200 and resp.headers["x-disagg-path"] not in ("sibling", "failover"), resp.text
     assert seen == ["sib-b/v1/completions", "engine/v1/completions"]
-    assert paths(metrics, "failover") == 0 and door.failovers == 0 and door.admission.active == 0
+    assert paths(metrics, "failover") == 0 and door.placement.failovers == 0 and door.admission.active == 0
     assert door.router.requests == {} and door.router.load == {}  # type: ignore[attr-defined]
 
 

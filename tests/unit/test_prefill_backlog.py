@@ -11,7 +11,8 @@ import httpx
 import pytest
 from prometheus_client import CollectorRegistry
 
-from daemons.edge.frontdoor import FrontDoor, FrontDoorSettings
+from daemons.edge.door_settings import FrontDoorSettings
+from daemons.edge.frontdoor import FrontDoor
 from daemons.metrics import FrontDoorMetrics
 from daemons.routing.prefill_backlog import Backlog
 
@@ -79,13 +80,13 @@ def test_the_front_door_overflows_while_prefill_calls_are_stuck_and_stops_after(
                 return asyncio.create_task(client.post("/v1/completions", json=body))
 
             stuck = [send(), send()]  # 2,000 tokens at prefill: the backlog is reached
-            await until(lambda: door.backlog.prefill_tokens == 2000, "two prefill calls held")
+            await until(lambda: door.placement.backlog.prefill_tokens == 2000, "two prefill calls held")
             local = send(7)  # overflows: the decode engine computes it (held at the decode engine)
-            await until(lambda: door.backlog.local_tokens == 1000, "the overflow at the decode engine")
+            await until(lambda: door.placement.backlog.local_tokens == 1000, "the overflow at the decode engine")
             assert router.asked == 2
             assert sample(metrics, "prefill") == 2000 and sample(metrics, "decode") == 1000
             third = send()  # the decode engine's share is full: this one queues at prefill
-            await until(lambda: door.backlog.prefill_tokens == 3000, "the third call at prefill")
+            await until(lambda: door.placement.backlog.prefill_tokens == 3000, "the third call at prefill")
             assert router.asked == 3
             decode_gate.set()
             resp = await asyncio.wait_for(local, 30)
@@ -93,7 +94,7 @@ def test_the_front_door_overflows_while_prefill_calls_are_stuck_and_stops_after(
             release.set()
             for r in await asyncio.wait_for(asyncio.gather(*stuck, third), 30):
                 assert r.status_code == 200 and r.headers["x-disagg-path"] == "disaggregated"
-        assert (door.backlog.prefill_tokens, door.backlog.local_tokens) == (0, 0)
+        assert (door.placement.backlog.prefill_tokens, door.placement.backlog.local_tokens) == (0, 0)
         assert metrics.paths.labels(path="prefill_busy")._value.get() == 1
         assert metrics.paths.labels(path="disaggregated")._value.get() == 3
         assert metrics.fallbacks.labels(reason="prefill_timeout")._value.get() == 0

@@ -93,7 +93,7 @@ def test_the_front_door_learns_bytes_per_token_from_the_engines_answers(tmp_path
     text = "abcd " * 200  # 1,000 bytes, 100 tokens by the engine's count: 10 bytes per token
     for _ in range(MIN_SAMPLES):
         asyncio.run(post(door, json.dumps({"model": "m", "prompt": text}).encode()))
-    assert door.sizer.bytes_per_token(ROUTE) == 10.0
+    assert door.placement.sizer.bytes_per_token(ROUTE) == 10.0
     resp = asyncio.run(post(door, json.dumps({"model": "m", "prompt": "abcd " * 500}).encode()))
     assert resp.headers["x-disagg-path"] == "short_prompt"  # 2,500 bytes: ~250 tokens
 
@@ -103,7 +103,7 @@ def test_under_load_short_prompts_go_to_prefill_too(tmp_path: Path) -> None:
     router = CountingRouter(door.router)
     door.router = router  # type: ignore[assignment]
     short = {"model": "m", "prompt": list(range(100))}
-    quiet = door.short_prompt(door.sizer.estimate("/v1/completions", short))  # nothing else in progress
+    quiet = door.placement.short_prompt(door.placement.sizer.estimate("/v1/completions", short))  # nothing else in progress
     assert quiet is not None and quiet.path == "short_prompt"
 
     async def while_busy() -> httpx.Response:

@@ -16,7 +16,8 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from daemons.edge import timing
-from daemons.edge.frontdoor import FrontDoor, FrontDoorSettings
+from daemons.edge.door_settings import FrontDoorSettings
+from daemons.edge.frontdoor import FrontDoor
 from daemons.metrics import FrontDoorMetrics
 
 from .fakes import FakeUpstream, OnePrefill

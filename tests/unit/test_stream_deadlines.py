@@ -13,7 +13,8 @@ from pathlib import Path
 import httpx
 from prometheus_client import CollectorRegistry
 
-from daemons.edge.frontdoor import FrontDoor, FrontDoorSettings
+from daemons.edge.door_settings import FrontDoorSettings
+from daemons.edge.frontdoor import FrontDoor
 from daemons.edge.migration import Progress
 from daemons.edge.sse_relay import BROKEN_STREAM_EVENT, StreamRelay
 from daemons.edge.upstream import Upstream, UpstreamError
