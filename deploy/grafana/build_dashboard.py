@@ -39,6 +39,7 @@ ROWS: list[tuple[str, list[tuple]]] = [
          [q("min(disagg_decode_engine_up)", "decode engine up")]),
         ("Failover in flight, engine reloads, migrations", "short", [
             q("sum(disagg_failover_in_flight)", "failover in flight"),
+            q(f"sum by (why) (increase(disagg_sibling_forwards_total[{RI}]))", "to a sibling decode-worker: {{why}}"),
             q(f"sum(increase(disagg_decode_engine_reloads_total[{RI}]))", "engine reloads"),
             q(f"sum by (outcome) (increase(disagg_request_migrations_total[{RI}]))", "migrations {{outcome}}"),
         ]),
@@ -125,8 +126,9 @@ DESCRIPTIONS = {
     "and those the decode engine computes itself because prefill is backed up (path prefill_busy).",
     "Decode engine up (0: requests fail over to prefill engines)": "0 while the decode engine loads, reloads or does "
     "not answer: requests go whole to prefill engines (path failover). Runbook: DisaggDecodeEngineDown.",
-    "Failover in flight, engine reloads, migrations": "Requests served whole by prefill engines now; decode engine "
-    "restarts in place; streams continued on another engine (or not: failed) after theirs broke.",
+    "Failover in flight, engine reloads, migrations": "Requests served whole by prefill engines now; requests relayed "
+    "to a sibling decode-worker (why: engine_down, or load on the box's shared port); decode engine restarts in "
+    "place; streams continued on another engine (or not: failed) after theirs broke.",
     "Mean time to first token by stage (stacked)": "Server-Timing's stages, averaged: read + queue + prefill + decode "
     "is the mean time to first token.",
     "Stage p99": "The 99th percentile of each stage: which one makes the tail.",
