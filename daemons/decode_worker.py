@@ -170,6 +170,7 @@ class DecodeWorker(EngineDaemon):
         self.details["engine_serving"] = not self.stopping and not self.decode_down()
         # Requests on this engine now: the box's endpoint sends a sibling's requests here while it holds fewer.
         self.details["in_progress"] = self.front_door.placement.engine_requests()
+        self.details["capacity"] = self.front_door.settings.max_concurrent_requests  # its slots, for the same reason
         # In the state file (disaggctl status): the prefill-workers whose KV path the last canary verified.
         self.details["prefills_checked"] = sorted(
             name for name, result in self.router.canary_results.items() if result.ok and self.peers.ready(name))

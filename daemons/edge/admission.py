@@ -77,6 +77,20 @@ class Admission:
             if granted in self._waiters:
                 self._waiters.remove(granted)
 
+    @property
+    def full(self) -> bool:
+        """Would the next request wait (every slot taken, or others waiting already)?"""
+        return self.active >= self.max_concurrent or bool(self._waiters)
+
+    def take_beyond(self, extra: int) -> bool:
+        """A slot past the cap, for a request this front door only relays elsewhere (the box's endpoint sends it to a
+        sibling with room): at most ``extra`` such; False past that. Released like any other; waiters get slots only
+        once the requests in progress, these included, are fewer than the cap."""
+        if self.active >= self.max_concurrent + extra:
+            return False
+        self.active += 1
+        return True
+
     def release(self) -> None:
         self.active -= 1
         self._wake()

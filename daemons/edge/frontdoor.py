@@ -53,7 +53,7 @@ from daemons.kv import crosscheck
 from daemons.kv.canary import cached_tokens
 from daemons.metrics import FrontDoorMetrics
 from daemons.names import RequestPath
-from daemons.routing.placement import BY_LOAD, NoEngine, Placement
+from daemons.routing.placement import BY_LOAD, FULL_HERE, NoEngine, Placement
 from daemons.routing.prefill_router import PrefillChoice, PrefillOutcome, PrefillRouter
 
 
@@ -133,12 +133,25 @@ class FrontDoor:
         """The prompt's length in tokens, estimated (:mod:`daemons.routing.prompt_size`)."""
         return self.placement.sizer.estimate(route, body)
 
+    def _relay_when_full(self, request: Request, balanced: bool) -> PrefillChoice | None:
+        """One admission for the box: a request on the box's endpoint that finds this front door full goes to a
+        sibling with a free slot instead of waiting here (it holds a slot past the cap here while it is relayed: at
+        most max_concurrent_requests such, so a full front door relays no more than it serves). None: it takes its
+        turn here."""
+        if not balanced or FORWARDED_HEADER in request.headers or not self.admission.full:
+            return None
+        choice = self.router.roomy_sibling()
+        if choice.url is None or not self.admission.take_beyond(self.settings.max_concurrent_requests):
+            return None
+        return choice
+
     async def prefill(self, route: str, body: dict[str, Any], request_id: str,
-                      hop: dict[str, str] | None = None, balanced: bool = False) -> PrefillOutcome:
+                      hop: dict[str, str] | None = None, balanced: bool = False,
+                      relay_to: PrefillChoice | None = None) -> PrefillOutcome:
         """Where the request goes (:meth:`Placement.place`), else have a prefill-worker compute the prompt (its KV
         goes to LMCache); the router counts the outcome."""
         tokens = self._tokens(route, body)
-        placed = self.placement.place(tokens, request_id, hop, balanced)
+        placed = self.placement.place(tokens, request_id, hop, balanced, relay_to)
         if placed is not None:
             return placed
         with self.placement.backlog.at_prefill(tokens):
@@ -257,7 +270,9 @@ class FrontDoor:
                                  "authentication_error")
             too_large(request, self.settings.max_body_bytes)  # 413 at once, before a slot or a byte of the body
             timing.start()
-            await self.admission.acquire()  # before the body is read: a full box holds no queued bodies
+            relay_to = self._relay_when_full(request, balanced)
+            if relay_to is None:
+                await self.admission.acquire()  # before the body is read: a full box holds no queued bodies
             timing.end("queue")
         except BadRequest as exc:
             kind = {401: "unauthorized", 413: "too_large"}.get(exc.status, "bad_request")
@@ -286,7 +301,8 @@ class FrontDoor:
         outcome: PrefillOutcome | None = None
         try:
             hop = self._hop(request)
-            outcome = await unless_disconnected(request, self.prefill(route, body, request_id, hop, balanced))
+            outcome = await unless_disconnected(request, self.prefill(route, body, request_id, hop, balanced,
+                                                                      relay_to))
             outcome.hop = hop
             if outcome.seconds:
                 timing.set("prefill", outcome.seconds)
@@ -310,6 +326,14 @@ class FrontDoor:
                         if outcome.path == RequestPath.SIBLING and outcome.held is not None:
                             tried.append(outcome.held[0])  # not that sibling again
                         self.placement.release(outcome)
+                        if outcome.path == RequestPath.SIBLING and outcome.reason == FULL_HERE:
+                            # Full here, and the sibling that had room took it not: the box is full.
+                            log.info("[%s] refused: full here, and %s did not take it (%s)", request_id,
+                                     outcome.engine_url, exc)
+                            self.metrics.errors.labels(kind="overloaded").inc()
+                            status = 429
+                            return openai_error(429, "too many requests in progress (full); retry",
+                                                "rate_limit_error", headers={"retry-after": str(RETRY_AFTER_S)})
                         if outcome.path == RequestPath.SIBLING and outcome.reason == BY_LOAD:
                             # Sent away by load, not because this engine cannot serve: it is served here.
                             log.warning("[%s] %s did not take the request (%s): served here", request_id,

@@ -20,13 +20,15 @@ from daemons.metrics import FrontDoorMetrics
 from daemons.names import RequestPath
 from daemons.routing.engine_share import EngineShare
 from daemons.routing.prefill_backlog import Backlog
-from daemons.routing.prefill_router import PrefillOutcome, PrefillRouter
+from daemons.routing.prefill_router import PrefillChoice, PrefillOutcome, PrefillRouter
 from daemons.routing.prompt_size import PromptSizer
 
 log = logging.getLogger(__name__)
 
 # The reason of a request the box's endpoint sent to a sibling's engine because it held fewer requests.
 BY_LOAD = "load"
+# ... and of one it sent to a sibling with a free slot because this front door had none (one admission for the box).
+FULL_HERE = "full"
 
 
 class NoEngine(Exception):
@@ -62,10 +64,12 @@ class Placement:
         metrics.failover_in_flight.set_function(lambda: self.failovers)
 
     def place(self, tokens: int, request_id: str, hop: dict[str, str] | None = None,
-              balanced: bool = False) -> PrefillOutcome | None:
+              balanced: bool = False, relay_to: PrefillChoice | None = None) -> PrefillOutcome | None:
         """Where a prompt of ``tokens`` (estimated) goes without a prefill call; None: make the prefill call.
         ``hop``: what a call to a sibling carries (None for a request a sibling passed here); ``balanced``: it came
-        in on the box's one endpoint."""
+        in on the box's one endpoint; ``relay_to``: a sibling that takes it because this front door is full."""
+        if relay_to is not None and hop is not None:
+            return self.to_sibling(relay_to, FULL_HERE, request_id, tokens, hop)
         down = self.decode_down()
         if down:
             return self.failover(down, request_id, tokens, hop)
@@ -124,11 +128,16 @@ class Placement:
         choice = self.router.lighter_sibling(mine)
         if choice.url is None:
             return None
-        self.router.take(choice.daemon, tokens)
-        self.metrics.sibling_forwards.labels(why="load").inc()
         log.debug("[%s] to %s by load (%d others in progress here)", request_id, choice.daemon, mine)
-        return PrefillOutcome(RequestPath.SIBLING, BY_LOAD, engine_url=choice.url, held=(choice.daemon, tokens),
-                              hop=hop)
+        return self.to_sibling(choice, BY_LOAD, request_id, tokens, hop)
+
+    def to_sibling(self, choice: PrefillChoice, why: str, request_id: str, tokens: int,
+                   hop: dict[str, str]) -> PrefillOutcome:
+        """The request relayed to ``choice``'s front door, counted there until released (path sibling)."""
+        assert choice.url is not None
+        self.router.take(choice.daemon, tokens)
+        self.metrics.sibling_forwards.labels(why=why).inc()
+        return PrefillOutcome(RequestPath.SIBLING, why, engine_url=choice.url, held=(choice.daemon, tokens), hop=hop)
 
     # -- prefill ---------------------------------------------------------------------
     def short_prompt(self, tokens: int) -> PrefillOutcome | None:

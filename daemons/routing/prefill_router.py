@@ -226,25 +226,40 @@ class PrefillRouter:
         """Requests this front door has at siblings now (relayed to their front doors)."""
         return sum(self.requests.get(name, 0) for name in self.siblings)
 
-    def lighter_sibling(self, mine: int, margin: int = LOAD_MARGIN) -> PrefillChoice:
-        """A sibling whose decode engine holds at least ``margin`` fewer requests than ``mine`` (the others in
-        progress on this front door's engine), the lightest; else none (skip ``balanced``).
+    def _sibling_loads(self) -> list[tuple[int, int | None, PeerView]]:
+        """(load, capacity, view) of each serving sibling that publishes its load, lightest first (ties: config order).
 
         A sibling's load is what its state record says (``in_progress``: requests on its engine, as of its last
-        heartbeat) plus what this front door relayed to it since that it counts itself; a sibling that publishes
-        no load is not chosen by load. The margin keeps a request where it is when moving it saves little (the
-        hop costs a relay), and two front doors from trading requests on stale counts."""
-        best: tuple[int, PeerView] | None = None
+        heartbeat) plus what this front door relayed to it since, which it counts itself; its capacity is its
+        ``max_concurrent_requests`` (``capacity``, None when not published)."""
+        loads = []
         for view in self.serving_siblings():
-            published = view.record.details.get("in_progress") if view.record is not None else None
+            details = view.record.details if view.record is not None else {}
+            published, capacity = details.get("in_progress"), details.get("capacity")
             if not isinstance(published, int) or isinstance(published, bool):
                 continue
-            score = published + self.requests.get(view.daemon, 0)
-            if best is None or score < best[0]:
-                best = (score, view)
-        if best is None or mine - best[0] < margin:
+            cap = capacity if isinstance(capacity, int) and not isinstance(capacity, bool) else None
+            loads.append((published + self.requests.get(view.daemon, 0), cap, view))
+        return sorted(loads, key=lambda item: item[0])
+
+    def lighter_sibling(self, mine: int, margin: int = LOAD_MARGIN) -> PrefillChoice:
+        """A sibling whose decode engine holds at least ``margin`` fewer requests than ``mine`` (the others in
+        progress on this front door's engine), the lightest; else none (skip ``balanced``). The margin keeps a
+        request where it is when moving it saves little (the hop costs a relay), and two front doors from trading
+        requests on stale counts. A sibling that publishes no load is not chosen by load."""
+        loads = self._sibling_loads()
+        if not loads or mine - loads[0][0] < margin:
             return PrefillChoice(skip="balanced")
-        return PrefillChoice(url=self.siblings[best[1].daemon], daemon=best[1].daemon)
+        view = loads[0][2]
+        return PrefillChoice(url=self.siblings[view.daemon], daemon=view.daemon)
+
+    def roomy_sibling(self) -> PrefillChoice:
+        """The lightest sibling with a free slot (its load below its published capacity): where a request goes that
+        found this front door full on the box's endpoint; none (skip ``full``) when every sibling is full too."""
+        for load, capacity, view in self._sibling_loads():
+            if capacity is not None and load < capacity:
+                return PrefillChoice(url=self.siblings[view.daemon], daemon=view.daemon)
+        return PrefillChoice(skip="full")
 
     def report(self, outcome: PrefillOutcome, request_id: str) -> PrefillOutcome:
         """How a request's prefill went: counted, logged, remembered. Returns ``outcome``."""

@@ -477,6 +477,18 @@ def test_the_box_s_endpoint_moves_a_request_only_to_a_sibling_lighter_by_the_mar
         assert by_load_router(sibling_view(b, published)).lighter_sibling(mine=9).url is None, published
 
 
+def test_a_full_front_door_sends_to_the_lightest_sibling_with_a_free_slot() -> None:
+    b, c, d = "decode-worker@b", "decode-worker@c", "decode-worker@d"
+    views = [sibling_view(b, 4), sibling_view(c, 2), sibling_view(d, 3)]
+    for view, capacity in zip(views, (8, 2, 4), strict=True):
+        view.record.details["capacity"] = capacity  # type: ignore[union-attr]
+    router = by_load_router(*views)
+    assert router.roomy_sibling().daemon == d  # c is lighter, but full
+    router.take(d, 10)  # relayed there since its last record: full too
+    assert router.roomy_sibling().daemon == b
+    assert by_load_router(sibling_view(b, 0)).roomy_sibling().url is None  # no capacity published: never
+
+
 def test_a_decode_worker_publishes_the_requests_on_its_engine(worker: DecodeWorker) -> None:
     worker.router.siblings["decode-worker@b"] = "http://127.0.0.1:8010"
     worker.front_door.admission.active = 3
@@ -484,3 +496,4 @@ def test_a_decode_worker_publishes_the_requests_on_its_engine(worker: DecodeWork
     worker.router.take(P0, 10)  # a prefill call in flight: still this engine's request
     worker._update_state()
     assert worker.details["in_progress"] == 2
+    assert worker.details["capacity"] == worker.front_door.settings.max_concurrent_requests

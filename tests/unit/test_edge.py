@@ -427,3 +427,25 @@ def test_work_within_the_limits_is_served(tmp_path: Path) -> None:
     assert resp.status_code == 200, resp.text
     one = asyncio.run(post(door, json.dumps({"model": "m", "prompt": list(range(2000))}).encode()))
     assert one.status_code == 200, one.text  # a list of token ids is one prompt
+
+
+def test_slots_past_the_cap_are_bounded_and_hold_back_the_queue() -> None:
+    """take_beyond: a full front door's relays (the box's endpoint) hold slots past the cap, at most ``extra``;
+    a waiter gets a slot only once fewer than the cap are in progress, relays included."""
+    from daemons.edge.admission import Admission
+
+    async def scenario() -> None:
+        adm = Admission(max_concurrent=1, max_queued=1, queue_timeout_s=5)
+        assert not adm.full
+        await adm.acquire()
+        assert adm.full and adm.take_beyond(1) and not adm.take_beyond(1) and adm.active == 2
+        waiter = asyncio.create_task(adm.acquire())
+        await asyncio.sleep(0.01)
+        adm.release()  # one left in progress: still at the cap
+        await asyncio.sleep(0.01)
+        assert not waiter.done()
+        adm.release()
+        await asyncio.wait_for(waiter, 1)
+        assert adm.active == 1
+
+    asyncio.run(scenario())

@@ -36,11 +36,18 @@ class Prefills:
         self.load: dict[str, int] = {}
         self.requests: dict[str, int] = {}
         self.lighter = False  # by load, the first sibling is lighter (the real choice: test_decode_routing)
+        self.roomy = False  # the first sibling has a free slot
 
     take = PrefillRouter.take
     give_back = PrefillRouter.give_back
     holding = PrefillRouter.holding
     relayed = PrefillRouter.relayed
+
+    def roomy_sibling(self) -> PrefillChoice:
+        if not self.roomy or not self.siblings:
+            return PrefillChoice(skip="full")
+        name = next(iter(self.siblings))
+        return PrefillChoice(url=self.siblings[name], daemon=name)
 
     def lighter_sibling(self, mine: int) -> PrefillChoice:
         if not self.lighter or not self.siblings:
@@ -80,7 +87,7 @@ def engine_answer(request: httpx.Request) -> httpx.Response:
 
 
 def door_with(handler: Any, *, down: str = "", ready: int = 1, bound: int = 64,
-              siblings: dict[str, str] | None = None) -> tuple[FrontDoor, FrontDoorMetrics, list[str]]:
+              siblings: dict[str, str] | None = None, **settings: Any) -> tuple[FrontDoor, FrontDoorMetrics, list[str]]:
     metrics = FrontDoorMetrics(CollectorRegistry())
     seen: list[str] = []
 
@@ -89,8 +96,8 @@ def door_with(handler: Any, *, down: str = "", ready: int = 1, bound: int = 64,
         result = handler(request)
         return await result if asyncio.iscoroutine(result) else result
 
-    settings = FrontDoorSettings(engine_url="http://engine", disaggregate_min_tokens=0, failover_max_in_flight=bound)
-    door = FrontDoor(settings, client=FakeUpstream(recording), metrics=metrics,
+    door = FrontDoor(FrontDoorSettings(engine_url="http://engine", disaggregate_min_tokens=0,
+                                       failover_max_in_flight=bound, **settings), client=FakeUpstream(recording), metrics=metrics,
                      router=Prefills(ready, siblings),  # type: ignore[arg-type]
                      health=lambda: ("degraded", True, ""), decode_down=lambda: down)
     return door, metrics, seen
@@ -465,3 +472,41 @@ def test_a_sibling_taking_a_down_engine_s_request_is_counted_as_engine_down() ->
     resp = asyncio.run(post(door, False, shared=True))
     assert resp.headers["x-disagg-path"] == "sibling" and seen == ["sib-b/v1/completions"]
     assert forwards(metrics, "engine_down") == 1 and forwards(metrics, "load") == 0
+
+
+@pytest.mark.parametrize("sibling_answer", [200, 429])
+def test_a_full_front_door_on_the_box_s_endpoint_sends_the_request_to_a_sibling_with_room(sibling_answer: int) -> None:
+    """One admission for the box: its one slot taken, this front door relays a request from the box's endpoint to a
+    sibling with a free slot (path sibling, why full) instead of queueing it; if that sibling refuses it too, the
+    box is full: 429 + Retry-After. On the door's own port the same request waits its turn (none may: 429)."""
+    release = asyncio.Event()
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.host == "engine":
+            await release.wait()
+            return engine_answer(request)
+        if sibling_answer != 200:
+            return httpx.Response(sibling_answer, json={"error": {"message": "busy"}})
+        return engine_answer(request)
+
+    door, metrics, seen = door_with(handler, siblings=SIBLINGS, max_concurrent_requests=1, max_queued_requests=0)
+    door.router.roomy = True  # type: ignore[attr-defined]
+
+    async def scenario() -> tuple[httpx.Response, httpx.Response]:
+        first = asyncio.create_task(post(door, False))
+        while door.admission.active < 1:
+            await asyncio.sleep(0.01)
+        own = await post(door, False)  # its own port: no room, no queue
+        shared = await post(door, False, shared=True)
+        release.set()
+        assert (await first).status_code == 200
+        return own, shared
+
+    own, shared = asyncio.run(scenario())
+    assert own.status_code == 429
+    if sibling_answer == 200:
+        assert shared.status_code == 200 and shared.headers["x-disagg-path"] == "sibling", shared.text
+    else:
+        assert shared.status_code == 429 and shared.headers["retry-after"], shared.text
+    assert seen.count("sib-b/v1/completions") == 1 and forwards(metrics, "full") == 1
+    assert door.admission.active == 0 and door.router.requests == {}  # type: ignore[attr-defined]
