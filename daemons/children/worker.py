@@ -43,6 +43,12 @@ class EngineDaemon(ChildDaemon):
         self.child_metrics_url = f"{self.engine_url}/metrics"
         self.stall = StallDetector(config.kv_path.engine_stall_timeout_s)
         self.engine_problem = ""  # why the engine is not fit to serve now ("" when it is)
+        # The planned stops of the last process of this daemon, kept: a planned restart stops the engine and exits,
+        # and the next process rewrites the state file at once (a second on a fast host), before lmcache-server may
+        # have read the mark; without it, lmcache-server takes the stop for a loss and restarts LMCache.
+        earlier = self.previous_record.details.get("engines_stopped") if self.previous_record else None
+        if isinstance(earlier, list):
+            self.details["engines_stopped"] = [p for p in earlier if isinstance(p, int)][-4:]
 
     @property
     def api_host(self) -> str:

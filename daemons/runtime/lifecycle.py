@@ -82,7 +82,7 @@ class Daemon:
         self._reload_tasks: set[asyncio.Task[list[str]]] = set()
         self._metrics_server: EmbeddedServer | None = None
         self.http = httpx.AsyncClient(timeout=httpx.Timeout(10.0), trust_env=False)
-        previous = read_state(config.runtime_dir, self.name)
+        previous = self.previous_record = read_state(config.runtime_dir, self.name)  # this daemon's last process's
         self.starts = int(previous.details.get("starts", 0)) + 1 if previous else 1
         self.details["starts"] = self.starts
         self.metrics.starts.set(self.starts)

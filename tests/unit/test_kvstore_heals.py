@@ -140,6 +140,34 @@ def test_an_engine_that_dies_without_a_planned_stop_restarts_lmcache_a_planned_s
     asyncio.run(scenario())
 
 
+def test_a_planned_restart_s_mark_survives_the_next_process_rewriting_the_state_file(tmp_path, model_dir):
+    """Seen on an H100 (2026-12-07): a planned restart of decode-worker marked its engine's stop and exited, and the
+    next process rewrote the state file within a second, before lmcache-server had looked: LMCache was restarted
+    for a planned stop. The next process keeps its predecessor's marks."""
+    from daemons.decode_worker import DecodeWorker
+
+    async def scenario() -> None:
+        s = server(tmp_path, model_dir)
+        restarts: list[str] = []
+        s.restart_lmcache = lambda why, reason, **kw: restarts.append(why)  # type: ignore[method-assign]
+        run = s.config.runtime_dir
+        engine = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+        try:
+            write_state(run, record("decode-worker", engine_pid=engine.pid))
+            assert not await s.watch_engines()
+            # The old process marks the stop, stops its engine and exits; the next one starts and publishes.
+            write_state(run, record("decode-worker", engine_pid=engine.pid, engines_stopped=[engine.pid]))
+            engine.kill()
+            engine.wait()
+            successor = DecodeWorker(s.config)
+            write_state(run, successor.state_record())
+            assert not await s.watch_engines(), restarts
+            assert restarts == [] and not s.engines
+        finally:
+            engine.kill()
+    asyncio.run(scenario())
+
+
 # -- the workers' side -----------------------------------------------------------------------------------------
 def test_a_worker_starts_its_engine_only_once_lmcache_server_looked_after_the_loss(tmp_path, model_dir):
     config = config_with(tmp_path, model_dir, lmcache={"restart_on_engine_loss": "always"})
