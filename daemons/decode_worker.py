@@ -30,8 +30,7 @@ from collections import deque
 from dataclasses import fields, replace
 
 from daemons.children.child_daemon import CodeChanged
-from daemons.children.stall import StallDetector
-from daemons.children.worker import EngineDaemon
+from daemons.children.worker import EngineDaemon, engine_stall_detector
 from daemons.config import Config, ConfigError, DecodeWorkerConfig
 from daemons.edge.auth import ApiKeys
 from daemons.edge.cluster_auth import cluster_headers
@@ -438,7 +437,7 @@ class DecodeWorker(EngineDaemon):
                 if await self.sleep_unless_stopped(backoff):
                     return False
                 continue
-            self.stall = StallDetector(self.config.kv_path.engine_stall_timeout_s)
+            self.stall = engine_stall_detector(self.config)
             self.engine_problem = ""
             self.engine_serving = True
             self.details["engine_serving"] = True

@@ -46,18 +46,33 @@ def engine_load(metrics_text: str) -> EngineLoad:
 class StallDetector:
     """Feed it one observation per heartbeat; it says when the engine is wedged."""
 
-    def __init__(self, timeout_s: float) -> None:
+    def __init__(self, timeout_s: float, blind_s: float | None = None) -> None:
         self.timeout_s = timeout_s
+        # Longer than this between two observations, and nobody was looking: the daemon itself was stopped (SIGSTOP)
+        # or its loop stalled. That gap is not the engine's silence nor its lack of progress. None: no such gap.
+        self.blind_s = blind_s
+        self._last_asked: float | None = None
         self._last_answer: float | None = None
         self._last_progress: float | None = None
         self._progress_value: float | None = None
 
     def silent_for(self, now: float) -> float:
-        """Seconds since the engine last answered (since it was first asked, if it never did)."""
-        return 0.0 if self._last_answer is None else now - self._last_answer
+        """Seconds the engine was seen not answering: from its last answer (its first question, if it never
+        answered) to the last time it was asked; 0 while it answered last. A daemon that asked nothing for a while
+        (stopped itself) has not seen its engine silent meanwhile."""
+        if self._last_answer is None or self._last_asked is None:
+            return 0.0
+        return max(0.0, min(now, self._last_asked) - self._last_answer)
 
     def observe(self, now: float, load: EngineLoad | None) -> str | None:
         """``load`` None: the engine did not answer. Returns why it is wedged, or None."""
+        blind = self.blind_s is not None and self._last_asked is not None and now - self._last_asked > self.blind_s
+        self._last_asked = now
+        if blind:  # the clocks start again from here
+            if self._last_answer is not None:
+                self._last_answer = now
+            if self._last_progress is not None:
+                self._last_progress = now
         if load is None:
             if self._last_answer is None:
                 self._last_answer = now

@@ -28,6 +28,13 @@ log = logging.getLogger(__name__)
 ENGINE_SILENT_S = 30.0
 
 
+def engine_stall_detector(config: Config) -> StallDetector:
+    """The rule for a wedged engine (``kv_path.engine_stall_timeout_s``), blind to gaps of several heartbeats in
+    which the daemon itself asked nothing (stopped, or its loop stalled): those are not the engine's silence."""
+    return StallDetector(config.kv_path.engine_stall_timeout_s,
+                         blind_s=max(10.0, 3 * config.readiness.heartbeat_interval_s + 5.0))
+
+
 class EngineDaemon(ChildDaemon):
     role: KVRole
     child_pid_key = "engine_pid"
@@ -41,7 +48,7 @@ class EngineDaemon(ChildDaemon):
         self.child = engine_child(config, self.worker, self.role, name=self.name)
         self.child_startup_timeout_s = self.worker.engine_startup_timeout_s
         self.child_metrics_url = f"{self.engine_url}/metrics"
-        self.stall = StallDetector(config.kv_path.engine_stall_timeout_s)
+        self.stall = engine_stall_detector(config)
         self.engine_problem = ""  # why the engine is not fit to serve now ("" when it is)
         # The planned stops of the last process of this daemon, kept: a planned restart stops the engine and exits,
         # and the next process rewrites the state file at once (a second on a fast host), before lmcache-server may

@@ -239,6 +239,9 @@ def test_the_box_s_endpoint_sends_requests_to_the_decode_engine_with_fewer_in_pr
         # stopped (SIGSTOP: it accepts nothing, its engine runs on), every connection is a's: a passes each to b's
         # own port, whose held socket keeps it until b goes on.
         before_a = door_paths(metrics_a)
+        # b's record says its engine is free before it is stopped: a stopped daemon's record stays as it was, and
+        # a judges b by it (a record caught with one request in progress would keep the third request at a).
+        _wait("b publishing no request in progress", lambda: published_load(runtime, SIBLING) == 0, 60)
         b = read_state(runtime, SIBLING).pid  # type: ignore[union-attr]
         os.kill(b, signal.SIGSTOP)
         try:

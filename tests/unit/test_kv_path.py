@@ -176,3 +176,26 @@ def test_canary_prompts_are_one_chunk_plus_a_tail_and_never_repeat() -> None:
     assert all(len(p) == 256 + 8 for p in prompts)
     assert prompts[0] == prompts[1]  # prefill and decode see the same prompt
     assert prompts[0] != prompts[2]  # the next canary is a new one
+
+
+def test_a_gap_in_which_the_daemon_asked_nothing_is_not_the_engine_s_silence() -> None:
+    """Seen in CI (2026-12-07): a decode-worker stopped (SIGSTOP) for 33 s judged its engine silent for 33 s the
+    moment it went on, and failed over the requests waiting for it. Silence is what was observed: it does not grow
+    while nobody asks, and a gap longer than ``blind_s`` starts the clocks again."""
+    d = StallDetector(timeout_s=10, blind_s=11)
+    assert d.observe(0.0, EngineLoad(busy=1, progress=5.0)) is None
+    assert d.silent_for(33.0) == 0.0  # nobody asked since it answered
+    assert d.observe(33.0, None) is None  # the first question after the gap: silence counts from here
+    assert d.silent_for(33.0) == 0.0
+    assert d.observe(35.0, None) is None and d.silent_for(36.0) == 2.0  # seen silent 33 -> 35, not 36
+    assert "not answered for 10s" in (d.observe(43.0, None) or "")
+    # No progress across a gap is not a stall either.
+    d = StallDetector(timeout_s=10, blind_s=11)
+    d.observe(0.0, EngineLoad(busy=1, progress=5.0))
+    assert d.observe(40.0, EngineLoad(busy=1, progress=5.0)) is None
+    assert d.observe(48.0, EngineLoad(busy=1, progress=5.0)) is None
+    assert d.observe(50.0, EngineLoad(busy=1, progress=5.0)) is not None
+    # Without blind_s (as before): the gap counts.
+    d = StallDetector(timeout_s=10)
+    d.observe(0.0, EngineLoad(busy=0, progress=0.0))
+    assert "not answered for 33s" in (d.observe(33.0, None) or "")
