@@ -90,6 +90,10 @@ class LMCacheServerMetrics:
             self.probe.labels(result=result)
 
 
+# Why a front door relays a request to a sibling decode-worker (disagg_sibling_forwards_total{why}).
+SIBLING_FORWARD_REASONS = ("load", "full", "engine_down")
+
+
 class FrontDoorMetrics:
     """The decode-worker's front door, as clients see it."""
 
@@ -186,8 +190,11 @@ class FrontDoorMetrics:
             "cannot (path failover).", registry=registry)
         self.sibling_forwards = Counter(
             "disagg_sibling_forwards", "Requests this front door relayed to a sibling decode-worker of the box (path "
-            "sibling), by why: load (the box's endpoint: the sibling's engine held fewer requests) or engine_down "
-            "(this worker's decode engine could not serve).", ["why"], registry=registry)
+            "sibling), by why: load (the box's endpoint: the sibling's engine held fewer requests), full (the box's "
+            "endpoint: no free slot here, one there) or engine_down (this worker's decode engine could not serve).",
+            ["why"], registry=registry)
+        for why in SIBLING_FORWARD_REASONS:  # every series from the start (0), so rates and panels have data
+            self.sibling_forwards.labels(why=why)
         self.migrations = Counter(
             "disagg_request_migrations", "Streams whose engine broke mid-way, by outcome: continued on another "
             "engine from the tokens generated so far, or failed (ended with an error event).", ["outcome"],
