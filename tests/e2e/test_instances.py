@@ -205,7 +205,8 @@ def test_the_box_s_endpoint_sends_requests_to_the_decode_engine_with_fewer_in_pr
     with httpx.Client(timeout=180, trust_env=False) as client, contextlib.ExitStack() as streams:
         readers = []
         for i in range(4):
-            body = {"model": cfg.model.name, "prompt": words_prompt(900 + i, 600), "max_tokens": 4000,
+            # ~700 prompt tokens + 7,000 to generate: in progress for the whole test (4,000 took ~50 s in CI).
+            body = {"model": cfg.model.name, "prompt": words_prompt(900 + i, 600), "max_tokens": 7000,
                     "ignore_eos": True, "stream": True}
             resp = streams.enter_context(client.stream("POST", f"{own}/v1/completions", json=body))
             assert resp.status_code == 200 and resp.headers["x-disagg-path"] == "disaggregated", resp.read()
