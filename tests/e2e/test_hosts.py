@@ -135,15 +135,25 @@ def test_the_kv_comes_from_the_prefill_host(cluster: Cluster, stack) -> None:
     assert metric_value(after_d, "lmcache_mp_l2_load_completed_requests_total", 'l2_name="p2p"') - \
         metric_value(before_d, "lmcache_mp_l2_load_completed_requests_total", 'l2_name="p2p"') >= len(prompts)
     # Output equals one engine computing the prompt alone (the one-box stack's decode engine, which never
-    # saw these prompts), one request at a time as in the one-box test (a CPU batch changes the numerics).
-    for seed in (900, 901):
+    # saw these prompts), one request at a time as in the one-box test (a CPU batch changes the numerics). The rare
+    # mismatch above may land here instead (CI, 2026-12-07: the second of these two, with none among the eight):
+    # flagged as such, it counts toward the same bound of one, and its text (from KV that means something else) is
+    # not compared.
+    mismatched, compared = paths.count("kv_mismatch"), 0
+    for seed in (900, 901, 902):
         prompt = words_prompt(seed, 600)
         ours = complete(prompt, 16)
-        assert ours.headers["x-disagg-path"] == "disaggregated" and cached(ours) >= 512
+        assert ours.headers["x-disagg-path"] in ("disaggregated", "kv_mismatch") and cached(ours) >= 512
+        if ours.headers["x-disagg-path"] == "kv_mismatch":
+            assert ours.headers["x-disagg-kv-check"].startswith("mismatch")
+            mismatched += 1
+            continue
         body = {"model": "tiny-llama", "prompt": prompt, "max_tokens": 16, "temperature": 0.0}
         alone = httpx.post("http://127.0.0.1:18001/v1/completions", json=body, timeout=120, trust_env=False)
         assert alone.status_code == 200 and cached(alone) == 0
         assert ours.json()["choices"][0]["text"] == alone.json()["choices"][0]["text"]
+        compared += 1
+    assert mismatched <= 1 and compared >= 2, (mismatched, compared)
     # Readiness across hosts: the decode host judged the remote prefill-worker from the record it serves.
     status = cluster.status(cluster.decode)
     assert set(status) == {"lmcache-coordinator", "lmcache-server", "decode-worker"}
