@@ -1,8 +1,9 @@
 """Where a request goes before any engine is called: the front door's decisions, apart from its HTTP.
 
-In order (:meth:`Placement.place`): while this worker's decode engine cannot serve, whole to a sibling decode-worker
-of the box, else to a prefill engine (failover, bounded by ``failover_max_in_flight``); a request that came in on
-the box's one endpoint to a sibling whose engine holds fewer requests (by load); a prompt too short to disaggregate
+In order (:meth:`Placement.place`): a request from the box's one endpoint that found this front door full, to a
+sibling with a free slot (one admission for the box); while this worker's decode engine cannot serve, whole to a
+sibling decode-worker of the box, else to a prefill engine (failover, bounded by ``failover_max_in_flight``); one
+that came in on the box's one endpoint to a sibling whose engine holds fewer requests (by load); a prompt too short to disaggregate
 to the decode engine, or under load to the less busy side (:mod:`daemons.routing.engine_share`); while prefill is
 backed up, to the decode engine (:mod:`daemons.routing.prefill_backlog`). None of these: the prefill call (the
 front door makes it). Each decision is a :class:`PrefillOutcome` saying which engine and why; what it holds (load
