@@ -149,6 +149,13 @@ def _front_door_files(unit_dir: Path) -> list[Path]:
             if p.exists()]
 
 
+def _remove_front_door_file(prefix: Path, path: Path, why: str = "") -> list[Action]:
+    """Remove one of the box's endpoint units: its socket (stopped first, like an instance's) or the drop-in."""
+    if path.suffix == ".socket":
+        return _remove_instance_socket(prefix, path, f"remove unit{why}")
+    return [Action(f"remove drop-in{why}", path)]
+
+
 def _local_daemons(config: Config) -> set[str]:
     """The daemons whose units this host gets: this host's in a cluster (all, where it cannot tell which it is)."""
     local = set(config.cluster_daemon_names())
@@ -221,8 +228,7 @@ def plan_install(prefix: Path, config: Path | None, bin_dir: str) -> list[Action
             actions.append(Action("write unit (the box's endpoint)", target, content))
     for stale in _front_door_files(unit_dir):
         if str(stale.relative_to(unit_dir)) not in front:
-            actions += _remove_instance_socket(prefix, stale, "remove unit (no decode_worker.shared_port now)") \
-                if stale.suffix == ".socket" else [Action("remove drop-in (no decode_worker.shared_port now)", stale)]
+            actions += _remove_front_door_file(prefix, stale, " (no decode_worker.shared_port now)")
     actions += plan_cluster_dropins(prefix, config or (installed if installed.exists() else None))
     cfg_target = prefix / "etc/disagg/disagg.yaml"
     if not cfg_target.exists():
@@ -326,8 +332,7 @@ def plan_uninstall(prefix: Path, purge: bool) -> list[Action]:
     for instance_socket in sorted(unit_dir.glob(INSTANCE_SOCKET_GLOB)) if unit_dir.exists() else ():
         actions += _remove_instance_socket(prefix, instance_socket, "remove unit")
     for front in _front_door_files(unit_dir) if unit_dir.exists() else ():
-        actions += _remove_instance_socket(prefix, front, "remove unit") if front.suffix == ".socket" else [
-            Action("remove drop-in", front)]
+        actions += _remove_front_door_file(prefix, front)
     if purge:
         for path in (prefix / "etc/disagg/disagg.yaml", prefix / "etc/default/disagg",
                      prefix / API_KEYS_PATH.relative_to("/")):

@@ -98,11 +98,8 @@ class Placement:
         if hop is not None:
             sibling = self.router.choose_sibling(exclude=tried)
             if sibling.url is not None:
-                self.router.take(sibling.daemon, tokens)
-                self.metrics.sibling_forwards.labels(why="engine_down").inc()
                 log.info("[%s] to %s: decode engine unavailable (%s)", request_id, sibling.daemon, why)
-                return PrefillOutcome(RequestPath.SIBLING, why, engine_url=sibling.url, held=(sibling.daemon, tokens),
-                                      hop=hop)
+                return self.to_sibling(sibling, "engine_down", request_id, tokens, hop, reason=why)
         if self.failovers >= self.settings().failover_max_in_flight:
             raise NoEngine(f"decode engine unavailable and {self.failovers} requests already fail over "
                            f"to prefill engines (decode_worker.failover_max_in_flight)", why)
@@ -133,12 +130,14 @@ class Placement:
         return self.to_sibling(choice, BY_LOAD, request_id, tokens, hop)
 
     def to_sibling(self, choice: PrefillChoice, why: str, request_id: str, tokens: int,
-                   hop: dict[str, str]) -> PrefillOutcome:
-        """The request relayed to ``choice``'s front door, counted there until released (path sibling)."""
+                   hop: dict[str, str], reason: str | None = None) -> PrefillOutcome:
+        """The request relayed to ``choice``'s front door, counted there until released (path sibling) and in
+        ``disagg_sibling_forwards_total{why}``; ``reason``: the outcome's, when it says more than ``why``."""
         assert choice.url is not None
         self.router.take(choice.daemon, tokens)
         self.metrics.sibling_forwards.labels(why=why).inc()
-        return PrefillOutcome(RequestPath.SIBLING, why, engine_url=choice.url, held=(choice.daemon, tokens), hop=hop)
+        return PrefillOutcome(RequestPath.SIBLING, reason or why, engine_url=choice.url, held=(choice.daemon, tokens),
+                              hop=hop)
 
     # -- prefill ---------------------------------------------------------------------
     def short_prompt(self, tokens: int) -> PrefillOutcome | None:

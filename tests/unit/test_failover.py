@@ -329,6 +329,17 @@ def test_a_prefill_engine_that_cannot_serve_a_failover_passes_it_on(stream: bool
 SIBLINGS = {"decode-worker@b": "http://sib-b", "decode-worker@c": "http://sib-c"}
 
 
+def refusing_siblings(refusal: int | str) -> Any:
+    """A handler whose sibling front doors answer ``refusal`` (a status, or "refused": no connection); engines serve."""
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.host.startswith("sib-"):
+            if refusal == "refused":
+                raise httpx.ConnectError("connection refused")
+            return httpx.Response(int(refusal), json={"error": {"message": "busy"}})
+        return engine_answer(request)
+    return handler
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_while_the_decode_engine_is_down_a_sibling_decode_worker_serves_first(stream: bool) -> None:
     """Instances: the request goes to another decode-worker's front door (its own prefill and decode engine) with
@@ -350,14 +361,7 @@ def test_while_the_decode_engine_is_down_a_sibling_decode_worker_serves_first(st
 
 @pytest.mark.parametrize("refusal", [429, 401, 503, "refused"])
 def test_a_sibling_that_cannot_take_it_passes_it_to_the_next_then_to_a_prefill_engine(refusal: int | str) -> None:
-    def handler(request: httpx.Request) -> httpx.Response:
-        if request.url.host.startswith("sib-"):
-            if refusal == "refused":
-                raise httpx.ConnectError("connection refused")
-            return httpx.Response(int(refusal), json={"error": {"message": "busy"}})
-        return engine_answer(request)
-
-    door, metrics, seen = door_with(handler, down="loading", siblings=SIBLINGS)
+    door, metrics, seen = door_with(refusing_siblings(refusal), down="loading", siblings=SIBLINGS)
     resp = asyncio.run(post(door, True))
     assert resp.status_code == 200 and resp.headers["x-disagg-path"] == "failover", resp.text
     assert seen == ["sib-b/v1/completions", "sib-c/v1/completions", "p0/whole/v1/completions"]
@@ -451,14 +455,7 @@ def test_the_box_s_endpoint_sends_a_request_to_a_lighter_sibling_and_a_door_s_ow
 def test_a_request_sent_away_by_load_that_the_sibling_cannot_take_is_served_here(refusal: int | str) -> None:
     """Moved by load, not because this engine is down: a sibling that fails it hands it back to this engine, never
     to a prefill engine whole (failover is for an engine that cannot serve)."""
-    def handler(request: httpx.Request) -> httpx.Response:
-        if request.url.host.startswith("sib-"):
-            if refusal == "refused":
-                raise httpx.ConnectError("connection refused")
-            return httpx.Response(int(refusal), json={"error": {"message": "busy"}})
-        return engine_answer(request)
-
-    door, metrics, seen = door_with(handler, siblings=SIBLINGS)
+    door, metrics, seen = door_with(refusing_siblings(refusal), siblings=SIBLINGS)
     door.router.lighter = True  # type: ignore[attr-defined]
     resp = asyncio.run(post(door, True, shared=True))
     assert resp.status_code == 200 and resp.headers["x-disagg-path"] not in ("sibling", "failover"), resp.text
