@@ -11,15 +11,19 @@ Relative paths in the file resolve against the directory that holds the file.
 from __future__ import annotations
 
 import ipaddress
+import logging
 import os
 import re
 import socket
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+log = logging.getLogger(__name__)
 
 EX_CONFIG = 78
 DEFAULT_CONFIG = "etc/disagg.yaml"
@@ -309,6 +313,12 @@ class DecodeWorkerConfig(WorkerConfig):
         "disaggregated. Where short prompts make decoding the bottleneck, two engines that each prefill and "
         "decode their own serve more than one prefilling for the other (docs/performance.md). The price: those "
         "streams share the prefill engine's steps with long prompts' prefill calls.")
+    routing: Literal["load", "round_robin"] = Field(
+        default="load", description="How requests spread over the box's engines. load: a prefill call goes to "
+        "the prefill engine holding the fewest of this front door's prompt tokens, and a request taken on the "
+        "box's endpoint (shared_port) to a sibling decode engine holding 2 or more fewer requests. round_robin: "
+        "both in turn, whatever the engines hold (the baseline load-aware routing is measured against: "
+        "docs/performance.md). Failover is by load either way.")
     overflow_backlog_tokens: Annotated[int, Field(ge=0)] = Field(
         default=0, description="While prefill calls in flight hold at least this many (estimated) prompt "
         "tokens, the decode engine computes new prompts itself (path prefill_busy), within "
@@ -928,6 +938,37 @@ def config_changes(old: Config, new: Config) -> dict[str, str]:
     """The keys whose values differ between two configs: dotted key -> "old -> new"."""
     a, b = _flatten(old.model_dump(mode="json")), _flatten(new.model_dump(mode="json"))
     return {key: f"{a.get(key)!r} -> {b.get(key)!r}" for key in sorted(set(a) | set(b)) if a.get(key) != b.get(key)}
+
+
+def with_applied(old: Config, new: Config, keys: Iterable[str]) -> Config:
+    """The running config after a reload: ``old`` with the values of ``keys`` (dotted, as :func:`config_changes`
+    names them) taken from ``new``. What a daemon applied live it now runs, so the next reload compares against it
+    (a key set back to its old value is a change again); what needs a restart stays old, and is reported again.
+    ``old`` itself when the mix does not validate (the daemon then compares against what it started with)."""
+    keys = set(keys)
+    if not keys:
+        return old
+    tree, src = old.model_dump(mode="json"), new.model_dump(mode="json")
+    for key in keys:
+        *sections, leaf = key.split(".")
+        node: dict[str, Any] = tree
+        theirs: Any = src
+        for section in sections:
+            child = node.get(section)
+            if not isinstance(child, dict):
+                child = node[section] = {}
+            node = child
+            theirs = theirs.get(section) if isinstance(theirs, dict) else None
+        if isinstance(theirs, dict) and leaf in theirs:
+            node[leaf] = theirs[leaf]
+        else:
+            node.pop(leaf, None)
+    try:
+        return Config.model_validate({**tree, "source": old.source, "host_id": old.host_id})
+    except ValidationError as exc:
+        log.warning("reload: the running config with %s applied does not validate (%s): later reloads compare "
+                    "against the config this daemon started with", ", ".join(sorted(keys)), exc)
+        return old
 
 
 def _describe(err: Any, prefix: str = "") -> str:

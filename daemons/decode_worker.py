@@ -38,6 +38,7 @@ from daemons.edge.frontdoor import FrontDoor, FrontDoorSettings
 from daemons.edge.upstream import Upstream
 from daemons.kv.canary import CanaryResult, PathCanary, vocabulary
 from daemons.metrics import FrontDoorMetrics
+from daemons.routing.placement import ROUND_ROBIN
 from daemons.routing.prefill_router import LMCACHE, PrefillRouter
 from daemons.runtime.cli import run_daemon
 from daemons.runtime.httpserver import EdgeLimits, EmbeddedServer
@@ -170,6 +171,7 @@ class DecodeWorker(EngineDaemon):
         # Requests on this engine now: the box's endpoint sends a sibling's requests here while it holds fewer.
         self.details["in_progress"] = self.front_door.placement.engine_requests()
         self.details["capacity"] = self.front_door.settings.max_concurrent_requests  # its slots, for the same reason
+        self.details["routing"] = self.front_door.settings.routing  # decode_worker.routing as SIGHUP last left it
         # In the state file (disaggctl status): the prefill-workers whose KV path the last canary verified.
         self.details["prefills_checked"] = sorted(
             name for name, result in self.router.canary_results.items() if result.ok and self.peers.ready(name))
@@ -316,6 +318,7 @@ class DecodeWorker(EngineDaemon):
         door.placement.backlog.overflow_backlog_tokens = s.overflow_backlog_tokens
         door.placement.backlog.overflow_max_local_tokens = s.overflow_max_local_tokens
         door.placement.share.enabled = s.balance_short_prompts
+        self.router.in_turn = s.routing == ROUND_ROBIN
         applied = {key for key in changed if key in live}
         keys_key = f"{prefix}api_keys_file"
         try:

@@ -91,7 +91,7 @@ class LMCacheServerMetrics:
 
 
 # Why a front door relays a request to a sibling decode-worker (disagg_sibling_forwards_total{why}).
-SIBLING_FORWARD_REASONS = ("load", "full", "engine_down")
+SIBLING_FORWARD_REASONS = ("load", "round_robin", "full", "engine_down")
 
 
 class FrontDoorMetrics:

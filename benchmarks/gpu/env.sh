@@ -8,6 +8,6 @@ python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .
 python3 -c "import vllm.entrypoints.openai.api_server" || exit 1
 nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv
 python3 -c "import vllm, lmcache, torch; print('vllm', vllm.__version__, 'lmcache', getattr(lmcache, '__version__', '?'), 'torch', torch.__version__)" 2>&1 | tail -1
-python3 -m daemons.ops.ctl make-model /tmp/model --shape mistral-7b --config-only 2>&1 | tail -1
+python3 -m daemons.ops.ctl make-model /tmp/model --shape ${SHAPE:-mistral-7b} --config-only 2>&1 | tail -1
 python3 benchmarks/gpu/make_config.py $LOG > $CFG
 python3 -m daemons.ops.ctl --config $CFG check-config || exit 1

@@ -30,6 +30,7 @@ class FrontDoorSettings:
     disaggregate_min_tokens: int = _default("disaggregate_min_tokens")
     short_prompt_max_in_flight: int = _default("short_prompt_max_in_flight")
     balance_short_prompts: bool = _default("balance_short_prompts")
+    routing: str = _default("routing")
     overflow_backlog_tokens: int = _default("overflow_backlog_tokens")
     overflow_max_local_tokens: int = _default("overflow_max_local_tokens")
     failover_max_in_flight: int = _default("failover_max_in_flight")

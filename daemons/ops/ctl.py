@@ -40,6 +40,7 @@ from daemons.config import (
     load_config,
 )
 from daemons.edge.auth import client_key
+from daemons.ops.make_model import SHAPES, make_model
 from daemons.runtime.listen import loopback_if_wildcard, url_host
 from daemons.runtime.statefile import PeerView, State, assess, pid_alive, read_state, retire_dead_records
 
@@ -158,8 +159,6 @@ def cmd_make_model(args: argparse.Namespace) -> int:
     if (out / "config.json").exists() and not args.force:
         _out(f"{out}: a model is already there (--force to rewrite it)")
         return 0
-    from daemons.ops.make_model import SHAPES, make_model
-
     make_model(out, SHAPES[args.shape], weights=not args.config_only)
     _out(f"wrote {out}")
     return 0
@@ -370,8 +369,6 @@ def cmd_hold_sockets(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     config = _load(args, require_model=False)
     if not (config.model.path / "config.json").exists():
-        from daemons.ops.make_model import make_model
-
         _out(f"making the local model at {config.model.path}")
         make_model(config.model.path)
     check_model_present(config)
@@ -436,7 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("make-model", help="write a small local random-weight model")
     p.add_argument("dir")
     p.add_argument("--force", action="store_true")
-    p.add_argument("--shape", choices=("tiny", "mistral-7b"), default="tiny")
+    p.add_argument("--shape", choices=tuple(SHAPES), default="tiny")
     p.add_argument("--config-only", action="store_true",
                    help="write config and tokenizer, no weights (use with model.load_format: dummy)")
     p.set_defaults(func=cmd_make_model)

@@ -60,6 +60,11 @@ SHAPES = {
         vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32,
         num_kv_heads=8, max_position_embeddings=32768, initializer_range=0.02, rope_theta=1_000_000.0,
     ),
+    # Llama-3.2-1B's shape (GQA 32/8, 16 layers; 32 KiB of KV per token in bf16): four engines share one GPU.
+    "llama-3.2-1b": ModelShape(
+        vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_layers=16, num_heads=32,
+        num_kv_heads=8, max_position_embeddings=131072, initializer_range=0.02, rope_theta=500_000.0,
+    ),
 }
 
 

@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 
 # The reason of a request the box's endpoint sent to a sibling's engine because it held fewer requests.
 BY_LOAD = "load"
+# ... and in turn, whatever the engines hold (decode_worker.routing round_robin: the baseline).
+ROUND_ROBIN = "round_robin"
 # ... and of one it sent to a sibling with a free slot because this front door had none (one admission for the box).
 FULL_HERE = "full"
 
@@ -59,6 +61,7 @@ class Placement:
         self.sizer = PromptSizer()
         self.backlog = Backlog(s.overflow_backlog_tokens, s.overflow_max_local_tokens)
         self.share = EngineShare(s.balance_short_prompts)
+        router.in_turn = s.routing == ROUND_ROBIN
         metrics.prompt_tokens_in_flight.labels(where="prefill").set_function(lambda: self.backlog.prefill_tokens)
         metrics.prompt_tokens_in_flight.labels(where="decode").set_function(lambda: self.backlog.local_tokens)
         metrics.on_prefill_engines.set_function(lambda: self.share.on_prefill)
@@ -75,7 +78,8 @@ class Placement:
         if down:
             return self.failover(down, request_id, tokens, hop)
         if balanced and hop is not None:
-            moved = self.by_load(request_id, tokens, hop)
+            moved = self.in_turn(request_id, tokens, hop) if self.router.in_turn else self.by_load(request_id, tokens,
+                                                                                                    hop)
             if moved is not None:
                 return moved
         short = self.short_prompt(tokens)
@@ -128,6 +132,15 @@ class Placement:
             return None
         log.debug("[%s] to %s by load (%d others in progress here)", request_id, choice.daemon, mine)
         return self.to_sibling(choice, BY_LOAD, request_id, tokens, hop)
+
+    def in_turn(self, request_id: str, tokens: int, hop: dict[str, str]) -> PrefillOutcome | None:
+        """routing round_robin: a request on the box's endpoint to the next engine in turn (this one's or a
+        sibling's), whatever they hold; None: it stays here."""
+        choice = self.router.next_in_turn()
+        if choice.url is None:
+            return None
+        log.debug("[%s] to %s in turn", request_id, choice.daemon)
+        return self.to_sibling(choice, ROUND_ROBIN, request_id, tokens, hop)
 
     def to_sibling(self, choice: PrefillChoice, why: str, request_id: str, tokens: int,
                    hop: dict[str, str], reason: str | None = None) -> PrefillOutcome:

@@ -112,6 +112,10 @@ class PrefillRouter:
         self.check_now = asyncio.Event()  # the KV path needs a canary now
         self._lost: dict[str, asyncio.Event] = {}  # by prefill-worker: set when it stops being usable
         self._next = 0
+        self._endpoint_turn = 0
+        # decode_worker.routing round_robin: prefill engines, and the box's endpoint's engines, in turn (set on
+        # every settings change); failover stays by load.
+        self.in_turn = False
         # Prompt tokens this front door has on each prefill engine now: prefill calls in flight, whole requests.
         self.load: dict[str, int] = {}
         self.requests: dict[str, int] = {}  # requests in flight at each engine or sibling, by our count
@@ -147,11 +151,14 @@ class PrefillRouter:
             return None
         return next((r for r in results if not r.ok and r.hop in DECODE_SIDE_HOPS), None)
 
-    def _least_loaded(self, views: Sequence[PeerView]) -> PeerView:
-        """The view whose engine holds the fewest of our prompt tokens; ties in turn (round robin)."""
+    def _least_loaded(self, views: Sequence[PeerView], by_load: bool = True) -> PeerView:
+        """The view whose engine holds the fewest of our prompt tokens; ties in turn (round robin). Not
+        ``by_load``: the next in turn, whatever it holds."""
         start = self._next % len(views)
         self._next += 1
         turn = [*views[start:], *views[:start]]
+        if not by_load:
+            return turn[0]
         return min(turn, key=lambda v: self.load.get(v.daemon, 0))  # min keeps the first of equals
 
     def take(self, prefill: str, tokens: int) -> None:
@@ -192,7 +199,7 @@ class PrefillRouter:
         working = self.working_prefills()
         if not working or self.decode_side_failure() is not None:
             return PrefillChoice(skip="kv_path_broken")
-        view = self._least_loaded(working)
+        view = self._least_loaded(working, by_load=not self.in_turn)
         if view.record is None:
             return PrefillChoice(skip="prefill_unavailable")
         return PrefillChoice(url=f"http://{view.record.endpoint}", daemon=view.daemon)
@@ -251,6 +258,17 @@ class PrefillRouter:
         if not loads or mine - loads[0][0] < margin:
             return PrefillChoice(skip="balanced")
         view = loads[0][2]
+        return PrefillChoice(url=self.siblings[view.daemon], daemon=view.daemon)
+
+    def next_in_turn(self) -> PrefillChoice:
+        """routing round_robin: this engine and the serving siblings in turn, whatever they hold; skip ``in_turn``
+        when it is this engine's turn."""
+        serving = self.serving_siblings()
+        turn = self._endpoint_turn % (len(serving) + 1)
+        self._endpoint_turn += 1
+        if turn == 0:
+            return PrefillChoice(skip="in_turn")
+        view = serving[turn - 1]
         return PrefillChoice(url=self.siblings[view.daemon], daemon=view.daemon)
 
     def roomy_sibling(self) -> PrefillChoice:

@@ -32,7 +32,7 @@ from prometheus_client import CollectorRegistry
 from starlette.routing import Route
 
 from daemons import __version__
-from daemons.config import Config, ConfigError, DaemonId, config_changes, load_config
+from daemons.config import Config, ConfigError, DaemonId, config_changes, load_config, with_applied
 from daemons.runtime.digest import digest_of, digest_parts
 from daemons.runtime.exposition import DaemonMetrics, metrics_app
 from daemons.runtime.httpserver import EmbeddedServer
@@ -318,6 +318,7 @@ class Daemon:
             log.info("reload: %s re-read, nothing changed", source)
             return []
         applied = self.apply_config(new, changed)
+        self.config = with_applied(self.config, new, applied)
         pending = [key for key in changed if key not in applied]
         log.info("reload: %s: applied %s", source, ", ".join(f"{k} ({changed[k]})" for k in applied) or "nothing")
         if pending:

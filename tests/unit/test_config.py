@@ -363,3 +363,25 @@ def test_a_shared_port_that_is_not_one_endpoint_is_refused_with_the_reason(tmp_p
     doc = shared_doc(model_dir)
     change(doc)
     assert expected in error_of(tmp_path, doc)
+
+
+def test_a_reload_s_running_config_takes_only_the_applied_keys(tmp_path, model_dir):
+    """with_applied: what a daemon applied live is what it compares the next reload against; the rest stays old."""
+    from daemons.config import config_changes, with_applied
+
+    doc = instances_doc(model_dir)
+    old = load_config(write(tmp_path, doc))
+    doc["decode_worker"]["routing"] = "round_robin"
+    doc["prefill_worker"]["instances"]["gpu1"]["gpu_memory_utilization"] = 0.5
+    doc["lmcache"] = {"chunk_size": 128}
+    new = load_config(write(tmp_path, doc))
+    changed = config_changes(old, new)
+    live = {"decode_worker.routing", "prefill_worker.instances.gpu1.gpu_memory_utilization"}
+    assert live < set(changed)
+    running = with_applied(old, new, live)
+    assert set(config_changes(running, new)) == set(changed) - live  # chunk_size: still to be reported
+    assert running.workers("prefill-worker")["prefill-worker@gpu1"].gpu_memory_utilization == 0.5
+    assert running.decode_worker.routing == "round_robin" and running.source == old.source
+    back = with_applied(running, old, set(config_changes(running, old)) - {"lmcache.chunk_size"})
+    assert config_changes(back, old) == {}  # an instance key removed again is removed
+    assert with_applied(old, new, ()) is old

@@ -300,6 +300,11 @@ def test_sighup_applies_the_front_doors_settings_live_and_names_what_needs_a_res
     path.write_text("decode_worker: [not, a, mapping\n")  # a broken file: the running config stays
     assert asyncio.run(w.reload_config()) == []
     assert w.front_door.settings.request_timeout_s == 300
+    # Back as it was: the live keys change back; the one that needs a restart is still reported.
+    doc["decode_worker"].update(request_timeout_s=600, max_concurrent_requests=8)
+    path.write_text(yaml.safe_dump(doc))
+    assert asyncio.run(w.reload_config()) == ["lmcache.chunk_size"]
+    assert (w.front_door.settings.request_timeout_s, w.front_door.admission.max_concurrent) == (600, 8)
 
 
 def test_admission_limits_change_live() -> None:
@@ -407,6 +412,49 @@ def test_prefill_calls_go_to_the_engine_with_the_fewest_prompt_tokens_on_it(work
     assert router.load == {}
 
 
+def test_routing_round_robin_takes_prefill_engines_in_turn_whatever_they_hold(worker: DecodeWorker) -> None:
+    """The baseline load-aware routing is measured against: in turn, a long prompt in flight or not; failover still
+    weighs the load."""
+    worker.router.canary_results = {P0: ok(), P1: ok()}
+    router = worker.router
+    router.in_turn = True
+    with router.holding(P1, 7000):
+        picks = [router.choose().daemon for _ in range(4)]
+        assert picks in ([P0, P1, P0, P1], [P1, P0, P1, P0])
+        assert router.choose_any().daemon == P0
+
+
+def test_routing_round_robin_is_applied_by_sighup(tmp_path: Path) -> None:
+    import yaml
+
+    from daemons.config import load_config
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"vocab_size": 1000}))
+    doc = {"runtime_dir": str(tmp_path / "run"), "log_dir": str(tmp_path / "log"), "model": {"path": str(model)},
+           "prefill_worker": {"kv_cache_memory_bytes": 1 << 28},
+           "decode_worker": {"kv_cache_memory_bytes": 1 << 28}}
+    path = tmp_path / "disagg.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    w = DecodeWorker(load_config(path), strict=True)
+    assert w.front_door.settings.routing == "load" and not w.router.in_turn
+    doc["decode_worker"]["routing"] = "round_robin"
+    path.write_text(yaml.safe_dump(doc))
+    assert asyncio.run(w.reload_config()) == []  # nothing that needs a restart
+    assert w.front_door.settings.routing == "round_robin" and w.router.in_turn
+    doc["decode_worker"]["routing"] = "random"
+    path.write_text(yaml.safe_dump(doc))
+    assert asyncio.run(w.reload_config()) == []  # refused whole: the running config stays
+    assert w.router.in_turn
+    # Back to the value it started with: a change from what runs now (a reload compared against the config the
+    # daemon started with said "nothing changed" and kept round_robin).
+    doc["decode_worker"]["routing"] = "load"
+    path.write_text(yaml.safe_dump(doc))
+    asyncio.run(w.reload_config())
+    assert w.front_door.settings.routing == "load" and not w.router.in_turn
+
+
 def test_the_load_of_every_kind_of_request_is_given_back(worker: DecodeWorker) -> None:
     """Prefill calls, whole requests on a prefill engine (failover) and calls that fail all leave the load at 0."""
     worker.router.canary_results = {P0: ok(), P1: ok()}
@@ -487,6 +535,14 @@ def test_a_full_front_door_sends_to_the_lightest_sibling_with_a_free_slot() -> N
     router.take(d, 10)  # relayed there since its last record: full too
     assert router.roomy_sibling().daemon == b
     assert by_load_router(sibling_view(b, 0)).roomy_sibling().url is None  # no capacity published: never
+
+
+def test_routing_round_robin_sends_the_box_s_endpoint_requests_around_in_turn() -> None:
+    """This engine, then each serving sibling, whatever they hold (a busy sibling gets its turn too)."""
+    b, c = "decode-worker@b", "decode-worker@c"
+    router = by_load_router(sibling_view(b, 50), sibling_view(c, 0), sibling_view("decode-worker@d", 0, serving=False))
+    picks = [router.next_in_turn().daemon or "mine" for _ in range(6)]
+    assert picks == ["mine", b, c, "mine", b, c]
 
 
 def test_a_decode_worker_publishes_the_requests_on_its_engine(worker: DecodeWorker) -> None:
