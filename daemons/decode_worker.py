@@ -122,7 +122,7 @@ class DecodeWorker(EngineDaemon):
         self.front_door = FrontDoor(
             FrontDoorSettings.from_config(w, self.engine_url),
             client=self.upstream, metrics=self.front_metrics, router=self.router, health=self._health, keys=self.keys,
-            decode_down=self.decode_down,
+            decode_down=self.decode_down, engine_pressed=lambda: self.last_load is not None and self.last_load.pressed,
         )
         self.front_metrics.decode_engine_up.set_function(lambda: 0 if self.decode_down() else 1)
 

@@ -18,29 +18,57 @@ _BUSY = ("vllm:num_requests_running", "vllm:num_requests_waiting")
 _PROGRESS = ("vllm:iteration_tokens_total_count", "vllm:prompt_tokens_total", "vllm:generation_tokens_total")
 
 
+# Requests the engine's scheduler could not take for want of room (KV blocks, max_num_seqs): not those waiting for
+# their KV to arrive (reason "deferred"), which a disaggregated decode engine always has some of.
+_QUEUED = ("vllm:num_requests_waiting_by_reason", 'reason="capacity"')
+_KV_USAGE = "vllm:kv_cache_usage_perc"  # 1.0: every KV block in use
+# An engine whose KV cache is this full, or that queues requests for room, takes no more by load.
+KV_PRESSED = 0.95
+
+
+def engine_pressed(queued: object, kv_usage: object) -> bool:
+    """Is an engine out of room (requests queued for capacity, or its KV cache at KV_PRESSED)? From its own
+    metrics, or what a sibling published of them; unknown values say no."""
+    number = lambda v: isinstance(v, int | float) and not isinstance(v, bool)  # noqa: E731
+    return (number(queued) and queued > 0) or (number(kv_usage) and kv_usage >= KV_PRESSED)  # type: ignore[operator]
+
+
 @dataclass(frozen=True)
 class EngineLoad:
     busy: float  # requests running + waiting
     progress: float  # engine steps + prompt and generation tokens computed so far
+    queued: float = 0.0  # requests waiting for room (not for their KV)
+    kv_usage: float | None = None  # share of the KV cache in use, 0-1 (None: not exported)
+
+    @property
+    def pressed(self) -> bool:
+        return engine_pressed(self.queued, self.kv_usage)
 
 
 def engine_load(metrics_text: str) -> EngineLoad:
-    """Requests in the engine and tokens computed, from a vLLM /metrics page."""
-    busy = progress = 0.0
+    """Requests in the engine, tokens computed, requests queued for room and KV-cache use, from a vLLM /metrics
+    page."""
+    busy = progress = queued = 0.0
+    kv_usage: float | None = None
     for line in metrics_text.splitlines():
         if not line.startswith("vllm:"):
             continue
         name = line.split("{", 1)[0].split(" ", 1)[0]
-        if name in _BUSY or name in _PROGRESS:
-            try:
-                value = float(line.rsplit(" ", 1)[1])
-            except (IndexError, ValueError):
-                continue
-            if name in _BUSY:
-                busy += value
-            else:
-                progress += value
-    return EngineLoad(busy, progress)
+        if name not in _BUSY and name not in _PROGRESS and name not in (_QUEUED[0], _KV_USAGE):
+            continue
+        try:
+            value = float(line.rsplit(" ", 1)[1])
+        except (IndexError, ValueError):
+            continue
+        if name in _BUSY:
+            busy += value
+        elif name in _PROGRESS:
+            progress += value
+        elif name == _KV_USAGE:
+            kv_usage = max(kv_usage or 0.0, value)
+        elif _QUEUED[1] in line:
+            queued += value
+    return EngineLoad(busy, progress, queued, kv_usage)
 
 
 class StallDetector:

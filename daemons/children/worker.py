@@ -49,6 +49,7 @@ class EngineDaemon(ChildDaemon):
         self.child_startup_timeout_s = self.worker.engine_startup_timeout_s
         self.child_metrics_url = f"{self.engine_url}/metrics"
         self.stall = engine_stall_detector(config)
+        self.last_load: EngineLoad | None = None  # what the engine's /metrics said at the last heartbeat
         self.engine_problem = ""  # why the engine is not fit to serve now ("" when it is)
         # The planned stops of the last process of this daemon, kept: a planned restart stops the engine and exits,
         # and the next process rewrites the state file at once (a second on a fast host), before lmcache-server may
@@ -171,6 +172,10 @@ class EngineDaemon(ChildDaemon):
             self.details["engine_serving"] = not self.engine_problem
             return False
         self.engine_problem = ""
+        self.last_load = load
+        # The engine's own view of its room, for the box's routing (daemons.routing.prefill_router._sibling_loads).
+        self.details["engine_queued"] = int(load.queued)
+        self.details["kv_cache_usage"] = None if load.kv_usage is None else round(load.kv_usage, 3)
         healthy = await self.child_healthy(timeout=5.0)
         # Can this engine serve a whole request? Apart from the KV path: a prefill engine takes failover while
         # LMCache is down or stuck (the front door's router reads it: PeerView.serves_whole).

@@ -117,6 +117,7 @@ class FrontDoor:
         health: Callable[[], tuple[str, bool, str]],
         keys: ApiKeys | None = None,
         decode_down: Callable[[], str] = lambda: "",
+        engine_pressed: Callable[[], bool] = lambda: False,
     ) -> None:
         s = self.settings = settings
         self.engine_url = s.engine_url
@@ -127,7 +128,7 @@ class FrontDoor:
         self.admission = Admission(s.max_concurrent_requests, s.max_queued_requests, s.queue_timeout_s)
         self.keys = keys if keys is not None else ApiKeys(None, env={})
         self.placement = Placement(lambda: self.settings, router=router, metrics=metrics, admission=self.admission,
-                                   decode_down=decode_down)
+                                   decode_down=decode_down, engine_pressed=engine_pressed)
 
     def _tokens(self, route: str, body: dict[str, Any]) -> int:
         """The prompt's length in tokens, estimated (:mod:`daemons.routing.prompt_size`)."""

@@ -48,7 +48,8 @@ class Placement:
     prefill and on the decode engine, short prompts on prefill engines)."""
 
     def __init__(self, settings: Callable[[], FrontDoorSettings], *, router: PrefillRouter, metrics: FrontDoorMetrics,
-                 admission: Admission, decode_down: Callable[[], str]) -> None:
+                 admission: Admission, decode_down: Callable[[], str],
+                 engine_pressed: Callable[[], bool] = lambda: False) -> None:
         s = settings()
         self.settings = settings  # the front door's, as SIGHUP last left them
         self.router = router
@@ -57,6 +58,9 @@ class Placement:
         # Why the decode engine cannot serve now ("" while it can): loading, reloading, silent. Then requests
         # fail over whole to a sibling or a prefill engine.
         self.decode_down = decode_down
+        # Is the decode engine out of room by its own metrics (requests queued for capacity, KV cache nearly full)?
+        # Then a request on the box's endpoint moves to a sibling with room, whatever the counts.
+        self.engine_pressed = engine_pressed
         self.failovers = 0  # requests on the failover path now
         self.sizer = PromptSizer()
         self.backlog = Backlog(s.overflow_backlog_tokens, s.overflow_max_local_tokens)
@@ -125,9 +129,10 @@ class Placement:
 
     def by_load(self, request_id: str, tokens: int, hop: dict[str, str]) -> PrefillOutcome | None:
         """A request that came in on the box's one endpoint goes to a sibling whose decode engine holds fewer
-        requests (by LOAD_MARGIN or more) than this one's; None: it stays here."""
+        requests (by LOAD_MARGIN or more) than this one's, or has room while this one has none (the engines' own
+        metrics: :meth:`PrefillRouter.lighter_sibling`); None: it stays here."""
         mine = self.engine_requests() - 1  # the others on this engine (this request is admitted already)
-        choice = self.router.lighter_sibling(mine)
+        choice = self.router.lighter_sibling(mine, pressed=self.engine_pressed())
         if choice.url is None:
             return None
         log.debug("[%s] to %s by load (%d others in progress here)", request_id, choice.daemon, mine)

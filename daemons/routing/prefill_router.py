@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+from daemons.children.stall import engine_pressed
 from daemons.kv.canary import CanaryResult
 from daemons.kv.crosscheck import CHECK_HEADER, FirstToken, Verdict
 from daemons.metrics import FrontDoorMetrics
@@ -44,6 +45,12 @@ DECODE_SIDE_HOPS = ("decode_engine", "decode_load")
 # The box's endpoint moves a request to a sibling's engine only when that engine holds this many fewer requests.
 LOAD_MARGIN = 2
 KNOWN_FALLBACKS = ("lmcache_unavailable", "kv_path_broken", "prefill_unavailable", "prefill_rejected")
+
+
+def _published_pressed(view: PeerView) -> bool:
+    """Did a worker's last state record say its engine is out of room (:func:`engine_pressed`)?"""
+    details = view.record.details if view.record is not None else {}
+    return engine_pressed(details.get("engine_queued"), details.get("kv_cache_usage"))
 
 
 @dataclass
@@ -249,13 +256,17 @@ class PrefillRouter:
             loads.append((published + self.requests.get(view.daemon, 0), cap, view))
         return sorted(loads, key=lambda item: item[0])
 
-    def lighter_sibling(self, mine: int, margin: int = LOAD_MARGIN) -> PrefillChoice:
+    def lighter_sibling(self, mine: int, margin: int = LOAD_MARGIN, pressed: bool = False) -> PrefillChoice:
         """A sibling whose decode engine holds at least ``margin`` fewer requests than ``mine`` (the others in
         progress on this front door's engine), the lightest; else none (skip ``balanced``). The margin keeps a
         request where it is when moving it saves little (the hop costs a relay), and two front doors from trading
-        requests on stale counts. A sibling that publishes no load is not chosen by load."""
-        loads = self._sibling_loads()
-        if not loads or mine - loads[0][0] < margin:
+        requests on stale counts. A sibling that publishes no load is not chosen by load.
+
+        The engines' own metrics come first: a sibling whose engine is out of room (requests queued for capacity,
+        or its KV cache nearly full: :func:`engine_pressed`, as it last published) takes nothing by load; while
+        this engine is out of room (``pressed``), a sibling with room takes the request whatever the counts."""
+        loads = [item for item in self._sibling_loads() if not _published_pressed(item[2])]
+        if not loads or (not pressed and mine - loads[0][0] < margin):
             return PrefillChoice(skip="balanced")
         view = loads[0][2]
         return PrefillChoice(url=self.siblings[view.daemon], daemon=view.daemon)

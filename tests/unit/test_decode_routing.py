@@ -525,6 +525,21 @@ def test_the_box_s_endpoint_moves_a_request_only_to_a_sibling_lighter_by_the_mar
         assert by_load_router(sibling_view(b, published)).lighter_sibling(mine=9).url is None, published
 
 
+def test_the_engines_own_metrics_come_before_the_counts() -> None:
+    """A sibling whose engine queues requests for room, or whose KV cache is nearly full, takes nothing by load; while
+    this engine is out of room, a sibling with room takes the request within the margin."""
+    b, c = "decode-worker@b", "decode-worker@c"
+    queued, roomy = sibling_view(b, 0), sibling_view(c, 3)
+    queued.record.details["engine_queued"] = 4  # type: ignore[union-attr]
+    roomy.record.details["kv_cache_usage"] = 0.5  # type: ignore[union-attr]
+    router = by_load_router(queued, roomy)
+    assert router.lighter_sibling(mine=9).daemon == c  # b is lighter by count, but out of room
+    assert router.lighter_sibling(mine=4).url is None  # c: within the margin
+    assert router.lighter_sibling(mine=4, pressed=True).daemon == c  # ...unless this engine is out of room
+    roomy.record.details["kv_cache_usage"] = 0.96  # type: ignore[union-attr]
+    assert router.lighter_sibling(mine=9, pressed=True).url is None  # no sibling has room: it stays
+
+
 def test_a_full_front_door_sends_to_the_lightest_sibling_with_a_free_slot() -> None:
     b, c, d = "decode-worker@b", "decode-worker@c", "decode-worker@d"
     views = [sibling_view(b, 4), sibling_view(c, 2), sibling_view(d, 3)]

@@ -49,7 +49,7 @@ class Prefills:
         name = next(iter(self.siblings))
         return PrefillChoice(url=self.siblings[name], daemon=name)
 
-    def lighter_sibling(self, mine: int) -> PrefillChoice:
+    def lighter_sibling(self, mine: int, pressed: bool = False) -> PrefillChoice:
         if not self.lighter or not self.siblings:
             return PrefillChoice(skip="balanced")
         name = next(iter(self.siblings))

@@ -33,6 +33,17 @@ def test_engine_load_sums_requests_and_tokens() -> None:
     assert engine_load("") == EngineLoad(0.0, 0.0)
 
 
+def test_engine_load_reads_the_engine_s_own_room() -> None:
+    """Requests queued for room (not those waiting for their KV: "deferred") and KV-cache use; either out of room
+    makes the engine pressed (it takes nothing by load)."""
+    load = engine_load(VLLM_METRICS)
+    assert (load.queued, load.kv_usage, load.pressed) == (0.0, None, False)  # 2 deferred: waiting for KV, not room
+    full = VLLM_METRICS + 'vllm:kv_cache_usage_perc{engine="0",model_name="m"} 0.97\n'
+    assert engine_load(full).kv_usage == 0.97 and engine_load(full).pressed
+    queued = VLLM_METRICS + 'vllm:num_requests_waiting_by_reason{engine="0",model_name="m",reason="capacity"} 3.0\n'
+    assert engine_load(queued).queued == 3.0 and engine_load(queued).pressed
+
+
 def test_busy_engine_that_computes_is_never_wedged() -> None:
     d = StallDetector(timeout_s=10)
     for t in range(0, 100, 2):
