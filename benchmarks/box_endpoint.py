@@ -220,10 +220,45 @@ def write(out: Path, row: dict[str, Any]) -> None:
     print(json.dumps(row, default=str), flush=True)
 
 
+def report(jsonl: Path, png: Path | None) -> str:
+    """The sweep rows of ``jsonl`` as a markdown table (and goodput, TTFT p50 and p99 against rate in ``png``)."""
+    rows = [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()]
+    points = [r for r in rows if r.get("step") in ("sweep", "single") and "completed" in r]
+    out = ["| engines, routing | rate (req/s) | served / failed | goodput (req/s) | TTFT p50 / p99 (ms) | "
+           "TPOT p50 (ms) | moved to a sibling |", "|---|---|---|---|---|---|---|"]
+    for r in sorted(points, key=lambda r: (r["label"], r["rate"])):
+        moved = ", ".join(f"{v:.0f} {k}" for k, v in r.get("relayed", {}).items()) or "0"
+        out.append(f"| {r['label']} | {r['rate']:g} | {r['completed']} / {r['failed']} | "
+                   f"{r['request_goodput'] or 0:.2f} | {r['median_ttft_ms']:.0f} / {r['p99_ttft_ms']:.0f} | "
+                   f"{r['median_tpot_ms']:.1f} | {moved} |")
+    if png is not None and points:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, axes = plt.subplots(1, 3, figsize=(16, 4.2))
+        for i, label in enumerate(sorted({r["label"] for r in points})):
+            mine = sorted((r for r in points if r["label"] == label), key=lambda r: r["rate"])
+            rates = [r["rate"] for r in mine]
+            for ax, key in zip(axes, ("request_goodput", "median_ttft_ms", "p99_ttft_ms"), strict=True):
+                ax.plot(rates, [r[key] or 0 for r in mine], marker="o", color=f"C{i}", label=label)
+        for ax, title in zip(axes, ("goodput (req/s)", "TTFT p50 (ms)", "TTFT p99 (ms)"), strict=True):
+            ax.set_xlabel("offered rate (req/s)")
+            ax.set_title(title)
+            ax.grid(alpha=0.3)
+        axes[0].legend()
+        fig.tight_layout()
+        fig.savefig(png, dpi=110)
+    return "\n".join(out)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", type=Path, required=True)
-    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--report", type=Path, help="print the table of this endpoint.jsonl (and --png) and exit")
+    ap.add_argument("--png", type=Path)
+    ap.add_argument("--config", type=Path)
+    ap.add_argument("--out", type=Path)
     ap.add_argument("--plan", default="sweep:4/8/16,chat:16/6,single:4/8/16")
     ap.add_argument("--in-tokens", type=int, default=4500, help="random dataset: mean prompt length")
     ap.add_argument("--out-tokens", type=int, default=256, help="random dataset: mean answer length")
@@ -239,6 +274,11 @@ def main() -> int:
     ap.add_argument("--vocab", type=int, default=0, help="chat prompts' token ids are drawn below this (default: "
                     "the model's vocab_size, less the 100 first ids)")
     args = ap.parse_args()
+    if args.report is not None:
+        print(report(args.report, args.png))
+        return 0
+    if args.config is None or args.out is None:
+        ap.error("--config and --out are required (or --report)")
     args.out.mkdir(parents=True, exist_ok=True)
     box = Box(args.config, load_config(args.config))
     vocab = args.vocab or json.loads((box.config.model.path / "config.json").read_text())["vocab_size"]

@@ -20,7 +20,7 @@ if [ "${FOLLOW:-0}" != 1 ]; then
   PLAN=${PLAN:-"sweep:6/12/18/24,chat:16/6,single:6/12/18"}
   cat > /tmp/gpu-run.sh <<RUN
 cd /tmp/proj; export PYTHONPATH=$PYTHONPATH PATH=$PATH PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-python3 -m benchmarks.box_endpoint --config $CFG --out /tmp/gpu-out --plan "$PLAN" --duration ${DUR:-30} \
+python3 -m benchmarks.box_endpoint --config $CFG --out /tmp/gpu-out --plan "$PLAN" --duration ${DUR:-20} \
   ${BENCH_ARGS:-} > /tmp/gpu-out/plan.log 2>&1
 echo "plan exit \$?" >> /tmp/gpu-out/plan.log
 touch /tmp/gpu-out/DONE
