@@ -410,7 +410,9 @@ class KVPathConfig(_Section):
         "(then it says how many are).",
     )
     canary_interval_s: PositiveFloat = Field(
-        default=15.0, description="decode-worker sends a canary prompt through the whole path this often.")
+        default=15.0, description="decode-worker sends a canary prompt through the whole path this often: through "
+        "one prefill-worker in turn (each is checked every N intervals with N of them), through every one at start, "
+        "when asked for (a request's KV went missing, LMCache or a prefill-worker came back) and while one fails.")
     canary_timeout_s: PositiveFloat = Field(
         default=30.0, description="Deadline of each hop of one canary (prefill call, decode call).")
     canary_min_spacing_s: float = Field(

@@ -105,6 +105,7 @@ class DecodeWorker(EngineDaemon):
         self._progress_at_first_failure: float | None = None
         self._canary_task: asyncio.Task[None] | None = None
         self.canaries_started = 0
+        self._canary_turn = 0  # the prefill-worker next in turn for a quiet round's canary
         self._fatal: str | None = None
         self.engine_serving = False  # the decode engine is up and was healthy since its (re)start
         self._reload_task: asyncio.Task[None] | None = None
@@ -238,11 +239,20 @@ class DecodeWorker(EngineDaemon):
                      "decode-workers that bound it; none holds it across restarts)", host, port)
         return sock
 
-    async def run_canaries(self) -> None:
-        """One canary through each ready prefill-worker; the results feed state and routing."""
-        for view in self.router.ready_prefills():
-            if view.record is None:
-                continue
+    async def run_canaries(self, every: bool = True) -> None:
+        """Canaries through the ready prefill-workers; the results feed state and routing.
+
+        ``every``: one through each (at start, when asked for, while any fails). Otherwise, on the quiet schedule,
+        one through each prefill-worker not checked yet and else one through the next in turn: each of M
+        decode-workers sends one canary an interval, not one per prefill-worker (M x N), so each path is checked
+        every N intervals, and this decode engine's side every interval."""
+        ready = [view for view in self.router.ready_prefills() if view.record is not None]
+        if not every and ready:
+            unchecked = [view for view in ready if view.daemon not in self.router.canary_results]
+            ready = unchecked or [ready[self._canary_turn % len(ready)]]
+            self._canary_turn += not unchecked
+        for view in ready:
+            assert view.record is not None
             result = await self.canary.run(f"http://{view.record.endpoint}")
             self.router.record_canary(view.daemon, self._blame_p2p(view.daemon, result))
         self.router.forget_unready()
@@ -268,8 +278,9 @@ class DecodeWorker(EngineDaemon):
             failing = any(not r.ok for r in self.router.canary_results.values())
             try:
                 await asyncio.wait_for(check_now.wait(), min(interval, CANARY_RETRY_S) if failing else interval)
+                asked = True
             except TimeoutError:
-                pass
+                asked = False
             gap = last + spacing - time.monotonic()
             if gap > 0:  # asked for again too soon: the asks until then are merged into one canary
                 await asyncio.sleep(gap)
@@ -279,7 +290,7 @@ class DecodeWorker(EngineDaemon):
             last = time.monotonic()
             self.canaries_started += 1
             try:
-                await self.run_canaries()
+                await self.run_canaries(every=asked or failing or self.canaries_started == 1)
                 await self._judge_decode_side()
             except Exception:  # noqa: BLE001 - the canary must not die with one bad round
                 log.exception("canary round failed")

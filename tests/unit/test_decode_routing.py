@@ -330,7 +330,7 @@ def test_canaries_asked_for_in_a_burst_are_paced_by_the_minimum_spacing(worker: 
     """Every recomputed request and decode timeout asks for a canary; 40 asks within a second make at most
     two canaries at canary_min_spacing_s 0.5 (the first at once, the rest merged), not 40."""
     async def scenario() -> tuple[int, float]:
-        async def fake_round() -> None:
+        async def fake_round(every: bool = True) -> None:
             worker.router.canary_results = {P0: ok(), P1: ok()}
 
         worker.run_canaries = fake_round  # type: ignore[method-assign]
@@ -568,3 +568,28 @@ def test_a_decode_worker_publishes_the_requests_on_its_engine(worker: DecodeWork
     worker._update_state()
     assert worker.details["in_progress"] == 2
     assert worker.details["capacity"] == worker.front_door.settings.max_concurrent_requests
+
+
+def test_quiet_canary_rounds_take_the_prefill_workers_in_turn(worker: DecodeWorker) -> None:
+    """Not M x N canaries an interval: a quiet round checks one prefill-worker in turn (an unchecked one first);
+    a round asked for, or while one fails, checks every one."""
+    sent: list[str] = []
+
+    class Canary:
+        async def run(self, url: str) -> CanaryResult:
+            sent.append(url)
+            return ok()
+
+    worker.canary = Canary()  # type: ignore[assignment]
+
+    def round_(every: bool) -> list[str]:
+        sent.clear()
+        asyncio.run(worker.run_canaries(every=every))
+        return list(sent)
+
+    p0, p1 = "http://127.0.0.1:8100", "http://127.0.0.1:8110"
+    assert round_(every=False) == [p0, p1]  # neither checked yet
+    assert [round_(every=False) for _ in range(4)] == [[p0], [p1], [p0], [p1]]
+    assert round_(every=True) == [p0, p1]
+    del worker.router.canary_results[P1]  # a new prefill-worker process: unchecked, so next
+    assert round_(every=False) == [p1]
