@@ -17,10 +17,10 @@ if [ "${FOLLOW:-0}" != 1 ]; then
   python3 -c "import vllm.benchmarks.serve" || exit 1
   . benchmarks/gpu/stack.sh
   [ $rc -eq 0 ] || { (cd $LOG && tar -czf $OUT/logs.tgz .); exit 1; }
-  PLAN=${PLAN:-"sweep:6/12/18/24,chat:16/6,single:6/12/18"}
+  PLAN=${PLAN:-"sweep:8/16/24/32,chat:12/5,single:8/16/24"}
   cat > /tmp/gpu-run.sh <<RUN
 cd /tmp/proj; export PYTHONPATH=$PYTHONPATH PATH=$PATH PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-python3 -m benchmarks.box_endpoint --config $CFG --out /tmp/gpu-out --plan "$PLAN" --duration ${DUR:-20} \
+python3 -m benchmarks.box_endpoint --config $CFG --out /tmp/gpu-out --plan "$PLAN" --duration ${DUR:-15} \
   ${BENCH_ARGS:-} > /tmp/gpu-out/plan.log 2>&1
 echo "plan exit \$?" >> /tmp/gpu-out/plan.log
 touch /tmp/gpu-out/DONE
