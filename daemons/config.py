@@ -286,7 +286,8 @@ class DecodeWorkerConfig(WorkerConfig):
     )
     first_token_timeout_s: PositiveFloat = Field(
         default=120.0, description="A streamed request whose decode engine sends no first token in this "
-        "long fails with 503 + Retry-After.")
+        "long fails over to a prefill engine (nothing reached the client yet; a sibling's or a prefill engine's "
+        "stream that late fails with 503 + Retry-After).")
     request_timeout_s: PositiveFloat = Field(
         default=600.0, description="A non-streamed request whose decode engine has not answered in this "
         "long fails with 503 + Retry-After.")

@@ -19,9 +19,11 @@ LMCache held every full chunk) and ``disagg_request_paths_total`` counts the
 truth once the stream's usage arrives.
 
 Deadlines: a non-streamed request whose decode engine has not answered within
-``request_timeout_s``, or a streamed one with no first token within
-``first_token_timeout_s``, fails with 503 and ``Retry-After`` (counted as
-``decode_timeout``); closing the engine connection aborts it there.
+``request_timeout_s`` fails with 503 and ``Retry-After`` (counted as
+``decode_timeout``); a streamed one with no first token within
+``first_token_timeout_s`` (counted the same) fails over to a prefill engine
+when it was on this front door's own decode engine (nothing reached the client
+yet), else 503. Closing the engine connection aborts it there.
 """
 
 from __future__ import annotations
@@ -463,6 +465,17 @@ class FrontDoor:
         self.router.kv_missed("decode_timeout")
         return unavailable(f"decode engine: {what}")
 
+    def _no_first_token(self, outcome: PrefillOutcome, request_id: str) -> Response:
+        """A stream's engine sent no first token in time. Nothing has reached the client: on this front door's own
+        decode engine (wedged, or stuck on a KV store that went away) the request fails over like one the engine
+        refused (:class:`DecodeFailed`); elsewhere (a prefill engine serving it whole, a sibling) it is a 503."""
+        what = f"no first token within {self.settings.first_token_timeout_s:g}s"
+        if outcome.engine_url:
+            return self._decode_timeout(what, request_id)
+        self.metrics.errors.labels(kind="decode_timeout").inc()
+        self.router.kv_missed("decode_timeout")
+        raise DecodeFailed(f"decode engine: {what}")
+
     async def _complete(self, route: str, body: dict[str, Any], request_id: str, outcome: PrefillOutcome,
                         timing: Timing) -> Response:
         engine_url = outcome.engine_url or self.engine_url
@@ -530,7 +543,7 @@ class FrontDoor:
                 headers=self._outcome_headers(outcome, request_id),
             ), self.settings.first_token_timeout_s)
         except TimeoutError:
-            return self._decode_timeout(f"no first token within {self.settings.first_token_timeout_s:.0f}s", request_id)
+            return self._no_first_token(outcome, request_id)
         except UpstreamError as exc:
             return self._engine_unavailable(outcome, exc)
         if upstream.status_code != 200:
@@ -550,7 +563,7 @@ class FrontDoor:
             first_event = await asyncio.wait_for(anext(events), max(0.0, deadline - time.monotonic()))
         except TimeoutError:
             await upstream.aclose()
-            return self._decode_timeout(f"no first token within {self.settings.first_token_timeout_s:.0f}s", request_id)
+            return self._no_first_token(outcome, request_id)
         except StopAsyncIteration:
             first_event = None
         except UpstreamError as exc:
@@ -568,8 +581,7 @@ class FrontDoor:
                 await upstream.aclose()
                 if isinstance(exc, UpstreamError):
                     return self._engine_unavailable(outcome, exc)
-                return self._decode_timeout(f"no first token within {self.settings.first_token_timeout_s:.0f}s",
-                                            request_id)
+                return self._no_first_token(outcome, request_id)
             except asyncio.CancelledError:
                 await upstream.aclose()
                 raise

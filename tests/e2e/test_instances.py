@@ -31,6 +31,9 @@ from .conftest import PORTS, ctl, words_prompt, write_config
 OFFSET = 3000  # ports 21000-22112: below the ephemeral range (32768+), where vLLM binds random ports
 DECODE, SIBLING = "decode-worker@a", "decode-worker@b"
 SHARED_PORT = PORTS["decode_worker"]["port"] + OFFSET + 20  # the box's one endpoint
+# A held stream's length: ~150 s on two CI cores, three times what the longest test holding them runs (its premise,
+# requests in progress on one engine, is not a matter of timing: the test checks it held to the end).
+STREAM_TOKENS = 12000
 log = logging.getLogger(__name__)
 
 
@@ -46,12 +49,15 @@ def two_prefills(tmp_path_factory, model_dir):
     # Short prompts under load go whole to the less busy side (test_short_prompts_under_load_...): here
     # "under load" is any other request in progress.
     dw = ports["decode_worker"]
+    # Streams long enough to outlast any test here (STREAM_TOKENS), whatever the machine's speed: room for them in
+    # the model's length, the front door's bound and the decode engines' KV cache (4 x 12.6k tokens, 8 KiB each).
     ports["decode_worker"] = {"balance_short_prompts": True, "short_prompt_max_in_flight": 0,
+                              "max_output_tokens": STREAM_TOKENS, "kv_cache_memory_bytes": 1 << 30,
                               "shared_port": SHARED_PORT, "instances": {
         "a": dw,
         "b": {"port": dw["port"] + 10, "engine_port": dw["engine_port"] + 10, "metrics_port": dw["metrics_port"] + 10},
     }}
-    config = write_config(d, **ports)
+    config = write_config(d, model={"max_model_len": 16384}, **ports)
     # (issue 31) `disaggctl up` with instances exited 78: the shipped supervisord config had no program for one.
     proc = ctl(config, "up")
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -205,9 +211,8 @@ def test_the_box_s_endpoint_sends_requests_to_the_decode_engine_with_fewer_in_pr
     with httpx.Client(timeout=180, trust_env=False) as client, contextlib.ExitStack() as streams:
         readers = []
         for i in range(4):
-            # 606 prompt tokens + the most a request may ask (max_output_tokens, 4,096): ~50 s in CI, in progress for
-            # the whole test.
-            body = {"model": cfg.model.name, "prompt": words_prompt(900 + i, 600), "max_tokens": 4096,
+            # 606 prompt tokens + STREAM_TOKENS: in progress for the whole test.
+            body = {"model": cfg.model.name, "prompt": words_prompt(900 + i, 600), "max_tokens": STREAM_TOKENS,
                     "ignore_eos": True, "stream": True}
             resp = streams.enter_context(client.stream("POST", f"{own}/v1/completions", json=body))
             assert resp.status_code == 200 and resp.headers["x-disagg-path"] == "disaggregated", resp.read()
@@ -244,6 +249,7 @@ def test_the_box_s_endpoint_sends_requests_to_the_decode_engine_with_fewer_in_pr
         # b's record says its engine is free before it is stopped: a stopped daemon's record stays as it was, and
         # a judges b by it (a record caught with one request in progress would keep the third request at a).
         _wait("b publishing no request in progress", lambda: published_load(runtime, SIBLING) == 0, 60)
+        assert published_load(runtime, DECODE) == 4, "a's four streams ended before the test did (STREAM_TOKENS)"
         b = read_state(runtime, SIBLING).pid  # type: ignore[union-attr]
         os.kill(b, signal.SIGSTOP)
         try:
@@ -256,7 +262,7 @@ def test_the_box_s_endpoint_sends_requests_to_the_decode_engine_with_fewer_in_pr
                     "temperature": 0.0}, headers={"connection": "close"}) for i in range(3)]
                 try:
                     _wait("a passing the three to b", lambda: door_paths(metrics_a)["load"] - before_a["load"] == 3,
-                          30)
+                          120)
                 finally:
                     os.kill(b, signal.SIGCONT)  # before the pool waits for answers that need b
                 answers = [f.result(timeout=180) for f in sent]
@@ -267,6 +273,7 @@ def test_the_box_s_endpoint_sends_requests_to_the_decode_engine_with_fewer_in_pr
             assert r.json()["usage"]["prompt_tokens_details"]["cached_tokens"] > 0, r.json()
         after_a = door_paths(metrics_a)
         assert after_a["sibling"] - before_a["sibling"] == 3 and after_a["load"] - before_a["load"] == 3
+        assert published_load(runtime, DECODE) == 4, "a's four streams ended before the test did (STREAM_TOKENS)"
 
 
 def door_paths(metrics_port: int) -> Counter[str]:

@@ -95,6 +95,8 @@ class FakeStream:
         return self._response.content
 
     async def events(self) -> AsyncIterator[str]:
+        if not self._response.is_stream_consumed and not hasattr(self._response, "_content"):
+            await self._response.aread()  # a handler's streamed body (one that stalls: a wedged engine)
         text = self._response.text
         *events, rest = text.split("\n\n")
         for event in events:

@@ -142,6 +142,32 @@ def test_a_decode_call_that_fails_before_any_answer_is_served_by_a_prefill_engin
     assert paths(metrics, "failover") == 1 and door.placement.failovers == 0 and door.admission.active == 0
 
 
+@pytest.mark.parametrize("stalls", ["headers", "first_event"])
+def test_a_stream_whose_decode_engine_sends_no_first_token_in_time_is_served_by_a_prefill_engine(stalls: str) -> None:
+    """A decode engine that holds a stream and sends nothing (wedged: the fault matrix saw one restarted in place
+    while LMCache was stopped) was a 503 at first_token_timeout_s; nothing has reached the client yet, so the
+    request fails over like one whose engine refused it."""
+    async def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.host != "engine":
+            return engine_answer(request)
+        if stalls == "headers":
+            await asyncio.sleep(3600)
+
+        async def nothing() -> Any:
+            await asyncio.sleep(3600)
+            yield b""
+
+        return httpx.Response(200, content=nothing(), headers={"content-type": "text/event-stream"})
+
+    door, metrics, seen = door_with(handler, first_token_timeout_s=0.2)
+    resp = asyncio.run(post(door, True))
+    assert resp.status_code == 200 and resp.headers["x-disagg-path"] == "failover", resp.text
+    assert "x" in resp.text
+    assert seen == ["engine/v1/completions", "p0/whole/v1/completions"]
+    assert metrics.errors.labels(kind="decode_timeout")._value.get() == 1
+    assert paths(metrics, "failover") == 1 and door.placement.failovers == 0 and door.admission.active == 0
+
+
 def test_with_no_prefill_worker_ready_it_is_503_with_retry_after() -> None:
     door, metrics, seen = door_with(engine_answer, down="loading", ready=0)
     resp = asyncio.run(post(door, False))
