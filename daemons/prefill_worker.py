@@ -238,12 +238,14 @@ class PrefillWorker(EngineDaemon):
             try:
                 resp = await unless_disconnected(request, self.proxy.post(
                     f"{self.engine_url}{route}", as_prefill(body, chat=route.endswith("/chat/completions")),
-                    headers={"x-request-id": request_id},
+                    headers={"x-request-id": request_id}, orphan=True,
                 ))
             except ClientGone:
-                # The front door gave up (its prefill deadline) or its client left: the engine's
-                # request was aborted with our connection to it.
-                log.info("[%s] caller went away after %.1fs: prefill aborted", request_id, time.monotonic() - t0)
+                # The front door gave up (its prefill deadline) or its client left. The engine's request is not
+                # aborted: it runs to its end unseen (an abort while the engine loads KV from LMCache kills the
+                # engine: daemons/edge/upstream.py), and its KV still reaches LMCache.
+                log.info("[%s] caller went away after %.1fs: the engine finishes the prefill for nobody", request_id,
+                         time.monotonic() - t0)
                 self.prefill_metrics.requests.labels(status="499").inc()
                 return Response(status_code=499)
             except UpstreamError as exc:
@@ -281,10 +283,11 @@ class PrefillWorker(EngineDaemon):
             url, headers = f"{self.engine_url}{route}", {"x-request-id": request_id}
             try:
                 if not streamed:
-                    resp = await unless_disconnected(request, self.proxy.post(url, raw, headers=headers))
+                    resp = await unless_disconnected(request, self.proxy.post(url, raw, headers=headers, orphan=True))
                     count.labels(status=str(resp.status_code)).inc()
                     return Response(resp.content, status_code=resp.status_code, media_type="application/json")
-                upstream = await unless_disconnected(request, self.proxy.stream(url, raw, headers=headers))
+                upstream = await unless_disconnected(request, self.proxy.stream(url, raw, headers=headers,
+                                                                                 orphan=True))
             except ClientGone:
                 count.labels(status="499").inc()
                 return Response(status_code=499)
@@ -305,7 +308,7 @@ class PrefillWorker(EngineDaemon):
                     log.warning("[%s] engine stream broke: %s", request_id, exc)
                     yield f"data: {BROKEN_STREAM_EVENT}\n\n".encode()
                 finally:
-                    await upstream.aclose()  # a caller gone mid-stream: the engine aborts the request
+                    await upstream.aclose()  # a caller gone mid-stream: the engine aborts the request (once it streams)
 
             return ClosingStreamingResponse(relay(), upstream.aclose, headers={"cache-control": "no-cache"})
 

@@ -486,6 +486,7 @@ class FrontDoor:
         try:
             resp = await asyncio.wait_for(self.client.post(
                 f"{engine_url}{route}", sent, headers=self._outcome_headers(outcome, request_id),
+                orphan=not outcome.engine_url,  # this worker's own engine: never aborted before it answers
             ), self.settings.request_timeout_s)
         except TimeoutError:
             return self._decode_timeout(f"no answer within {self.settings.request_timeout_s:.0f}s", request_id)
@@ -540,7 +541,7 @@ class FrontDoor:
         try:
             upstream: Stream = await asyncio.wait_for(self.client.stream(
                 f"{outcome.engine_url or self.engine_url}{route}", upstream_body,
-                headers=self._outcome_headers(outcome, request_id),
+                headers=self._outcome_headers(outcome, request_id), orphan=not outcome.engine_url,
             ), self.settings.first_token_timeout_s)
         except TimeoutError:
             return self._no_first_token(outcome, request_id)

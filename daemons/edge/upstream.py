@@ -8,15 +8,31 @@ Probes, peers and canaries stay on httpx: they are few.
 
 Errors come out as two exceptions, so callers need not know the library:
 :class:`UpstreamTimeout` (a deadline passed) and :class:`UpstreamError`
-(refused, reset, broken). Abandoning a call (task cancelled) closes its
-connection instead of returning it to the pool: vLLM aborts a request whose
-connection closes.
+(refused, reset, broken). Abandoning a call (task cancelled, deadline passed,
+stream closed) closes its connection: vLLM aborts a request whose connection
+closes, and our daemons do the same for theirs.
+
+Except a call to an engine (``orphan=True``): abandoned before its answer
+begins, it is not aborted: it runs on unseen (an *orphan*) until the
+engine's first streamed bytes or its whole answer, then its connection closes.
+vLLM aborts a request whose connection closes, and an abort that lands while
+the engine is loading the request's KV from LMCache (WAITING_FOR_REMOTE_KVS)
+kills the engine: LMCache 0.5.3's MP connector then reports the request
+finished twice and vLLM's scheduler asserts (``assert req_id in
+self.requests``; LMCache#4938, #4185, vLLM#46240, unfixed in the pinned
+versions). On the GPU a prefill-worker whose caller's prefill deadline passed
+under overload aborted such a prefill and took its engine down, and LMCache's
+server with it. Once an engine streams, its load is over and an abort is safe:
+a stream closed after its first bytes closes at once. An orphan is closed
+after :data:`ORPHAN_S` whatever it holds.
 """
 
 from __future__ import annotations
 
+import asyncio
 import codecs
 import json
+import logging
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -29,6 +45,11 @@ CONNECT_TIMEOUT_S = 5.0
 # call go out on a connection the server was closing: ServerDisconnectedError, a spurious 503 from
 # prefill-worker (seen on a prefill call sent 5 s after the previous one).
 KEEPALIVE_S = 3.0
+# An abandoned call runs on at most this long (then it is closed, the engine's request aborted): longer than any
+# engine queue a deadline gives up on, short enough that a wedged engine holds no connection for good.
+ORPHAN_S = 600.0
+
+log = logging.getLogger(__name__)
 
 
 class UpstreamError(Exception):
@@ -58,10 +79,12 @@ class Answer:
 class Stream:
     """A streamed answer: ``status_code``, ``headers``, :meth:`events` (server-sent events), :meth:`aclose`."""
 
-    def __init__(self, response: aiohttp.ClientResponse) -> None:
+    def __init__(self, response: aiohttp.ClientResponse, orphans: Orphans | None = None) -> None:
         self._response = response
         self.status_code = response.status
         self.headers: Mapping[str, str] = response.headers
+        self._orphans = orphans
+        self._begun = False  # the engine has sent body bytes: its KV load is over, an abort is safe
 
     async def aread(self) -> bytes:
         try:
@@ -84,6 +107,7 @@ class Stream:
         """The body as it arrives, untouched (a pass-through relay)."""
         try:
             async for chunk in self._response.content.iter_any():
+                self._begun = True
                 yield chunk
         except (TimeoutError, aiohttp.ClientError) as exc:
             raise UpstreamError(repr(exc)) from exc
@@ -95,6 +119,7 @@ class Stream:
         decoder = codecs.getincrementaldecoder("utf-8")("replace")  # a character may span two chunks
         try:
             async for chunk in self._response.content.iter_any():
+                self._begun = True
                 buffer += decoder.decode(chunk)
                 while "\n\n" in buffer:
                     event, buffer = buffer.split("\n\n", 1)
@@ -105,9 +130,49 @@ class Stream:
             raise UpstreamError(f"stream ended inside an event ({len(buffer)} bytes)")
 
     async def aclose(self) -> None:
-        """Done with it: an unfinished stream's connection is closed (the engine aborts the request)."""
-        if not self._response.closed:
+        """Done with it: an unfinished stream's connection is closed (the engine aborts the request), once the
+        engine has begun to send (before that the stream is an orphan until it does: the module's docstring)."""
+        if self._response.closed:
+            return
+        if self._begun or self._orphans is None:
             self._response.close()
+            return
+        self._orphans.adopt(self._until_begun(), "stream")
+
+    async def _until_begun(self) -> None:
+        try:
+            await self._response.content.readany()
+        finally:
+            self._response.close()
+
+
+class Orphans:
+    """Abandoned engine calls, running on until their engine has begun to answer (at most :data:`ORPHAN_S`)."""
+
+    def __init__(self) -> None:
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.adopted = 0  # since start: how often a caller walked away before its engine answered
+
+    def adopt(self, work: Any, what: str) -> None:
+        async def bounded() -> None:
+            try:
+                await asyncio.wait_for(work, ORPHAN_S)
+            except TimeoutError:
+                log.warning("an abandoned %s call had no answer after %.0fs: closed (its engine aborts it)", what,
+                            ORPHAN_S)
+            except (UpstreamError, aiohttp.ClientError, OSError):
+                pass  # the engine side went away on its own: nothing left to abort
+
+        self.adopted += 1
+        task = asyncio.get_running_loop().create_task(bounded())
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def aclose(self) -> None:
+        """Shutdown: every orphan is closed now (the engines abort what they hold)."""
+        for task in list(self.tasks):
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
 
 
 class Upstream:
@@ -120,6 +185,7 @@ class Upstream:
     def __init__(self, headers: Mapping[str, str] | None = None) -> None:
         self.headers = dict(headers or {})  # on every call (across hosts: the cluster's secret)
         self._session: aiohttp.ClientSession | None = None
+        self.orphans = Orphans()
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -131,39 +197,74 @@ class Upstream:
         return self._session
 
     async def post(self, url: str, body: bytes | dict[str, Any], *, headers: Mapping[str, str] | None = None,
-                   timeout_s: float | None = None) -> Answer:
-        """POST a JSON body and read the whole answer; ``timeout_s`` bounds the whole call (None: no bound)."""
-        return await self._call("POST", url, body, headers, timeout_s)
+                   timeout_s: float | None = None, orphan: bool = False) -> Answer:
+        """POST a JSON body and read the whole answer; ``timeout_s`` bounds the wait (None: no bound); ``orphan``:
+        a call to an engine, which runs on when abandoned (the module's docstring)."""
+        return await self._call("POST", url, body, headers, timeout_s, orphan)
 
     async def get(self, url: str, *, timeout_s: float | None = None) -> Answer:
-        return await self._call("GET", url, None, None, timeout_s)
+        return await self._call("GET", url, None, None, timeout_s, False)
 
     async def _call(self, method: str, url: str, body: bytes | dict[str, Any] | None,
-                    headers: Mapping[str, str] | None, timeout_s: float | None) -> Answer:
-        timeout = aiohttp.ClientTimeout(total=timeout_s, connect=CONNECT_TIMEOUT_S)
+                    headers: Mapping[str, str] | None, timeout_s: float | None, orphan: bool) -> Answer:
+        if not orphan:
+            try:
+                return await asyncio.wait_for(self._answer(method, url, body, headers), timeout_s)
+            except TimeoutError as exc:
+                raise UpstreamTimeout(f"no answer within {timeout_s}s") from exc
+        call = asyncio.ensure_future(self._answer(method, url, body, headers))
+        try:
+            return await asyncio.wait_for(asyncio.shield(call), timeout_s)
+        except TimeoutError as exc:
+            self.orphans.adopt(call, method)
+            raise UpstreamTimeout(f"no answer within {timeout_s}s") from exc
+        except asyncio.CancelledError:
+            self.orphans.adopt(call, method)
+            raise
+
+    async def _answer(self, method: str, url: str, body: bytes | dict[str, Any] | None,
+                      headers: Mapping[str, str] | None) -> Answer:
+        timeout = aiohttp.ClientTimeout(total=None, connect=CONNECT_TIMEOUT_S)
         data, hdrs = _encode(body, headers)
         try:
             async with self.session.request(method, url, data=data, headers=hdrs, timeout=timeout) as resp:
                 return Answer(resp.status, resp.headers, await resp.read())
         except TimeoutError as exc:
-            raise UpstreamTimeout(f"no answer within {timeout_s}s") from exc
+            raise UpstreamTimeout("no connection") from exc
         except aiohttp.ClientError as exc:
             raise UpstreamError(repr(exc)) from exc
 
     async def stream(self, url: str, body: bytes | dict[str, Any], *,
-                     headers: Mapping[str, str] | None = None) -> Stream:
-        """POST and return as soon as the answer's headers are in (no deadline on the body: the caller's)."""
+                     headers: Mapping[str, str] | None = None, orphan: bool = False) -> Stream:
+        """POST and return as soon as the answer's headers are in (no deadline on the body: the caller's);
+        ``orphan``: a call to an engine, which runs on when abandoned before it streams (the module's docstring)."""
+        if not orphan:
+            return Stream(await self._open(url, body, headers))
+        call = asyncio.ensure_future(self._open(url, body, headers))
+        try:
+            resp = await asyncio.shield(call)
+        except asyncio.CancelledError:
+            self.orphans.adopt(self._until_begun(call), "stream")
+            raise
+        return Stream(resp, self.orphans)
+
+    async def _open(self, url: str, body: bytes | dict[str, Any], headers: Mapping[str, str] | None
+                    ) -> aiohttp.ClientResponse:
         data, hdrs = _encode(body, headers)
         try:
-            resp = await self.session.post(url, data=data, headers=hdrs,
+            return await self.session.post(url, data=data, headers=hdrs,
                                            timeout=aiohttp.ClientTimeout(total=None, connect=CONNECT_TIMEOUT_S))
         except TimeoutError as exc:
             raise UpstreamTimeout("no connection") from exc
         except aiohttp.ClientError as exc:
             raise UpstreamError(repr(exc)) from exc
-        return Stream(resp)
+
+    @staticmethod
+    async def _until_begun(call: asyncio.Future[aiohttp.ClientResponse]) -> None:
+        await Stream(await call)._until_begun()
 
     async def aclose(self) -> None:
+        await self.orphans.aclose()
         if self._session is not None:
             await self._session.close()
 

@@ -116,6 +116,7 @@ class FakeUpstream:
     def __init__(self, handler: Callable[[httpx.Request], Any]) -> None:
         self.handler = handler
         self.requests: list[httpx.Request] = []
+        self.orphaned: list[str] = []  # the calls made as engine calls (run on when abandoned: edge/upstream.py)
 
     async def _respond(self, method: str, url: str, body: bytes | dict[str, Any] | None,
                        headers: Mapping[str, str] | None, timeout_s: float | None) -> httpx.Response:
@@ -135,7 +136,9 @@ class FakeUpstream:
             raise UpstreamError(repr(exc)) from exc
 
     async def post(self, url: str, body: bytes | dict[str, Any], *, headers: Mapping[str, str] | None = None,
-                   timeout_s: float | None = None) -> Answer:
+                   timeout_s: float | None = None, orphan: bool = False) -> Answer:
+        if orphan:
+            self.orphaned.append(url)
         resp = await self._respond("POST", url, body, headers, timeout_s)
         return Answer(resp.status_code, resp.headers, resp.content)
 
@@ -144,7 +147,9 @@ class FakeUpstream:
         return Answer(resp.status_code, resp.headers, resp.content)
 
     async def stream(self, url: str, body: bytes | dict[str, Any], *,
-                     headers: Mapping[str, str] | None = None) -> FakeStream:
+                     headers: Mapping[str, str] | None = None, orphan: bool = False) -> FakeStream:
+        if orphan:
+            self.orphaned.append(url)
         return FakeStream(await self._respond("POST", url, body, headers, None))
 
     async def aclose(self) -> None:

@@ -168,6 +168,22 @@ def test_a_stream_whose_decode_engine_sends_no_first_token_in_time_is_served_by_
     assert paths(metrics, "failover") == 1 and door.placement.failovers == 0 and door.admission.active == 0
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_only_calls_to_the_own_decode_engine_run_on_when_abandoned(stream: bool) -> None:
+    """An abort while an engine loads KV from LMCache kills it (daemons/edge/upstream.py): the front door's calls
+    to its own engine are made as engine calls; those to a prefill-worker's /whole route are not (prefill-worker
+    guards its own engine), so an abandoned one closes at once there."""
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.host == "engine":
+            return httpx.Response(500, json={"error": {"message": "EngineDeadError"}})
+        return engine_answer(request)
+
+    door, _metrics, seen = door_with(handler)
+    resp = asyncio.run(post(door, stream))
+    assert resp.status_code == 200 and seen == ["engine/v1/completions", "p0/whole/v1/completions"]
+    assert door.client.orphaned == ["http://engine/v1/completions"]  # type: ignore[attr-defined]
+
+
 def test_with_no_prefill_worker_ready_it_is_503_with_retry_after() -> None:
     door, metrics, seen = door_with(engine_answer, down="loading", ready=0)
     resp = asyncio.run(post(door, False))
