@@ -120,6 +120,7 @@ class DecodeWorker(EngineDaemon):
         self.http.headers.update(across)
         self.peers.remote_headers = across
         self.upstream = Upstream(headers=across)  # the proxied calls' own pool (probes use httpx); admission bounds it
+        self.canary.engine = self.upstream  # the canary's decode call is an engine call (never aborted while loading)
         self.front_door = FrontDoor(
             FrontDoorSettings.from_config(w, self.engine_url),
             client=self.upstream, metrics=self.front_metrics, router=self.router, health=self._health, keys=self.keys,

@@ -30,6 +30,7 @@ from typing import Any
 
 import httpx
 
+from daemons.edge.upstream import Answer, Upstream, UpstreamError, UpstreamTimeout
 from daemons.kv import crosscheck
 
 HOPS = {
@@ -79,8 +80,12 @@ def canary_prompt(rng: random.Random, vocab: list[int], chunk_size: int) -> list
 
 class PathCanary:
     def __init__(self, *, client: httpx.AsyncClient, model: str, vocab: list[int], chunk_size: int,
-                 decode_url: str, timeout_s: float, crosscheck_tolerance: float | None = None) -> None:
+                 decode_url: str, timeout_s: float, crosscheck_tolerance: float | None = None,
+                 engine: Upstream | None = None) -> None:
         self.client = client
+        # The decode engine's call, when given: made as an engine call (run on, not aborted, past the canary's
+        # deadline: an abort while the engine loads the canary's KV from LMCache kills it; edge/upstream.py).
+        self.engine = engine
         self.model = model
         self.vocab = vocab
         self.chunk_size = chunk_size
@@ -114,7 +119,7 @@ class PathCanary:
         first = crosscheck.parse_first_token_header(resp.headers.get(crosscheck.HEADER))
         check = first is not None and self.crosscheck_tolerance is not None
         decode_body = {**body, **crosscheck.decode_fields(body, chat=False)} if check else body
-        resp, why = await self._post(f"{self.decode_url}/v1/completions", decode_body, headers)
+        resp, why = await self._post(f"{self.decode_url}/v1/completions", decode_body, headers, engine=True)
         if resp is None:
             return fail("decode_engine", why, stored=stored)
         answer = _json(resp)
@@ -129,8 +134,20 @@ class PathCanary:
         return CanaryResult(True, "", "", expected, stored, cached, time.monotonic() - t0)
 
 
-    async def _post(self, url: str, body: dict[str, Any], headers: dict[str, str]) -> tuple[httpx.Response | None, str]:
-        """(the 200 answer, "") or (None, why not) within the canary's deadline."""
+    async def _post(self, url: str, body: dict[str, Any], headers: dict[str, str],
+                    engine: bool = False) -> tuple[httpx.Response | Answer | None, str]:
+        """(the 200 answer, "") or (None, why not) within the canary's deadline; ``engine``: the call goes to the
+        decode engine."""
+        if engine and self.engine is not None:
+            try:
+                answer = await self.engine.post(url, body, headers=headers, timeout_s=self.timeout_s, orphan=True)
+            except UpstreamTimeout:
+                return None, f"no answer in {self.timeout_s:.0f}s"
+            except UpstreamError as exc:
+                return None, f"engine unreachable: {exc}"
+            if answer.status_code != 200:
+                return None, f"HTTP {answer.status_code}: {answer.text[:120]}"
+            return answer, ""
         try:
             resp = await self.client.post(url, json=body, headers=headers, timeout=self.timeout_s)
         except httpx.TimeoutException:
@@ -142,7 +159,7 @@ class PathCanary:
         return resp, ""
 
 
-def _json(resp: httpx.Response) -> Any:
+def _json(resp: httpx.Response | Answer) -> Any:
     try:
         return resp.json()
     except ValueError:

@@ -166,3 +166,31 @@ def test_an_orphan_is_closed_after_orphan_s(monkeypatch: pytest.MonkeyPatch) -> 
                 await client.aclose()
 
     asyncio.run(scenario())
+
+
+def test_the_canary_s_decode_call_past_its_deadline_runs_on_until_the_engine_answers() -> None:
+    """The decode-side canary loads its prompt's KV from LMCache by design: a canary deadline that closed the call
+    while the engine loaded would kill the engine it checks. It fails (hop decode_engine) and the call runs on."""
+    import httpx
+
+    from daemons.kv.canary import PathCanary
+
+    def prefill_worker(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, json={"choices": []}, headers={"x-disagg-kv-stored-tokens": "256"})
+
+    async def scenario() -> None:
+        async with Engine(stream=False) as engine:
+            client = Upstream()
+            http = httpx.AsyncClient(transport=httpx.MockTransport(prefill_worker))
+            canary = PathCanary(client=http, model="m", vocab=list(range(100, 200)), chunk_size=256,
+                                decode_url=engine.url.removesuffix("/v1/completions"), timeout_s=0.2, engine=client)
+            try:
+                async def abandon() -> None:
+                    result = await canary.run("http://prefill-worker")
+                    assert (result.ok, result.hop) == (False, "decode_engine"), result
+                await abandoned_then_answered(engine, client, abandon)
+            finally:
+                await client.aclose()
+                await http.aclose()
+
+    asyncio.run(scenario())
