@@ -4,6 +4,9 @@ one decode engine, and what the shared KV store saves a multi-turn chat (issue 3
 Against a running stack of two or more prefill-worker and decode-worker instances behind ``decode_worker.shared_port``
 (``benchmarks/gpu/endpoint.sh`` starts one on one GPU; on the CPU any such config does), a plan of steps:
 
+- ``warmup:R``: one point at rate R whose numbers count for nothing (the first point after a start pays for the
+  engines' warmup: in the first H100 run it was the load-aware point at 8/s, whose TTFT p50 came out 1.8x round
+  robin's with the decode engines evenly loaded).
 - ``sweep:R1/R2/...``: at each rate, ``vllm bench serve`` (random dataset, Poisson arrivals, every request's TTFT and
   ITL saved) on the endpoint with ``decode_worker.routing`` load and with round_robin, switched live by SIGHUP (the
   key is a reload key; the switch is seen in every decode-worker's state record before the load starts), in
@@ -285,7 +288,11 @@ def main() -> int:
     seed = 1
     for step in filter(None, args.plan.split(",")):
         kind, _, spec = step.partition(":")
-        if kind in ("sweep", "single"):
+        if kind == "warmup":  # one point whose numbers count for nothing: the first after a start pays for warmup
+            set_routing(box, "load")
+            seed += 1
+            write(args.out, {"step": "warmup", **bench_point(box, args, "warmup", float(spec or 4), seed)})
+        elif kind in ("sweep", "single"):
             rates = [float(r) for r in spec.split("/")]
             if kind == "single":
                 box.stopped = tuple(stop_siblings(box))

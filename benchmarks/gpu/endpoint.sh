@@ -17,7 +17,7 @@ if [ "${FOLLOW:-0}" != 1 ]; then
   python3 -c "import vllm.benchmarks.serve" || exit 1
   . benchmarks/gpu/stack.sh
   [ $rc -eq 0 ] || { (cd $LOG && tar -czf $OUT/logs.tgz .); exit 1; }
-  PLAN=${PLAN:-"sweep:8/16/24/32,chat:12/5,single:8/16/24"}
+  PLAN=${PLAN:-"warmup:4,sweep:4/8/24,chat:12/5,single:4/8/24"}
   cat > /tmp/gpu-run.sh <<RUN
 cd /tmp/proj; export PYTHONPATH=$PYTHONPATH PATH=$PATH PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 python3 -m benchmarks.box_endpoint --config $CFG --out /tmp/gpu-out --plan "$PLAN" --duration ${DUR:-15} \
