@@ -14,7 +14,8 @@ closes, and our daemons do the same for theirs.
 
 Except a call to an engine (``orphan=True``): abandoned before its answer
 begins, it is not aborted: it runs on unseen (an *orphan*) until the
-engine's first streamed bytes or its whole answer, then its connection closes.
+engine's first streamed bytes, its whole answer, or the engine reports no
+request deferred (:class:`Orphans`), then its connection closes.
 vLLM aborts a request whose connection closes, and an abort that lands while
 the engine is loading the request's KV from LMCache (WAITING_FOR_REMOTE_KVS)
 kills the engine: LMCache 0.5.3's MP connector then reports the request
@@ -33,9 +34,10 @@ import asyncio
 import codecs
 import json
 import logging
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 
@@ -48,6 +50,7 @@ KEEPALIVE_S = 3.0
 # An abandoned call runs on at most this long (then it is closed, the engine's request aborted): longer than any
 # engine queue a deadline gives up on, short enough that a wedged engine holds no connection for good.
 ORPHAN_S = 600.0
+CALM_POLL_S = 0.25  # how often an engine with orphans is asked whether an abort is safe there
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +140,7 @@ class Stream:
         if self._begun or self._orphans is None:
             self._response.close()
             return
-        self._orphans.adopt(self._until_begun(), "stream")
+        self._orphans.adopt(self._until_begun(), "stream", str(self._response.url))
 
     async def _until_begun(self) -> None:
         try:
@@ -147,32 +150,83 @@ class Stream:
 
 
 class Orphans:
-    """Abandoned engine calls, running on until their engine has begun to answer (at most :data:`ORPHAN_S`)."""
+    """Abandoned engine calls, running on until their engine has begun to answer or an abort is safe there, at most
+    :data:`ORPHAN_S`.
 
-    def __init__(self) -> None:
+    An abort is safe once the engine has no deferred request (``vllm:num_requests_waiting_by_reason{reason=
+    "deferred"}`` 0: none waits for an LMCache lookup or load, the only state in which an abort kills it): an engine
+    that is not backed up drops an abandoned call within :data:`CALM_POLL_S`, so a client that leaves stops its work
+    as before; a backed-up one finishes it. One poll of an engine's /metrics serves all its orphans."""
+
+    def __init__(self, fetch: Callable[[str], Awaitable[str]] | None = None) -> None:
         self.tasks: set[asyncio.Task[None]] = set()
         self.adopted = 0  # since start: how often a caller walked away before its engine answered
+        self._fetch = fetch  # GET a URL's body (None: never judged calm, orphans run until they are answered)
+        self._calm: dict[str, asyncio.Task[None]] = {}
+        self._closed = False
 
-    def adopt(self, work: Any, what: str) -> None:
+    def adopt(self, work: Any, what: str, url: str) -> None:
+        """Run ``work`` (the abandoned call's remainder) until it ends, its engine (``url``'s origin) is calm, or
+        :data:`ORPHAN_S` has passed; then cancel it (closing its connection: the engine aborts what is left)."""
+        parts = urlsplit(url)
+        base = f"{parts.scheme}://{parts.netloc}"
+
         async def bounded() -> None:
+            call = asyncio.ensure_future(work)
+            calm = self._calm_task(base)
             try:
-                await asyncio.wait_for(work, ORPHAN_S)
-            except TimeoutError:
-                log.warning("an abandoned %s call had no answer after %.0fs: closed (its engine aborts it)", what,
-                            ORPHAN_S)
-            except (UpstreamError, aiohttp.ClientError, OSError):
-                pass  # the engine side went away on its own: nothing left to abort
+                done, _ = await asyncio.wait({call, asyncio.shield(calm)}, timeout=ORPHAN_S,
+                                             return_when=asyncio.FIRST_COMPLETED)
+                if not done:
+                    log.warning("an abandoned %s call to %s had no answer after %.0fs: closed (its engine aborts it)",
+                                what, base, ORPHAN_S)
+            finally:
+                call.cancel()
+                await asyncio.gather(call, return_exceptions=True)
 
         self.adopted += 1
         task = asyncio.get_running_loop().create_task(bounded())
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
+    def _calm_task(self, base: str) -> asyncio.Task[None]:
+        task = self._calm.get(base)
+        if task is None or task.done():
+            task = self._calm[base] = asyncio.get_running_loop().create_task(self._until_calm(base))
+        return task
+
+    async def _until_calm(self, base: str) -> None:
+        """Returns once ``base``'s engine reports no deferred request; never if it cannot say (no fetch, no such
+        metric: an older vLLM), so its orphans run until answered."""
+        if self._fetch is None:
+            await asyncio.Event().wait()
+        while not self._closed:  # (a cancel that lands as a fetch ends can be lost on Python 3.11: wait_for)
+            try:
+                deferred = _deferred(await self._fetch(f"{base}/metrics"))  # type: ignore[misc]
+            except (UpstreamError, OSError, aiohttp.ClientError, TimeoutError):
+                deferred = None
+            if deferred == 0:
+                return
+            await asyncio.sleep(CALM_POLL_S)
+
     async def aclose(self) -> None:
         """Shutdown: every orphan is closed now (the engines abort what they hold)."""
-        for task in list(self.tasks):
+        self._closed = True
+        for task in [*self.tasks, *self._calm.values()]:
             task.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
+        await asyncio.gather(*self.tasks, *self._calm.values(), return_exceptions=True)
+
+
+def _deferred(metrics: str) -> float | None:
+    """The engine's deferred requests (waiting for an LMCache lookup or load) from its /metrics text; None: absent."""
+    total: float | None = None
+    for line in metrics.splitlines():
+        if line.startswith("vllm:num_requests_waiting_by_reason{") and 'reason="deferred"' in line:
+            try:
+                total = (total or 0.0) + float(line.rsplit(" ", 1)[1])
+            except (IndexError, ValueError):
+                return None
+    return total
 
 
 class Upstream:
@@ -185,7 +239,7 @@ class Upstream:
     def __init__(self, headers: Mapping[str, str] | None = None) -> None:
         self.headers = dict(headers or {})  # on every call (across hosts: the cluster's secret)
         self._session: aiohttp.ClientSession | None = None
-        self.orphans = Orphans()
+        self.orphans = Orphans(self._metrics_text)
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -216,10 +270,10 @@ class Upstream:
         try:
             return await asyncio.wait_for(asyncio.shield(call), timeout_s)
         except TimeoutError as exc:
-            self.orphans.adopt(call, method)
+            self.orphans.adopt(call, method, url)
             raise UpstreamTimeout(f"no answer within {timeout_s}s") from exc
         except asyncio.CancelledError:
-            self.orphans.adopt(call, method)
+            self.orphans.adopt(call, method, url)
             raise
 
     async def _answer(self, method: str, url: str, body: bytes | dict[str, Any] | None,
@@ -244,7 +298,7 @@ class Upstream:
         try:
             resp = await asyncio.shield(call)
         except asyncio.CancelledError:
-            self.orphans.adopt(self._until_begun(call), "stream")
+            self.orphans.adopt(self._until_begun(call), "stream", url)
             raise
         return Stream(resp, self.orphans)
 
@@ -262,6 +316,9 @@ class Upstream:
     @staticmethod
     async def _until_begun(call: asyncio.Future[aiohttp.ClientResponse]) -> None:
         await Stream(await call)._until_begun()
+
+    async def _metrics_text(self, url: str) -> str:
+        return (await self._call("GET", url, None, None, 2.0, False)).text
 
     async def aclose(self) -> None:
         await self.orphans.aclose()

@@ -104,11 +104,15 @@ def prefill_engine_busy(stack) -> float:  # type: ignore[no-untyped-def]
     return metric_value(text, "vllm_num_requests_running") + metric_value(text, "vllm_num_requests_waiting")
 
 
-def test_clients_that_go_away_during_prefill_stop_the_prefill_engine(stack) -> None:  # type: ignore[no-untyped-def]
-    # 16 long prompts queue up in the prefill engine (~2 s of CPU each here, ~30 s in all).
-    # Their clients leave while they are still there: the prefill engine must drop them,
-    # not compute prompts nobody will read.
+def test_clients_that_go_away_during_prefill_are_seen_and_their_prompts_never_aborted_mid_load(stack) -> None:  # type: ignore[no-untyped-def]
+    """16 long prompts queue up in the prefill engine (~2 s of CPU each here, ~30 s in all); their clients leave
+    while they are still there. prefill-worker sees them go (499), and does not abort its engine's requests while
+    the engine defers any (waits for an LMCache lookup or load: an abort then kills vLLM 0.26 + LMCache 0.5.3, seen
+    on the GPU under overload, docs/faults.md); it drops them once the engine defers nothing, else they finish. The
+    engine drains them, alive, and the stack serves the next request disaggregated."""
     before_499 = metric_value(stack.metrics("prefill-worker"), "disagg_prefill_requests_total", 'status="499"')
+    runtime = load_config(stack.config).runtime_dir
+    engine_pid = read_state(runtime, "prefill-worker").details["engine_pid"]  # type: ignore[union-attr]
     socks = []
     try:
         for i in range(16):
@@ -128,13 +132,18 @@ def test_clients_that_go_away_during_prefill_stop_the_prefill_engine(stack) -> N
     left = prefill_engine_busy(stack)
     t0 = time.monotonic()
     while prefill_engine_busy(stack) > 0 or running(stack) > 0:
-        assert time.monotonic() - t0 < 15, (f"{prefill_engine_busy(stack):.0f} requests in the prefill engine, "
-                                            f"{running(stack):.0f} in the decode engine "
-                                            f"{time.monotonic() - t0:.0f}s after their clients left")
+        assert time.monotonic() - t0 < 180, (f"{prefill_engine_busy(stack):.0f} requests in the prefill engine, "
+                                             f"{running(stack):.0f} in the decode engine "
+                                             f"{time.monotonic() - t0:.0f}s after their clients left")
         time.sleep(0.2)
-    print(f"\nprefill engine dropped {left:.0f} abandoned prompts {time.monotonic() - t0:.1f}s after the clients left")
+    print(f"\nprefill engine done with {left:.0f} abandoned prompts {time.monotonic() - t0:.1f}s after the clients left")
     aborted = metric_value(stack.metrics("prefill-worker"), "disagg_prefill_requests_total", 'status="499"')
     assert aborted - before_499 >= 8, "prefill-worker did not see its callers go away"
+    assert read_state(runtime, "prefill-worker").details["engine_pid"] == engine_pid, (  # type: ignore[union-attr]
+        "the prefill engine was restarted")
+    r = httpx.post(f"{stack.base_url}/v1/completions", json={"model": "tiny-llama", "prompt": words_prompt(7100, 600),
+                   "max_tokens": 2}, timeout=120, trust_env=False)
+    assert r.status_code == 200 and r.headers["x-disagg-path"] == "disaggregated", (r.status_code, r.headers)
 
 
 async def one_stream(client: httpx.AsyncClient, i: int) -> tuple[int, str, list[str]]:

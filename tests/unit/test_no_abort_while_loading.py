@@ -27,8 +27,9 @@ class Engine:
     """One connection at a time: reads a request, then waits for ``answer`` before it writes the answer's body;
     ``closed_in``: what it had sent when the caller's side closed ("nothing", "headers", "body")."""
 
-    def __init__(self, stream: bool) -> None:
+    def __init__(self, stream: bool, deferred: int = 1) -> None:
         self.stream = stream
+        self.deferred = deferred  # what its /metrics says: requests waiting for an LMCache lookup or load
         self.got_request = asyncio.Event()
         self.answer = asyncio.Event()
         self.closed = asyncio.Event()
@@ -48,6 +49,15 @@ class Engine:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         head = await reader.readuntil(b"\r\n\r\n")
+        if head.startswith(b"GET /metrics"):
+            text = (f'vllm:num_requests_waiting_by_reason{{engine="0",model_name="m",reason="capacity"}} 0.0\n'
+                    f'vllm:num_requests_waiting_by_reason{{engine="0",model_name="m",reason="deferred"}} '
+                    f'{self.deferred:.1f}\n').encode()
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\nconnection: close\r\ncontent-length: "
+                         + str(len(text)).encode() + b"\r\n\r\n" + text)
+            await writer.drain()
+            writer.close()
+            return
         length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(
             b"content-length"))
         await reader.readexactly(length)
@@ -192,5 +202,30 @@ def test_the_canary_s_decode_call_past_its_deadline_runs_on_until_the_engine_ans
             finally:
                 await client.aclose()
                 await http.aclose()
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_an_abandoned_call_closes_as_soon_as_its_engine_defers_nothing(stream: bool) -> None:
+    """An engine with no request waiting for an LMCache lookup or load can abort any: an abandoned call there is
+    closed at once (a client that leaves stops its work), not run to its end."""
+    async def scenario() -> None:
+        async with Engine(stream=stream, deferred=0) as engine:
+            client = Upstream()
+            try:
+                if stream:
+                    upstream = await client.stream(engine.url, {"prompt": "p", "stream": True}, orphan=True)
+                    await upstream.aclose()
+                else:
+                    call = asyncio.ensure_future(client.post(engine.url, {"prompt": "p"}, orphan=True))
+                    await asyncio.wait_for(engine.got_request.wait(), 20)
+                    call.cancel()
+                    await asyncio.gather(call, return_exceptions=True)
+                await asyncio.wait_for(engine.closed.wait(), 20)  # never answered: closed for the engine's calm
+                assert engine.closed_in == ("headers" if stream else "nothing") and client.orphans.adopted == 1
+                await until(lambda: not client.orphans.tasks, "the orphan gone")
+            finally:
+                await client.aclose()
 
     asyncio.run(scenario())
