@@ -224,7 +224,8 @@ def write(out: Path, row: dict[str, Any]) -> None:
 
 
 def report(jsonl: Path, png: Path | None) -> str:
-    """The sweep rows of ``jsonl`` as a markdown table (and goodput, TTFT p50 and p99 against rate in ``png``)."""
+    """The sweep rows of ``jsonl`` as a markdown table (and goodput, TTFT p50 and p99 against rate in ``png``, of
+    the points where no request failed)."""
     rows = [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()]
     points = [r for r in rows if r.get("step") in ("sweep", "single") and "completed" in r]
     out = ["| engines, routing | rate (req/s) | served / failed | goodput (req/s) | TTFT p50 / p99 (ms) | "
@@ -241,8 +242,10 @@ def report(jsonl: Path, png: Path | None) -> str:
         import matplotlib.pyplot as plt
 
         fig, axes = plt.subplots(1, 3, figsize=(16, 4.2))
-        for i, label in enumerate(sorted({r["label"] for r in points})):
-            mine = sorted((r for r in points if r["label"] == label), key=lambda r: r["rate"])
+        # A point with failed requests measured something else (the box recovering from a fault): not drawn.
+        clean = [r for r in points if not r["failed"]]
+        for i, label in enumerate(sorted({r["label"] for r in clean})):
+            mine = sorted((r for r in clean if r["label"] == label), key=lambda r: r["rate"])
             rates = [r["rate"] for r in mine]
             for ax, key in zip(axes, ("request_goodput", "median_ttft_ms", "p99_ttft_ms"), strict=True):
                 ax.plot(rates, [r[key] or 0 for r in mine], marker="o", color=f"C{i}", label=label)
