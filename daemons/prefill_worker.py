@@ -242,10 +242,10 @@ class PrefillWorker(EngineDaemon):
                 ))
             except ClientGone:
                 # The front door gave up (its prefill deadline) or its client left. The engine's request is not
-                # aborted: it runs to its end unseen (an abort while the engine loads KV from LMCache kills the
-                # engine: daemons/edge/upstream.py), and its KV still reaches LMCache.
-                log.info("[%s] caller went away after %.1fs: the engine finishes the prefill for nobody", request_id,
-                         time.monotonic() - t0)
+                # aborted while the engine defers requests (an abort while it loads KV from LMCache kills it:
+                # daemons/edge/upstream.py): it runs on unseen until it ends or the engine defers nothing.
+                log.info("[%s] caller went away after %.1fs: the engine's request runs on until an abort is safe "
+                         "there", request_id, time.monotonic() - t0)
                 self.prefill_metrics.requests.labels(status="499").inc()
                 return Response(status_code=499)
             except UpstreamError as exc:
