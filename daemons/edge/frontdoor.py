@@ -617,7 +617,8 @@ class FrontDoor:
                     return None
                 failed_on.append(target)
                 stream = await asyncio.wait_for(self.client.stream(
-                    f"{target}/v1/completions", cont, headers=headers), self.settings.first_token_timeout_s)
+                    f"{target}/v1/completions", cont, headers=headers, orphan=target == self.engine_url),
+                    self.settings.first_token_timeout_s)
                 if stream.status_code == 200:
                     return stream, stream.events()
                 log.warning("[%s] continuation refused by %s: %d %r", request_id, target, stream.status_code,

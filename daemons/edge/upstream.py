@@ -88,6 +88,7 @@ class Stream:
         self.headers: Mapping[str, str] = response.headers
         self._orphans = orphans
         self._begun = False  # the engine has sent body bytes: its KV load is over, an abort is safe
+        self._abandoned = False  # closed before it began: an orphan runs the rest
 
     async def aread(self) -> bytes:
         try:
@@ -135,11 +136,12 @@ class Stream:
     async def aclose(self) -> None:
         """Done with it: an unfinished stream's connection is closed (the engine aborts the request), once the
         engine has begun to send (before that the stream is an orphan until it does: the module's docstring)."""
-        if self._response.closed:
+        if self._response.closed or self._abandoned:  # (a relay's finally and its response may both close it)
             return
         if self._begun or self._orphans is None:
             self._response.close()
             return
+        self._abandoned = True
         self._orphans.adopt(self._until_begun(), "stream", str(self._response.url))
 
     async def _until_begun(self) -> None:
@@ -162,7 +164,8 @@ class Orphans:
         self.tasks: set[asyncio.Task[None]] = set()
         self.adopted = 0  # since start: how often a caller walked away before its engine answered
         self._fetch = fetch  # GET a URL's body (None: never judged calm, orphans run until they are answered)
-        self._calm: dict[str, asyncio.Task[None]] = {}
+        self._calm: dict[str, asyncio.Task[None]] = {}  # an engine's poll, while it has orphans
+        self._waiting: dict[str, int] = {}  # orphans per engine
         self._closed = False
 
     def adopt(self, work: Any, what: str, url: str) -> None:
@@ -171,18 +174,29 @@ class Orphans:
         parts = urlsplit(url)
         base = f"{parts.scheme}://{parts.netloc}"
 
+        call = asyncio.ensure_future(work)
+        if self._closed:  # shutting down: nothing runs on
+            call.cancel()
+            return
+
         async def bounded() -> None:
-            call = asyncio.ensure_future(work)
-            calm = self._calm_task(base)
+            self._waiting[base] = self._waiting.get(base, 0) + 1
+            calm = asyncio.shield(self._calm_task(base))
             try:
-                done, _ = await asyncio.wait({call, asyncio.shield(calm)}, timeout=ORPHAN_S,
-                                             return_when=asyncio.FIRST_COMPLETED)
+                done, _ = await asyncio.wait({call, calm}, timeout=ORPHAN_S, return_when=asyncio.FIRST_COMPLETED)
                 if not done:
                     log.warning("an abandoned %s call to %s had no answer after %.0fs: closed (its engine aborts it)",
                                 what, base, ORPHAN_S)
             finally:
                 call.cancel()
-                await asyncio.gather(call, return_exceptions=True)
+                calm.cancel()
+                await asyncio.gather(call, calm, return_exceptions=True)
+                self._waiting[base] -= 1
+                if not self._waiting[base]:  # the engine's last orphan: stop asking it
+                    del self._waiting[base]
+                    poll = self._calm.pop(base, None)
+                    if poll is not None:
+                        poll.cancel()
 
         self.adopted += 1
         task = asyncio.get_running_loop().create_task(bounded())
@@ -196,16 +210,20 @@ class Orphans:
         return task
 
     async def _until_calm(self, base: str) -> None:
-        """Returns once ``base``'s engine reports no deferred request; never if it cannot say (no fetch, no such
-        metric: an older vLLM), so its orphans run until answered."""
+        """Returns once ``base``'s engine reports no deferred request on two polls in a row; never if it cannot say
+        (no fetch, no such metric: an older vLLM), so its orphans run until answered."""
         if self._fetch is None:
             await asyncio.Event().wait()
+        calm_polls = 0
         while not self._closed:  # (a cancel that lands as a fetch ends can be lost on Python 3.11: wait_for)
             try:
                 deferred = _deferred(await self._fetch(f"{base}/metrics"))  # type: ignore[misc]
             except (UpstreamError, OSError, aiohttp.ClientError, TimeoutError):
                 deferred = None
-            if deferred == 0:
+            # Twice in a row, a poll apart: the gauge is as of the engine's last step, and a request may be taken
+            # into a lookup between a step and the abort.
+            calm_polls = calm_polls + 1 if deferred == 0 else 0
+            if calm_polls >= 2:
                 return
             await asyncio.sleep(CALM_POLL_S)
 

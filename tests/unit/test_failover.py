@@ -439,6 +439,24 @@ def test_a_stream_whose_decode_engine_dies_goes_on_on_a_sibling_decode_worker_fi
     assert metrics.migrations.labels(outcome="continued")._value.get() == 1
 
 
+def test_a_stream_moved_to_a_sibling_that_breaks_goes_on_on_the_own_engine_as_an_engine_call() -> None:
+    """The rest of a stream whose sibling broke is continued on this front door's own engine: that call (its prompt
+    very likely in LMCache) is an engine call, never aborted while the engine loads it (edge/upstream.py)."""
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.host == "sib-b":
+            return httpx.Response(200, text=chunk("a", [1], [5, 6]) + '\n\ndata: {"choi',
+                                  headers={"content-type": "text/event-stream"})
+        text = (chunk("b", [2], [5, 6, 1]) + "\n\n" + chunk("c", [3], finish="length") + "\n\n" + "data: [DONE]\n\n")
+        return httpx.Response(200, text=text, headers={"content-type": "text/event-stream"})
+
+    door, _metrics, seen = door_with(handler, siblings=SIBLINGS)
+    door.router.lighter = True  # type: ignore[attr-defined]
+    resp = asyncio.run(post(door, True, shared=True))
+    assert resp.status_code == 200 and "error" not in resp.text
+    assert seen == ["sib-b/v1/completions", "engine/v1/completions"]
+    assert door.client.orphaned == ["http://engine/v1/completions"]  # type: ignore[attr-defined]
+
+
 def test_a_sibling_that_refuses_a_continuation_passes_it_to_the_next() -> None:
     tried: list[str] = []
 

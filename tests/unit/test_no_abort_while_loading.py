@@ -229,3 +229,37 @@ def test_an_abandoned_call_closes_as_soon_as_its_engine_defers_nothing(stream: b
                 await client.aclose()
 
     asyncio.run(scenario())
+
+
+def test_a_stream_closed_twice_before_its_first_bytes_is_still_one_orphan() -> None:
+    """prefill-worker's /whole relay closes its engine stream in its finally and its response closes it again: the
+    second close must not abort what the first left running."""
+    async def scenario() -> None:
+        async with Engine(stream=True) as engine:
+            client = Upstream()
+            try:
+                async def abandon() -> None:
+                    stream = await client.stream(engine.url, {"prompt": "p", "stream": True}, orphan=True)
+                    await stream.aclose()
+                    await stream.aclose()
+                await abandoned_then_answered(engine, client, abandon)
+            finally:
+                await client.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_an_engine_is_no_longer_polled_once_its_last_orphan_ended() -> None:
+    async def scenario() -> None:
+        async with Engine(stream=False) as engine:
+            client = Upstream()
+            try:
+                async def abandon() -> None:
+                    with pytest.raises(UpstreamTimeout):
+                        await client.post(engine.url, {"prompt": "p"}, timeout_s=0.2, orphan=True)
+                await abandoned_then_answered(engine, client, abandon)
+                await until(lambda: not client.orphans._calm, "the engine's poll stopped")
+            finally:
+                await client.aclose()
+
+    asyncio.run(scenario())
