@@ -70,6 +70,15 @@ class Progress:
                               for c in out["choices"]]
         return out
 
+    def closing_events(self, with_usage: bool) -> list[str]:
+        """What a finished stream whose engine broke before its usage and [DONE] still owes the client: its usage
+        chunk (as counted here) when asked for; [DONE] is the caller's."""
+        if not with_usage:
+            return []
+        prompt, completion = len(self.prompt_ids or []), len(self.generated)
+        return [data_event({**self.template, "choices": [], "usage": {
+            "prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}})]
+
     def continuation(self, body: dict[str, Any]) -> dict[str, Any] | None:
         """The /v1/completions body that goes on from here; None when nothing can be continued."""
         if self.prompt_ids is None or self.finished:

@@ -171,6 +171,18 @@ class StreamRelay:
                         return
                     raise UpstreamError("the stream ended without [DONE]")
                 except UpstreamError as exc:
+                    if self.progress is not None and self.progress.finished:
+                        # Every token reached the client, finish_reason too; only the usage and [DONE] were lost
+                        # (an engine stopped in between): the answer is whole, so the stream ends as one.
+                        log.info("[%s] the engine's stream broke after its last token (%s): ended with [DONE]",
+                                 self.request_id, exc)
+                        for event in self.progress.closing_events(self.client_wants_usage):
+                            yield (event + "\n\n").encode()
+                        if self.trailer is not None:
+                            yield (self.trailer() + "\n\n").encode()
+                        yield b"data: [DONE]\n\n"
+                        self._completed = True
+                        return
                     moved = await self._migrate(str(exc))
                     if moved is None:
                         log.warning("[%s] engine stream broke: %s", self.request_id, exc)

@@ -334,6 +334,35 @@ def test_an_engine_that_reports_its_death_in_the_stream_is_migrated_like_a_broke
     assert metrics.migrations.labels(outcome="continued")._value.get() == 1
 
 
+@pytest.mark.parametrize("wants_usage", [False, True])
+def test_an_engine_that_dies_after_the_last_token_ends_the_stream_whole(wants_usage: bool) -> None:
+    """The fault matrix (SIGTERM of the decode engine, CI): a stream whose every token, finish_reason included, had
+    reached the client, then the engine's error event instead of its usage and [DONE]: the client got the error and
+    the harness a lost request. Nothing is left to continue: the stream ends with [DONE] (its usage counted here)."""
+    def handler(request: httpx.Request) -> httpx.Response:
+        error = {"error": {"message": "EngineCore encountered an issue.", "type": "InternalServerError", "code": 500}}
+        text = (chunk("a", [1], [5, 6]) + "\n\n" + chunk("b", [2], finish="length") + "\n\ndata: "
+                + json.dumps(error) + "\n\ndata: [DONE]\n\n")
+        return httpx.Response(200, text=text, headers={"content-type": "text/event-stream"})
+
+    door, metrics, seen = door_with(handler)
+
+    async def go() -> httpx.Response:
+        body = {"model": "m", "prompt": list(range(100)), "max_tokens": 3, "stream": True,
+                **({"stream_options": {"include_usage": True}} if wants_usage else {})}
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(door.app()), base_url="http://door") as client:
+            return await client.post("/v1/completions", json=body)
+
+    resp = asyncio.run(go())
+    assert resp.status_code == 200 and '"error"' not in resp.text and resp.text.endswith("data: [DONE]\n\n")
+    assert "".join(c.get("text", "") for e in events_of(resp.text) for c in e.get("choices", [])) == "ab"
+    usage = [e["usage"] for e in events_of(resp.text) if e.get("usage")]
+    assert usage == ([{"prompt_tokens": 2, "completion_tokens": 2, "total_tokens": 4}] if wants_usage else [])
+    assert seen == ["engine/v1/completions"]  # nothing continued elsewhere
+    assert metrics.errors.labels(kind="stream_broken")._value.get() == 0
+    assert metrics.requests.labels(route="/v1/completions", status="200")._value.get() == 1
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_a_503_never_names_an_internal_address(stream: bool, caplog: pytest.LogCaptureFixture) -> None:
     """The engine's connection error names its host and port; the client's 503 does not (the log does)."""
