@@ -11,7 +11,7 @@ busy engine moves its counters every step, so load alone never trips this.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 _BUSY = ("vllm:num_requests_running", "vllm:num_requests_waiting")
 # Engine steps (one per scheduled batch, each chunk of a long prefill included) and tokens computed.
@@ -21,6 +21,9 @@ _PROGRESS = ("vllm:iteration_tokens_total_count", "vllm:prompt_tokens_total", "v
 # Requests the engine's scheduler could not take for want of room (KV blocks, max_num_seqs): not those waiting for
 # their KV to arrive (reason "deferred"), which a disaggregated decode engine always has some of.
 _QUEUED = ("vllm:num_requests_waiting_by_reason", 'reason="capacity"')
+# Requests waiting for an LMCache lookup or load: an abort of one then kills vLLM 0.26 + LMCache 0.5.3
+# (daemons/edge/upstream.py waits for none before it closes an abandoned engine call).
+_DEFERRED = 'reason="deferred"'
 _KV_USAGE = "vllm:kv_cache_usage_perc"  # 1.0: every KV block in use
 # An engine whose KV cache is this full, or that queues requests for room, takes no more by load.
 KV_PRESSED = 0.95
@@ -39,6 +42,8 @@ class EngineLoad:
     progress: float  # engine steps + prompt and generation tokens computed so far
     queued: float = 0.0  # requests waiting for room (not for their KV)
     kv_usage: float | None = None  # share of the KV cache in use, 0-1 (None: not exported)
+    # Requests waiting for an LMCache lookup or load (None: not exported); not part of an observation's identity.
+    deferred: float | None = field(default=None, compare=False)
 
     @property
     def pressed(self) -> bool:
@@ -46,10 +51,11 @@ class EngineLoad:
 
 
 def engine_load(metrics_text: str) -> EngineLoad:
-    """Requests in the engine, tokens computed, requests queued for room and KV-cache use, from a vLLM /metrics
-    page."""
+    """Requests in the engine, tokens computed, requests queued for room or deferred and KV-cache use, from a vLLM
+    /metrics page."""
     busy = progress = queued = 0.0
     kv_usage: float | None = None
+    deferred: float | None = None
     for line in metrics_text.splitlines():
         if not line.startswith("vllm:"):
             continue
@@ -68,7 +74,9 @@ def engine_load(metrics_text: str) -> EngineLoad:
             kv_usage = max(kv_usage or 0.0, value)
         elif _QUEUED[1] in line:
             queued += value
-    return EngineLoad(busy, progress, queued, kv_usage)
+        elif _DEFERRED in line:
+            deferred = (deferred or 0.0) + value
+    return EngineLoad(busy, progress, queued, kv_usage, deferred)
 
 
 class StallDetector:

@@ -41,6 +41,8 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
+from daemons.children.stall import engine_load
+
 CONNECT_TIMEOUT_S = 5.0
 # Idle pooled connections are dropped after this long: below the 5 s after which uvicorn (vLLM's
 # API server, our prefill API) closes an idle keep-alive connection. aiohttp's default (15 s) let a
@@ -217,7 +219,7 @@ class Orphans:
         calm_polls = 0
         while not self._closed:  # (a cancel that lands as a fetch ends can be lost on Python 3.11: wait_for)
             try:
-                deferred = _deferred(await self._fetch(f"{base}/metrics"))  # type: ignore[misc]
+                deferred = engine_load(await self._fetch(f"{base}/metrics")).deferred  # type: ignore[misc]
             except (UpstreamError, OSError, aiohttp.ClientError, TimeoutError):
                 deferred = None
             # Twice in a row, a poll apart: the gauge is as of the engine's last step, and a request may be taken
@@ -233,18 +235,6 @@ class Orphans:
         for task in [*self.tasks, *self._calm.values()]:
             task.cancel()
         await asyncio.gather(*self.tasks, *self._calm.values(), return_exceptions=True)
-
-
-def _deferred(metrics: str) -> float | None:
-    """The engine's deferred requests (waiting for an LMCache lookup or load) from its /metrics text; None: absent."""
-    total: float | None = None
-    for line in metrics.splitlines():
-        if line.startswith("vllm:num_requests_waiting_by_reason{") and 'reason="deferred"' in line:
-            try:
-                total = (total or 0.0) + float(line.rsplit(" ", 1)[1])
-            except (IndexError, ValueError):
-                return None
-    return total
 
 
 class Upstream:
@@ -279,12 +269,9 @@ class Upstream:
 
     async def _call(self, method: str, url: str, body: bytes | dict[str, Any] | None,
                     headers: Mapping[str, str] | None, timeout_s: float | None, orphan: bool) -> Answer:
-        if not orphan:
-            try:
-                return await asyncio.wait_for(self._answer(method, url, body, headers), timeout_s)
-            except TimeoutError as exc:
-                raise UpstreamTimeout(f"no answer within {timeout_s}s") from exc
-        call = asyncio.ensure_future(self._answer(method, url, body, headers))
+        if not orphan:  # aiohttp's own deadline: no task of ours on the busiest path
+            return await self._answer(method, url, body, headers, timeout_s)
+        call = asyncio.ensure_future(self._answer(method, url, body, headers, None))
         try:
             return await asyncio.wait_for(asyncio.shield(call), timeout_s)
         except TimeoutError as exc:
@@ -295,14 +282,14 @@ class Upstream:
             raise
 
     async def _answer(self, method: str, url: str, body: bytes | dict[str, Any] | None,
-                      headers: Mapping[str, str] | None) -> Answer:
-        timeout = aiohttp.ClientTimeout(total=None, connect=CONNECT_TIMEOUT_S)
+                      headers: Mapping[str, str] | None, timeout_s: float | None) -> Answer:
+        timeout = aiohttp.ClientTimeout(total=timeout_s, connect=CONNECT_TIMEOUT_S)
         data, hdrs = _encode(body, headers)
         try:
             async with self.session.request(method, url, data=data, headers=hdrs, timeout=timeout) as resp:
                 return Answer(resp.status, resp.headers, await resp.read())
         except TimeoutError as exc:
-            raise UpstreamTimeout("no connection") from exc
+            raise UpstreamTimeout("no connection" if timeout_s is None else f"no answer within {timeout_s}s") from exc
         except aiohttp.ClientError as exc:
             raise UpstreamError(repr(exc)) from exc
 
@@ -336,7 +323,7 @@ class Upstream:
         await Stream(await call)._until_begun()
 
     async def _metrics_text(self, url: str) -> str:
-        return (await self._call("GET", url, None, None, 2.0, False)).text
+        return (await self.get(url, timeout_s=2.0)).text
 
     async def aclose(self) -> None:
         await self.orphans.aclose()

@@ -38,6 +38,7 @@ def test_engine_load_reads_the_engine_s_own_room() -> None:
     makes the engine pressed (it takes nothing by load)."""
     load = engine_load(VLLM_METRICS)
     assert (load.queued, load.kv_usage, load.pressed) == (0.0, None, False)  # 2 deferred: waiting for KV, not room
+    assert load.deferred == 2.0 and engine_load("").deferred is None  # absent: not known (never "none deferred")
     full = VLLM_METRICS + 'vllm:kv_cache_usage_perc{engine="0",model_name="m"} 0.97\n'
     assert engine_load(full).kv_usage == 0.97 and engine_load(full).pressed
     queued = VLLM_METRICS + 'vllm:num_requests_waiting_by_reason{engine="0",model_name="m",reason="capacity"} 3.0\n'
