@@ -45,6 +45,7 @@ import httpx
 from benchmarks.gpu_faults import set_keys
 from benchmarks.harness.scrape import metric_value
 from daemons.config import Config, load_config
+from daemons.deployment import Deployment
 from daemons.ops.openai_client import acomplete, completion_body
 from daemons.runtime.listen import loopback_if_wildcard
 from daemons.runtime.statefile import read_state
@@ -66,7 +67,7 @@ class Box:
 
     @property
     def endpoint(self) -> str:
-        door = self.config.shared_front_door()
+        door = Deployment(self.config).shared_front_door()
         if door is None:
             raise SystemExit(f"{self.path}: decode_worker.shared_port is not set: no endpoint to measure")
         return f"http://{loopback_if_wildcard(door[0])}:{door[1]}"

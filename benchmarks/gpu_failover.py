@@ -31,6 +31,7 @@ from daemons.children.engine import engine_child
 from daemons.children.keeper import below
 from daemons.children.strays import tagged
 from daemons.config import Config, load_config
+from daemons.deployment import Deployment
 from daemons.kv.canary import vocabulary
 from daemons.ops.ctl import wait_ready
 from daemons.ops.openai_client import complete, completion_body
@@ -56,7 +57,7 @@ def migration_check(cfg: Config, url: str, vocab: list[int], tokens: int) -> dic
     body = completion_body(cfg.model.name, prompt, 256, ignore_eos=True)
     with httpx.Client(trust_env=False, timeout=600) as client:
         reference = complete(client, url, body)
-        wait_ready(cfg, 300, quiet=True)
+        wait_ready(Deployment(cfg), 300, quiet=True)
         engine = detail(cfg, "decode-worker", "engine_pid")
         killer = threading.Timer(1.0, lambda: os.kill(engine, signal.SIGKILL))
         killer.start()
@@ -97,9 +98,9 @@ def main() -> int:
         out[name] = {**row.__dict__, "served_per_s_until_kv_path_back": during}
         print(row.line(), f"served/s until the KV path was back: {during:.2f}", flush=True)
         print("  problems:", row.problems, flush=True)
-        wait_ready(cfg, 300, quiet=True)
+        wait_ready(Deployment(cfg), 300, quiet=True)
         if key == "keeper_pid":
-            child = engine_child(cfg, cfg.worker("decode-worker", None), None, name="decode-worker")
+            child = engine_child(Deployment(cfg), cfg.worker("decode-worker", None), None, name="decode-worker")
             keeper = detail(cfg, "decode-worker", "keeper_pid")
             tree = {keeper, *below(keeper)}
             out["orphans"] = [pid for pid in tagged(child.tag) if pid not in tree]

@@ -36,6 +36,7 @@ import yaml
 from benchmarks.harness.faults import HEADER, Row, Stack, fault_for, run_fault
 from benchmarks.harness.load import Load, summary
 from benchmarks.harness.scrape import metric_value
+from daemons.deployment import Deployment
 from daemons.kv.canary import vocabulary
 from daemons.metrics import LMCACHE_RESTART_REASONS
 from daemons.ops.ctl import wait_ready
@@ -143,7 +144,7 @@ def main() -> int:
                 max_tokens=a.max_tokens, deadline_s=300)
     for step in filter(None, (s.strip() for s in a.plan.split(","))):
         t0 = time.time()
-        if not wait_ready(cfg, a.ready_timeout_s, quiet=True):
+        if not wait_ready(Deployment(cfg), a.ready_timeout_s, quiet=True):
             log.step({"step": step, "error": f"stack not ready within {a.ready_timeout_s:.0f}s: plan stopped"})
             return 1
         if step.startswith("set:"):
@@ -161,7 +162,7 @@ def main() -> int:
             log.step({"step": step, "error": str(exc)[:2000], "at": t0})
             continue
         assert row is not None
-        ready = wait_ready(cfg, a.ready_timeout_s, quiet=True)
+        ready = wait_ready(Deployment(cfg), a.ready_timeout_s, quiet=True)
         after = lmcache_restarts(stack)
         # A restarted lmcache-server counts from 0 again: then its whole count is this row's.
         restarted = any(after[k] < before.get(k, 0.0) for k in after)

@@ -28,6 +28,7 @@ from benchmarks.gpu_interference import itl_stats, stream_itl
 from daemons.children.child import ChildProcess
 from daemons.children.engine import engine_argv, engine_env
 from daemons.config import load_config
+from daemons.deployment import Deployment
 
 PORTS = {"connector": 8301, "plain": 8302}
 
@@ -36,7 +37,7 @@ def start(config, name: str, gpu: int, eager: bool, log_dir: Path) -> ChildProce
     """The engine under the keeper, as the daemons run it: its whole tree dies with this script."""
     worker = config.decode_worker.model_copy(update={"engine_port": PORTS[name], "device": f"cuda:{gpu}"})
     cfg = config.model_copy(update={"model": config.model.model_copy(update={"enforce_eager": eager})})
-    argv = engine_argv(cfg, worker, "kv_consumer" if name == "connector" else None)
+    argv = engine_argv(Deployment(cfg), worker, "kv_consumer" if name == "connector" else None)
     child = ChildProcess(f"{name} engine", argv, env=engine_env(worker),
                          log_path=log_dir / f"itl-{name}-gpu{gpu}-{'eager' if eager else 'graphs'}.log")
     child.start()

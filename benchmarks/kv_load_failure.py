@@ -33,6 +33,7 @@ from typing import Any
 import httpx
 
 from benchmarks.harness.faults import Stack, hold, seen_to_take_effect
+from daemons.deployment import Deployment
 from daemons.kv.canary import vocabulary
 from daemons.ops.ctl import wait_ready
 from daemons.ops.openai_client import acomplete, completion_body
@@ -112,7 +113,7 @@ def main() -> int:
     stalls = []
     t0 = time.monotonic()
     for _ in range(a.rounds):
-        if not wait_ready(cfg, a.ready_timeout_s, quiet=True):
+        if not wait_ready(Deployment(cfg), a.ready_timeout_s, quiet=True):
             print(f"stack not ready within {a.ready_timeout_s:.0f}s: rounds stopped", flush=True)
             break
         batch = [[rng.choice(vocab) for _ in range(a.tokens)] for _ in range(a.prompts)]
@@ -128,7 +129,7 @@ def main() -> int:
         answers += got
         stalls.append(stalled)
     logged = failures_logged(engine_log, offset)
-    wait_ready(cfg, a.ready_timeout_s, quiet=True)
+    wait_ready(Deployment(cfg), a.ready_timeout_s, quiet=True)
     references = asyncio.run(ask_all(prefill, cfg.model.name, prompts, a.max_tokens, 2, "/whole/v1/completions"))
     groups: dict[str, Counter[str]] = {}
     divergences: dict[str, list[int]] = {}

@@ -21,6 +21,7 @@ import httpx
 import psutil
 
 from daemons.config import config_path, load_config
+from daemons.deployment import Deployment
 from daemons.ops.ctl import all_ready, collect_status, down, up, wait_ready
 from daemons.ops.make_model import _WORDS
 from daemons.ops.openai_client import complete, completion_body
@@ -58,8 +59,8 @@ def main() -> int:
     args = ap.parse_args()
     config = load_config(config_path(args.config))
     started = False
-    if not all_ready(collect_status(config)):
-        if up(config) != 0 or not wait_ready(config, 900, quiet=True):
+    if not all_ready(collect_status(Deployment(config))):
+        if up(Deployment(config)) != 0 or not wait_ready(Deployment(config), 900, quiet=True):
             print("stack did not come up", file=sys.stderr)
             return 1
         started = True
@@ -94,7 +95,7 @@ def main() -> int:
                       f"| {m / h:.2f}x | {statistics.median(front_t):.3f} | {', '.join(sorted(set(paths)))} |")
         print("\n| daemon | start to ready (s) | RSS incl. children (MB) |")
         print("|---|---|---|")
-        for name in config.daemon_names():
+        for name in Deployment(config).daemon_names():
             rec = read_state(config.runtime_dir, name)
             if rec is None:
                 continue
@@ -104,7 +105,7 @@ def main() -> int:
             print(f"| {name} | {float(ready):.1f} | {rss_mb(rec.pid):.0f} |")
     finally:
         if started:
-            down(config)
+            down(Deployment(config))
     return 0
 
 

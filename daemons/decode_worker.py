@@ -27,24 +27,26 @@ import socket
 import sys
 import time
 from collections import deque
-from dataclasses import fields, replace
+from dataclasses import replace
 
 from daemons.children.child_daemon import CodeChanged
 from daemons.children.worker import EngineDaemon, engine_stall_detector
-from daemons.config import Config, ConfigError, DecodeWorkerConfig
+from daemons.config import Config, ConfigError
+from daemons.config_sections import DecodeWorkerConfig
 from daemons.edge.auth import ApiKeys
 from daemons.edge.cluster_auth import cluster_headers
+from daemons.edge.door_settings import LIVE_KEYS, SETTINGS_KEYS
 from daemons.edge.frontdoor import FrontDoor, FrontDoorSettings
 from daemons.edge.upstream import Upstream
 from daemons.kv.canary import CanaryResult, PathCanary, vocabulary
 from daemons.metrics import FrontDoorMetrics
+from daemons.names import SHARED_FRONT_DOOR
 from daemons.routing.placement import ROUND_ROBIN
 from daemons.routing.prefill_router import LMCACHE, PrefillRouter
 from daemons.runtime.cli import run_daemon
 from daemons.runtime.httpserver import EdgeLimits, EmbeddedServer
 from daemons.runtime.lifecycle import DaemonFailed
 from daemons.runtime.listen import (
-    SHARED_FRONT_DOOR,
     bind_listening,
     inherited_socket,
     loopback_if_wildcard,
@@ -85,12 +87,13 @@ class DecodeWorker(EngineDaemon):
         self.prefill_names = list(config.workers("prefill-worker"))
         # The box's other decode-workers (instances): failover and migration go to one whose engine serves first.
         siblings = {name: f"http://{url_host(loopback_if_wildcard(w.host))}:{w.port}"
-                    for name, w in config.workers("decode-worker").items() if name != self.name and config.is_local(name)}
+                    for name, w in config.workers("decode-worker").items()
+                    if name != self.name and self.deployment.is_local(name)}
         self.peers.names = [LMCACHE, *self.prefill_names, *siblings]
         # Prefill-workers on other hosts: judged from the record they serve (readiness over a socket).
         self.remote_prefills = {n: config.cluster.host_of(n) for n in self.prefill_names
-                                if config.cluster is not None and not config.is_local(n)}
-        self.peers.remote = {n: state_url(config.address_of(n), config.workers("prefill-worker")[n].port)
+                                if config.cluster is not None and not self.deployment.is_local(n)}
+        self.peers.remote = {n: state_url(self.deployment.address_of(n), config.workers("prefill-worker")[n].port)
                              for n in self.remote_prefills}
         self.front_metrics = FrontDoorMetrics(self.registry)
         self.router = PrefillRouter(self.prefill_names, self.peers, self.front_metrics, on_change=self._update_state,
@@ -229,7 +232,7 @@ class DecodeWorker(EngineDaemon):
         """The box's one endpoint (decode_worker.shared_port), every decode-worker of the host accepting on it: one
         socket from systemd or the socket holder, else bound here with SO_REUSEPORT beside the siblings' own.
         OSError (the port is taken by something else) fails the start like the front door's own port."""
-        shared = self.config.shared_front_door()
+        shared = self.deployment.shared_front_door()
         if shared is None:
             return None
         host, port = shared
@@ -321,8 +324,7 @@ class DecodeWorker(EngineDaemon):
         worker = new.worker(self.kind, self.id.instance)
         assert isinstance(worker, DecodeWorkerConfig)
         prefix = f"decode_worker.instances.{self.id.instance}." if self.id.instance else "decode_worker."
-        live = {f"{prefix}{f.name}" for f in fields(FrontDoorSettings) if f.name != "engine_url"}
-        live |= {f"decode_worker.{f.name}" for f in fields(FrontDoorSettings)}
+        live = {f"{prefix}{name}" for name in SETTINGS_KEYS} | {f"decode_worker.{name}" for name in SETTINGS_KEYS}
         door = self.front_door
         door.settings = FrontDoorSettings.from_config(worker, self.engine_url)
         s = door.settings
@@ -344,8 +346,7 @@ class DecodeWorker(EngineDaemon):
             applied |= {keys_key} & set(changed)
         # Only what is live: a key reported as needing a restart must not half-apply (its new value used by the next
         # engine restart in place, say) while the daemon says it runs the old one.
-        live_fields = {f.name for f in fields(FrontDoorSettings) if f.name != "engine_url"} | {"api_keys_file"}
-        self.worker = self.worker.model_copy(update={name: getattr(worker, name) for name in live_fields})
+        self.worker = self.worker.model_copy(update={name: getattr(worker, name) for name in LIVE_KEYS})
         return applied
 
     async def check(self) -> bool:

@@ -20,16 +20,19 @@ from daemons.children.child import ChildProcess
 from daemons.children.child_daemon import ChildDaemon
 from daemons.children.engine import engine_env
 from daemons.config import Config, ConfigError
+from daemons.deployment import Deployment
 from daemons.runtime.cli import run_daemon
 from daemons.runtime.states import State
 
 
-def coordinator_argv(config: Config) -> list[str]:
+def coordinator_argv(deployment: Deployment) -> list[str]:
+    """LMCache's coordinator command line, listening on this host's private address."""
+    config, host = deployment.config, deployment.host
     cluster = config.cluster
-    assert cluster is not None and config.host is not None
+    assert cluster is not None and host is not None
     return [
         sys.executable, "-m", "lmcache.cli.main", "coordinator",
-        "--host", config.host.address,
+        "--host", host.address,
         "--port", str(cluster.coordinator_port),
         # A server silent this long is dropped: its peers stop asking it (and re-handshake when it is back).
         "--instance-timeout", str(cluster.instance_timeout_s),
@@ -46,11 +49,12 @@ class LMCacheCoordinator(ChildDaemon):
 
     def __init__(self, config: Config, **kw: object) -> None:
         super().__init__(config, **kw)  # type: ignore[arg-type]
-        if config.cluster is None or config.host is None or config.host_id != config.cluster.coordinator_host:
+        here = self.deployment.host_id
+        if config.cluster is None or here is None or here != config.cluster.coordinator_host:
             raise ConfigError(f"{config.source}: cluster.hosts: lmcache-coordinator does not run on this host "
-                              f"({config.host_id or 'no cluster section'})")
+                              f"({here or 'no cluster section'})")
         env = engine_env(config.decode_worker)
-        self.child = ChildProcess("coordinator", coordinator_argv(config),
+        self.child = ChildProcess("coordinator", coordinator_argv(self.deployment),
                                   log_path=Path(config.log_dir) / "lmcache-coordinator.log", env=env,
                                   logs=config.logs)
         self.child_startup_timeout_s = config.lmcache.startup_timeout_s

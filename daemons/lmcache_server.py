@@ -44,9 +44,11 @@ from daemons.children.child import ChildProcess
 from daemons.children.child_daemon import ChildDaemon
 from daemons.children.engine import engine_env
 from daemons.children.stacks import thread_stacks
-from daemons.config import WORKER_KINDS, Config
+from daemons.config import Config
+from daemons.deployment import Deployment
 from daemons.kv.kv_lookup import KVLookup
 from daemons.metrics import LMCacheServerMetrics
+from daemons.names import WORKER_KINDS
 from daemons.runtime.cli import run_daemon
 from daemons.runtime.lifecycle import DaemonFailed
 from daemons.runtime.statefile import StateRecord, endpoint_accepts, pid_alive, read_state
@@ -61,11 +63,12 @@ WEDGED_STOP_GRACE_S = 5.0
 BACKOFF_DOUBLINGS = 3
 
 
-def lmcache_argv(config: Config, instance_id: str = "") -> list[str]:
+def lmcache_argv(deployment: Deployment, instance_id: str = "") -> list[str]:
     """LMCache's server command line; on several hosts, with its P2P layer (``instance_id``: its name there)."""
+    config = deployment.config
     lm = config.lmcache
-    address = config.lmcache_address  # loopback; in a cluster, this host's private address (peers look up here)
-    gpu_workers, cpu_workers = config.lmcache_workers()
+    address = deployment.lmcache_address  # loopback; in a cluster, this host's private address (peers look up here)
+    gpu_workers, cpu_workers = deployment.lmcache_workers()
     argv = [
         # LMCache's own CLI, with faulthandler on SIGUSR1: a stuck server can say where (daemons.children.stacks).
         # -P: the package this daemon runs (its release), never one in the working directory.
@@ -85,7 +88,7 @@ def lmcache_argv(config: Config, instance_id: str = "") -> list[str]:
     cluster = config.cluster
     if cluster is not None:
         argv += [
-            "--instance-id", instance_id or str(config.host_id),
+            "--instance-id", instance_id or str(deployment.host_id),
             "--coordinator-url", cluster.coordinator_url,
             "--coordinator-advertise-ip", address,
             "--coordinator-heartbeat-interval", str(cluster.heartbeat_interval_s),
@@ -111,12 +114,12 @@ class LMCacheServer(ChildDaemon):
         env.pop("CUDA_VISIBLE_DEVICES", None)
         # On several hosts, each start is a new P2P instance ("<host>.<start time>"): a peer that knew the
         # last process (and its transfer engine's port) connects afresh instead of keeping a stale link.
-        self.instance_id = new_instance_id(config)
+        self.instance_id = new_instance_id(self.deployment)
         self.peer_instances: dict[str, str] = {}  # peer host -> the newest LMCache instance seen there
         self._restart: asyncio.Task[None] | None = None
         log_dir = Path(config.log_dir)
         self.child = ChildProcess(
-            "lmcache", lmcache_argv(config, self.instance_id), log_path=log_dir / "lmcache-server.log",
+            "lmcache", lmcache_argv(self.deployment, self.instance_id), log_path=log_dir / "lmcache-server.log",
             env=env, port=config.lmcache.port, logs=config.logs,
         )
         self.child_startup_timeout_s = config.lmcache.startup_timeout_s
@@ -125,7 +128,7 @@ class LMCacheServer(ChildDaemon):
         self.lm_metrics = LMCacheServerMetrics(self.registry)
         # The probe: a lookup on LMCache's request queue through LMCache's own client, as an engine's scheduler asks.
         self.probe = KVLookup(
-            server_url=f"tcp://{config.lmcache_address}:{config.lmcache.port}", model=str(config.model.path),
+            server_url=f"tcp://{self.deployment.lmcache_address}:{config.lmcache.port}", model=str(config.model.path),
             mq_timeout_s=config.lmcache.mq_timeout_s, heartbeat_interval_s=config.lmcache.heartbeat_interval_s,
             log_path=log_dir / "lmcache-server-probe.log", logs=config.logs,
         )
@@ -142,7 +145,7 @@ class LMCacheServer(ChildDaemon):
 
     @property
     def endpoint(self) -> str:
-        return f"{self.config.lmcache_address}:{self.config.lmcache.port}"
+        return f"{self.deployment.lmcache_address}:{self.config.lmcache.port}"
 
     @property
     def metrics_address(self) -> tuple[str, int]:
@@ -247,7 +250,7 @@ class LMCacheServer(ChildDaemon):
         records = {}
         for kind in WORKER_KINDS:
             for name in self.config.workers(kind):
-                if self.config.is_local(name):
+                if self.deployment.is_local(name):
                     record = read_state(self.config.runtime_dir, name)
                     if record is not None:
                         records[name] = record
@@ -257,7 +260,7 @@ class LMCacheServer(ChildDaemon):
         """Restart LMCache when a local engine that used it died without a planned stop (``lmcache.
         restart_on_engine_loss``); True when a restart began. Publishes when it looked (``engines_checked_at``):
         a worker starts a new engine only once this daemon has looked after its old one was lost."""
-        if not self.config.lmcache_restarts_on_engine_loss:
+        if not self.deployment.lmcache_restarts_on_engine_loss:
             return False
         checked_at = time.time()
         # Which known engines are gone, judged before the records are read: a worker marks a planned stop before it
@@ -312,8 +315,8 @@ class LMCacheServer(ChildDaemon):
             return
         self.unanswered_since = None
         self.engines.clear()  # the engines that connect to the new server are learned anew
-        self.instance_id = new_instance_id(self.config)
-        self.child.argv = lmcache_argv(self.config, self.instance_id)
+        self.instance_id = new_instance_id(self.deployment)
+        self.child.argv = lmcache_argv(self.deployment, self.instance_id)
         what = f"restarting LMCache server as {self.instance_id} ({why})" if self.instance_id else \
             f"restarting LMCache server ({why})"
         if await self.start_child(what):
@@ -352,13 +355,14 @@ class LMCacheServer(ChildDaemon):
     def reads_from(self, host: str) -> bool:
         """Does this host load KV from ``host`` (this host decodes, that one only prefills)?"""
         cluster = self.config.cluster
-        if cluster is None or host not in cluster.hosts or self.config.host_id not in cluster.hosts:
+        here = self.deployment.host_id
+        if cluster is None or host not in cluster.hosts or here is None:
             return False
 
         def runs(name: str, kind: str) -> bool:
             return any(d.split("@", 1)[0] == kind for d in cluster.hosts[name].daemons)
 
-        return (runs(str(self.config.host_id), "decode-worker") and runs(host, "prefill-worker")
+        return (runs(here, "decode-worker") and runs(host, "prefill-worker")
                 and not runs(host, "decode-worker"))
 
     async def p2p_status(self) -> str:
@@ -373,9 +377,9 @@ class LMCacheServer(ChildDaemon):
         return f"P2P {p2p['state']} with the coordinator; peers: {peers}"
 
 
-def new_instance_id(config: Config) -> str:
+def new_instance_id(deployment: Deployment) -> str:
     """This start's name among LMCache's P2P peers: ``<host>.<start time in ms, hex>`` ("" on one host)."""
-    return f"{config.host_id}.{int(time.time() * 1000):x}" if config.cluster is not None else ""
+    return f"{deployment.host_id}.{int(time.time() * 1000):x}" if deployment.host_id is not None else ""
 
 
 def newer(started: str, than: str) -> bool:

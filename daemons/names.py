@@ -1,4 +1,4 @@
-"""The small names every part of disagg shares: daemon kinds, and how a request's prompt reached an engine.
+"""The small names every part of disagg shares: daemon kinds and names, and how a request's prompt reached an engine.
 
 This is the one place the request paths (``x-disagg-path``) and their reasons are listed; the metrics'
 label values, the front door's headers and the generated reference (``docs/reference/metrics.md``) are
@@ -7,6 +7,7 @@ all read from here. Each member's description is what the docs say of it.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from enum import StrEnum
 
 
@@ -27,6 +28,36 @@ class DaemonKind(Described):
     PREFILL_WORKER = "prefill-worker", "A vLLM engine as KV producer and the prefill API."
     DECODE_WORKER = "decode-worker", "A vLLM engine as KV consumer and the public front door."
     LMCACHE_COORDINATOR = "lmcache-coordinator", "LMCache's coordinator (several hosts only: membership, no KV)."
+
+
+# The worker kinds and the config section each is read from.
+WORKER_KINDS = {"prefill-worker": "prefill_worker", "decode-worker": "decode_worker"}
+COORDINATOR = "lmcache-coordinator"
+# The name of the box's one endpoint (decode_worker.shared_port): the socket every decode-worker accepts on, besides
+# its own (the holder's name for it, and the FileDescriptorName of disagg-front-door.socket).
+SHARED_FRONT_DOOR = "front-door"
+
+
+@dataclass(frozen=True)
+class DaemonId:
+    """Which daemon: its kind and, for one of several workers of a kind, its instance."""
+
+    kind: str  # lmcache-server, prefill-worker, decode-worker, lmcache-coordinator
+    instance: str | None = None
+
+    def __str__(self) -> str:
+        """The daemon's name (state file, logs, metrics): ``prefill-worker`` or ``prefill-worker@gpu1``."""
+        return f"{self.kind}@{self.instance}" if self.instance else self.kind
+
+    @classmethod
+    def parse(cls, name: str) -> DaemonId:
+        kind, _, instance = name.partition("@")
+        return cls(kind, instance or None)
+
+
+def worker_name(kind: str, instance: str | None) -> str:
+    """The daemon name of one worker: ``prefill-worker`` or ``prefill-worker@gpu1``."""
+    return str(DaemonId(kind, instance))
 
 
 class RequestPath(Described):

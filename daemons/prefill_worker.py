@@ -105,7 +105,7 @@ class PrefillWorker(EngineDaemon):
         self.chunk_size = config.lmcache.chunk_size
         self.store_timeout_s = config.kv_path.store_timeout_s
         self.kv = KVLookup(
-            server_url=f"tcp://{config.lmcache_address}:{config.lmcache.port}",
+            server_url=f"tcp://{self.deployment.lmcache_address}:{config.lmcache.port}",
             model=str(config.model.path),
             mq_timeout_s=config.lmcache.mq_timeout_s,
             heartbeat_interval_s=config.lmcache.heartbeat_interval_s,
@@ -125,7 +125,7 @@ class PrefillWorker(EngineDaemon):
     @property
     def api_host(self) -> str:
         # One box: loopback (config check). Several hosts: the private address, for the decode hosts.
-        return self.config.listen_address(self.name)
+        return self.deployment.listen_address(self.name)
 
     async def start_up(self) -> None:
         if not await self.start_serving(self.app(), "prefill API"):

@@ -31,6 +31,7 @@ from pathlib import Path
 from benchmarks.harness.load import Load, Record
 from daemons.children.stacks import process_state
 from daemons.config import Config, load_config
+from daemons.deployment import Deployment
 from daemons.runtime.statefile import StateRecord, read_state
 
 
@@ -232,14 +233,14 @@ class Stack:
         deadline = time.monotonic() + timeout_s
 
         def status() -> str:
-            proc = supervisorctl(self.config, "status", name)
+            proc = supervisorctl(Deployment(self.config), "status", name)
             return proc.stdout + proc.stderr
 
         while "RUNNING" in status() or "STOPPING" in status():
             if time.monotonic() > deadline:
                 raise AssertionError(f"{name} did not exit within {timeout_s:.0f}s of SIGTERM")
             time.sleep(0.5)
-        supervisorctl(self.config, "start", name)
+        supervisorctl(Deployment(self.config), "start", name)
 
 
 def fault_for(case: str, stack: Stack, *, hold_s: float) -> Fault:

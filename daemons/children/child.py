@@ -27,7 +27,7 @@ from pathlib import Path
 
 from daemons.children import keeper, strays
 from daemons.children.keeper import below as descendants
-from daemons.config import LogsConfig
+from daemons.config_sections import LogsConfig
 
 log = logging.getLogger(__name__)
 

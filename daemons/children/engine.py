@@ -12,13 +12,16 @@ from pathlib import Path
 from typing import Literal
 
 from daemons.children.child import ChildProcess, child_env
-from daemons.config import Config, WorkerConfig, gpu_indices
+from daemons.config_sections import WorkerConfig
+from daemons.deployment import Deployment
+from daemons.engine_flags import gpu_indices
 
 KVRole = Literal["kv_producer", "kv_consumer"]
 
 
-def kv_transfer_config(config: Config, role: KVRole) -> dict[str, object]:
-    """vLLM's --kv-transfer-config for LMCache's multi-process server."""
+def kv_transfer_config(deployment: Deployment, role: KVRole) -> dict[str, object]:
+    """vLLM's --kv-transfer-config for LMCache's multi-process server (this host's)."""
+    config = deployment.config
     return {
         "kv_connector": "LMCacheMPConnector",
         "kv_role": role,
@@ -26,7 +29,7 @@ def kv_transfer_config(config: Config, role: KVRole) -> dict[str, object]:
         # missing blocks instead of failing the request (vLLM's default).
         "kv_load_failure_policy": "recompute",
         "kv_connector_extra_config": {
-            "lmcache.mp.host": f"tcp://{config.lmcache_address}",
+            "lmcache.mp.host": f"tcp://{deployment.lmcache_address}",
             "lmcache.mp.port": config.lmcache.port,
             "lmcache.mp.mq_timeout": config.lmcache.mq_timeout_s,
             "lmcache.mp.heartbeat_interval": config.lmcache.heartbeat_interval_s,
@@ -34,9 +37,9 @@ def kv_transfer_config(config: Config, role: KVRole) -> dict[str, object]:
     }
 
 
-def engine_argv(config: Config, worker: WorkerConfig, role: KVRole | None) -> list[str]:
+def engine_argv(deployment: Deployment, worker: WorkerConfig, role: KVRole | None) -> list[str]:
     """The vLLM OpenAI server command line for one worker (role None: no KV transfer)."""
-    model = config.model
+    model = deployment.config.model
     argv = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server",
         "--model", str(model.path),
@@ -60,7 +63,7 @@ def engine_argv(config: Config, worker: WorkerConfig, role: KVRole | None) -> li
     if worker.tensor_parallel_size > 1:  # the GPUs `device` names, one rank each
         argv += ["--tensor-parallel-size", str(worker.tensor_parallel_size)]
     if role is not None:
-        argv += ["--kv-transfer-config", json.dumps(kv_transfer_config(config, role), separators=(",", ":"))]
+        argv += ["--kv-transfer-config", json.dumps(kv_transfer_config(deployment, role), separators=(",", ":"))]
     return argv + list(worker.extra_engine_args)
 
 
@@ -94,8 +97,9 @@ def engine_url(worker: WorkerConfig) -> str:
     return f"http://127.0.0.1:{worker.engine_port}"
 
 
-def engine_child(config: Config, worker: WorkerConfig, role: KVRole | None, *, name: str) -> ChildProcess:
+def engine_child(deployment: Deployment, worker: WorkerConfig, role: KVRole | None, *, name: str) -> ChildProcess:
     """The engine as a child process of the worker ``name``, logging to ``<log_dir>/<name>-engine.log``."""
-    return ChildProcess(f"{name} engine", engine_argv(config, worker, role),
+    config = deployment.config
+    return ChildProcess(f"{name} engine", engine_argv(deployment, worker, role),
                         log_path=Path(config.log_dir) / f"{name}-engine.log", env=engine_env(worker),
                         port=worker.engine_port, logs=config.logs, fatal_lines=VLLM_FAILED_START)

@@ -13,7 +13,8 @@ import httpx
 from daemons.children.child_daemon import ChildDaemon
 from daemons.children.engine import KVRole, engine_child, engine_url
 from daemons.children.stall import EngineLoad, StallDetector, engine_load
-from daemons.config import Config, WorkerConfig
+from daemons.config import Config
+from daemons.config_sections import WorkerConfig
 from daemons.runtime.httpserver import EmbeddedServer
 from daemons.runtime.lifecycle import DaemonFailed
 from daemons.runtime.listen import inherited_socket
@@ -45,7 +46,7 @@ class EngineDaemon(ChildDaemon):
         super().__init__(config, **kw)  # type: ignore[arg-type]
         self.worker: WorkerConfig = config.worker(self.kind, self.id.instance)
         self.engine_url = engine_url(self.worker)
-        self.child = engine_child(config, self.worker, self.role, name=self.name)
+        self.child = engine_child(self.deployment, self.worker, self.role, name=self.name)
         self.child_startup_timeout_s = self.worker.engine_startup_timeout_s
         self.child_metrics_url = f"{self.engine_url}/metrics"
         self.stall = engine_stall_detector(config)
@@ -100,7 +101,7 @@ class EngineDaemon(ChildDaemon):
         (wall clock: this daemon's start or its engine's loss), so a restart it owes them comes first."""
         if not view.ready:
             return f"lmcache-server {view.state}: {view.reason}"
-        if self.config.lmcache_restarts_on_engine_loss:
+        if self.deployment.lmcache_restarts_on_engine_loss:
             checked = view.record.details.get("engines_checked_at") if view.record is not None else None
             if not isinstance(checked, (int, float)) or checked <= since:
                 return "lmcache-server has not looked at the engines since this worker's engine was lost"

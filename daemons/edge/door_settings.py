@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any
 
-from daemons.config import DecodeWorkerConfig
+from daemons.config_sections import DecodeWorkerConfig
 from daemons.edge.request_limits import WorkLimits
 
 
@@ -54,3 +54,10 @@ class FrontDoorSettings:
     def from_config(cls, worker: DecodeWorkerConfig, engine_url: str) -> FrontDoorSettings:
         names = [f.name for f in fields(cls) if f.name != "engine_url"]
         return cls(engine_url=engine_url, **{name: getattr(worker, name) for name in names})
+
+
+# The decode_worker keys a reload (SIGHUP) applies without a restart, in its section or one instance's: the front
+# door's settings and the API keys file. Every other key of the config needs a restart of the daemon that reads it
+# (the reload says which; the configuration reference marks each key).
+SETTINGS_KEYS = frozenset(f.name for f in fields(FrontDoorSettings) if f.name != "engine_url")
+LIVE_KEYS = SETTINGS_KEYS | {"api_keys_file"}

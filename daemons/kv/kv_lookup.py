@@ -36,7 +36,7 @@ import typing
 from pathlib import Path
 
 from daemons.children.child import child_env
-from daemons.config import LogsConfig
+from daemons.config_sections import LogsConfig
 
 log = logging.getLogger(__name__)
 

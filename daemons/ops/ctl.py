@@ -28,18 +28,10 @@ from pathlib import Path
 from typing import Any
 
 from daemons import __version__
-from daemons.config import (
-    COORDINATOR,
-    EX_CONFIG,
-    HOST_ID_ENV,
-    Config,
-    ConfigError,
-    DaemonId,
-    check_model_present,
-    config_path,
-    load_config,
-)
+from daemons.config import EX_CONFIG, Config, ConfigError, check_model_present, config_path, load_config
+from daemons.deployment import HOST_ID_ENV, Deployment
 from daemons.edge.auth import client_key
+from daemons.names import COORDINATOR, DaemonId
 from daemons.ops.make_model import SHAPES, make_model
 from daemons.runtime.listen import loopback_if_wildcard, url_host
 from daemons.runtime.statefile import PeerView, State, assess, pid_alive, read_state, retire_dead_records
@@ -56,15 +48,18 @@ def _out(text: str = "") -> None:
     sys.stdout.flush()
 
 
-def _load(args: argparse.Namespace, *, require_model: bool = True) -> Config:
+def _load(args: argparse.Namespace, *, require_model: bool = True) -> Deployment:
+    """The config (--config) as this host runs it (--host-id in a cluster)."""
     config = load_config(config_path(args.config), require_model=require_model)
-    return config.on_host(getattr(args, "host_id", None)) if config.cluster is not None else config
+    return Deployment.on_host(config, getattr(args, "host_id", None))
 
 
 # -- status ------------------------------------------------------------------------------
-def collect_status(config: Config) -> list[PeerView]:
+def collect_status(deployment: Deployment) -> list[PeerView]:
+    """The state of each of this host's daemons, from their state files."""
+    config = deployment.config
     timeout = config.readiness.heartbeat_timeout_s
-    return [assess(config.runtime_dir, name, timeout) for name in config.daemon_names()]
+    return [assess(config.runtime_dir, name, timeout) for name in deployment.daemon_names()]
 
 
 def all_ready(views: list[PeerView]) -> bool:
@@ -85,8 +80,7 @@ def format_status(views: list[PeerView]) -> str:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    config = _load(args, require_model=False)
-    views = collect_status(config)
+    views = collect_status(_load(args, require_model=False))
     if args.json:
         _out(json.dumps({"all_ready": all_ready(views), "daemons": [v.to_json() for v in views]}, indent=2))
     else:
@@ -94,12 +88,12 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0 if all_ready(views) else 1
 
 
-def wait_ready(config: Config, timeout_s: float, *, quiet: bool = False, fail_fast: bool = False) -> bool:
+def wait_ready(deployment: Deployment, timeout_s: float, *, quiet: bool = False, fail_fast: bool = False) -> bool:
     """True once all three are ready; False on timeout, or at once on a failed daemon with fail_fast."""
     deadline = time.monotonic() + timeout_s
     last = ""
     while True:
-        views = collect_status(config)
+        views = collect_status(deployment)
         if all_ready(views):
             return True
         if fail_fast and any(v.state == State.FAILED.value for v in views):
@@ -116,9 +110,9 @@ def wait_ready(config: Config, timeout_s: float, *, quiet: bool = False, fail_fa
 
 
 def cmd_wait_ready(args: argparse.Namespace) -> int:
-    config = _load(args, require_model=False)
+    deployment = _load(args, require_model=False)
     t0 = time.monotonic()
-    if wait_ready(config, args.timeout, fail_fast=args.fail_fast):
+    if wait_ready(deployment, args.timeout, fail_fast=args.fail_fast):
         _out(f"all ready after {time.monotonic() - t0:.1f}s")
         return 0
     _out(f"not all ready after {args.timeout:.0f}s")
@@ -127,7 +121,7 @@ def cmd_wait_ready(args: argparse.Namespace) -> int:
 
 # -- config and model ----------------------------------------------------------------------
 def cmd_check_config(args: argparse.Namespace) -> int:
-    config = _load(args)
+    config = _load(args).config
     for warning in config.warnings():
         print(f"warning: {warning}", file=sys.stderr)
     _out(f"{config.source}: OK (model {config.model.name} at {config.model.path})")
@@ -141,15 +135,15 @@ def cmd_runs_here(args: argparse.Namespace) -> int:
     The systemd units' ExecCondition=: on a host of a cluster, the units of other hosts' daemons are
     skipped (inactive, not failed), so every host installs the same units and target."""
     try:
-        config = _load(args, require_model=False)
+        deployment = _load(args, require_model=False)
     except ConfigError as exc:
         # Not this command's to judge: the daemon starts, names the problem and exits 78 (a skipped
         # unit would hide a bad config).
         _out(f"config not valid ({str(exc).splitlines()[0]}): starting {args.daemon} to report it")
         return 0
-    here = args.daemon in config.daemon_names()
+    here = args.daemon in deployment.daemon_names()
     if not here:
-        where = f"host {config.host_id}" if config.host_id else "one box (no cluster section)"
+        where = f"host {deployment.host_id}" if deployment.host_id else "one box (no cluster section)"
         _out(f"{args.daemon} does not run on {where}")
     return 0 if here else 1
 
@@ -165,7 +159,9 @@ def cmd_make_model(args: argparse.Namespace) -> int:
 
 
 # -- up / down under supervisord ----------------------------------------------------------------
-def supervisor_env(config: Config) -> dict[str, str]:
+def supervisor_env(deployment: Deployment) -> dict[str, str]:
+    """supervisord's environment: the paths its config reads, and which host of a cluster this is."""
+    config = deployment.config
     env = dict(os.environ)
     env.update(
         # The console scripts supervisord runs: $DISAGG_BIN where the operator names a release's (a staged install
@@ -176,35 +172,35 @@ def supervisor_env(config: Config) -> dict[str, str]:
         DISAGG_LOG_DIR=str(config.log_dir),
         DISAGG_STOP_WAIT_S=str(config.readiness.stop_budget_s),  # never SIGKILL a daemon in its drain
     )
-    if config.host_id is not None:
-        env[HOST_ID_ENV] = config.host_id  # the daemons run as this host of the cluster
+    if deployment.host_id is not None:
+        env[HOST_ID_ENV] = deployment.host_id  # the daemons run as this host of the cluster
     return env
 
 
-def _rendered(config: Config) -> bool:
+def _rendered(deployment: Deployment) -> bool:
     """Does this config need a supervisord config of its own (several hosts, or worker instances)?"""
-    return config.cluster is not None or any(DaemonId.parse(n).instance for n in config.daemon_names())
+    return deployment.host_id is not None or any(DaemonId.parse(n).instance for n in deployment.daemon_names())
 
 
-def supervisor_conf(config: Config) -> Path:
+def supervisor_conf(deployment: Deployment) -> Path:
     """The supervisord config for this machine: the shipped one for one box of one worker each; else (a host of a
     cluster, worker instances) one written to the runtime dir with exactly this host's programs."""
-    return config.runtime_dir / "supervisord.conf" if _rendered(config) else SUPERVISOR_CONF
+    return deployment.config.runtime_dir / "supervisord.conf" if _rendered(deployment) else SUPERVISOR_CONF
 
 
-def render_supervisor_conf(config: Config) -> str:
+def render_supervisor_conf(deployment: Deployment) -> str:
     """The shipped config cut to this host's daemons: lmcache-coordinator is lmcache-server's program renamed, and
     a worker instance its kind's program named after it (``prefill-worker@a``) with ``--instance a``."""
     head, *programs = SUPERVISOR_CONF.read_text().split("\n[program:")
     sections = {p.split("]", 1)[0]: "[program:" + p for p in programs}
     sections[COORDINATOR] = sections["lmcache-server"].replace("[program:lmcache-server]", f"[program:{COORDINATOR}]") \
         .replace("disagg-lmcache-server", f"disagg-{COORDINATOR}").replace("priority=10", "priority=5")
-    for name in config.daemon_names():
+    for name in deployment.daemon_names():
         daemon = DaemonId.parse(name)
         if daemon.instance:
             sections[name] = sections[daemon.kind].replace(f"[program:{daemon.kind}]", f"[program:{name}]") \
                 .replace("--config %(ENV_DISAGG_CONFIG)s\n", f"--config %(ENV_DISAGG_CONFIG)s --instance {daemon.instance}\n", 1)
-    local = ["disagg-sockets", *config.daemon_names()]
+    local = ["disagg-sockets", *deployment.daemon_names()]
     return head.rstrip() + "\n\n" + "\n".join(sections[name].rstrip() + "\n" for name in local if name in sections)
 
 
@@ -220,16 +216,18 @@ def _supervisord_pid(config: Config) -> int | None:
 SUPERVISORCTL_TIMEOUT_S = 120.0
 
 
-def supervisorctl(config: Config, *words: str, conf: Path | None = None,
+def supervisorctl(deployment: Deployment, *words: str, conf: Path | None = None,
                   timeout_s: float = SUPERVISORCTL_TIMEOUT_S) -> subprocess.CompletedProcess[str]:
     exe = str(Path(sys.executable).parent / "supervisorctl")
-    conf = conf or supervisor_conf(config)
+    conf = conf or supervisor_conf(deployment)
     return subprocess.run(
-        [exe, "-c", str(conf), *words], env=supervisor_env(config), capture_output=True, text=True, timeout=timeout_s
+        [exe, "-c", str(conf), *words], env=supervisor_env(deployment), capture_output=True, text=True, timeout=timeout_s
     )
 
 
-def up(config: Config, conf: Path | None = None) -> int:
+def up(deployment: Deployment, conf: Path | None = None) -> int:
+    """Start supervisord with this host's programs (the held sockets' first), in the background."""
+    config = deployment.config
     check_model_present(config)
     if _supervisord_pid(config):
         _out(f"already running (supervisord pid {_supervisord_pid(config)})")
@@ -237,28 +235,29 @@ def up(config: Config, conf: Path | None = None) -> int:
     config.runtime_dir.mkdir(parents=True, exist_ok=True)
     config.log_dir.mkdir(parents=True, exist_ok=True)
     # What the previous run left (a failed record of a dead pid) must not be read as this run's.
-    for daemon in retire_dead_records(config.runtime_dir, config.daemon_names()):
+    for daemon in retire_dead_records(config.runtime_dir, deployment.daemon_names()):
         log.info("%s: the previous run's state file moved aside (%s.json.last)", daemon, daemon)
     if conf is None:
-        conf = supervisor_conf(config)
-        if _rendered(config):
-            conf.write_text(render_supervisor_conf(config))
+        conf = supervisor_conf(deployment)
+        if _rendered(deployment):
+            conf.write_text(render_supervisor_conf(deployment))
     exe = str(Path(sys.executable).parent / "supervisord")
-    proc = subprocess.run([exe, "-c", str(conf)], env=supervisor_env(config), capture_output=True, text=True)
+    proc = subprocess.run([exe, "-c", str(conf)], env=supervisor_env(deployment), capture_output=True, text=True)
     if proc.returncode != 0:
         _out(f"supervisord failed to start: {proc.stderr.strip() or proc.stdout.strip()}")
         return 1
-    where = f" on host {config.host_id}" if config.host_id else ""
-    _out(f"started {', '.join(config.daemon_names())}{where} under supervisord (logs in {config.log_dir})")
+    where = f" on host {deployment.host_id}" if deployment.host_id else ""
+    _out(f"started {', '.join(deployment.daemon_names())}{where} under supervisord (logs in {config.log_dir})")
     return 0
 
 
-def down(config: Config, conf: Path | None = None, timeout_s: float = 180.0) -> int:
-    pid = _supervisord_pid(config)
+def down(deployment: Deployment, conf: Path | None = None, timeout_s: float = 180.0) -> int:
+    """Shut supervisord down (each daemon drains first); SIGKILL to its group past ``timeout_s``."""
+    pid = _supervisord_pid(deployment.config)
     if pid is None:
         _out("not running")
         return 0
-    supervisorctl(config, "shutdown", conf=conf)
+    supervisorctl(deployment, "shutdown", conf=conf)
     deadline = time.monotonic() + timeout_s
     while pid_alive(pid) and time.monotonic() < deadline:
         time.sleep(0.2)
@@ -270,15 +269,16 @@ def down(config: Config, conf: Path | None = None, timeout_s: float = 180.0) -> 
     return 0
 
 
-def restart(config: Config, names: list[str], timeout_s: float = 900.0) -> int:
+def restart(deployment: Deployment, names: list[str], timeout_s: float = 900.0) -> int:
     """A rolling restart under supervisord: each daemon in turn (dependencies first), waiting after each until
     every daemon is ready again — decode-worker's ready means its canary passed: the KV path is back —
     before the next. Its held socket keeps decode-worker's clients in the backlog meanwhile."""
-    unknown = sorted(set(names) - set(config.daemon_names()))
+    config = deployment.config
+    unknown = sorted(set(names) - set(deployment.daemon_names()))
     if unknown:
-        _out(f"not a daemon of this host: {', '.join(unknown)} (these are: {', '.join(config.daemon_names())})")
+        _out(f"not a daemon of this host: {', '.join(unknown)} (these are: {', '.join(deployment.daemon_names())})")
         return 2
-    for name in [n for n in config.daemon_names() if not names or n in names]:
+    for name in [n for n in deployment.daemon_names() if not names or n in names]:
         before = read_state(config.runtime_dir, name)
         t0 = time.monotonic()
         _out(f"restarting {name}")
@@ -286,7 +286,7 @@ def restart(config: Config, names: list[str], timeout_s: float = 900.0) -> int:
         # readiness.stop_budget_s, rendered into stopwaitsecs): `supervisorctl restart` under one client timeout
         # was killed between its stop and its start once a drain took longer, leaving the daemon stopped.
         try:
-            stop = supervisorctl(config, "stop", name, timeout_s=config.readiness.stop_budget_s + 30)
+            stop = supervisorctl(deployment, "stop", name, timeout_s=config.readiness.stop_budget_s + 30)
         except subprocess.TimeoutExpired:
             _out(f"{name} did not stop within {config.readiness.stop_budget_s + 30}s (its stop budget and a margin): "
                  "stopping the rolling restart; `disaggctl supervisorctl status` says where it is")
@@ -294,7 +294,7 @@ def restart(config: Config, names: list[str], timeout_s: float = 900.0) -> int:
         if stop.returncode != 0 and "not running" not in stop.stdout.lower():
             _out(f"supervisorctl stop {name} failed: {(stop.stdout + stop.stderr).strip()}")
             return 1
-        proc = supervisorctl(config, "start", name)
+        proc = supervisorctl(deployment, "start", name)
         if proc.returncode != 0 or "ERROR" in proc.stdout:
             _out(f"supervisorctl start {name} failed: {(proc.stdout + proc.stderr).strip()}")
             return 1
@@ -307,7 +307,7 @@ def restart(config: Config, names: list[str], timeout_s: float = 900.0) -> int:
                 _out(f"{name} wrote no record of a new process within {timeout_s:.0f}s")
                 return 1
             time.sleep(0.5)
-        if not wait_ready(config, max(1.0, deadline - time.monotonic()), quiet=True):
+        if not wait_ready(deployment, max(1.0, deadline - time.monotonic()), quiet=True):
             _out(f"not all ready {timeout_s:.0f}s after restarting {name}: stopping the rolling restart")
             return 1
         _out(f"{name} restarted; all ready, the KV path back, after {time.monotonic() - t0:.1f}s")
@@ -320,12 +320,12 @@ def cmd_restart(args: argparse.Namespace) -> int:
 
 def cmd_supervisorctl(args: argparse.Namespace) -> int:
     """supervisorctl for the supervisord `disaggctl up` started, from any shell; its output and exit status."""
-    config = _load(args, require_model=False)
+    deployment = _load(args, require_model=False)
     exe = str(Path(sys.executable).parent / "supervisorctl")
     words = list(args.words) or ["status"]
     # No deadline: an operator's `stop` or `restart` waits as long as a drain may (supervisord's stopwaitsecs), and
     # `tail -f` until interrupted; a client killed between stop and start would leave the daemon stopped.
-    return subprocess.run([exe, "-c", str(supervisor_conf(config)), *words], env=supervisor_env(config)).returncode
+    return subprocess.run([exe, "-c", str(supervisor_conf(deployment)), *words], env=supervisor_env(deployment)).returncode
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -367,16 +367,17 @@ def cmd_hold_sockets(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    config = _load(args, require_model=False)
+    deployment = _load(args, require_model=False)
+    config = deployment.config
     if not (config.model.path / "config.json").exists():
         _out(f"making the local model at {config.model.path}")
         make_model(config.model.path)
     check_model_present(config)
     t0 = time.monotonic()
-    if up(config) != 0:
+    if up(deployment) != 0:
         return 1
     try:
-        if not wait_ready(config, args.timeout, fail_fast=False):
+        if not wait_ready(deployment, args.timeout, fail_fast=False):
             _out(f"the daemons were not ready after {args.timeout:.0f}s; logs are in {config.log_dir}")
             return 1
         _out(f"all three daemons ready after {time.monotonic() - t0:.1f}s")
@@ -396,7 +397,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         return 0
     finally:
         if not args.keep:
-            down(config)
+            down(deployment)
 
 
 def cmd_install(args: argparse.Namespace) -> int:

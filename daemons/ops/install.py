@@ -21,8 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
-from daemons.config import ConfigError, DaemonId
-from daemons.runtime.listen import SHARED_FRONT_DOOR, url_host
+from daemons.config import ConfigError
+from daemons.deployment import Deployment
+from daemons.names import SHARED_FRONT_DOOR, DaemonId
+from daemons.runtime.listen import url_host
 
 if TYPE_CHECKING:
     from daemons.config import Config
@@ -70,15 +72,16 @@ def _listening_at(socket_unit: str, host: str, port: int) -> str:
     return re.sub(r"^ListenStream=.*$", f"ListenStream={url_host(host)}:{port}", socket_unit, flags=re.M)
 
 
-def render_unit(path: Path, bin_dir: str, config: Config | None = None) -> str:
-    """A shipped unit for this machine: ``ExecStart=`` at ``bin_dir``; a ``.socket`` listening where ``config``
-    has its worker listen."""
+def render_unit(path: Path, bin_dir: str, deployment: Deployment | None = None) -> str:
+    """A shipped unit for this machine: ``ExecStart=`` at ``bin_dir``; a ``.socket`` listening where
+    ``deployment`` has its worker listen."""
     text = path.read_text().replace(SHIPPED_BIN, bin_dir)
-    if path.suffix == ".socket" and config is not None:
+    if path.suffix == ".socket" and deployment is not None:
         kind = path.name.removeprefix("disagg-").removesuffix(".socket")
-        worker = config.workers(kind).get(kind)
+        worker = deployment.config.workers(kind).get(kind)  # every host gets the unit; ExecCondition= skips it
         if worker is not None:
-            text = _listening_at(text, config.listen_address(kind), worker.port)
+            text = _listening_at(text, deployment.listen_address(kind), worker.port)
+    config = deployment.config if deployment is not None else None
     if path.suffix == ".service" and config is not None:  # never SIGKILL a daemon in the middle of its drain
         shipped = re.search(r"^TimeoutStopSec=(\d+)$", text, flags=re.M)
         if shipped is not None and int(shipped.group(1)) < config.readiness.stop_budget_s:
@@ -89,23 +92,22 @@ def render_unit(path: Path, bin_dir: str, config: Config | None = None) -> str:
 INSTANCE_SOCKET_GLOB = "disagg-*-worker@*.socket"
 
 
-def instance_sockets(config: Config) -> dict[str, str]:
-    """A socket unit for every worker instance of ``config`` (file name -> text), made from the kind's shipped
+def instance_sockets(deployment: Deployment) -> dict[str, str]:
+    """A socket unit for every worker instance of ``deployment`` (file name -> text), made from the kind's shipped
     ``.socket``: the instance's address and port, its daemon's name for the descriptor, its template service.
     Template units cannot carry a port each; a unit file for one instance (``NAME@INSTANCE.socket``) can."""
     units = {}
-    local = _local_daemons(config)  # this host's instances only, where it can tell which host this is
-    for kind in ("prefill-worker", "decode-worker"):
+    for name, (address, port) in deployment.held_sockets().items():
+        daemon = DaemonId.parse(name)
+        if daemon.instance is None:
+            continue
+        kind, instance = daemon.kind, daemon.instance
         shipped = (UNIT_DIR / f"disagg-{kind}.socket").read_text()
-        for name, worker in config.workers(kind).items():
-            if "@" not in name or name not in local:
-                continue
-            instance = name.split("@", 1)[1]
-            text = _listening_at(shipped, config.listen_address(name), worker.port)
-            text = re.sub(r"^FileDescriptorName=.*$", f"FileDescriptorName={name}", text, flags=re.M)
-            text = re.sub(r"^Service=.*$", f"Service=disagg-{kind}@{instance}.service", text, flags=re.M)
-            text = re.sub(r"^(Description=.*?)(,|:)", rf"\1 {instance}\2", text, count=1, flags=re.M)
-            units[f"disagg-{kind}@{instance}.socket"] = text
+        text = _listening_at(shipped, address, port)
+        text = re.sub(r"^FileDescriptorName=.*$", f"FileDescriptorName={name}", text, flags=re.M)
+        text = re.sub(r"^Service=.*$", f"Service=disagg-{kind}@{instance}.service", text, flags=re.M)
+        text = re.sub(r"^(Description=.*?)(,|:)", rf"\1 {instance}\2", text, count=1, flags=re.M)
+        units[f"disagg-{kind}@{instance}.socket"] = text
     return units
 
 
@@ -114,18 +116,16 @@ FRONT_DOOR_DROPIN = "front-door.conf"
 FRONT_DOOR_DROPINS = ("disagg-decode-worker.service.d", "disagg-decode-worker@.service.d")
 
 
-def front_door_units(config: Config) -> dict[str, str]:
+def front_door_units(deployment: Deployment) -> dict[str, str]:
     """The box's one endpoint under systemd (``decode_worker.shared_port``; empty without one): a socket unit
     (file name -> text) that every decode-worker service of this host inherits besides its own (a drop-in's
     ``Sockets=``, path relative to the unit directory). One listening socket, one backlog: each decode-worker
     accepts from it, and while one restarts the others take its connections."""
-    shared = config.shared_front_door()
-    if shared is None:
+    held = deployment.held_sockets()
+    if SHARED_FRONT_DOOR not in held:
         return {}
-    local = [n for n in config.decode_workers() if n in _local_daemons(config)]
-    if not local:
-        return {}
-    host, port = shared
+    local = [n for n in held if DaemonId.parse(n).kind == "decode-worker"]
+    host, port = held[SHARED_FRONT_DOOR]
     first = DaemonId.parse(local[0])
     service = f"disagg-decode-worker@{first.instance}.service" if first.instance else "disagg-decode-worker.service"
     text = _listening_at((UNIT_DIR / "disagg-decode-worker.socket").read_text(), host, port)
@@ -156,15 +156,14 @@ def _remove_front_door_file(prefix: Path, path: Path, why: str = "") -> list[Act
     return [Action(f"remove drop-in{why}", path)]
 
 
-def _local_daemons(config: Config) -> set[str]:
-    """The daemons whose units this host gets: this host's in a cluster (all, where it cannot tell which it is)."""
-    local = set(config.cluster_daemon_names())
-    if config.cluster is not None:
-        try:
-            local = set(config.on_host().daemon_names())
-        except ConfigError:
-            log.warning("cannot tell which host of the cluster this is: socket units for every host's instances")
-    return local
+def _this_host(config: Config) -> Deployment:
+    """The deployment whose units this host gets: this host's in a cluster (every host's, where it cannot tell which
+    it is)."""
+    try:
+        return Deployment.on_host(config)
+    except ConfigError:
+        log.warning("cannot tell which host of the cluster this is: socket units for every host's instances")
+        return Deployment(config)
 
 
 def _systemd_here(prefix: Path) -> bool:
@@ -204,7 +203,7 @@ def plan_install(prefix: Path, config: Path | None, bin_dir: str) -> list[Action
     # that does not load stops the install (ConfigError): a socket unit with a guessed address could listen on
     # every interface while the config says loopback.
     installed = prefix / "etc/disagg/disagg.yaml"
-    loaded = _load(config or (installed if installed.exists() else REPO_ROOT / "etc" / "disagg-gpu.yaml"))
+    loaded = _this_host(_load(config or (installed if installed.exists() else REPO_ROOT / "etc" / "disagg-gpu.yaml")))
     for unit in unit_files():
         target = prefix / "etc/systemd/system" / unit.name
         content = render_unit(unit, bin_dir, loaded)

@@ -25,6 +25,7 @@ from pydantic_core import PydanticUndefined
 
 from daemons import config as config_module
 from daemons import names
+from daemons.edge.door_settings import LIVE_KEYS
 from daemons.metrics import FrontDoorMetrics, LMCacheServerMetrics, PrefillMetrics
 from daemons.runtime.exposition import DaemonMetrics
 
@@ -105,6 +106,8 @@ def configuration_reference() -> str:
     lines = [GENERATED, "", "# Configuration reference", "",
              "Every key of the one YAML file all daemons read (`etc/disagg.yaml` is the embedded default). Unknown "
              "keys, wrong types and cross-key mistakes are refused at start with the key named, exit status 78. "
+             "*On SIGHUP*: `live`, a reload (`systemctl reload`, `disaggctl supervisorctl signal HUP ...`) applies "
+             "it to the running daemon; `restart`, the reload says so and the key waits for the daemon's restart. "
              "How to use them: [Configuration](../configuration.md).", ""]
     for prefix, model in _sections(config_module.Config):
         keys = [(n, f) for n, f in model.model_fields.items()
@@ -115,10 +118,11 @@ def configuration_reference() -> str:
         lines += [f"## `{title}`", ""]
         if model.__doc__ and model.__doc__ != BaseModel.__doc__:
             lines += [_cell(model.__doc__), ""]
-        lines += ["| key | type | default | what it does |", "|---|---|---|---|"]
+        lines += ["| key | type | default | on SIGHUP | what it does |", "|---|---|---|---|---|"]
         for name, field in keys:
+            live = prefix == "decode_worker." and name in LIVE_KEYS
             lines.append(f"| `{name}` | {_type_name(field.annotation)} | {_default(field)} | "
-                         f"{_cell(_description(model, name))} |")
+                         f"{'live' if live else 'restart'} | {_cell(_description(model, name))} |")
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"
 

@@ -23,8 +23,9 @@ import sys
 import threading
 from pathlib import Path
 
-from daemons.config import WORKER_KINDS, Config, DaemonId
-from daemons.runtime.listen import SHARED_FRONT_DOOR, bind_listening
+from daemons.config import Config
+from daemons.deployment import Deployment
+from daemons.runtime.listen import bind_listening
 
 log = logging.getLogger(__name__)
 
@@ -35,28 +36,16 @@ def sockets_path(config: Config) -> Path:
     return config.runtime_dir / SOCKETS_FILE
 
 
-def wanted(config: Config) -> dict[str, tuple[str, int]]:
-    """This host's listening daemons and where they listen (the workers' APIs), and the box's one endpoint
-    (``front-door``: one socket that every decode-worker of the host accepts on) where the config has one."""
-    local = set(config.daemon_names())
-    sockets = {name: (config.listen_address(name), worker.port) for kind in WORKER_KINDS
-               for name, worker in config.workers(kind).items() if name in local}
-    shared = config.shared_front_door()
-    if shared is not None and any(DaemonId.parse(name).kind == "decode-worker" for name in sockets):
-        sockets[SHARED_FRONT_DOOR] = shared
-    return sockets
-
-
 def bind(host: str, port: int) -> socket.socket:
     return bind_listening(host, port)
 
 
 class SocketHolder:
-    def __init__(self, config: Config) -> None:
-        self.path = sockets_path(config)
+    def __init__(self, deployment: Deployment) -> None:
+        self.path = sockets_path(deployment.config)
         self.sockets: dict[str, socket.socket] = {}
         try:
-            for name, (host, port) in wanted(config).items():
+            for name, (host, port) in deployment.held_sockets().items():
                 self.sockets[name] = bind(host, port)
         except OSError:
             for sock in self.sockets.values():
@@ -103,10 +92,10 @@ class SocketHolder:
         self._stop.set()
 
 
-def hold(config: Config) -> int:
+def hold(deployment: Deployment) -> int:
     """Run the holder until SIGTERM/SIGINT; 1 when a port cannot be bound (it is in use)."""
     try:
-        holder = SocketHolder(config)
+        holder = SocketHolder(deployment)
     except OSError as exc:
         log.error("cannot bind the daemons' ports: %s", exc)
         return 1
@@ -123,4 +112,4 @@ if __name__ == "__main__":
     from daemons.config import config_path, load_config
 
     logging.basicConfig(level=logging.INFO, stream=sys.stderr)
-    sys.exit(hold(load_config(config_path(sys.argv[1] if len(sys.argv) > 1 else None)).on_host(None)))
+    sys.exit(hold(Deployment.on_host(load_config(config_path(sys.argv[1] if len(sys.argv) > 1 else None)))))

@@ -14,7 +14,9 @@ import os
 import sys
 
 from daemons import __version__
-from daemons.config import EX_CONFIG, WORKER_KINDS, ConfigError, DaemonId, config_path, load_config
+from daemons.config import EX_CONFIG, ConfigError, config_path, load_config
+from daemons.deployment import Deployment
+from daemons.names import WORKER_KINDS, DaemonId
 from daemons.runtime.instance_lock import EX_ALREADY_RUNNING, AlreadyRunning, hold_instance_lock
 from daemons.runtime.lifecycle import Daemon
 from daemons.runtime.statefile import check_runtime_dir
@@ -46,10 +48,11 @@ def run_daemon(cls: type[Daemon], argv: list[str] | None = None) -> int:
     setup_logging(str(daemon_id))
     path = config_path(args.config)
     try:
-        config = load_config(path).on_host(args.host_id)
-        if config.host is not None and str(daemon_id) not in config.host.daemons:
-            raise ConfigError(f"{path}: cluster.hosts.{config.host_id}.daemons: {daemon_id} does not run on this "
-                              f"host (it runs {', '.join(config.host.daemons)})")
+        deployment = Deployment.on_host(load_config(path), args.host_id)
+        config, host = deployment.config, deployment.host
+        if host is not None and str(daemon_id) not in host.daemons:
+            raise ConfigError(f"{path}: cluster.hosts.{deployment.host_id}.daemons: {daemon_id} does not run on this "
+                              f"host (it runs {', '.join(host.daemons)})")
         if cls.kind in WORKER_KINDS:
             config.worker(cls.kind, daemon_id.instance)
         try:
@@ -59,7 +62,7 @@ def run_daemon(cls: type[Daemon], argv: list[str] | None = None) -> int:
         # Before anything reads a state file, binds a port or looks for an earlier start's processes.
         lock = hold_instance_lock(config.runtime_dir, str(daemon_id))
         try:
-            daemon = cls(config, instance=daemon_id.instance)
+            daemon = cls(config, instance=daemon_id.instance, host_id=deployment.host_id)
         except BaseException:
             os.close(lock)
             raise

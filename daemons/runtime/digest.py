@@ -31,7 +31,9 @@ from functools import lru_cache
 from importlib import metadata
 from pathlib import Path
 
-from daemons.config import WORKER_KINDS, Config, kv_engine_args
+from daemons.config import Config
+from daemons.engine_flags import kv_engine_args
+from daemons.names import WORKER_KINDS
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
 _HEAD_BYTES = 1 << 20

@@ -32,7 +32,9 @@ from prometheus_client import CollectorRegistry
 from starlette.routing import Route
 
 from daemons import __version__
-from daemons.config import Config, ConfigError, DaemonId, config_changes, load_config, with_applied
+from daemons.config import Config, ConfigError, config_changes, load_config, with_applied
+from daemons.deployment import Deployment
+from daemons.names import DaemonId
 from daemons.runtime.digest import digest_of, digest_parts
 from daemons.runtime.exposition import DaemonMetrics, metrics_app
 from daemons.runtime.httpserver import EmbeddedServer
@@ -57,12 +59,15 @@ class Daemon:
     kind: str = "daemon"  # lmcache-server, prefill-worker, decode-worker
 
     def __init__(
-        self, config: Config, *, instance: str | None = None, registry: CollectorRegistry | None = None,
-        strict: bool | None = None,
+        self, config: Config, *, instance: str | None = None, host_id: str | None = None,
+        registry: CollectorRegistry | None = None, strict: bool | None = None,
     ) -> None:
         self.id = DaemonId(self.kind, instance)
         self.name = str(self.id)
         self.config = config
+        # Where this daemon and its peers run (``host_id``: which host of the config's cluster this is; else
+        # $DISAGG_HOST_ID, else the host whose address this machine has). Follows the config on a reload.
+        self.deployment = Deployment.on_host(config, host_id)
         self.registry = registry if registry is not None else CollectorRegistry()
         self.digest_parts = digest_parts(config)
         self.digest = digest_of(self.digest_parts)
@@ -309,7 +314,8 @@ class Daemon:
             log.error("reload: this config was not read from a file: nothing to re-read")
             return []
         try:
-            new = (await asyncio.to_thread(load_config, source)).on_host(self.config.host_id)
+            new = await asyncio.to_thread(load_config, source)
+            Deployment.on_host(new, self.deployment.host_id)  # this host is still one of the config's
         except ConfigError as exc:
             log.error("reload: %s: the running config stays", exc)
             return []
@@ -319,6 +325,7 @@ class Daemon:
             return []
         applied = self.apply_config(new, changed)
         self.config = with_applied(self.config, new, applied)
+        self.deployment = Deployment(self.config, self.deployment.host_id)
         pending = [key for key in changed if key not in applied]
         log.info("reload: %s: applied %s", source, ", ".join(f"{k} ({changed[k]})" for k in applied) or "nothing")
         if pending:

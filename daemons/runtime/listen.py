@@ -96,9 +96,6 @@ def inherited_socket(name: str, host: str, port: int, env: dict[str, str] | None
     return sock
 
 
-# The name of the box's one endpoint (decode_worker.shared_port): the socket every decode-worker accepts on, besides
-# its own (the holder's name for it, and the FileDescriptorName of disagg-front-door.socket).
-SHARED_FRONT_DOOR = "front-door"
 BACKLOG = 1024
 
 

@@ -69,9 +69,10 @@ class Stack:
 
     def supervisorctl(self, *words: str) -> str:
         from daemons.config import load_config
+        from daemons.deployment import Deployment
         from daemons.ops.ctl import supervisorctl
 
-        proc = supervisorctl(load_config(self.config, require_model=False), *words)
+        proc = supervisorctl(Deployment(load_config(self.config, require_model=False)), *words)
         return proc.stdout + proc.stderr
 
     def status(self) -> dict:

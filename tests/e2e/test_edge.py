@@ -20,6 +20,7 @@ import pytest
 from benchmarks.harness.scrape import metric_value
 from daemons.children.child import descendants
 from daemons.config import load_config
+from daemons.deployment import Deployment
 from daemons.runtime.statefile import read_state
 
 from .conftest import PORTS, words_prompt
@@ -185,7 +186,7 @@ def test_160_concurrent_streams_get_429s_not_a_slow_collapse(stack) -> None:  # 
 def test_every_port_of_the_stack_listens_on_loopback_only(stack) -> None:  # type: ignore[no-untyped-def]
     config = load_config(stack.config)
     pids: set[int] = set()
-    for name in config.daemon_names():
+    for name in Deployment(config).daemon_names():
         record = read_state(config.runtime_dir, name)
         assert record is not None
         pids |= {record.pid, *descendants(record.pid)}
@@ -255,7 +256,7 @@ def send_raw(port: int, payload: bytes) -> int | None:
 
 def test_garbage_on_every_port_of_ours_gets_no_5xx_and_kills_nothing(stack) -> None:  # type: ignore[no-untyped-def]
     config = load_config(stack.config)
-    before = {name: read_state(config.runtime_dir, name).pid for name in config.daemon_names()}  # type: ignore[union-attr]
+    before = {name: read_state(config.runtime_dir, name).pid for name in Deployment(config).daemon_names()}  # type: ignore[union-attr]
     ports = [PORTS["decode_worker"]["port"], PORTS["prefill_worker"]["port"], PORTS["lmcache_server"]["metrics_port"],
              PORTS["prefill_worker"]["metrics_port"], PORTS["decode_worker"]["metrics_port"]]
     rng = random.Random(20261126)
@@ -271,7 +272,7 @@ def test_garbage_on_every_port_of_ours_gets_no_5xx_and_kills_nothing(stack) -> N
         statuses[port] = seen
     print("\n" + "\n".join(f"port {p}: {dict(s)}" for p, s in statuses.items()))
     assert bad == [], bad[:5]
-    after = {name: read_state(config.runtime_dir, name).pid for name in config.daemon_names()}  # type: ignore[union-attr]
+    after = {name: read_state(config.runtime_dir, name).pid for name in Deployment(config).daemon_names()}  # type: ignore[union-attr]
     assert after == before, "a daemon restarted under garbage"
     resp = stack.complete(words_prompt(3, 300), max_tokens=2)
     assert resp.status_code == 200
@@ -288,7 +289,7 @@ def test_schema_driven_fuzzing_of_the_front_door_finds_no_5xx(stack, tmp_path) -
     schema["paths"] = {path: {method: schema["paths"][path][method]} for path, method in FRONT_DOOR_ROUTES.items()}
     (tmp_path / "openapi.json").write_text(json.dumps(schema))
     config = load_config(stack.config)
-    pids = {name: read_state(config.runtime_dir, name).pid for name in config.daemon_names()}  # type: ignore[union-attr]
+    pids = {name: read_state(config.runtime_dir, name).pid for name in Deployment(config).daemon_names()}  # type: ignore[union-attr]
     before = rss(stack)
     # Positive and negative cases (valid bodies and bodies the schema forbids), fixed seed; the
     # coverage phase is left out: schemathesis 4.32 crashes in it on this schema (its own
@@ -306,7 +307,7 @@ def test_schema_driven_fuzzing_of_the_front_door_finds_no_5xx(stack, tmp_path) -
     assert generated and int(generated.group(1)) >= 100, "the fuzzer hardly ran"
     grown = rss(stack) - before
     assert grown < 100e6, f"decode-worker grew by {grown / 1e6:.0f} MB under fuzzing"
-    after = {name: read_state(config.runtime_dir, name).pid for name in config.daemon_names()}  # type: ignore[union-attr]
+    after = {name: read_state(config.runtime_dir, name).pid for name in Deployment(config).daemon_names()}  # type: ignore[union-attr]
     assert after == pids, "a daemon restarted under fuzzing"
     stack.wait_state("decode-worker", ("ready",), timeout=120)
     prompt = words_prompt(4242, 600)

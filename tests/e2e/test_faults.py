@@ -29,6 +29,7 @@ from benchmarks.harness.releases import current_bin, make_release, switch
 from benchmarks.harness.scrape import metric_value
 from daemons import __version__
 from daemons.config import load_config
+from daemons.deployment import Deployment
 from daemons.kv.canary import vocabulary
 from daemons.ops.openai_client import completion_body, sse_events
 from daemons.runtime.statefile import read_state
@@ -147,7 +148,7 @@ def test_fault_under_load_ends_with_the_kv_path_back(fault_stack: Path, case: st
     wait_all_ready(fault_stack, 600)
     load = Load(f"http://127.0.0.1:{cfg.decode_worker.port}", cfg.model.name, vocabulary(cfg.model.path),
                 clients=4, prompt_tokens=600, max_tokens=8, deadline_s=CLIENT_DEADLINE_S, think_s=THINK_S)
-    before = {name: _record(cfg, name).pid for name in cfg.daemon_names()}
+    before = {name: _record(cfg, name).pid for name in Deployment(cfg).daemon_names()}
     lmcache_child = int(_record(cfg, "lmcache-server").details["child_pid"])
     row = asyncio.run(run_fault(load, fault(case, fault_stack), warmup_s=4, recovery_bound_s=RECOVERY_BOUND_S))
     ROWS.append(row)
@@ -168,15 +169,15 @@ def test_fault_under_load_ends_with_the_kv_path_back(fault_stack: Path, case: st
     if case.startswith("decode-worker:"):  # its listening socket is held (disagg-sockets): nothing is refused
         assert row.refused == 0 and row.failed_cleanly == 0, (row.line(), row.problems)
     if case.endswith(":hup"):  # no daemon restarted
-        assert {name: _record(cfg, name).pid for name in cfg.daemon_names()} == before
+        assert {name: _record(cfg, name).pid for name in Deployment(cfg).daemon_names()} == before
     if case.endswith(":restart") or case == UPGRADE:  # planned: nothing refused or failed; an LMCache restart
         assert (row.refused, row.failed_cleanly) == (0, 0), (row.line(), row.problems)  # restarts no worker
-        after = {name: _record(cfg, name).pid for name in cfg.daemon_names()}
+        after = {name: _record(cfg, name).pid for name in Deployment(cfg).daemon_names()}
         restarted = {name for name in after if after[name] != before[name]}
         assert restarted == ({"lmcache-server"} if case.startswith("lmcache") else set(after)), restarted
     if case == UPGRADE:  # every daemon runs the new release, and the KV path came back between the steps
-        assert {name: _record(cfg, name).version for name in cfg.daemon_names()} == \
-            dict.fromkeys(cfg.daemon_names(), NEW_RELEASE)
+        assert {name: _record(cfg, name).version for name in Deployment(cfg).daemon_names()} == \
+            dict.fromkeys(Deployment(cfg).daemon_names(), NEW_RELEASE)
         assert row.disaggregated > 0, row.line()
     if case == COMPOUND:  # LMCache stuck: lmcache-server replaced it by itself, long before the SIGCONT
         assert row.ended.startswith("stopped process killed by the stack"), row.ended
@@ -193,7 +194,7 @@ def assert_no_orphan_engine(cfg, worker: str) -> None:  # type: ignore[no-untype
     from daemons.children.keeper import below
     from daemons.children.strays import tagged
 
-    child = engine_child(cfg, cfg.worker(worker, None), None, name=worker)
+    child = engine_child(Deployment(cfg), cfg.worker(worker, None), None, name=worker)
     keeper = int(_record(cfg, worker).details["keeper_pid"])
     tree = {keeper, *below(keeper)}
     left = [pid for pid in tagged(child.tag) if pid not in tree]

@@ -18,6 +18,7 @@ import pytest
 from benchmarks.harness.scrape import metric_value
 from daemons.children.engine import engine_argv, engine_env
 from daemons.config import load_config
+from daemons.deployment import Deployment
 from daemons.ops.openai_client import sse_events
 from daemons.runtime.statefile import read_state
 
@@ -34,7 +35,7 @@ def plain_engine(stack, tmp_path_factory):
     worker = config.decode_worker.model_copy(update={"engine_port": PLAIN_PORT})
     log_path = tmp_path_factory.mktemp("plain") / "engine.log"
     with log_path.open("wb") as out:
-        proc = subprocess.Popen(engine_argv(config, worker, None), env=engine_env(worker), stdout=out,
+        proc = subprocess.Popen(engine_argv(Deployment(config), worker, None), env=engine_env(worker), stdout=out,
                                 stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{PLAIN_PORT}"
     try:

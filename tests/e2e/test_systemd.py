@@ -29,6 +29,7 @@ import pytest
 import yaml
 
 from daemons.config import load_config
+from daemons.deployment import Deployment
 from daemons.ops.install import front_door_units, render_unit, unit_files
 
 from .conftest import PORTS, REPO, write_config
@@ -107,8 +108,8 @@ def stage_units(pid: int, staging: Path, config: Path) -> None:
     staging.mkdir()
     loaded = load_config(config)
     for unit in unit_files():
-        (staging / unit.name).write_text(render_unit(unit, str(Path(sys.executable).parent), loaded))
-    for name, text in front_door_units(loaded).items():  # the box's endpoint: a socket, and a drop-in for it
+        (staging / unit.name).write_text(render_unit(unit, str(Path(sys.executable).parent), Deployment(loaded)))
+    for name, text in front_door_units(Deployment(loaded)).items():  # the box's endpoint: a socket, and a drop-in for it
         (staging / name).parent.mkdir(exist_ok=True)
         (staging / name).write_text(text)
     drop_in = ["[Service]", f"Environment=DISAGG_CONFIG={config}", "User=root", "Group=root",

@@ -214,7 +214,7 @@ def test_cpu_engines_are_not_pinned_to_the_shared_cores_unless_the_operator_says
     failover traffic sat in sched_setaffinity): on CPU the engines' threads float, an operator's binding wins,
     and a GPU engine is left as vLLM sets it."""
     from daemons.children.engine import engine_env
-    from daemons.config import PrefillWorkerConfig
+    from daemons.config_sections import PrefillWorkerConfig
 
     monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
     assert engine_env(PrefillWorkerConfig(device="cpu", kv_cache_memory_bytes=1 << 28))["VLLM_CPU_OMP_THREADS_BIND"] == "nobind"

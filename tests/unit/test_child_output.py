@@ -15,7 +15,7 @@ import pytest
 
 from daemons.children import keeper
 from daemons.children.child import ChildProcess
-from daemons.config import LogsConfig
+from daemons.config_sections import LogsConfig
 
 from .fakes import wait_until
 

@@ -12,6 +12,7 @@ import yaml
 from daemons.children.engine import kv_transfer_config
 from daemons.config import ConfigError, load_config
 from daemons.decode_worker import p2p_peers
+from daemons.deployment import Deployment
 from daemons.kv.canary import CanaryResult
 from daemons.lmcache_coordinator import coordinator_argv
 from daemons.lmcache_server import lmcache_argv
@@ -53,7 +54,7 @@ def error_of(tmp_path: Path, d: dict) -> str:
 
 def test_each_host_runs_only_its_daemons_and_binds_its_private_address(tmp_path, model_dir):
     config = load(tmp_path, doc(model_dir))
-    prefill, decode = config.on_host("p1"), config.on_host("d1")
+    prefill, decode = Deployment.on_host(config, "p1"), Deployment.on_host(config, "d1")
     assert prefill.daemon_names() == ["lmcache-server", "prefill-worker"]
     assert decode.daemon_names() == ["lmcache-coordinator", "lmcache-server", "decode-worker"]
     assert prefill.lmcache_address == "10.9.0.2" and decode.lmcache_address == "10.9.0.1"
@@ -71,14 +72,14 @@ def test_each_host_runs_only_its_daemons_and_binds_its_private_address(tmp_path,
     assert coordinator_argv(decode)[4:8] == ["--host", "10.9.0.1", "--port", "9300"]
     # One box: nothing changes.
     one = load(tmp_path, {k: v for k, v in doc(model_dir).items() if k != "cluster"})
-    assert one.on_host() is one and "--coordinator-url" not in lmcache_argv(one)
+    assert Deployment.on_host(one) == Deployment(one) and "--coordinator-url" not in lmcache_argv(Deployment(one))
 
 
 def test_the_digest_spans_hosts(tmp_path, model_dir):
-    a = load(tmp_path, doc(model_dir)).on_host("p1")
-    b = load(tmp_path, doc(model_dir)).on_host("d1")
-    assert config_digest(a) == config_digest(b)  # same file, either host
-    other = load(tmp_path, doc(model_dir, p2p_port=8600)).on_host("d1")
+    a = load(tmp_path, doc(model_dir))
+    b = load(tmp_path, doc(model_dir))
+    assert config_digest(a) == config_digest(b)  # the file's, whichever host reads it
+    other = load(tmp_path, doc(model_dir, p2p_port=8600))
     assert config_digest(other) != config_digest(b)  # a host with another layout is told apart
 
 
@@ -86,19 +87,19 @@ def test_which_host_from_flag_env_or_local_address(tmp_path, model_dir, monkeypa
     config = load(tmp_path, doc(model_dir))
     monkeypatch.delenv("DISAGG_HOST_ID", raising=False)
     with pytest.raises(ConfigError, match="cannot tell which host"):
-        config.on_host()  # neither 10.9.0.1 nor 10.9.0.2 is this machine's
+        Deployment.on_host(config)  # neither 10.9.0.1 nor 10.9.0.2 is this machine's
     monkeypatch.setenv("DISAGG_HOST_ID", "d1")
-    assert config.on_host().host_id == "d1"
+    assert Deployment.on_host(config).host_id == "d1"
     with pytest.raises(ConfigError, match="no host 'x1'"):
-        config.on_host("x1")
+        Deployment.on_host(config, "x1")
     d = doc(model_dir)
     d["cluster"]["hosts"]["d1"]["address"] = "10.9.0.1"
     d["cluster"]["private_network"] = "10.9.0.0/24"
     monkeypatch.delenv("DISAGG_HOST_ID")
-    import daemons.config as cfg
+    import daemons.deployment
 
-    monkeypatch.setattr(cfg, "local_addresses", lambda cands: ["10.9.0.2"])
-    assert load(tmp_path, d).on_host().host_id == "p1"
+    monkeypatch.setattr(daemons.deployment, "local_addresses", lambda cands: ["10.9.0.2"])
+    assert Deployment.on_host(load(tmp_path, d)).host_id == "p1"
 
 
 @pytest.mark.parametrize("change, message", [
@@ -136,8 +137,8 @@ def test_supervisord_config_holds_only_this_hosts_programs(tmp_path, model_dir):
     from daemons.ops.ctl import render_supervisor_conf
 
     config = load(tmp_path, doc(model_dir))
-    prefill = render_supervisor_conf(config.on_host("p1"))
-    decode = render_supervisor_conf(config.on_host("d1"))
+    prefill = render_supervisor_conf(Deployment.on_host(config, "p1"))
+    decode = render_supervisor_conf(Deployment.on_host(config, "d1"))
     assert "[program:prefill-worker]" in prefill and "[program:decode-worker]" not in prefill
     assert "[program:lmcache-coordinator]" not in prefill
     assert "[program:lmcache-coordinator]" in decode and "disagg-lmcache-coordinator --config" in decode
@@ -190,7 +191,7 @@ def test_kv_that_does_not_cross_hosts_is_blamed_on_the_link_only_without_a_p2p_p
     d = doc(model_dir)
     d["runtime_dir"] = str(tmp_path / "run")
     d["log_dir"] = str(tmp_path / "log")
-    worker = DecodeWorker(load(tmp_path, d).on_host("d1"))
+    worker = DecodeWorker(load(tmp_path, d), host_id="d1")
     assert worker.remote_prefills == {"prefill-worker": "p1"}
     assert worker.peers.remote == {"prefill-worker": "http://10.9.0.2:8100/disagg/state"}
     missed = CanaryResult(False, "decode_load", "0 of 256 tokens loaded", 256)
@@ -235,8 +236,8 @@ def test_runs_here_decides_which_units_start(tmp_path, model_dir, capsys):
 
 def test_the_shipped_cluster_example_is_valid():
     config = load_config(REPO / "etc" / "disagg-cluster.yaml", require_model=False)
-    assert config.on_host("gpu-a").daemon_names() == ["lmcache-server", "prefill-worker"]
-    assert config.on_host("gpu-b").daemon_names() == ["lmcache-coordinator", "lmcache-server", "decode-worker"]
+    assert Deployment.on_host(config, "gpu-a").daemon_names() == ["lmcache-server", "prefill-worker"]
+    assert Deployment.on_host(config, "gpu-b").daemon_names() == ["lmcache-coordinator", "lmcache-server", "decode-worker"]
     assert config.cluster is not None and config.cluster.p2p_transfer_engine == "nixl"
 
 
@@ -249,7 +250,7 @@ def test_a_peer_host_back_as_a_new_lmcache_instance_restarts_this_hosts_lmcache(
     d = doc(model_dir)
     d["runtime_dir"] = str(tmp_path / "run")
     d["log_dir"] = str(tmp_path / "log")
-    server = LMCacheServer(load(tmp_path, d).on_host("d1"))
+    server = LMCacheServer(load(tmp_path, d), host_id="d1")
     assert server.instance_id.startswith("d1.")
     assert server.replaced_peers(["p1.18c0ffee"]) == ""  # the first one seen
     assert server.replaced_peers(["p1.18c0ffee"]) == ""  # the same
@@ -262,7 +263,7 @@ def test_a_peer_host_back_as_a_new_lmcache_instance_restarts_this_hosts_lmcache(
     argv = server.child.argv
     assert argv[argv.index("--instance-id") + 1] == server.instance_id
     # The prefill host does not read KV from the decode host: a restarted decode host is no news there.
-    prefill = LMCacheServer(load(tmp_path, d).on_host("p1"))
+    prefill = LMCacheServer(load(tmp_path, d), host_id="p1")
     assert prefill.replaced_peers(["d1.1"]) == "" and prefill.replaced_peers(["d1.2"]) == ""
     assert server.reads_from("p1") and not prefill.reads_from("d1")
 
@@ -281,8 +282,8 @@ def test_across_hosts_the_prefill_api_answers_only_the_clusters_daemons(tmp_path
 
     d = doc(model_dir)
     d["runtime_dir"], d["log_dir"] = str(tmp_path / "run"), str(tmp_path / "log")
-    prefill = PrefillWorker(load(tmp_path, d).on_host("p1"))
-    decode = DecodeWorker(load(tmp_path, d).on_host("d1"))
+    prefill = PrefillWorker(load(tmp_path, d), host_id="p1")
+    decode = DecodeWorker(load(tmp_path, d), host_id="d1")
     secret = (model_dir / "cluster-secret").read_text().strip()
 
     async def ask(headers: dict[str, str], path: str) -> int:
@@ -310,12 +311,12 @@ def test_a_missing_or_short_cluster_secret_is_a_config_error(tmp_path, model_dir
     d["runtime_dir"], d["log_dir"] = str(tmp_path / "run"), str(tmp_path / "log")
     (model_dir / "cluster-secret").write_text("short\n")
     with pytest.raises(ConfigError, match="at least 16"):
-        PrefillWorker(load(tmp_path, d).on_host("p1"))
+        PrefillWorker(load(tmp_path, d), host_id="p1")
     # Not set (a cluster mid-roll from a release without it): allowed, loudly; nothing is enforced.
     del d["cluster"]["secret_file"]
     config = load(tmp_path, d)
     assert any("cluster.secret_file is not set" in w for w in config.warnings())
-    assert PrefillWorker(config.on_host("p1")).cluster_secret == ""
+    assert PrefillWorker(config, host_id="p1").cluster_secret == ""
 
 
 def test_install_fences_lmcaches_ports_to_the_clusters_hosts(tmp_path, model_dir):

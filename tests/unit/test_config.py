@@ -6,6 +6,7 @@ import pytest
 import yaml
 
 from daemons.config import ConfigError, load_config
+from daemons.deployment import Deployment
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -133,7 +134,8 @@ def instances_doc(model_dir: Path) -> dict:
 
 def test_instances_resolve_to_one_worker_each(tmp_path, model_dir):
     config = load_config(write(tmp_path, instances_doc(model_dir)))
-    assert config.daemon_names() == ["lmcache-server", "prefill-worker@gpu0", "prefill-worker@gpu1", "decode-worker"]
+    assert Deployment(config).daemon_names() == ["lmcache-server", "prefill-worker@gpu0", "prefill-worker@gpu1",
+                                                 "decode-worker"]
     workers = config.workers("prefill-worker")
     assert workers["prefill-worker@gpu1"].port == 8120
     assert workers["prefill-worker@gpu1"].kv_cache_memory_bytes == 268435456  # inherited from the section
@@ -257,18 +259,19 @@ def gpus(tmp_path: Path, model_dir: Path, prefill: str, decode: str, **extra: ob
 
 def test_an_engine_spans_the_gpus_its_device_names_with_tensor_parallelism(tmp_path, model_dir):
     from daemons.children.engine import engine_argv, engine_env
-    from daemons.config import gpu_indices
+    from daemons.engine_flags import gpu_indices
 
     assert gpu_indices("cuda:0-3") == [0, 1, 2, 3] and gpu_indices("cuda:4,6") == [4, 6] and gpu_indices("cpu") == []
     config = load_config(write(tmp_path, gpus(tmp_path, model_dir, "cuda:0-3", "cuda:4,5,6,7")))
     prefill, decode = config.prefill_worker, config.decode_worker
     assert (prefill.tensor_parallel_size, decode.tensor_parallel_size) == (4, 4)
-    argv = engine_argv(config, prefill, "kv_producer")
+    argv = engine_argv(Deployment(config), prefill, "kv_producer")
     assert argv[argv.index("--tensor-parallel-size") + 1] == "4"
     assert engine_env(decode)["CUDA_VISIBLE_DEVICES"] == "4,5,6,7"
-    assert config.local_engine_ranks() == 8 and config.lmcache_workers() == (16, 10)  # every rank connects
+    assert Deployment(config).local_engine_ranks() == 8  # every rank connects to LMCache
+    assert Deployment(config).lmcache_workers() == (16, 10)
     one = load_config(write(tmp_path, gpus(tmp_path, model_dir, "cuda:0", "cuda:1")))
-    assert "--tensor-parallel-size" not in engine_argv(one, one.prefill_worker, "kv_producer")
+    assert "--tensor-parallel-size" not in engine_argv(Deployment(one), one.prefill_worker, "kv_producer")
 
 
 def test_engines_of_different_tensor_parallel_sizes_are_refused_with_the_reason(tmp_path, model_dir):
@@ -309,12 +312,12 @@ def test_the_eight_gpu_layouts_pass_check_config(tmp_path, model_dir, layout):
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     config = load_config(path)
-    from daemons.config import gpu_indices
+    from daemons.engine_flags import gpu_indices
 
     engines = [w for kind in ("prefill-worker", "decode-worker") for w in config.workers(kind).values()]
     used = sorted(g for w in engines for g in gpu_indices(w.device))
     assert used == list(range(8))  # every GPU of the box, once
-    assert config.local_engine_ranks() == 8
+    assert Deployment(config).local_engine_ranks() == 8
     # The 70B layout with a decode engine over three GPUs: refused, with the reason.
     if "70b" in layout:
         doc["decode_worker"]["device"] = "cuda:4-6"
@@ -326,13 +329,13 @@ def test_worker_instances_get_a_supervisord_program_each(tmp_path, model_dir):
     from daemons.ops.ctl import render_supervisor_conf, supervisor_conf
 
     config = load_config(REPO / "etc" / "disagg-8gpu-7b.yaml", require_model=False)
-    conf = render_supervisor_conf(config)
+    conf = render_supervisor_conf(Deployment(config))
     for name in ("prefill-worker@p0", "prefill-worker@p3", "decode-worker@d0", "decode-worker@d3"):
         kind, instance = name.split("@")
         assert f"[program:{name}]" in conf
         assert f"disagg-{kind} --config %(ENV_DISAGG_CONFIG)s --instance {instance}\n" in conf
     assert "[program:prefill-worker]" not in conf and "[program:lmcache-coordinator]" not in conf
-    assert supervisor_conf(config) == config.runtime_dir / "supervisord.conf"
+    assert supervisor_conf(Deployment(config)) == config.runtime_dir / "supervisord.conf"
 
 
 def shared_doc(model_dir: Path) -> dict:
@@ -347,9 +350,9 @@ def shared_doc(model_dir: Path) -> dict:
 
 def test_decode_instances_share_one_endpoint_counted_once(tmp_path, model_dir):
     config = load_config(write(tmp_path, shared_doc(model_dir)))
-    assert config.shared_front_door() == ("127.0.0.1", 8090)
+    assert Deployment(config).shared_front_door() == ("127.0.0.1", 8090)
     assert config.listening_ports()["decode_worker.shared_port"] == 8090
-    assert load_config(write(tmp_path, base(model_dir))).shared_front_door() is None
+    assert Deployment(load_config(write(tmp_path, base(model_dir)))).shared_front_door() is None
 
 
 @pytest.mark.parametrize("change, expected", [

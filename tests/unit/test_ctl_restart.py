@@ -10,6 +10,7 @@ from pathlib import Path
 import yaml
 
 from daemons.config import load_config
+from daemons.deployment import Deployment
 from daemons.ops import ctl
 from daemons.runtime.statefile import StateRecord
 from daemons.runtime.states import State
@@ -42,7 +43,7 @@ def test_a_rolling_restart_waits_for_each_stop_as_long_as_its_drain_may_take(tmp
     monkeypatch.setattr(ctl, "supervisorctl", fake_supervisorctl)
     monkeypatch.setattr(ctl, "read_state", fake_read_state)
     monkeypatch.setattr(ctl, "wait_ready", lambda *a, **k: True)
-    assert ctl.restart(config, ["lmcache-server"]) == 0
+    assert ctl.restart(Deployment(config), ["lmcache-server"]) == 0
     assert [w for w, _ in calls] == [("stop", "lmcache-server"), ("start", "lmcache-server")]
     stop_timeout = calls[0][1]
     assert stop_timeout >= config.readiness.stop_budget_s, (stop_timeout, config.readiness.stop_budget_s)

@@ -260,13 +260,14 @@ def test_prefill_worker_aborts_the_engine_request_when_its_caller_gives_up(tmp_p
 
 def test_lmcache_http_api_is_bound_to_loopback(tmp_path: Path) -> None:
     from daemons.config import parse_config
+    from daemons.deployment import Deployment
     from daemons.lmcache_server import lmcache_argv
 
     model = tmp_path / "model"
     model.mkdir()
     (model / "config.json").write_text("{}")
-    argv = lmcache_argv(parse_config({"runtime_dir": "r", "log_dir": "l", "model": {"path": str(model)}},
-                                     tmp_path / "d.yaml"))
+    argv = lmcache_argv(Deployment(parse_config({"runtime_dir": "r", "log_dir": "l", "model": {"path": str(model)}},
+                                                tmp_path / "d.yaml")))
     assert argv[argv.index("--http-host") + 1] == "127.0.0.1"
 
 

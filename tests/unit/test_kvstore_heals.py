@@ -17,6 +17,7 @@ import yaml
 
 from daemons.children.stacks import process_state, thread_stacks
 from daemons.config import load_config
+from daemons.deployment import Deployment
 from daemons.kv.kv_lookup import KVLookup
 from daemons.lmcache_server import LMCacheServer, lmcache_argv
 from daemons.prefill_worker import PrefillWorker
@@ -46,23 +47,24 @@ def record(name: str, state: State = State.READY, **details: object) -> StateRec
 
 # -- LMCache sized for its engines ---------------------------------------------------------------------------
 def test_lmcache_gets_a_store_and_load_thread_per_engine_rank_twice_over(tmp_path, model_dir):
-    config = config_with(tmp_path, model_dir)
-    assert config.local_engine_ranks() == 2  # one prefill + one decode engine
-    argv = lmcache_argv(config)
+    here = Deployment(config_with(tmp_path, model_dir))
+    assert here.local_engine_ranks() == 2  # one prefill + one decode engine
+    argv = lmcache_argv(here)
     assert argv[argv.index("--max-gpu-workers") + 1] == "4"  # a restarted engine is a new rank to LMCache
     assert argv[argv.index("--max-cpu-workers") + 1] == "4"
-    more = config_with(tmp_path, model_dir, decode_worker={"instances": {"a": {"port": 18010, "engine_port": 18011,
-                       "metrics_port": 19110}, "b": {}}}, lmcache={"max_cpu_workers": 9})
+    more = Deployment(config_with(tmp_path, model_dir, decode_worker={"instances": {"a": {"port": 18010,
+                      "engine_port": 18011, "metrics_port": 19110}, "b": {}}}, lmcache={"max_cpu_workers": 9}))
     assert more.local_engine_ranks() == 3 and more.lmcache_workers() == (6, 9)
 
 
 def test_restarting_lmcache_on_an_engine_loss_is_for_gpu_engines_unless_said(tmp_path, model_dir):
-    assert not config_with(tmp_path, model_dir).lmcache_restarts_on_engine_loss  # CPU engines: no CUDA IPC
-    assert config_with(tmp_path, model_dir, lmcache={"restart_on_engine_loss": "always"}).lmcache_restarts_on_engine_loss
-    gpu = config_with(tmp_path, model_dir, decode_worker={"device": "cuda:1"})
-    assert gpu.lmcache_restarts_on_engine_loss
-    never = config_with(tmp_path, model_dir, decode_worker={"device": "cuda:1"}, lmcache={"restart_on_engine_loss": "never"})
-    assert not never.lmcache_restarts_on_engine_loss
+    def restarts(**sections: object) -> bool:
+        return Deployment(config_with(tmp_path, model_dir, **sections)).lmcache_restarts_on_engine_loss
+
+    assert not restarts()  # CPU engines: no CUDA IPC
+    assert restarts(lmcache={"restart_on_engine_loss": "always"})
+    assert restarts(decode_worker={"device": "cuda:1"})
+    assert not restarts(decode_worker={"device": "cuda:1"}, lmcache={"restart_on_engine_loss": "never"})
 
 
 # -- lmcache-server's judgement ------------------------------------------------------------------------------

@@ -312,7 +312,7 @@ def test_sighup_reloads_and_the_daemon_goes_on(config: Config, tmp_path: Path) -
     import yaml
 
     path = tmp_path / "disagg.yaml"
-    path.write_text(yaml.safe_dump(config.model_dump(mode="json", exclude={"source", "host_id"})))
+    path.write_text(yaml.safe_dump(config.model_dump(mode="json", exclude={"source"})))
     from daemons.config import load_config
 
     cfg = load_config(path)

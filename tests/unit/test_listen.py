@@ -8,6 +8,7 @@ import socket
 import threading
 from pathlib import Path
 
+from daemons.names import SHARED_FRONT_DOOR
 from daemons.runtime import listen
 
 
@@ -40,6 +41,7 @@ def test_activation_meant_for_another_process_is_ignored() -> None:
 
 def test_the_holder_hands_each_daemon_its_socket_and_a_restart_refuses_nothing(tmp_path: Path) -> None:
     from daemons.config import parse_config
+    from daemons.deployment import Deployment
     from daemons.ops.socket_holder import SocketHolder, sockets_path
 
     model = tmp_path / "model"
@@ -54,7 +56,7 @@ def test_the_holder_hands_each_daemon_its_socket_and_a_restart_refuses_nothing(t
            "decode_worker": {"kv_cache_memory_bytes": 1 << 28, "port": nums[1]}}
     (tmp_path / "run").mkdir()
     config = parse_config(doc, tmp_path / "disagg.yaml")
-    holder = SocketHolder(config)
+    holder = SocketHolder(Deployment(config))
     thread = threading.Thread(target=holder.serve, daemon=True)
     thread.start()
     try:
@@ -106,7 +108,8 @@ def test_the_box_s_endpoint_is_one_socket_every_decode_worker_accepts_on(tmp_pat
     asks (one backlog: a connection made while one of them is gone is accepted by another); without a holder, each
     binds it with SO_REUSEPORT beside the others."""
     from daemons.config import parse_config
-    from daemons.ops.socket_holder import SocketHolder, sockets_path, wanted
+    from daemons.deployment import Deployment
+    from daemons.ops.socket_holder import SocketHolder, sockets_path
 
     model = tmp_path / "model"
     model.mkdir()
@@ -122,14 +125,14 @@ def test_the_box_s_endpoint_is_one_socket_every_decode_worker_accepts_on(tmp_pat
            "prefill_worker": {"kv_cache_memory_bytes": 1 << 28, "port": nums[3]}}
     (tmp_path / "run").mkdir()
     config = parse_config(doc, tmp_path / "disagg.yaml")
-    assert wanted(config)[listen.SHARED_FRONT_DOOR] == ("127.0.0.1", nums[0])
-    holder = SocketHolder(config)
+    assert Deployment(config).held_sockets()[SHARED_FRONT_DOOR] == ("127.0.0.1", nums[0])
+    holder = SocketHolder(Deployment(config))
     thread = threading.Thread(target=holder.serve, daemon=True)
     thread.start()
     try:
         env = {listen.HOLDER_ENV: str(sockets_path(config))}
-        a = listen.inherited_socket(listen.SHARED_FRONT_DOOR, "127.0.0.1", nums[0], env)
-        b = listen.inherited_socket(listen.SHARED_FRONT_DOOR, "127.0.0.1", nums[0], env)
+        a = listen.inherited_socket(SHARED_FRONT_DOOR, "127.0.0.1", nums[0], env)
+        b = listen.inherited_socket(SHARED_FRONT_DOOR, "127.0.0.1", nums[0], env)
         assert a is not None and b is not None
         a.close()  # decode-worker@a is gone: its siblings accept what comes in
         client = socket.create_connection(("127.0.0.1", nums[0]), timeout=5)

@@ -152,3 +152,33 @@ def test_a_reload_that_fails_says_so_and_the_daemon_goes_on(decode_config: Path,
         asyncio.run(scenario())
     assert "the API keys file vanished" in worker.details["reload_failed"]
     assert any("reload failed: RuntimeError" in r.getMessage() for r in caplog.records)
+
+
+def test_what_the_reference_marks_live_a_reload_applies_and_nothing_else(decode_config: Path) -> None:
+    """docs/reference/configuration.md's "on SIGHUP" column (LIVE_KEYS): every decode_worker key of a plain type
+    changed at once; a reload applies exactly those marked live and names every other as needing a restart."""
+    from daemons.config_sections import DecodeWorkerConfig
+    from daemons.edge.door_settings import LIVE_KEYS
+
+    worker = DecodeWorker(load_config(decode_config), strict=True)
+    before = worker.worker
+    doc = yaml.safe_load(decode_config.read_text())
+    changed = {}
+    for name, field in DecodeWorkerConfig.model_fields.items():
+        value = getattr(before, name)
+        if isinstance(value, bool):
+            changed[name] = not value
+        elif isinstance(value, int) and name not in ("port", "engine_port", "metrics_port"):
+            changed[name] = value + 1
+        elif isinstance(value, float):
+            changed[name] = value + 1.5
+        elif name == "routing":
+            changed[name] = "round_robin" if value == "load" else "load"
+    assert {"max_concurrent_requests", "routing", "engine_restart_limit", "first_token_timeout_s"} <= set(changed)
+    doc["decode_worker"].update(changed)
+    write(decode_config, doc)
+    pending = set(asyncio.run(worker.reload_config()))
+    live = {name for name in changed if name in LIVE_KEYS}
+    assert pending == {f"decode_worker.{name}" for name in changed if name not in LIVE_KEYS}
+    assert live and all(getattr(worker.worker, name) == changed[name] for name in live)
+    assert all(getattr(worker.worker, name) == getattr(before, name) for name in changed if name not in LIVE_KEYS)
