@@ -164,7 +164,7 @@ def test_what_the_reference_marks_live_a_reload_applies_and_nothing_else(decode_
     before = worker.worker
     doc = yaml.safe_load(decode_config.read_text())
     changed = {}
-    for name, field in DecodeWorkerConfig.model_fields.items():
+    for name in DecodeWorkerConfig.model_fields:
         value = getattr(before, name)
         if isinstance(value, bool):
             changed[name] = not value
