@@ -100,12 +100,14 @@ def test_a_prefill_worker_that_cannot_serve_the_whole_request_leaves_it_to_the_d
         stream: bool, failure: str) -> None:
     async def scenario() -> None:
         gate = asyncio.Event()
+        at_engine: list[str] = []
 
         async def handler(request: httpx.Request) -> httpx.Response:
             if request.url.host == "prefill":
                 if failure == "refused":
                     raise httpx.ConnectError("connection refused")
                 return httpx.Response(503, json={"error": {"message": "prefill engine unavailable"}})
+            at_engine.append(request.url.path)
             await gate.wait()
             return engine_answer(request)
 
@@ -114,7 +116,8 @@ def test_a_prefill_worker_that_cannot_serve_the_whole_request_leaves_it_to_the_d
         async with httpx.AsyncClient(transport=transport, base_url="http://door", timeout=60) as client:
             body = {"model": "m", "prompt": list(range(100)), "max_tokens": 3, "stream": stream}
             first = asyncio.create_task(client.post("/v1/completions", json=body))
-            await until(lambda: door.admission.active == 1, "the first request in progress")
+            # At the decode engine, so placed: merely admitted, it may be placed after the second (a loaded CPU).
+            await until(lambda: len(at_engine) == 1, "the first request at the decode engine")
             second = asyncio.create_task(client.post("/v1/completions", json=body))
             await until(lambda: len(router.reports) == 1, "the second request's fallback")
             gate.set()
