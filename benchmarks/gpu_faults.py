@@ -139,7 +139,8 @@ def main() -> int:
         p.error(f"--tokens {a.tokens} is below decode_worker.disaggregate_min_tokens "
                 f"({cfg.decode_worker.disaggregate_min_tokens}): no KV would load")
     log = Log(a.out, Path(cfg.log_dir) / "lmcache-server.out")
-    url = f"http://127.0.0.1:{cfg.decode_worker.port}"
+    door = Deployment(cfg).shared_front_door()  # the box's one endpoint, where the config has one
+    url = f"http://127.0.0.1:{door[1] if door else cfg.decode_worker.port}"
     load = Load(url, cfg.model.name, vocabulary(cfg.model.path), clients=a.clients, prompt_tokens=a.tokens,
                 max_tokens=a.max_tokens, deadline_s=300)
     for step in filter(None, (s.strip() for s in a.plan.split(","))):

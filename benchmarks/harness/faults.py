@@ -209,10 +209,11 @@ class Stack:
     def pid_of(self, target: str) -> Callable[[], int]:
         """``decode engine``, ``prefill keeper``, ``LMCache server process`` or a daemon's name -> its pid, looked
         up when the fault lands."""
-        if target.endswith(" engine"):
-            return lambda: int(self.record(target.replace(" engine", "-worker")).details["engine_pid"])  # type: ignore[call-overload]
-        if target.endswith(" keeper"):  # between the worker and its engine (daemons/children/keeper.py)
-            return lambda: int(self.record(target.replace(" keeper", "-worker")).details["keeper_pid"])  # type: ignore[call-overload]
+        if target.endswith((" engine", " keeper")):  # "decode engine", "decode-worker@d0 keeper" (an instance's)
+            worker, _, part = target.rpartition(" ")
+            worker = worker if "-worker" in worker else f"{worker}-worker"
+            # The keeper stands between the worker and its engine (daemons/children/keeper.py).
+            return lambda: int(self.record(worker).details[f"{part}_pid"])  # type: ignore[call-overload]
         if target == "LMCache server process":
             return lambda: int(self.record("lmcache-server").details["child_pid"])  # type: ignore[call-overload]
         return lambda: self.record(target).pid
