@@ -28,7 +28,7 @@ docs:
 	$(PY) -m daemons.ops.reference --check
 	$(PY) -m mkdocs build --strict --quiet
 
-# Rewrite docs/reference/ from the code (after changing config.py, config_sections.py, metrics.py, names.py or the rules).
+# Rewrite docs/reference/ from the code (after changing config.py, config_sections.py, edge/door_settings.py, metrics.py, names.py or the rules).
 reference:
 	$(PY) -m daemons.ops.reference
 

@@ -334,19 +334,22 @@ class DecodeWorker(EngineDaemon):
         door.placement.share.enabled = s.balance_short_prompts
         self.router.in_turn = s.routing == ROUND_ROBIN
         applied = {key for key in changed if key in live}
-        keys_key = f"{prefix}api_keys_file"
+        # The file set for this instance, or once for every instance (the section's key).
+        keys_keys = {f"{prefix}api_keys_file", "decode_worker.api_keys_file"} & set(changed)
+        running = {name for name in LIVE_KEYS if name != "api_keys_file"}
         try:
-            keys = ApiKeys(worker.api_keys_file) if keys_key in changed else self.keys
+            keys = ApiKeys(worker.api_keys_file) if keys_keys else self.keys
             if keys is self.keys and keys.path is not None:
                 keys.reload()
         except ConfigError as exc:
             log.error("reload: API keys: %s; the keys loaded before stay", exc)
         else:
             self.keys = door.keys = keys
-            applied |= {keys_key} & set(changed)
-        # Only what is live: a key reported as needing a restart must not half-apply (its new value used by the next
-        # engine restart in place, say) while the daemon says it runs the old one.
-        self.worker = self.worker.model_copy(update={name: getattr(worker, name) for name in LIVE_KEYS})
+            applied |= keys_keys
+            running.add("api_keys_file")
+        # Only what is live, and applied: a key reported as needing a restart (or a keys file that did not load) must
+        # not half-apply (its new value used by the next engine restart in place, say) while the daemon runs the old.
+        self.worker = self.worker.model_copy(update={name: getattr(worker, name) for name in running})
         return applied
 
     async def check(self) -> bool:

@@ -42,12 +42,13 @@ def cluster_daemon_names(config: Config) -> list[str]:
 
 @dataclass(frozen=True)
 class Deployment:
-    """A config as one host runs it (``host_id``: which of ``cluster.hosts``). Without a host, the whole deployment:
-    on one box that is this machine; in a cluster every host's daemons count as here (``disaggctl install`` renders
-    units for all of them where it cannot tell which host it runs on; a daemon never runs so)."""
+    """A config as one host runs it (``host_id``: which of ``cluster.hosts``; None on one box). ``every_host``: a
+    cluster's config with no host chosen, every host's daemons counted as here (``disaggctl install`` renders units
+    for all of them where it cannot tell which host it runs on; nothing runs so)."""
 
     config: Config
     host_id: str | None = None
+    every_host: bool = False
 
     @classmethod
     def on_host(cls, config: Config, host_id: str | None = None) -> Deployment:
@@ -73,6 +74,8 @@ class Deployment:
         cluster = self.config.cluster
         if self.host_id is not None and (cluster is None or self.host_id not in cluster.hosts):
             raise ValueError(f"no host {self.host_id!r} in this config (Deployment.on_host finds this machine's)")
+        if cluster is not None and self.host_id is None and not self.every_host:
+            raise ValueError("a cluster's config runs as one of its hosts: Deployment.on_host(config, host_id)")
 
     # -- which host, which daemons ---------------------------------------------------------
     @property

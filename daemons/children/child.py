@@ -1,7 +1,7 @@
 """A supervised child process (a vLLM engine or LMCache's server) and its whole tree.
 
 The child's output goes through its keeper to a log file rotated by size (and, under
-systemd, to the journal: :class:`daemons.config.LogsConfig`); when it dies, the last
+systemd, to the journal: :class:`daemons.config_sections.LogsConfig`); when it dies, the last
 lines of that file explain why. A full disk never stops a child from starting.
 It runs under :mod:`daemons.children.keeper`, which dies with the
 daemon (even a ``kill -9`` of it), is the subreaper of everything the child

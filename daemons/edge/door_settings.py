@@ -61,3 +61,5 @@ class FrontDoorSettings:
 # (the reload says which; the configuration reference marks each key).
 SETTINGS_KEYS = frozenset(f.name for f in fields(FrontDoorSettings) if f.name != "engine_url")
 LIVE_KEYS = SETTINGS_KEYS | {"api_keys_file"}
+# Live keys another daemon also reads, at its start only: there a change waits for that daemon's restart.
+ALSO_READ_AT_START = {"max_body_bytes": "prefill-worker"}  # the prefill API's own body cap

@@ -179,7 +179,7 @@ def supervisor_env(deployment: Deployment) -> dict[str, str]:
 
 def _rendered(deployment: Deployment) -> bool:
     """Does this config need a supervisord config of its own (several hosts, or worker instances)?"""
-    return deployment.host_id is not None or any(DaemonId.parse(n).instance for n in deployment.daemon_names())
+    return deployment.config.cluster is not None or any(DaemonId.parse(n).instance for n in deployment.daemon_names())
 
 
 def supervisor_conf(deployment: Deployment) -> Path:

@@ -163,7 +163,7 @@ def _this_host(config: Config) -> Deployment:
         return Deployment.on_host(config)
     except ConfigError:
         log.warning("cannot tell which host of the cluster this is: socket units for every host's instances")
-        return Deployment(config)
+        return Deployment(config, every_host=True)
 
 
 def _systemd_here(prefix: Path) -> bool:

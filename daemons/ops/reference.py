@@ -2,7 +2,8 @@
 
 ``python -m daemons.ops.reference`` rewrites them; ``--check`` exits 1 when a committed page differs from
 what the code says now (``make test`` runs it). The configuration page comes from the pydantic schema
-(:mod:`daemons.config`: each key's type, default and description), the metrics page from the metric
+(:mod:`daemons.config_sections`, :mod:`daemons.config`: each key's type, default and description) and what a reload
+applies live (:mod:`daemons.edge.door_settings`), the metrics page from the metric
 objects themselves (:mod:`daemons.metrics`, :mod:`daemons.runtime.exposition`), the names of
 :mod:`daemons.names` and the Prometheus rules in ``deploy/prometheus/rules/``.
 """
@@ -25,7 +26,7 @@ from pydantic_core import PydanticUndefined
 
 from daemons import config as config_module
 from daemons import names
-from daemons.edge.door_settings import LIVE_KEYS
+from daemons.edge.door_settings import ALSO_READ_AT_START, LIVE_KEYS
 from daemons.metrics import FrontDoorMetrics, LMCacheServerMetrics, PrefillMetrics
 from daemons.runtime.exposition import DaemonMetrics
 
@@ -102,6 +103,17 @@ def _sections(model: type[BaseModel], prefix: str = "") -> list[tuple[str, type[
     return out
 
 
+def _on_sighup(prefix: str, name: str) -> str:
+    """What a reload does with a key: ``live`` (applied to the running daemon) or ``restart``."""
+    if prefix != "decode_worker.":
+        return "restart"
+    if name == "instances":
+        return "per key, as in this section"
+    if name in ALSO_READ_AT_START:
+        return f"live; {ALSO_READ_AT_START[name]}: restart"
+    return "live" if name in LIVE_KEYS else "restart"
+
+
 def configuration_reference() -> str:
     lines = [GENERATED, "", "# Configuration reference", "",
              "Every key of the one YAML file all daemons read (`etc/disagg.yaml` is the embedded default). Unknown "
@@ -120,9 +132,8 @@ def configuration_reference() -> str:
             lines += [_cell(model.__doc__), ""]
         lines += ["| key | type | default | on SIGHUP | what it does |", "|---|---|---|---|---|"]
         for name, field in keys:
-            live = prefix == "decode_worker." and name in LIVE_KEYS
             lines.append(f"| `{name}` | {_type_name(field.annotation)} | {_default(field)} | "
-                         f"{'live' if live else 'restart'} | {_cell(_description(model, name))} |")
+                         f"{_on_sighup(prefix, name)} | {_cell(_description(model, name))} |")
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"
 

@@ -6,7 +6,7 @@ identity, not just its name: config.json, the tokenizer files, and the size and
 first MiB of every weights file (enough to tell random-weight models apart
 without hashing gigabytes at every start); the KV dtype and every engine flag that
 changes what the KV cache holds (``--kv-cache-dtype``, ``--quantization``,
-``--block-size``, LoRA, ...: :data:`daemons.config.KV_ENGINE_FLAGS`); LMCache's
+``--block-size``, LoRA, ...: :data:`daemons.engine_flags.KV_ENGINE_FLAGS`); LMCache's
 chunking and address; and, on several hosts, the cluster's layout.
 
 The vLLM and LMCache versions are a part too, but an *advisory* one (:data:`ADVISORY_PARTS`): they are shown and

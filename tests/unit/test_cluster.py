@@ -83,6 +83,19 @@ def test_the_digest_spans_hosts(tmp_path, model_dir):
     assert config_digest(other) != config_digest(b)  # a host with another layout is told apart
 
 
+def test_a_clusters_config_runs_as_one_host_unless_every_host_is_asked_for(tmp_path, model_dir):
+    """Without a host a cluster's deployment would give LMCache `--instance-id None` and the one-box supervisord
+    config: refused; `disaggctl install` asks for every host's units where it cannot tell which host it is on."""
+    config = load(tmp_path, doc(model_dir))
+    with pytest.raises(ValueError, match="runs as one of its hosts"):
+        Deployment(config)
+    with pytest.raises(ValueError, match="no host 'x1'"):
+        Deployment(config, "x1")
+    every = Deployment(config, every_host=True)
+    assert every.daemon_names() == ["lmcache-coordinator", "lmcache-server", "prefill-worker", "decode-worker"]
+    assert set(every.held_sockets()) == {"prefill-worker", "decode-worker"}
+
+
 def test_which_host_from_flag_env_or_local_address(tmp_path, model_dir, monkeypatch):
     config = load(tmp_path, doc(model_dir))
     monkeypatch.delenv("DISAGG_HOST_ID", raising=False)

@@ -182,3 +182,30 @@ def test_what_the_reference_marks_live_a_reload_applies_and_nothing_else(decode_
     assert pending == {f"decode_worker.{name}" for name in changed if name not in LIVE_KEYS}
     assert live and all(getattr(worker.worker, name) == changed[name] for name in live)
     assert all(getattr(worker.worker, name) == getattr(before, name) for name in changed if name not in LIVE_KEYS)
+
+
+def test_the_sections_api_keys_file_is_live_for_an_instance_too_and_never_half_applied(decode_config: Path,
+                                                                                       tmp_path: Path) -> None:
+    """decode_worker.api_keys_file set once for every instance: a reload of decode-worker@a took the section's key for
+    one that needs a restart (the instance's own key was the only one it looked for), kept the old keys, and yet
+    recorded the new path as running. Live (the reference says so): the new file's keys, the old file's refused; a
+    file that cannot be read leaves the old keys and the old path."""
+    k1, k2 = tmp_path / "k1", tmp_path / "k2"
+    k1.write_text("key-one-0123456789abcdef\n")
+    k2.write_text("key-two-0123456789abcdef\n")
+    k1.chmod(0o600)
+    k2.chmod(0o600)
+    doc = yaml.safe_load(decode_config.read_text())
+    doc["decode_worker"].update(api_keys_file=str(k1), instances={
+        "a": {}, "b": {"port": 18020, "engine_port": 18021, "metrics_port": 19121}})
+    worker = DecodeWorker(load_config(write(decode_config, doc)), instance="a", strict=True)
+    assert worker.keys.path == k1
+    doc["decode_worker"]["api_keys_file"] = str(k2)
+    write(decode_config, doc)
+    assert "decode_worker.api_keys_file" not in asyncio.run(worker.reload_config())
+    assert worker.keys.path == k2 and worker.worker.api_keys_file == k2
+    assert worker.keys.allows("Bearer key-two-0123456789abcdef") and not worker.keys.allows("Bearer key-one-0123456789abcdef")
+    doc["decode_worker"]["api_keys_file"] = str(tmp_path / "missing")
+    write(decode_config, doc)
+    asyncio.run(worker.reload_config())
+    assert worker.keys.path == k2 and worker.worker.api_keys_file == k2  # the old keys run: the old path is said
