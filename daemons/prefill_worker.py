@@ -204,7 +204,8 @@ class PrefillWorker(EngineDaemon):
                 stored = await self.kv.wait_stored(ids, expected, self.store_timeout_s)
             except (RuntimeError, TimeoutError) as exc:
                 # Not known: say nothing about it (the decode side's cached tokens will tell).
-                log.warning("[%s] cannot ask LMCache whether the KV is stored: %s", request_id, exc or "timeout")
+                why = str(exc) if str(exc) else f"no answer within kv_path.store_timeout_s ({self.store_timeout_s:g}s)"
+                log.warning("[%s] cannot ask LMCache whether the KV is stored: %s", request_id, why)
                 return {"x-disagg-kv-expected-tokens": str(expected)}
         waited = time.monotonic() - t0
         self.prefill_metrics.store_wait.observe(waited)
