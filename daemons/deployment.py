@@ -12,9 +12,10 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass
+from functools import cached_property
 
 from daemons.config import Config, ConfigError
-from daemons.config_sections import HostConfig
+from daemons.config_sections import HostConfig, WorkerConfig
 from daemons.names import COORDINATOR, SHARED_FRONT_DOOR, WORKER_KINDS, DaemonId
 
 HOST_ID_ENV = "DISAGG_HOST_ID"
@@ -95,6 +96,13 @@ class Deployment:
         host = self.host
         return host is None or daemon in host.daemons
 
+    @cached_property
+    def local_workers(self) -> dict[str, WorkerConfig]:
+        """Daemon name -> resolved settings of every worker this machine runs, prefill-workers first (resolved once:
+        lmcache-server asks at every heartbeat)."""
+        return {name: w for kind in WORKER_KINDS for name, w in self.config.workers(kind).items()
+                if self.is_local(name)}
+
     # -- where each listens -----------------------------------------------------------------
     @property
     def lmcache_address(self) -> str:
@@ -128,9 +136,7 @@ class Deployment:
         """The listening sockets held for this host's daemons across their restarts (by the socket holder under
         supervisord, by socket units under systemd): each worker's API, by daemon name, and the box's one endpoint
         (:data:`SHARED_FRONT_DOOR`, one socket every decode-worker of the host accepts on) where the config has one."""
-        local = set(self.daemon_names())
-        sockets = {name: (self.listen_address(name), worker.port) for kind in WORKER_KINDS
-                   for name, worker in self.config.workers(kind).items() if name in local}
+        sockets = {name: (self.listen_address(name), worker.port) for name, worker in self.local_workers.items()}
         shared = self.shared_front_door()
         if shared is not None and any(DaemonId.parse(name).kind == "decode-worker" for name in sockets):
             sockets[SHARED_FRONT_DOOR] = shared
@@ -139,8 +145,7 @@ class Deployment:
     # -- this host's LMCache ----------------------------------------------------------------
     def local_engine_ranks(self) -> int:
         """The engine ranks that connect to this host's LMCache server (every local worker's engine)."""
-        return sum(w.tensor_parallel_size for kind in WORKER_KINDS
-                   for name, w in self.config.workers(kind).items() if self.is_local(name))
+        return sum(w.tensor_parallel_size for w in self.local_workers.values())
 
     def lmcache_workers(self) -> tuple[int, int]:
         """LMCache's (--max-gpu-workers, --max-cpu-workers): the config's, else derived from the engine ranks."""
@@ -154,5 +159,4 @@ class Deployment:
         policy = self.config.lmcache.restart_on_engine_loss
         if policy != "auto":
             return policy == "always"
-        return any(w.device.startswith("cuda") for kind in WORKER_KINDS
-                   for name, w in self.config.workers(kind).items() if self.is_local(name))
+        return any(w.device.startswith("cuda") for w in self.local_workers.values())

@@ -19,7 +19,6 @@ def gpu_indices(device: str) -> list[int]:
     return out
 
 
-
 # Engine flags that change what the KV cache holds or how it is laid out: every worker's engine must agree on
 # them (a decode engine reading fp8 KV as bf16 answers garbage with HTTP 200), and they are part of the digest.
 KV_ENGINE_FLAGS = ("--kv-cache-dtype", "--quantization", "-q", "--block-size", "--hf-overrides", "--hf-config-path",

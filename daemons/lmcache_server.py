@@ -48,7 +48,6 @@ from daemons.config import Config
 from daemons.deployment import Deployment
 from daemons.kv.kv_lookup import KVLookup
 from daemons.metrics import LMCacheServerMetrics
-from daemons.names import WORKER_KINDS
 from daemons.runtime.cli import run_daemon
 from daemons.runtime.lifecycle import DaemonFailed
 from daemons.runtime.statefile import StateRecord, endpoint_accepts, pid_alive, read_state
@@ -248,12 +247,10 @@ class LMCacheServer(ChildDaemon):
     # -- engines that died without a planned stop ------------------------------------------------------------
     def _worker_records(self) -> dict[str, StateRecord]:
         records = {}
-        for kind in WORKER_KINDS:
-            for name in self.config.workers(kind):
-                if self.deployment.is_local(name):
-                    record = read_state(self.config.runtime_dir, name)
-                    if record is not None:
-                        records[name] = record
+        for name in self.deployment.local_workers:
+            record = read_state(self.config.runtime_dir, name)
+            if record is not None:
+                records[name] = record
         return records
 
     async def watch_engines(self) -> bool:
