@@ -54,9 +54,11 @@ class Cluster:
         self.decode = Host("decode-a", DECODE_ADDR, directory / "hosts" / "decode-a", run, log)
         self.hosts = [self.decode, self.prefill]
         self.env = {**os.environ, "DISAGG_API_KEYS": API_KEY, "DISAGG_STRICT_TRANSITIONS": "1"}
+        self.host_env: dict[str, dict[str, str]] = {}  # more for one host's stack, by host name
 
     def ctl(self, host: Host, *words: str, timeout: float = 300) -> str:
-        proc = host.run(PY, "-m", "daemons.ops.ctl", "--config", str(self.config), *words, timeout=timeout, env=self.env)
+        proc = host.run(PY, "-m", "daemons.ops.ctl", "--config", str(self.config), *words, timeout=timeout,
+                        env={**self.env, **self.host_env.get(host.name, {})})
         return proc.stdout + proc.stderr
 
     def status(self, host: Host) -> dict[str, dict]:
