@@ -11,10 +11,12 @@ engine reads it: KV part old, part new, an answer from KV that means something e
 before its last bytes came, and 1 answer in 1,000 was visibly wrong.
 
 The fix here, applied when LMCache imports the module (nothing is imported early): each chunk is read as a batch
-of its own, and a read is finished when every one of them is, with each chunk's own success. One transfer a batch
-is exactly what Mooncake's check answers for; it also frees each batch (the binding's ``freeBatchID`` of a batch
-still busy failed silently). ``DISAGG_MOONCAKE_READS=as-shipped`` leaves LMCache's reads as they are (for
-comparing, or once a Mooncake with a whole-batch check is installed).
+of its own, and a read is finished when every one of them is, with each chunk's own success (LMCache's prefetch
+controller keeps the chunks that landed and frees the others). One transfer a batch is exactly what Mooncake's
+check answers for; it also frees each batch (the binding's ``freeBatchID`` of a batch still busy failed silently).
+An LMCache whose client no longer looks as expected starts unfixed, with an error in its log.
+``DISAGG_MOONCAKE_READS=as-shipped`` leaves LMCache's reads as they are (for comparing, or once a Mooncake with a
+whole-batch check is installed).
 """
 
 from __future__ import annotations
@@ -24,7 +26,6 @@ import importlib.machinery
 import logging
 import os
 import sys
-import time
 from collections.abc import Sequence
 from types import ModuleType
 from typing import Any
@@ -38,6 +39,7 @@ PER_CHUNK, AS_SHIPPED = "per-chunk", "as-shipped"
 INVALID_BATCH_IDS = (0, (1 << 64) - 1)
 # Mooncake's transfer_check_status: 0 in flight, 1 done, -1 failed, -2 timed out.
 IN_FLIGHT, DONE = 0, 1
+REFUSED = -3  # ours: a chunk Mooncake would not take
 
 
 class ChunkReads:
@@ -46,6 +48,15 @@ class ChunkReads:
     def __init__(self, batch_ids: Sequence[int]) -> None:
         self.batch_ids = list(batch_ids)
         self.status: list[int | None] = [None] * len(self.batch_ids)
+
+    def add(self, batch_id: int) -> None:
+        self.batch_ids.append(batch_id)
+        self.status.append(None)
+
+    def refuse(self, count: int) -> None:
+        """``count`` more chunks that were never submitted: failed from the start (no batch to ask about)."""
+        self.batch_ids.extend([-1] * count)
+        self.status.extend([REFUSED] * count)
 
     def poll(self, check_status: Any) -> bool:
         """Ask Mooncake about every chunk still in flight; True once none is."""
@@ -61,31 +72,38 @@ class ChunkReads:
 
 
 def submit_per_chunk(client: Any, local_addresses: Sequence[Any], remote_addresses: Sequence[Any]) -> int:
-    """``MooncakeTeTransferChannelClient.submit_read``, one batch per chunk; the same checks, errors and ids."""
+    """``MooncakeTeTransferChannelClient.submit_read``, one batch per chunk. Every size is checked before anything
+    is submitted; a first chunk Mooncake refuses raises as the original does (nothing is in flight). One refused
+    after others went out does not raise (the caller would free buffers still being written): it and the chunks
+    after it are failed, and the read finishes, with them failed, once the submitted ones have landed — bounded by
+    LMCache's own load timeout, never blocking its loop here."""
     if len(local_addresses) != len(remote_addresses):
         raise ValueError("local_addresses and remote_addresses must have equal length "
                          f"({len(local_addresses)} != {len(remote_addresses)})")
+    if any(local.size != remote.size for local, remote in zip(local_addresses, remote_addresses, strict=True)):
+        raise ValueError("local and remote sizes must match")
     engine = client._ctx.mooncake_te_engine
     base = client._ctx.l1_memory_desc.ptr
-    batch_ids: list[int] = []
+    reads = ChunkReads([])
     for local, remote in zip(local_addresses, remote_addresses, strict=True):
-        if local.size != remote.size:
-            raise ValueError("local and remote sizes must match")
         batch_id = engine.batch_transfer_async_read(client._remote_session_id, [local.offset + base],
                                                     [remote.offset + client._remote_buffer_ptr], [local.size])
         if batch_id in INVALID_BATCH_IDS or batch_id < 0 or batch_id >= (1 << 63):
-            # The chunks already submitted still land in their buffers: wait them out before saying so, so that
-            # the caller (which frees the buffers on this error) frees nothing still being written.
-            reads = ChunkReads(batch_ids)
-            while not reads.poll(engine.transfer_check_status):
-                time.sleep(0.001)
-            raise RuntimeError(f"Failed to submit async read (batch id {batch_id}). Peer {client._remote_session_id} "
-                               "is probably not running, not reachable, or the remote metadata is invalid.")
-        batch_ids.append(batch_id)
+            if not reads.batch_ids:
+                raise RuntimeError(f"Failed to submit async read (batch id {batch_id}). Peer "
+                                   f"{client._remote_session_id} is probably not running, not reachable, or the "
+                                   "remote metadata is invalid.")
+            refused = len(local_addresses) - len(reads.batch_ids)
+            log.error("P2P read from %s: Mooncake refused chunk %d of %d (batch id %s); it and the %d after it "
+                      "fail", client._remote_session_id, len(reads.batch_ids) + 1, len(local_addresses), batch_id,
+                      refused - 1)
+            reads.refuse(refused)
+            break
+        reads.add(batch_id)
     with client._lock:
         task_id = client._task_counter
         client._task_counter += 1
-        client._tasks[task_id] = ChunkReads(batch_ids)
+        client._tasks[task_id] = reads
     return task_id
 
 
@@ -130,16 +148,33 @@ def patch(module: ModuleType) -> None:
                 "transfer_check_status answers for a batch's first transfer only; %s)", __name__)
 
 
+def apply(module: ModuleType) -> bool:
+    """:func:`patch`, or, for an LMCache whose client looks otherwise, an error said and LMCache left to start as
+    shipped (refusing to start would take the host's KV store down for a fix it may not need)."""
+    try:
+        patch(module)
+    except Exception:
+        log.exception("could not fix LMCache's P2P reads over Mooncake (%s): they run as shipped, and a chunk "
+                      "can be read before it has landed", __name__)
+        return False
+    return True
+
+
 class _Loader(importlib.abc.Loader):
+    """LMCache's own loader for the module, which then patches it; everything else is the original's."""
+
     def __init__(self, loader: Any) -> None:
         self.loader = loader
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.loader, name)
 
     def create_module(self, spec: Any) -> Any:
         return self.loader.create_module(spec)
 
     def exec_module(self, module: ModuleType) -> None:
         self.loader.exec_module(module)
-        patch(module)
+        apply(module)
 
 
 class _Finder(importlib.abc.MetaPathFinder):
@@ -163,7 +198,7 @@ def install(environ: dict[str, str] | os._Environ[str] = os.environ) -> bool:
     if mode != PER_CHUNK:
         raise SystemExit(f"{ENV}={mode!r}: expected {PER_CHUNK!r} (default) or {AS_SHIPPED!r}")
     if MODULE in sys.modules:
-        patch(sys.modules[MODULE])
+        apply(sys.modules[MODULE])
     elif not any(isinstance(f, _Finder) for f in sys.meta_path):
         sys.meta_path.insert(0, _Finder())
     return True

@@ -112,24 +112,36 @@ def test_a_failed_chunk_waits_for_the_others_and_fails_alone() -> None:
     assert query(client, task) == ReadResult(finished=True, succeeded_mask=[False, False, True])
 
 
-def test_sizes_must_match_and_lengths_must_pair() -> None:
-    engine = FakeMooncake()
-    client = FakeClient(engine)
+def test_lengths_must_pair() -> None:
     with pytest.raises(ValueError, match="equal length"):
-        mooncake_reads.submit_per_chunk(client, [Address(0, 64)], [])
-    with pytest.raises(ValueError, match="sizes must match"):
-        mooncake_reads.submit_per_chunk(client, [Address(0, 64)], [Address(0, 32)])
+        mooncake_reads.submit_per_chunk(FakeClient(FakeMooncake()), [Address(0, 64)], [])
 
 
-def test_a_refused_submission_waits_out_the_chunks_already_submitted() -> None:
+def test_a_first_chunk_refused_raises_as_lmcache_expects_with_nothing_in_flight() -> None:
+    engine = FakeMooncake()
+    engine.fail_submit_at = 0
+    client = FakeClient(engine)
+    with pytest.raises(RuntimeError, match="Failed to submit async read"):
+        mooncake_reads.submit_per_chunk(client, [Address(0, 64)], [Address(0, 64)])
+    assert client._tasks == {} and engine.submitted == []
+
+
+def test_a_chunk_refused_after_others_went_out_fails_without_freeing_what_is_in_flight() -> None:
     engine = FakeMooncake()
     engine.fail_submit_at = 1
-    first_lands = threading.Timer(0.05, lambda: engine.land(100))
-    first_lands.start()
-    with pytest.raises(RuntimeError, match="Failed to submit async read"):
-        read(engine, (0, 0, 64), (64, 64, 64))
-    first_lands.join()
-    assert engine.batches[100] == [1]  # it returned only after the first chunk had landed
+    client, task = read(engine, (0, 0, 64), (64, 64, 64), (128, 128, 64))  # no exception: chunk 0 is in flight
+    assert len(engine.submitted) == 1
+    assert query(client, task) == ReadResult(finished=False, succeeded_mask=[])  # until chunk 0 has landed
+    engine.land(100)
+    assert query(client, task) == ReadResult(finished=True, succeeded_mask=[True, False, False])
+
+
+def test_sizes_are_all_checked_before_any_chunk_is_submitted() -> None:
+    engine = FakeMooncake()
+    client = FakeClient(engine)
+    with pytest.raises(ValueError, match="sizes must match"):
+        mooncake_reads.submit_per_chunk(client, [Address(0, 64), Address(64, 64)], [Address(0, 64), Address(64, 32)])
+    assert engine.submitted == []
 
 
 def fake_lmcache_module() -> types.ModuleType:
@@ -172,3 +184,23 @@ def test_as_shipped_leaves_lmcache_alone_and_a_bad_value_is_refused(monkeypatch:
     assert module.MooncakeTeTransferChannelClient.submit_read is original
     with pytest.raises(SystemExit, match="DISAGG_MOONCAKE_READS='batch'"):
         mooncake_reads.install({"DISAGG_MOONCAKE_READS": "batch"})
+
+
+def test_an_lmcache_whose_client_looks_otherwise_starts_unfixed_and_says_so(monkeypatch: pytest.MonkeyPatch,
+                                                                            caplog: pytest.LogCaptureFixture) -> None:
+    module = types.ModuleType(mooncake_reads.MODULE)  # no MooncakeTeTransferChannelClient
+    monkeypatch.setattr(mooncake_reads, "log", mooncake_reads.log)
+
+    class Loader:
+        def exec_module(self, m: types.ModuleType) -> None:
+            m.executed = True  # type: ignore[attr-defined]
+
+        def get_source(self, name: str) -> str:
+            return "# LMCache's source"
+
+    loader = mooncake_reads._Loader(Loader())
+    with caplog.at_level("ERROR"):
+        loader.exec_module(module)  # no exception: LMCache's import goes on
+    assert module.executed  # type: ignore[attr-defined]
+    assert "could not fix LMCache's P2P reads over Mooncake" in caplog.text
+    assert loader.get_source(mooncake_reads.MODULE) == "# LMCache's source"  # the rest is the original loader's
