@@ -99,9 +99,11 @@ def patch_l1_manager(module: Any) -> None:
         """The same memory ``delay`` s after the load was reported done: a digest that moved means bytes landed
         after the completion. (The object stays read-locked until the engine's retrieve commits, tens of ms.)"""
         time.sleep(delay)
-        chunks = [[cid, digest(obj.tensor)] for cid, obj, _ in loaded]
-        moved = [[cid, dig] for (cid, dig), (_, _, first) in zip(chunks, loaded, strict=True) if dig != first]
-        emit("L+", delay=delay, chunks=chunks, moved=moved)
+        # An object the engine has already read and LMCache freed is skipped (its tensor would warn and be None).
+        now = [(cid, digest(obj.tensor), first) for cid, obj, first in loaded
+               if getattr(obj, "is_valid", lambda: True)()]
+        emit("L+", delay=delay, chunks=[[cid, dig] for cid, dig, _ in now],
+             moved=[[cid, dig] for cid, dig, first in now if dig != first])
 
     @_safe
     def after_load(result: dict[Any, Any]) -> None:
