@@ -17,7 +17,7 @@ import argparse
 import collections
 import json
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +54,19 @@ def _first_digest(events: Iterable[dict[str, Any]], kind: str, host: str) -> tup
     return first, rewritten
 
 
+def _engine_reads(events: list[dict[str, Any]], decode_host: str) -> Iterator[tuple[dict[str, Any], list[list[str]]]]:
+    """Each decode engine read (``E1``) with the chunks LMCache handed it for the same key (its ``R0`` before)."""
+    prepared: dict[tuple[str, int, int], list[list[str]]] = {}
+    for e in events:
+        if e.get("host") != decode_host:
+            continue
+        ident = (e.get("rid", ""), e.get("start", -1), e.get("end", -1))
+        if e.get("ev") == "R0":
+            prepared[ident] = e["chunks"]
+        elif e.get("ev") == "E1":
+            yield e, prepared.get(ident, [])
+
+
 def compare(events: list[dict[str, Any]], prefill_host: str = "prefill-a",
             decode_host: str = "decode-a") -> dict[str, Any]:
     """Each step at which a chunk's fingerprint changed, and how many of each step were seen."""
@@ -85,16 +98,14 @@ def compare(events: list[dict[str, Any]], prefill_host: str = "prefill-a",
             for (chunk, dig), (_, before) in zip(e["chunks"], prepared.get(ident, []), strict=False):
                 if dig != before and "-" not in (dig, before):
                     change("while the decode engine read it", e, chunk, before, dig)
-        elif e["ev"] == "E1":
-            handed = prepared.get(ident, [])
-            skip = int(e.get("skip", 0))
-            for i, (read, after) in enumerate(zip(e["read"], e["after"], strict=True)):
-                chunk = handed[i][0] if i < len(handed) else f"#{i}"
-                if i < len(handed) and handed[i][1] != "-" and read != handed[i][1]:
-                    change("between LMCache's slot and the engine's read", e, chunk, handed[i][1], read)
-                if i * CHUNK_TOKENS >= skip and after != read:  # a chunk the scatter skipped keeps what it held
-                    change("scatter into the decode engine's blocks", e, chunk, read, after,
-                           blocks=e.get("blocks", []))
+    for e, handed in _engine_reads(events, decode_host):
+        skip = int(e.get("skip", 0))
+        for i, (read, after) in enumerate(zip(e["read"], e["after"], strict=True)):
+            chunk = handed[i][0] if i < len(handed) else f"#{i}"
+            if i < len(handed) and handed[i][1] != "-" and read != handed[i][1]:
+                change("between LMCache's slot and the engine's read", e, chunk, handed[i][1], read)
+            if i * CHUNK_TOKENS >= skip and after != read:  # a chunk the scatter skipped keeps what it held
+                change("scatter into the decode engine's blocks", e, chunk, read, after, blocks=e.get("blocks", []))
     return {
         "events": dict(counts),
         "chunks_stored": len(stored),
@@ -114,23 +125,14 @@ def chunk_fates(events: list[dict[str, Any]], prefill_host: str = "prefill-a",
     what was stored."""
     stored, _ = _first_digest(events, "W", prefill_host)
     loaded, _ = _first_digest(events, "L", decode_host)
-    prepared: dict[tuple[str, int, int], list[list[str]]] = {}
     fates: dict[str, list[dict[str, Any]]] = collections.defaultdict(list)
-    for e in events:
-        if e.get("host") != decode_host:
-            continue
-        ident = (e.get("rid", ""), e.get("start", -1), e.get("end", -1))
-        if e.get("ev") == "R0":
-            prepared[ident] = e["chunks"]
-        elif e.get("ev") == "E1":
-            handed = prepared.get(ident, [])
-            for i, read in enumerate(e["read"]):
-                chunk = handed[i][0] if i < len(handed) else ""
-                fate = {"chunk": chunk, "stored": stored.get(chunk, ""), "loaded": loaded.get(chunk, ""),
-                        "read": read}
-                fate["torn_at_load"] = bool(fate["stored"] and fate["loaded"] and fate["loaded"] != fate["stored"])
-                fate["torn_at_read"] = bool(fate["stored"] and read != fate["stored"])
-                fates[ident[0]].append(fate)
+    for e, handed in _engine_reads(events, decode_host):
+        for i, read in enumerate(e["read"]):
+            chunk = handed[i][0] if i < len(handed) else ""
+            fate = {"chunk": chunk, "stored": stored.get(chunk, ""), "loaded": loaded.get(chunk, ""), "read": read}
+            fate["torn_at_load"] = bool(fate["stored"] and fate["loaded"] and fate["loaded"] != fate["stored"])
+            fate["torn_at_read"] = bool(fate["stored"] and read != fate["stored"])
+            fates[e.get("rid", "")].append(fate)
     return dict(fates)
 
 

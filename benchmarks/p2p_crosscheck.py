@@ -22,6 +22,7 @@ import json
 import logging
 import multiprocessing
 import random
+import re
 import tempfile
 import threading
 import time
@@ -86,9 +87,9 @@ def traced(trace_dir: Path, failed_lines: list[str], answers: list[dict[str, Any
     fates = kv_trace.chunk_fates(events, "prefill-a", "decode-a")
     by_answer: dict[str, list[dict[str, Any]]] = {}
     for rid, chunks in fates.items():
-        for a in answers:
-            if a["request_id"] in rid:
-                by_answer.setdefault(a["request_id"], []).extend(chunks)
+        ours = re.search(r"xc\d+x", rid)  # request_id() inside the engine's id (canaries have none)
+        if ours:
+            by_answer.setdefault(ours.group(), []).extend(chunks)
     table: dict[str, dict[str, Any]] = {}
     for a in answers:
         chunks = by_answer.get(a["request_id"], [])
@@ -184,7 +185,7 @@ def main() -> int:
         "errors": [a for a in answers if a.get("status") != 200],
         "mismatches": [a for a in answers if a.get("check", "").startswith("mismatch")],
         "largest_deltas": sorted((a["check"] for a in answers if "delta=" in a.get("check", "")),
-                                 key=lambda c: -float(c.split("delta=")[1].split(";")[0].split()[0]))[:10],
+                                 key=lambda c: -(delta(c) or 0.0))[:10],
         "decode_log_cross_check_failures": failed_lines[:20],
     }
     if args.trace:

@@ -45,9 +45,9 @@ REFUSED = -3  # ours: a chunk Mooncake would not take
 class ChunkReads:
     """One read of several chunks: a Mooncake batch each, and the status each ended with (None: in flight)."""
 
-    def __init__(self, batch_ids: Sequence[int]) -> None:
-        self.batch_ids = list(batch_ids)
-        self.status: list[int | None] = [None] * len(self.batch_ids)
+    def __init__(self) -> None:
+        self.batch_ids: list[int] = []
+        self.status: list[int | None] = []
 
     def add(self, batch_id: int) -> None:
         self.batch_ids.append(batch_id)
@@ -84,7 +84,7 @@ def submit_per_chunk(client: Any, local_addresses: Sequence[Any], remote_address
         raise ValueError("local and remote sizes must match")
     engine = client._ctx.mooncake_te_engine
     base = client._ctx.l1_memory_desc.ptr
-    reads = ChunkReads([])
+    reads = ChunkReads()
     for local, remote in zip(local_addresses, remote_addresses, strict=True):
         batch_id = engine.batch_transfer_async_read(client._remote_session_id, [local.offset + base],
                                                     [remote.offset + client._remote_buffer_ptr], [local.size])

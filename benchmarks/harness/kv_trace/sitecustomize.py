@@ -142,30 +142,26 @@ def patch_engine_driven_transfer(module: Any) -> None:
         return chunks
 
     @_safe
-    def stored(self: Any, key: Any, instance_id: int) -> None:
-        emit("S", rid=key.request_id, start=key.start, end=key.end, instance=instance_id, chunks=objects(self, key))
-
-    @_safe
-    def retrieve_seen(self: Any, event: str, key: Any, instance_id: int) -> None:
+    def seen(self: Any, event: str, key: Any, instance_id: int) -> None:
         emit(event, rid=key.request_id, start=key.start, end=key.end, instance=instance_id,
              chunks=objects(self, key))
 
     def traced_commit_store(self: Any, key: Any, instance_id: int, *args: Any, **kwargs: Any) -> Any:
         result = commit_store(self, key, instance_id, *args, **kwargs)
         if result:
-            stored(self, key, instance_id)
+            seen(self, "S", key, instance_id)
         return result
 
     def traced_prepare_retrieve(self: Any, key: Any, instance_id: int, *args: Any, **kwargs: Any) -> Any:
         response = prepare_retrieve(self, key, instance_id, *args, **kwargs)
         if getattr(response, "success", False):
-            retrieve_seen(self, "R0", key, instance_id)
+            seen(self, "R0", key, instance_id)
         else:
             emit("R0-miss", rid=key.request_id, start=key.start, end=key.end, instance=instance_id)
         return response
 
     def traced_commit_retrieve(self: Any, key: Any, instance_id: int, *args: Any, **kwargs: Any) -> Any:
-        retrieve_seen(self, "R1", key, instance_id)
+        seen(self, "R1", key, instance_id)
         return commit_retrieve(self, key, instance_id, *args, **kwargs)
 
     # request_handler decorators keep their marks on the function objects: copy them to the wrappers.
